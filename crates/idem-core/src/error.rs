@@ -1,0 +1,129 @@
+//! Errors of stores and of the engine.
+
+use std::time::Duration;
+
+use crate::{CodecError, Fenced, KeyError};
+
+/// Any error a store's driver raised, kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error raised by a [`Store`](crate::Store).
+///
+/// # Behavior
+/// - [`Unavailable`](Self::Unavailable) is transient: the store could not be
+///   reached or timed out; the operation may or may not have taken effect, and
+///   retrying it later is safe (every primitive is conditional).
+/// - Every other variant is permanent: retrying the same call fails the same way.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached, or the call timed out (transient).
+    #[error("store `{store}` is unavailable")]
+    Unavailable {
+        /// The backend's name (`"redis"`, `"postgres"`, …).
+        store: &'static str,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored record could not be decoded (corrupt, foreign, or written by a newer version).
+    #[error("store `{store}` holds a record that cannot be read")]
+    Corrupt {
+        /// The backend's name.
+        store: &'static str,
+        /// Why it could not be read.
+        #[source]
+        source: BoxError,
+    },
+    /// The store refused a record or its configuration (too large, schema too new, …).
+    #[error("store `{store}` refused the operation")]
+    Rejected {
+        /// The backend's name.
+        store: &'static str,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// Any other permanent store error.
+    #[error("store `{store}` failed")]
+    Generic {
+        /// The backend's name.
+        store: &'static str,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+
+    /// A [`Corrupt`](Self::Corrupt) error for a record that failed to decode.
+    pub fn corrupt(store: &'static str, source: CodecError) -> Self {
+        Self::Corrupt {
+            store,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// An error of the engine.
+///
+/// # Behavior
+/// [`is_transient`](Self::is_transient) tells errors worth retrying later
+/// (store unavailable, contention, a request still in progress) from permanent
+/// ones (bad key, mismatch, lost lease, corrupt record). Nothing is stored or
+/// executed when `begin` fails.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The idempotency key is malformed.
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+    /// The key is bound to a different request.
+    #[error("the idempotency key was already used with a different request")]
+    FingerprintMismatch,
+    /// Another request with this key is still in flight.
+    #[error(
+        "a request with this idempotency key is still in progress; retry after {retry_after:?}"
+    )]
+    InProgress {
+        /// Time left on the other request's lease.
+        retry_after: Duration,
+    },
+    /// The caller no longer holds the key's lease: it was taken over, expired,
+    /// or already finished. Nothing was changed.
+    #[error("the lease on this idempotency key was lost")]
+    LeaseLost(#[source] Fenced),
+    /// The outcome is larger than the policy allows.
+    #[error("outcome of {size} bytes exceeds the limit of {limit} bytes")]
+    OutcomeTooLarge {
+        /// The outcome's size.
+        size: usize,
+        /// The policy's limit.
+        limit: usize,
+    },
+    /// A value could not be encoded, or a stored value decoded.
+    #[error("value could not be encoded or decoded")]
+    Codec(#[from] CodecError),
+    /// Too many compare-and-swap races lost in a row (transient).
+    #[error("too much contention on this idempotency key")]
+    Contention,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::InProgress { .. } | Self::Contention => true,
+            Self::Store(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! [`MemoryStore`]: records in a map, for tests, examples and single-process services.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+
+use crate::{
+    Capabilities, Inserted, RecordKey, Revision, Store, StoreError, Swapped, Timestamp, Versioned,
+};
+
+/// An in-memory [`Store`].
+///
+/// # Behavior
+/// Keeps the full store contract within one process: each primitive runs
+/// under one lock, so concurrent calls on a key are linearizable. Clones share
+/// the same records. Nothing survives the process; expired records are removed
+/// by [`purge_expired`](Store::purge_expired) (or replaced when their key is
+/// claimed again).
+///
+/// ```
+/// use idem_core::{Engine, Executed, Fingerprint, IdempotencyKey, MemoryStore, Scope};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::Error> {
+/// let engine = Engine::new(MemoryStore::new());
+/// let scope = Scope::tenant("acme");
+/// let key = IdempotencyKey::parse("order-42")?;
+/// let request = Fingerprint::of(b"create order 42");
+/// let first = engine.execute(&scope, &key, request, || async { 42_u64 }).await?;
+/// let again = engine.execute(&scope, &key, request, || async { 0_u64 }).await?;
+/// assert_eq!(first, Executed::Fresh(42));
+/// assert_eq!(again, Executed::Replayed(42));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    records: Arc<Mutex<HashMap<[u8; 32], Versioned>>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many records are held, expired ones included.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Versioned>> {
+        // A panic while holding the lock cannot leave a half-written record
+        // (every write is one `insert`/`remove`), so a poisoned map is sound.
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn live(entry: Option<&Versioned>, now: Timestamp) -> Option<&Versioned> {
+    entry.filter(|v| !v.record.is_expired(now))
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Inserted, StoreError> {
+        let mut records = self.lock();
+        if let Some(existing) = live(records.get(key.digest()), now) {
+            return Ok(Inserted::Exists(existing.clone()));
+        }
+        records.insert(*key.digest(), record.clone());
+        Ok(Inserted::Inserted)
+    }
+
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        Ok(live(self.lock().get(key.digest()), now).cloned())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Swapped, StoreError> {
+        let mut records = self.lock();
+        match live(records.get(key.digest()), now) {
+            Some(current) if current.revision == expected => {
+                records.insert(*key.digest(), record.clone());
+                Ok(Swapped::Swapped)
+            }
+            current => Ok(Swapped::Conflict(current.cloned())),
+        }
+    }
+
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let mut records = self.lock();
+        match live(records.get(key.digest()), now) {
+            Some(current) if current.revision == expected => {
+                records.remove(key.digest());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        let mut records = self.lock();
+        let expired: Vec<[u8; 32]> = records
+            .iter()
+            .filter(|(_, v)| v.record.is_expired(now))
+            .map(|(k, _)| *k)
+            .take(limit)
+            .collect();
+        for key in &expired {
+            records.remove(key);
+        }
+        Ok(expired.len() as u64)
+    }
+}

@@ -1,0 +1,208 @@
+//! The store trait: the few atomic primitives a backend provides.
+//!
+//! Backends stay dumb: they store a [`Versioned`] record under a
+//! [`RecordKey`] and compare revisions. Every rule (who may claim, replay,
+//! take over) lives in [`decide`](crate::decide) and the engine.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{RecordKey, Revision, StoreError, Timestamp, Versioned};
+
+/// What [`Store::insert_if_absent`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// The record was written: no live record was there.
+    Inserted,
+    /// A live record was there and nothing was written; here it is.
+    Exists(Versioned),
+}
+
+/// What [`Store::compare_and_swap`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Swapped {
+    /// The record was replaced.
+    Swapped,
+    /// Nothing was written: the live record (if any) has another revision.
+    /// `None` means the key is absent or expired.
+    Conflict(Option<Versioned>),
+}
+
+/// What a backend can do, so that integrations and the conformance suite
+/// pick the behaviour and the cases that apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The backend removes expired records by itself (Redis `PX`):
+    /// [`Store::purge_expired`] has nothing to do.
+    pub native_expiry: bool,
+    /// Separate store instances (processes, connection pools) can share one
+    /// set of records, so two application servers can race on one key.
+    pub shared_instances: bool,
+    /// The largest encoded record the backend accepts, if it has a limit.
+    pub max_record_bytes: Option<usize>,
+}
+
+impl Capabilities {
+    /// A backend without native expiry, not shared, without a size limit.
+    pub const fn new() -> Self {
+        Self {
+            native_expiry: false,
+            shared_instances: false,
+            max_record_bytes: None,
+        }
+    }
+    /// Declares native expiry.
+    #[must_use]
+    pub const fn with_native_expiry(mut self, yes: bool) -> Self {
+        self.native_expiry = yes;
+        self
+    }
+    /// Declares that separate instances share records.
+    #[must_use]
+    pub const fn with_shared_instances(mut self, yes: bool) -> Self {
+        self.shared_instances = yes;
+        self
+    }
+    /// Declares a record size limit.
+    #[must_use]
+    pub const fn with_max_record_bytes(mut self, max: Option<usize>) -> Self {
+        self.max_record_bytes = max;
+        self
+    }
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where idempotency records live. Implement it for a new backend and prove it
+/// with the `idem-conformance` suite (see docs/backend-authors.md).
+///
+/// # Behavior
+/// Common to every method:
+/// - A record is *live* at `now` when `record.expires_at > now`. A record that
+///   is not live behaves exactly as an absent one for every method, whether or
+///   not it is still physically stored. `now` comes from the engine's clock;
+///   stores never read a clock to decide expiry.
+/// - Each method is atomic and linearizable per key: concurrent calls on one
+///   key (from any task, connection or process sharing the data) behave as if
+///   run one at a time.
+/// - Records round-trip exactly: every field of [`Versioned`] reads back as written,
+///   outcomes byte for byte (up to at least 1 MiB).
+/// - A record that cannot be decoded is reported as [`StoreError::Corrupt`],
+///   never as absent, and is never overwritten by `insert_if_absent`.
+/// - A failure to reach the store is [`StoreError::Unavailable`].
+///
+/// On the happy path the engine makes one call per step: `insert_if_absent`
+/// to claim or to find a record to replay, `compare_and_swap` to complete.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// What the backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Writes `record` under `key` if no live record is there.
+    ///
+    /// # Behavior
+    /// - No record, or only an expired one: writes `record` (replacing the
+    ///   expired one) and returns [`Inserted::Inserted`].
+    /// - A live record: writes nothing and returns it with its revision as
+    ///   [`Inserted::Exists`].
+    /// - Of N concurrent calls on one absent key, exactly one inserts; the
+    ///   others see its record.
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Inserted, StoreError>;
+
+    /// Reads the live record under `key`.
+    ///
+    /// # Behavior
+    /// `None` when the key is absent or its record expired.
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError>;
+
+    /// Replaces the live record under `key` with `record` if its revision is `expected`.
+    ///
+    /// # Behavior
+    /// - Live record with revision `expected`: writes `record` (with its own,
+    ///   new revision) and returns [`Swapped::Swapped`].
+    /// - Otherwise writes nothing and returns [`Swapped::Conflict`] with the
+    ///   live record, or `None` if the key is absent or expired.
+    /// - Of N concurrent calls with the same `expected`, at most one swaps.
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Swapped, StoreError>;
+
+    /// Deletes the live record under `key` if its revision is `expected`.
+    ///
+    /// # Behavior
+    /// Returns `true` if it deleted; `false`, changing nothing, if the key is
+    /// absent, expired, or holds another revision.
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
+    /// Physically removes up to `limit` records that expired at or before `now`.
+    ///
+    /// # Behavior
+    /// Returns how many it removed; removes no live record. Stores with
+    /// [`native_expiry`](Capabilities::native_expiry) may return 0. Call it
+    /// until it returns less than `limit` to purge everything expired.
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError>;
+}
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Store + ?Sized> Store for $ty {
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+            async fn insert_if_absent(
+                &self,
+                key: &RecordKey,
+                record: &Versioned,
+                now: Timestamp,
+            ) -> Result<Inserted, StoreError> {
+                (**self).insert_if_absent(key, record, now).await
+            }
+            async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+                (**self).get(key, now).await
+            }
+            async fn compare_and_swap(
+                &self,
+                key: &RecordKey,
+                expected: Revision,
+                record: &Versioned,
+                now: Timestamp,
+            ) -> Result<Swapped, StoreError> {
+                (**self).compare_and_swap(key, expected, record, now).await
+            }
+            async fn delete_if(
+                &self,
+                key: &RecordKey,
+                expected: Revision,
+                now: Timestamp,
+            ) -> Result<bool, StoreError> {
+                (**self).delete_if(key, expected, now).await
+            }
+            async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+                (**self).purge_expired(now, limit).await
+            }
+        }
+    )*};
+}
+
+forward_store!(Arc<S>, Box<S>);
