@@ -37,19 +37,15 @@ pub struct Capabilities {
     /// The backend removes expired records by itself (Redis `PX`):
     /// [`Store::purge_expired`] has nothing to do.
     pub native_expiry: bool,
-    /// Separate store instances (processes, connection pools) can share one
-    /// set of records, so two application servers can race on one key.
-    pub shared_instances: bool,
     /// The largest encoded record the backend accepts, if it has a limit.
     pub max_record_bytes: Option<usize>,
 }
 
 impl Capabilities {
-    /// A backend without native expiry, not shared, without a size limit.
+    /// A backend without native expiry and without a size limit.
     pub const fn new() -> Self {
         Self {
             native_expiry: false,
-            shared_instances: false,
             max_record_bytes: None,
         }
     }
@@ -57,12 +53,6 @@ impl Capabilities {
     #[must_use]
     pub const fn with_native_expiry(mut self, yes: bool) -> Self {
         self.native_expiry = yes;
-        self
-    }
-    /// Declares that separate instances share records.
-    #[must_use]
-    pub const fn with_shared_instances(mut self, yes: bool) -> Self {
-        self.shared_instances = yes;
         self
     }
     /// Declares a record size limit.
