@@ -404,11 +404,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ///
     /// # Behavior
     /// One store call. Fails with [`Error::LeaseLost`], changing nothing, if
-    /// the lease was taken over, expired, or already finished. Retrying after
-    /// a transient store error is safe: if the first call had taken effect,
-    /// the retry sees this holder's own write and succeeds.
+    /// the lease was taken over, expired, or already finished otherwise.
+    /// Completing again with the same outcome succeeds, so retrying after a
+    /// transient store error is safe: if the first call had taken effect, the
+    /// retry sees this holder's own write and succeeds.
     pub async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<(), Error> {
         self.check_size(&outcome)?;
+        let done = State::Completed {
+            token: lease.token(),
+            outcome: outcome.clone(),
+        };
+        if lease.is_finished() && lease.record().record.state == done {
+            return Ok(());
+        }
         self.finish(lease, true, |record, now| {
             record.complete(lease.token(), outcome.clone(), now, &self.policy)
         })
@@ -426,6 +434,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
         outcome: Outcome,
     ) -> Result<(), Error> {
         self.check_size(&outcome)?;
+        let done = State::Failed {
+            token: lease.token(),
+            kind,
+            outcome: outcome.clone(),
+        };
+        if lease.is_finished() && lease.record().record.state == done {
+            return Ok(());
+        }
         self.finish(lease, true, |record, now| {
             record.fail(lease.token(), kind, outcome.clone(), now, &self.policy)
         })

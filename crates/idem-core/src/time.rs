@@ -132,6 +132,16 @@ impl ManualClock {
         self.wake_due();
     }
 
+    /// How many sleeps are waiting for this clock to advance (lets a test
+    /// wait until a task is parked on the clock before moving it).
+    pub fn pending_sleepers(&self) -> usize {
+        self.inner
+            .sleepers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
     fn wake_due(&self) {
         let now = self.inner.now.load(Ordering::SeqCst);
         let due: Vec<Waker> = {

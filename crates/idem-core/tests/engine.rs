@@ -1,0 +1,324 @@
+//! The engine over `MemoryStore`: the main paths, and bad input that must be
+//! refused with nothing stored or executed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use idem_core::{
+    Begin, Capabilities, Clock, CodecError, Engine, Error, Executed, Fenced, Fingerprint,
+    IdempotencyKey, InFlightPolicy, Inserted, ManualClock, MemoryStore, OnError, Outcome, Policy,
+    RecordKey, ReplayKind, Revision, Scope, Store, StoreError, Swapped, Timestamp, Versioned,
+};
+
+fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
+    let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+    let engine = Engine::with_clock(MemoryStore::new(), clock.clone())
+        .with_policy(Policy::default().with_lease(Duration::from_secs(10)));
+    (engine, clock)
+}
+
+fn key(s: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn fresh_then_replay_then_mismatch() {
+    let (engine, _) = engine();
+    let scope = Scope::tenant("t");
+    let runs = AtomicUsize::new(0);
+    let work = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        vec![1u8, 2, 3]
+    };
+    let fp = Fingerprint::of(b"a");
+    assert_eq!(
+        engine.execute(&scope, &key("k"), fp, work).await.unwrap(),
+        Executed::Fresh(vec![1, 2, 3])
+    );
+    assert_eq!(
+        engine.execute(&scope, &key("k"), fp, work).await.unwrap(),
+        Executed::Replayed(vec![1, 2, 3])
+    );
+    let mismatch = engine
+        .execute(&scope, &key("k"), Fingerprint::of(b"b"), work)
+        .await;
+    assert!(matches!(mismatch, Err(Error::FingerprintMismatch)));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn zombie_holder_is_fenced_after_takeover() {
+    let (engine, clock) = engine();
+    let scope = Scope::tenant("t");
+    let fp = Fingerprint::of(b"a");
+    let Begin::Proceed(zombie) = engine.begin(&scope, &key("k"), fp).await.unwrap() else {
+        panic!("first begin must proceed")
+    };
+    assert!(matches!(
+        engine.begin(&scope, &key("k"), fp).await.unwrap(),
+        Begin::InProgress { retry_after } if retry_after == Duration::from_secs(10)
+    ));
+    clock.advance(Duration::from_secs(10));
+    let Begin::Proceed(fresh) = engine.begin(&scope, &key("k"), fp).await.unwrap() else {
+        panic!("a lapsed lease must be taken over")
+    };
+    assert_ne!(zombie.token(), fresh.token());
+    assert_eq!(fresh.attempt(), 2);
+    let refused = engine.complete(&zombie, Outcome::new(&b"zombie"[..])).await;
+    assert!(matches!(refused, Err(Error::LeaseLost(Fenced::TakenOver))));
+    assert!(matches!(
+        engine.extend(&zombie).await,
+        Err(Error::LeaseLost(Fenced::TakenOver))
+    ));
+    assert!(matches!(
+        engine.release(&zombie).await,
+        Err(Error::LeaseLost(Fenced::TakenOver))
+    ));
+    engine
+        .complete(&fresh, Outcome::new(&b"fresh"[..]))
+        .await
+        .unwrap();
+    let Begin::Replay(replay) = engine.begin(&scope, &key("k"), fp).await.unwrap() else {
+        panic!("must replay")
+    };
+    assert_eq!(replay.outcome.as_bytes(), b"fresh");
+    assert_eq!(replay.kind, ReplayKind::Completed);
+}
+
+#[tokio::test]
+async fn complete_retried_after_a_lost_reply_succeeds_once() {
+    let (engine, _) = engine();
+    let fp = Fingerprint::of(b"a");
+    let Begin::Proceed(lease) = engine
+        .begin(&Scope::tenant("t"), &key("k"), fp)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let copy = lease.clone();
+    engine
+        .complete(&lease, Outcome::new(&b"x"[..]))
+        .await
+        .unwrap();
+    // The same holder completing again with the same outcome (a retry after
+    // an ambiguous failure) is accepted; another outcome is not.
+    engine
+        .complete(&copy, Outcome::new(&b"x"[..]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine.complete(&copy, Outcome::new(&b"y"[..])).await,
+        Err(Error::LeaseLost(Fenced::Finished {
+            by_holder: true,
+            ..
+        }))
+    ));
+}
+
+#[tokio::test]
+async fn release_lets_a_retry_run_and_errors_follow_on_error() {
+    let (engine, _) = engine();
+    let scope = Scope::tenant("t");
+    let fp = Fingerprint::of(b"a");
+    let runs = AtomicUsize::new(0);
+    for (on_error, expect_runs, replayed) in [
+        (OnError::Release, 1, false),
+        (OnError::StoreRetryable, 2, false),
+        (OnError::StorePermanent, 3, false),
+        (OnError::StorePermanent, 3, true),
+    ] {
+        let got = engine
+            .try_execute(
+                &scope,
+                &key("k"),
+                fp,
+                || async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Err::<u8, String>("declined".into())
+                },
+                |_| on_error,
+            )
+            .await
+            .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), expect_runs);
+        assert_eq!(got.is_replayed(), replayed);
+        assert_eq!(got.into_inner(), Err("declined".to_string()));
+    }
+}
+
+#[tokio::test]
+async fn wait_mode_returns_the_originals_outcome() {
+    let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+    let engine = Arc::new(
+        Engine::with_clock(MemoryStore::new(), clock.clone()).with_policy(
+            Policy::default().with_in_flight(InFlightPolicy::Wait {
+                max: Duration::from_secs(5),
+                poll: Duration::from_millis(100),
+            }),
+        ),
+    );
+    let scope = Scope::tenant("t");
+    let fp = Fingerprint::of(b"a");
+    let Begin::Proceed(lease) = engine.begin(&scope, &key("k"), fp).await.unwrap() else {
+        panic!()
+    };
+    let waiter = {
+        let engine = engine.clone();
+        let scope = scope.clone();
+        tokio::spawn(async move { engine.begin(&scope, &key("k"), fp).await })
+    };
+    // Wait until the waiter is parked on the clock, then finish the original
+    // and move time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while clock.pending_sleepers() == 0 && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(clock.pending_sleepers(), 1, "the duplicate must be waiting");
+    engine
+        .complete(&lease, Outcome::new(&b"original"[..]))
+        .await
+        .unwrap();
+    let mut result = None;
+    while result.is_none() && std::time::Instant::now() < deadline {
+        clock.advance(Duration::from_millis(100));
+        tokio::task::yield_now().await;
+        if waiter.is_finished() {
+            result = Some(waiter.await.unwrap().unwrap());
+            break;
+        }
+    }
+    let Some(Begin::Replay(replay)) = result else {
+        panic!("the waiter must get the original's outcome: {result:?}")
+    };
+    assert_eq!(replay.outcome.as_bytes(), b"original");
+}
+
+/// A store whose every record reads back as corrupt.
+struct CorruptStore(MemoryStore);
+
+fn corrupt() -> StoreError {
+    StoreError::corrupt("corrupt-test", CodecError::UnknownFormat(9))
+}
+
+#[async_trait]
+impl Store for CorruptStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+    async fn insert_if_absent(
+        &self,
+        _: &RecordKey,
+        _: &Versioned,
+        _: Timestamp,
+    ) -> Result<Inserted, StoreError> {
+        Err(corrupt())
+    }
+    async fn get(&self, _: &RecordKey, _: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        Err(corrupt())
+    }
+    async fn compare_and_swap(
+        &self,
+        _: &RecordKey,
+        _: Revision,
+        _: &Versioned,
+        _: Timestamp,
+    ) -> Result<Swapped, StoreError> {
+        Err(corrupt())
+    }
+    async fn delete_if(
+        &self,
+        _: &RecordKey,
+        _: Revision,
+        _: Timestamp,
+    ) -> Result<bool, StoreError> {
+        Err(corrupt())
+    }
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        self.0.purge_expired(now, limit).await
+    }
+}
+
+#[tokio::test]
+async fn corrupt_record_is_a_permanent_error_and_nothing_runs() {
+    let clock = ManualClock::new(Timestamp::from_millis(1));
+    let engine = Engine::with_clock(CorruptStore(MemoryStore::new()), clock);
+    let runs = AtomicUsize::new(0);
+    let got = engine
+        .execute(
+            &Scope::tenant("t"),
+            &key("k"),
+            Fingerprint::of(b"a"),
+            || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .await;
+    let err = got.unwrap_err();
+    assert!(
+        matches!(err, Error::Store(StoreError::Corrupt { .. })),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert!(engine.store().0.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_codec_version_in_a_stored_outcome_is_an_error_not_a_replay() {
+    let (engine, clock) = engine();
+    let scope = Scope::tenant("t");
+    let fp = Fingerprint::of(b"a");
+    let Begin::Proceed(lease) = engine.begin(&scope, &key("k"), fp).await.unwrap() else {
+        panic!()
+    };
+    // A value written by a future version: tag 9.
+    engine
+        .complete(&lease, Outcome::new(vec![9u8, 1, 2]))
+        .await
+        .unwrap();
+    let runs = AtomicUsize::new(0);
+    let got = engine
+        .execute(&scope, &key("k"), fp, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            5u8
+        })
+        .await;
+    assert!(
+        matches!(got, Err(Error::Codec(CodecError::UnknownFormat(9)))),
+        "{got:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let _ = clock.now();
+}
+
+#[tokio::test]
+async fn oversized_outcome_is_refused_and_the_claim_kept() {
+    let clock = ManualClock::new(Timestamp::from_millis(1));
+    let engine = Engine::with_clock(MemoryStore::new(), clock)
+        .with_policy(Policy::default().with_max_outcome_bytes(16));
+    let Begin::Proceed(lease) = engine
+        .begin(&Scope::tenant("t"), &key("k"), Fingerprint::of(b"a"))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let err = engine
+        .complete(&lease, Outcome::new(vec![0u8; 17]))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::OutcomeTooLarge {
+            size: 17,
+            limit: 16
+        }
+    ));
+    assert!(!lease.is_finished());
+    engine.release(&lease).await.unwrap();
+    assert!(engine.store().is_empty());
+}
