@@ -205,10 +205,10 @@ impl Model {
         }
         let after = self.live().cloned();
         // The fingerprint bound at the first claim never changes while the record lives.
-        if let (Some(b), Some(a)) = (&before, &after) {
-            if b.created_at == a.created_at {
-                assert_eq!(b.fingerprint, a.fingerprint);
-            }
+        if let (Some(b), Some(a)) = (&before, &after)
+            && b.created_at == a.created_at
+        {
+            assert_eq!(b.fingerprint, a.fingerprint);
         }
         match &after {
             None => {
@@ -216,10 +216,10 @@ impl Model {
                 self.bound = None;
             }
             Some(a) => {
-                if let Some(bound) = self.bound {
-                    if before.is_some() {
-                        assert_eq!(a.fingerprint, bound, "bound fingerprint changed");
-                    }
+                if let Some(bound) = self.bound
+                    && before.is_some()
+                {
+                    assert_eq!(a.fingerprint, bound, "bound fingerprint changed");
                 }
                 self.bound = Some(a.fingerprint);
             }
