@@ -1,7 +1,13 @@
 //! Project tasks: `cargo xtask test | ci`.
 //!
-//! `ci` runs exactly what CI runs; `.ci/run` calls it.
+//! `ci` runs exactly what CI runs; `.ci/run` calls it. `test` starts a
+//! throwaway 3-master Redis Cluster around the test run unless
+//! `IDEM_REDIS_CLUSTER_URLS` points at one already.
 
+mod bench;
+mod redis_cluster;
+
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 fn main() -> ExitCode {
@@ -9,8 +15,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|ci>");
+            eprintln!("usage: cargo xtask <test|ci|bench [--quick]>");
             return ExitCode::from(2);
         }
     };
@@ -24,9 +31,14 @@ fn main() -> ExitCode {
 }
 
 fn cargo(args: &[&str]) -> Result<(), String> {
+    cargo_with_env(args, &[])
+}
+
+fn cargo_with_env(args: &[&str], env: &[(&str, String)]) -> Result<(), String> {
     eprintln!("xtask: cargo {}", args.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if status.success() {
@@ -36,12 +48,56 @@ fn cargo(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Every test of the workspace.
+/// Every test of the workspace, with a throwaway Redis Cluster for the
+/// cluster suite (stopped when this returns, whatever the outcome).
 fn test(extra: &[String]) -> Result<(), String> {
+    let cluster = redis_cluster_for_tests();
+    let env: Vec<(&str, String)> = cluster
+        .as_ref()
+        .map(|c| vec![("IDEM_REDIS_CLUSTER_URLS", c.urls())])
+        .unwrap_or_default();
     let mut args = vec!["test", "--workspace", "--all-targets"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)?;
+    cargo_with_env(&args, &env)?;
+    drop(cluster);
     cargo(&["test", "--workspace", "--doc"])
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Starts the throwaway cluster unless `IDEM_REDIS_CLUSTER_URLS` is set; says
+/// loudly when it cannot (the cluster suite then reports its cases ignored,
+/// or fails them under CI=true / IDEM_REQUIRE_BACKENDS=1).
+fn redis_cluster_for_tests() -> Option<redis_cluster::Cluster> {
+    if let Ok(urls) = std::env::var("IDEM_REDIS_CLUSTER_URLS")
+        && !urls.trim().is_empty()
+    {
+        eprintln!("xtask: using the Redis Cluster at IDEM_REDIS_CLUSTER_URLS={urls}");
+        return None;
+    }
+    match redis_cluster::Cluster::start(&workspace_root()) {
+        Ok(cluster) => {
+            eprintln!(
+                "xtask: started a throwaway Redis Cluster: IDEM_REDIS_CLUSTER_URLS={}",
+                cluster.urls()
+            );
+            Some(cluster)
+        }
+        Err(why) => {
+            eprintln!(
+                "\n================ xtask: NO REDIS CLUSTER ================\n\
+                 Could not start the throwaway 3-master Redis Cluster:\n{why}\n\
+                 The idem-redis cluster suite will be IGNORED (or FAIL under CI=true).\n\
+                 Install redis-server and redis-cli, or set IDEM_REDIS_CLUSTER_URLS.\n\
+                 ========================================================\n"
+            );
+            None
+        }
+    }
 }
 
 /// What CI runs: formatting, lints, tests, docs.

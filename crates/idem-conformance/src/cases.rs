@@ -1,79 +1,358 @@
-//! The named cases. Each is a plain `async fn` over a [`StoreFactory`].
+//! The named cases. Each is a plain `pub async fn name<F: StoreFactory>(factory: Arc<F>)`
+//! that opens its own store(s) from the factory and panics, with a message
+//! naming the clause of the contract it checks, when the store breaks it.
+//!
+//! | module | what it checks |
+//! |---|---|
+//! | [`store`] | every clause of the [`Store`] trait's `# Behavior`, one primitive at a time |
+//! | [`race`] | the same clauses under real races: tasks released together by a barrier, exact counts |
+//! | [`engine`] | the engine's guarantees through the store (replay, mismatch, fencing, release, failures, waiting) |
+//! | [`model`] | random operation sequences, engine + store against the pure core model |
+//!
+//! Time never passes by itself: every case drives a [`ManualClock`]
+//! or passes explicit timestamps, so no case waits on wall-clock time.
 // This module is test code: a failed expectation is a failed case, reported
 // by the harness with its message.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use idem_core::{
-    FencingToken, Fingerprint, IdempotencyKey, Inserted, Policy, Record, RecordKey, Revision,
-    Scope, Store, Timestamp, Versioned,
+    Engine, FencingToken, Fingerprint, IdempotencyKey, ManualClock, Outcome, Policy, Record,
+    RecordKey, Revision, Scope, State, Store, StoreError, Timestamp, Versioned,
 };
 
 use crate::{Case, Requires, StoreFactory};
 
+pub mod engine;
+pub mod model;
+pub mod race;
+pub mod store;
+
+/// Registers `$module::$name` as a case named `"$module::$name"`.
+macro_rules! case {
+    ($module:ident :: $name:ident, $requires:ident) => {
+        Case::new(
+            concat!(stringify!($module), "::", stringify!($name)),
+            Requires::$requires,
+            |f| Box::pin($module::$name(f)),
+        )
+    };
+}
+
 /// Every case of the suite, in order.
 pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
     vec![
-        Case::new("store::insert_on_absent", Requires::Always, |f| {
-            Box::pin(insert_on_absent(f))
-        }),
-        Case::new(
-            "store::insert_on_existing_returns_it",
-            Requires::Always,
-            |f| Box::pin(insert_on_existing_returns_it(f)),
+        // The store primitives, one clause at a time.
+        case!(store::insert_on_absent, Always),
+        case!(store::insert_on_existing_returns_it, Always),
+        case!(store::insert_over_expired_replaces_it, Always),
+        case!(store::get_absent_is_none, Always),
+        case!(store::get_expired_is_none, Always),
+        case!(store::expiry_uses_the_callers_now, Always),
+        case!(store::cas_right_revision_swaps, Always),
+        case!(store::cas_stale_revision_changes_nothing, Always),
+        case!(store::cas_on_absent_or_expired_changes_nothing, Always),
+        case!(store::delete_if_right_revision_deletes, Always),
+        case!(store::delete_if_stale_revision_changes_nothing, Always),
+        case!(store::delete_if_absent_or_expired_is_false, Always),
+        case!(store::records_round_trip_every_field, Always),
+        case!(store::far_future_expiry_round_trips, Always),
+        case!(store::large_record_round_trips, Always),
+        case!(
+            store::keys_with_every_allowed_character_never_collide,
+            Always
         ),
+        case!(store::scopes_with_separators_never_collide, Always),
+        case!(store::purge_keeps_live_records, Always),
+        case!(store::purge_removes_only_expired, Purge),
+        case!(store::purge_respects_its_limit, Purge),
+        case!(store::oversized_record_is_rejected, RecordLimit),
+        case!(store::corrupt_record_is_an_error_not_absent, Corruption),
+        // Races: tasks released together, exact counts.
+        case!(race::insert_if_absent_32_tasks_one_wins, Always),
+        case!(race::insert_over_expired_32_tasks_one_wins, Always),
+        case!(race::cas_same_revision_32_tasks_one_wins, Always),
+        case!(race::delete_if_32_tasks_one_wins, Always),
+        case!(race::two_instances_insert_one_wins, SharedInstances),
+        case!(race::two_instances_cas_one_wins, SharedInstances),
+        case!(race::engine_32_tasks_run_once, Always),
+        case!(race::engine_two_instances_run_once, SharedInstances),
+        case!(race::takeover_32_tasks_one_wins, Always),
+        case!(race::zombie_complete_vs_takeover_one_wins, Always),
+        // The engine through the store.
+        case!(engine::replay_returns_byte_exact_outcome, Always),
+        case!(engine::large_outcome_replays_byte_exact, Always),
+        case!(engine::fingerprint_mismatch_in_every_state, Always),
+        case!(engine::in_progress_reports_time_left, Always),
+        case!(engine::takeover_fences_zombie, Always),
+        case!(
+            engine::takeover_across_instances_fences_zombie,
+            SharedInstances
+        ),
+        case!(engine::release_lets_a_retry_proceed, Always),
+        case!(engine::retryable_failure_lets_a_retry_proceed, Always),
+        case!(engine::permanent_failure_is_replayed, Always),
+        case!(engine::try_execute_follows_on_error, Always),
+        case!(engine::execute_runs_once_and_replays, Always),
+        case!(engine::complete_is_idempotent_for_its_holder, Always),
+        case!(engine::expired_key_is_claimed_afresh, Always),
+        case!(engine::heartbeat_keeps_the_lease, Always),
+        case!(engine::wait_for_original_returns_its_outcome, Always),
+        case!(engine::wait_for_original_gives_up_after_max, Always),
+        // The model-based test and the sequences it once shrank to.
+        case!(model::matches_core_model, Always),
+        case!(model::regression_one_key_one_record, Always),
+        case!(model::regression_duplicate_is_in_progress, Always),
+        case!(model::regression_expired_record_is_invisible, Always),
+        case!(model::regression_claim_over_expired_record, Always),
+        case!(model::regression_purge_keeps_live_claim, Always),
+        case!(model::regression_complete_after_release, Always),
+        case!(model::regression_zombie_complete_after_new_claim, Always),
+        case!(model::regression_zombie_release_after_new_claim, Always),
+        case!(
+            model::rule_zombie_release_after_takeover_and_release,
+            Always
+        ),
+        case!(model::rule_extend_of_lapsed_lease_before_takeover, Always),
+        case!(model::rule_reclaim_after_retryable_failure, Always),
     ]
 }
 
-const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+// ---------------------------------------------------------------------------
+// Shared helpers of the cases.
+// ---------------------------------------------------------------------------
 
-fn key(name: &str) -> RecordKey {
-    let key = IdempotencyKey::parse(name).expect("test keys are valid");
-    RecordKey::new(&Scope::tenant("conformance"), &key)
+/// The time every case starts at (2027-01-15): not the wall clock, so a store
+/// that compares with its own clock instead of the `now` it is given fails.
+pub(crate) const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+/// How many tasks race in the concurrency cases.
+pub(crate) const RACERS: usize = 32;
+
+/// `T0` plus `millis`.
+pub(crate) fn at(millis: u64) -> Timestamp {
+    Timestamp::from_millis(T0.as_millis() + millis)
 }
 
-fn claim(rev: u64, token: u128, now: Timestamp) -> Versioned {
-    Versioned {
-        revision: Revision::from_u64(rev),
-        record: Record::new_claim(
-            Fingerprint::of(b"request"),
-            FencingToken::from_u128(token),
-            now,
-            &Policy::default(),
-        ),
+/// Seconds as milliseconds, for [`at`].
+pub(crate) const fn secs(s: u64) -> u64 {
+    s * 1_000
+}
+
+/// The policy of the engine cases: a short lease and TTL, so the clock moves
+/// a few seconds rather than a day. Every record still lives at least 10 s,
+/// so a backend whose native expiry counts in wall-clock time keeps it for the
+/// whole case.
+pub(crate) fn policy() -> Policy {
+    Policy::default()
+        .with_lease(Duration::from_secs(10))
+        .with_ttl(Duration::from_secs(60))
+}
+
+/// An engine over `store` with a fresh manual clock at [`T0`].
+pub(crate) fn engine<S: Store>(store: S) -> (Engine<S, ManualClock>, ManualClock) {
+    let clock = ManualClock::new(T0);
+    (
+        Engine::with_clock(store, clock.clone()).with_policy(policy()),
+        clock,
+    )
+}
+
+/// The scope of the store cases.
+pub(crate) fn scope() -> Scope {
+    Scope::tenant("conformance").with_operation("cases")
+}
+
+/// A valid idempotency key.
+pub(crate) fn ikey(name: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(name).expect("the cases use valid keys")
+}
+
+/// The record key of `name` in [`scope`].
+pub(crate) fn key(name: &str) -> RecordKey {
+    RecordKey::new(&scope(), &ikey(name))
+}
+
+/// Opens a fresh store, failing the case if the backend went away since the probe.
+pub(crate) async fn open<F: StoreFactory>(factory: &F) -> F::Store {
+    match factory.open().await {
+        Ok(store) => store,
+        Err(why) => panic!("factory.open() failed after the probe succeeded: {why}"),
     }
 }
 
-/// Insert on an absent key writes the record, and `get` reads it back.
-pub async fn insert_on_absent<F: StoreFactory>(factory: Arc<F>) {
-    let store = factory.open().await.expect("open");
-    let k = key("absent");
-    let rec = claim(1, 1, T0);
-    assert_eq!(store.get(&k, T0).await.expect("get"), None);
-    assert_eq!(
-        store.insert_if_absent(&k, &rec, T0).await.expect("insert"),
-        Inserted::Inserted
-    );
-    assert_eq!(store.get(&k, T0).await.expect("get"), Some(rec));
+/// Opens a second instance over `store`'s records (cases that require
+/// [`Requires::SharedInstances`]).
+pub(crate) async fn reopen<F: StoreFactory>(factory: &F, store: &F::Store) -> F::Store {
+    match factory.reopen(store).await {
+        Ok(Some(second)) => second,
+        Ok(None) => panic!("factory.reopen() gave None after the probe said it gives Some"),
+        Err(why) => panic!("factory.reopen() failed: {why}"),
+    }
 }
 
-/// Insert on a live key writes nothing and returns the live record.
-pub async fn insert_on_existing_returns_it<F: StoreFactory>(factory: Arc<F>) {
-    let store = factory.open().await.expect("open");
-    let k = key("existing");
-    let first = claim(1, 1, T0);
-    let second = claim(2, 2, T0);
-    store
-        .insert_if_absent(&k, &first, T0)
-        .await
-        .expect("insert");
-    assert_eq!(
-        store
-            .insert_if_absent(&k, &second, T0)
-            .await
-            .expect("insert"),
-        Inserted::Exists(first.clone())
-    );
-    assert_eq!(store.get(&k, T0).await.expect("get"), Some(first));
+/// Unwraps a store result, naming the call that failed.
+#[track_caller]
+pub(crate) fn ok<T>(result: Result<T, StoreError>, call: &str) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("store.{call} failed: {e} ({e:?})"),
+    }
+}
+
+/// An in-flight claim under `token`, written at `now`, living `ttl_secs`.
+pub(crate) fn claim(rev: u64, token: u128, now: Timestamp, ttl_secs: u64) -> Versioned {
+    let ttl = Duration::from_secs(ttl_secs);
+    Versioned {
+        revision: Revision::from_u64(rev),
+        record: Record {
+            fingerprint: Fingerprint::of(b"request"),
+            state: State::InFlight {
+                token: FencingToken::from_u128(token),
+                lease_deadline: now.plus(ttl.min(Duration::from_secs(10))),
+            },
+            created_at: now,
+            updated_at: now,
+            expires_at: now.plus(ttl),
+            attempts: 1,
+        },
+    }
+}
+
+/// A completed record with `outcome`, written at `now`, living `ttl_secs`.
+pub(crate) fn completed(
+    rev: u64,
+    token: u128,
+    now: Timestamp,
+    ttl_secs: u64,
+    outcome: &[u8],
+) -> Versioned {
+    let mut v = claim(rev, token, now, ttl_secs);
+    v.record.state = State::Completed {
+        token: FencingToken::from_u128(token),
+        outcome: Outcome::new(outcome.to_vec()),
+    };
+    v
+}
+
+/// `len` deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect()
+}
+
+/// Compares two byte strings, describing the first difference (not the bytes).
+pub(crate) fn same_bytes(what: &str, got: &[u8], want: &[u8]) -> Result<(), String> {
+    if got == want {
+        return Ok(());
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "{what}: got {} bytes, want {} bytes; first difference at byte {first}",
+        got.len(),
+        want.len()
+    ))
+}
+
+/// The longest a case polls for a condition another task makes true.
+pub(crate) const POLL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `cond` (yielding between checks) until it holds or
+/// [`POLL_DEADLINE`] passes; returns whether it held. Never sleeps.
+pub(crate) async fn poll_until(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + POLL_DEADLINE;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Spawns `n` tasks running `task(i)`, releases them together with a
+/// barrier, and returns their results in task order.
+pub(crate) async fn race<T, Fut>(
+    n: usize,
+    task: impl Fn(usize) -> Fut + Send + Sync + 'static,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let task = Arc::new(task);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let task = task.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                task(i).await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for handle in handles {
+        match handle.await {
+            Ok(value) => results.push(value),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness_test_support::NoStore;
+
+    #[test]
+    fn names_are_unique_and_module_qualified() {
+        let names: Vec<String> = all::<NoStore>()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len(), "duplicate case names");
+        for name in &names {
+            let (module, case) = name.split_once("::").expect("module::case");
+            assert!(
+                ["store", "race", "engine", "model"].contains(&module),
+                "{name}"
+            );
+            assert!(
+                !case.is_empty()
+                    && case
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn noise_differs_by_seed_and_is_stable() {
+        assert_eq!(noise(64, 1), noise(64, 1));
+        assert_ne!(noise(64, 1), noise(64, 2));
+        assert!(noise(4096, 3).iter().any(|b| *b > 200));
+    }
 }

@@ -7,11 +7,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use idem_core::{Capabilities, Store};
-use libtest_mimic::{Arguments, Failed, Trial};
+use idem_core::{Capabilities, RecordKey, Store};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 /// A boxed future returned by case functions.
 pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -26,16 +27,23 @@ impl std::fmt::Display for Unavailable {
     }
 }
 
+impl std::error::Error for Unavailable {}
+
 /// A source of fresh, isolated stores of one backend.
 ///
 /// # Behavior
 /// - [`open`](Self::open) returns a store that shares no records with any
 ///   other store it returned (its own key prefix, schema, table or file), so
-///   cases run in parallel without seeing each other.
+///   cases run in parallel without seeing each other. `purge_expired` on it
+///   must only see its own records.
 /// - [`reopen`](Self::reopen) returns a second instance over the *same*
 ///   records through its own connections, as a second application server
 ///   would open it; `None` when the backend cannot share records between
 ///   instances (then the cases that need two instances are ignored).
+/// - [`corrupt`](Self::corrupt) overwrites the bytes stored under a key with
+///   bytes that do not decode, bypassing the store's API; backends that can
+///   do it say so with [`can_corrupt`](Self::can_corrupt), and the cases
+///   about corrupt records run against them (they are ignored otherwise).
 #[async_trait]
 pub trait StoreFactory: Send + Sync + 'static {
     /// The store under test.
@@ -52,6 +60,22 @@ pub trait StoreFactory: Send + Sync + 'static {
         let _ = store;
         Ok(None)
     }
+
+    /// Whether [`corrupt`](Self::corrupt) is implemented.
+    fn can_corrupt(&self) -> bool {
+        false
+    }
+
+    /// Replaces what `store` holds under `key` (a record written through the
+    /// store just before) with bytes that cannot be decoded, as a bad disk, a
+    /// foreign writer or a newer version of idem would leave them.
+    async fn corrupt(&self, store: &Self::Store, key: &RecordKey) -> Result<(), Unavailable> {
+        let _ = (store, key);
+        Err(Unavailable(format!(
+            "backend `{}` cannot corrupt records",
+            self.name()
+        )))
+    }
 }
 
 /// Whether an unreachable backend must fail the run (`CI=true` or
@@ -65,8 +89,10 @@ pub fn backends_required() -> bool {
     set("CI") || set("IDEM_REQUIRE_BACKENDS")
 }
 
-/// Which backends a case applies to.
-#[derive(Clone, Copy, Debug)]
+/// Which backends a case applies to. A case that does not apply is reported
+/// as ignored, with the reason, never as passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Requires {
     /// Every backend.
     Always,
@@ -74,13 +100,55 @@ pub enum Requires {
     SharedInstances,
     /// Backends without native expiry (purge does the work).
     Purge,
+    /// Backends that declare a record size limit
+    /// ([`Capabilities::max_record_bytes`]) small enough to test (at most 64 MiB).
+    RecordLimit,
+    /// Backends whose factory can corrupt a stored record
+    /// ([`StoreFactory::can_corrupt`]).
+    Corruption,
 }
+
+/// The largest declared record limit the [`Requires::RecordLimit`] cases
+/// test (they write a record just above it).
+pub(crate) const TESTABLE_RECORD_LIMIT: usize = 64 * 1024 * 1024;
+
+/// What the runner learned about a backend before running its cases.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    caps: Capabilities,
+    shared: bool,
+    corrupt: bool,
+}
+
+impl Requires {
+    /// `Ok` if a case with this requirement applies, or why it does not.
+    fn applies(self, probe: &Probe) -> Result<(), &'static str> {
+        match self {
+            Self::Always => Ok(()),
+            Self::SharedInstances if probe.shared => Ok(()),
+            Self::SharedInstances => {
+                Err("needs two instances sharing records (factory.reopen gives None)")
+            }
+            Self::Purge if !probe.caps.native_expiry => Ok(()),
+            Self::Purge => Err("the backend expires records natively (purge may do nothing)"),
+            Self::RecordLimit => match probe.caps.max_record_bytes {
+                Some(max) if max <= TESTABLE_RECORD_LIMIT => Ok(()),
+                Some(_) => Err("the declared record limit is above 64 MiB"),
+                None => Err("the backend declares no record size limit"),
+            },
+            Self::Corruption if probe.corrupt => Ok(()),
+            Self::Corruption => Err("the factory cannot corrupt records (can_corrupt is false)"),
+        }
+    }
+}
+
+type RunFn<F> = Arc<dyn Fn(Arc<F>) -> CaseFuture + Send + Sync>;
 
 /// One named case of the suite, or one extra case of a backend.
 pub struct Case<F> {
     name: String,
     requires: Requires,
-    run: Arc<dyn Fn(Arc<F>) -> CaseFuture + Send + Sync>,
+    run: RunFn<F>,
 }
 
 impl<F> Case<F> {
@@ -101,6 +169,94 @@ impl<F> Case<F> {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Where the case applies.
+    pub fn requires(&self) -> Requires {
+        self.requires
+    }
+}
+
+/// How one case of a [`Report`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// It ran and every assertion held.
+    Passed,
+    /// It failed; the message says which assertion and why.
+    Failed(String),
+    /// It did not run; the reason says why (never counted as passed).
+    Ignored(String),
+}
+
+/// The verdict of one case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaseReport {
+    /// The case's name, without the backend prefix (`store::insert_on_absent`).
+    pub name: String,
+    /// How it ended.
+    pub verdict: Verdict,
+}
+
+/// The per-case results of [`Suite::report`], in case order.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The backend's name.
+    pub backend: &'static str,
+    /// One entry per case.
+    pub cases: Vec<CaseReport>,
+}
+
+impl Report {
+    fn names(&self, pick: impl Fn(&Verdict) -> bool) -> Vec<&str> {
+        self.cases
+            .iter()
+            .filter(|c| pick(&c.verdict))
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+    /// The names of the cases that passed.
+    pub fn passed(&self) -> Vec<&str> {
+        self.names(|v| matches!(v, Verdict::Passed))
+    }
+    /// The names of the cases that failed.
+    pub fn failed(&self) -> Vec<&str> {
+        self.names(|v| matches!(v, Verdict::Failed(_)))
+    }
+    /// The names of the cases that were ignored.
+    pub fn ignored(&self) -> Vec<&str> {
+        self.names(|v| matches!(v, Verdict::Ignored(_)))
+    }
+    /// The verdict of the case named `name`.
+    pub fn verdict(&self, name: &str) -> Option<&Verdict> {
+        self.cases
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| &c.verdict)
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for case in &self.cases {
+            match &case.verdict {
+                Verdict::Passed => writeln!(f, "{}::{} ... ok", self.backend, case.name)?,
+                Verdict::Ignored(why) => {
+                    writeln!(f, "{}::{} ... ignored ({why})", self.backend, case.name)?;
+                }
+                Verdict::Failed(why) => {
+                    writeln!(f, "{}::{} ... FAILED: {why}", self.backend, case.name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to do with one case once the backend was probed.
+enum Plan<F> {
+    Run(Arc<F>, RunFn<F>),
+    Ignore(String),
+    Fail(String),
 }
 
 /// Builds the test list for one backend and runs it like `cargo test` would.
@@ -137,6 +293,20 @@ impl<F: StoreFactory> Suite<F> {
         self
     }
 
+    /// Adds a prepared [`Case`] (for example one of [`cases::all`](crate::cases::all)).
+    #[must_use]
+    pub fn with_case(mut self, case: Case<F>) -> Self {
+        self.cases.push(case);
+        self
+    }
+
+    /// Keeps only the cases whose name satisfies `keep`.
+    #[must_use]
+    pub fn retain(mut self, keep: impl Fn(&str) -> bool) -> Self {
+        self.cases.retain(|c| keep(&c.name));
+        self
+    }
+
     /// The names of the cases, in order.
     pub fn names(&self) -> Vec<String> {
         self.cases.iter().map(|c| c.name.clone()).collect()
@@ -152,22 +322,96 @@ impl<F: StoreFactory> Suite<F> {
     /// Runs the suite with explicit arguments (for tests of the suite itself).
     pub fn run_with(self, args: &Arguments) -> libtest_mimic::Conclusion {
         let backend = self.factory.name();
-        let probe = runtime().and_then(|rt| {
-            rt.block_on(async {
-                match self.factory.open().await {
-                    Ok(store) => {
-                        let shared = matches!(self.factory.reopen(&store).await, Ok(Some(_)));
-                        Ok((store.capabilities(), shared))
+        let trials = self
+            .plan()
+            .into_iter()
+            .map(|(name, plan)| {
+                let name = format!("{backend}::{name}");
+                match plan {
+                    Plan::Run(factory, run) => {
+                        Trial::test(name, move || run_case(factory, run).map_err(Failed::from))
                     }
-                    Err(e) => Err(e),
+                    Plan::Ignore(why) => {
+                        Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
+                    }
+                    Plan::Fail(why) => Trial::test(name, move || Err(Failed::from(why))),
                 }
             })
+            .collect();
+        libtest_mimic::run(args, trials)
+    }
+
+    /// Runs every case without printing anything and returns each case's
+    /// verdict (for tests of the suite itself, and for tools).
+    pub fn report(self) -> Report {
+        let backend = self.factory.name();
+        let plans = self.plan();
+        let count = plans.len();
+        let queue = Mutex::new(plans.into_iter().enumerate());
+        let results = Mutex::new(Vec::with_capacity(count));
+        let threads = std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+            .min(count.max(1));
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                        let Some((index, (name, plan))) = next else {
+                            break;
+                        };
+                        let verdict = match plan {
+                            Plan::Run(factory, run) => match run_case(factory, run) {
+                                Ok(()) => Verdict::Passed,
+                                Err(why) => Verdict::Failed(why),
+                            },
+                            Plan::Ignore(why) => Verdict::Ignored(why),
+                            Plan::Fail(why) => Verdict::Failed(why),
+                        };
+                        results
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push((index, CaseReport { name, verdict }));
+                    }
+                });
+            }
         });
-        let trials = match probe {
-            Ok((caps, shared)) => self
+        let mut cases = results.into_inner().unwrap_or_else(PoisonError::into_inner);
+        cases.sort_by_key(|(index, _)| *index);
+        Report {
+            backend,
+            cases: cases.into_iter().map(|(_, case)| case).collect(),
+        }
+    }
+
+    /// Probes the backend once, then decides what to do with each case.
+    fn plan(self) -> Vec<(String, Plan<F>)> {
+        let backend = self.factory.name();
+        let probe = runtime().and_then(|rt| {
+            let probed = rt.block_on(async {
+                let store = self.factory.open().await?;
+                let shared = self.factory.reopen(&store).await?.is_some();
+                Ok(Probe {
+                    caps: store.capabilities(),
+                    shared,
+                    corrupt: self.factory.can_corrupt(),
+                })
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+            probed
+        });
+        match probe {
+            Ok(probe) => self
                 .cases
                 .into_iter()
-                .map(|case| trial(backend, &self.factory, case, caps, shared))
+                .map(|case| {
+                    let plan = match case.requires.applies(&probe) {
+                        Ok(()) => Plan::Run(self.factory.clone(), case.run),
+                        Err(why) => Plan::Ignore(format!("does not apply to {backend}: {why}")),
+                    };
+                    (case.name, plan)
+                })
                 .collect(),
             Err(why) => {
                 let required = backends_required();
@@ -183,57 +427,55 @@ impl<F: StoreFactory> Suite<F> {
                 self.cases
                     .into_iter()
                     .map(|case| {
-                        let name = format!("{backend}::{}", case.name);
-                        if required {
-                            let why = why.clone();
-                            Trial::test(name, move || {
-                                Err(Failed::from(format!("{backend} unavailable: {why}")))
-                            })
+                        let plan = if required {
+                            Plan::Fail(format!("{backend} unavailable: {why}"))
                         } else {
-                            Trial::test(name, || Ok(())).with_ignored_flag(true)
-                        }
+                            Plan::Ignore(format!("{backend} unavailable"))
+                        };
+                        (case.name, plan)
                     })
                     .collect()
             }
-        };
-        libtest_mimic::run(args, trials)
+        }
     }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Unavailable> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
+        .thread_name("idem-conformance")
         .enable_all()
         .build()
         .map_err(|e| Unavailable(format!("cannot start a tokio runtime: {e}")))
 }
 
-fn trial<F: StoreFactory>(
-    backend: &str,
-    factory: &Arc<F>,
-    case: Case<F>,
-    caps: Capabilities,
-    shared: bool,
-) -> Trial {
-    let applies = match case.requires {
-        Requires::Always => true,
-        Requires::SharedInstances => shared,
-        Requires::Purge => !caps.native_expiry,
-    };
-    let name = format!("{backend}::{}", case.name);
-    if !applies {
-        return Trial::test(name, || Ok(())).with_ignored_flag(true);
-    }
-    let factory = factory.clone();
-    let run = case.run.clone();
-    Trial::test(name, move || {
-        let rt = runtime().map_err(|e| Failed::from(e.0))?;
-        rt.block_on(async move {
-            tokio::spawn(run(factory))
-                .await
-                .map_err(|e| Failed::from(panic_message(e)))
-        })
-    })
+/// The longest a case may run before it fails as hung
+/// (`IDEM_CASE_TIMEOUT_SECS`, default 120 s). A safety net against a broken
+/// backend that never answers, not a way to wait for anything.
+fn case_timeout() -> Duration {
+    std::env::var("IDEM_CASE_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(120), Duration::from_secs)
+}
+
+/// Runs one case in a runtime of its own: `Err` with the panic message if it
+/// failed.
+fn run_case<F: StoreFactory>(factory: Arc<F>, run: RunFn<F>) -> Result<(), String> {
+    let rt = runtime().map_err(|e| e.0)?;
+    let limit = case_timeout();
+    let result = rt.block_on(async move {
+        let task = tokio::spawn(run(factory));
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(panic_message(e)),
+            Err(_) => Err(format!(
+                "the case did not finish within {limit:?} (IDEM_CASE_TIMEOUT_SECS): the store hangs"
+            )),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {

@@ -1,1 +1,193 @@
-//! Placeholder; see the crate description.
+//! # idem-postgres
+//!
+//! A PostgreSQL [`Store`](idem_core::Store) for **idem**, on sqlx, with
+//! completion **inside the caller's transaction**: the business write and the
+//! idempotency record commit together, or not at all.
+//!
+//! ```no_run
+//! use idem_core::{Begin, Engine, Fingerprint, IdempotencyKey, Outcome, Scope};
+//! use idem_postgres::PostgresStore;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = PostgresStore::pool_options()
+//!     .connect("postgres://postgres@127.0.0.1:5432/app")
+//!     .await?;
+//! let store = PostgresStore::new(pool.clone()); // shares the application's pool
+//! store.migrate().await?;
+//! let engine = Engine::new(store);
+//!
+//! let scope = Scope::tenant("acme").with_operation("payments.create");
+//! let key = IdempotencyKey::parse("8e03978e-40d5-43e8-bc93-6894a57f9324")?;
+//! match engine.begin(&scope, &key, Fingerprint::of(b"1000 EUR to bob")).await? {
+//!     Begin::Proceed(lease) => {
+//!         let mut tx = pool.begin().await?;
+//!         sqlx::query("INSERT INTO payments (idempotency_key, amount_cents) VALUES ($1, $2)")
+//!             .bind(key.as_str())
+//!             .bind(1000_i64)
+//!             .execute(&mut *tx)
+//!             .await?;
+//!         let done = engine.prepare_complete(&lease, Outcome::new(&b"payment 1 created"[..]))?;
+//!         engine.store().apply_in(&mut tx, &done).await?;
+//!         tx.commit().await?; // payment row and idempotency record, together
+//!     }
+//!     Begin::Replay(replay) => println!("replayed: {:?}", replay.outcome),
+//!     Begin::InProgress { retry_after } => println!("409, retry after {retry_after:?}"),
+//!     Begin::Mismatch => println!("422"),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The complete program is `examples/payments_tx.rs`.
+//!
+//! ## Table
+//!
+//! [`PostgresStore::migrate`] runs the migrations shipped in `migrations/`
+//! (with sqlx's migrator, bookkept in `<table>_migrations`) to create the
+//! schema and table named by a validated [`TableName`] (default
+//! `idem.idempotency_records`):
+//!
+//! | column | type | |
+//! |---|---|---|
+//! | `digest` | `BYTEA PRIMARY KEY` | [`RecordKey::digest`](idem_core::RecordKey::digest) |
+//! | `tenant`, `principal`, `operation`, `key` | `TEXT` | the scope and the client's key, for operators |
+//! | `state` | `TEXT` + `CHECK` | [`State::name`](idem_core::State::name) |
+//! | `fingerprint`, `token` | `BYTEA` | 32 and 16 bytes |
+//! | `lease_deadline` / `outcome` | `BIGINT` / `BYTEA`, nullable | in flight / finished |
+//! | `created_at`, `updated_at`, `expires_at` | `BIGINT` | ms of the engine's clock; index on `expires_at` |
+//! | `attempts`, `revision` | `BIGINT` | |
+//!
+//! u64 values (timestamps, revisions) are stored bit for bit, so every real
+//! timestamp reads as itself; the statements compare timestamps with the
+//! sign bit flipped (`(expires_at # x) > ($now # x)`), so even expiries
+//! beyond 2^63 ms order correctly. A row that does not make a record (a
+//! fingerprint of the wrong length, an unknown state, a finished state
+//! without outcome, …) is [`StoreError::Corrupt`](idem_core::StoreError::Corrupt)
+//! and is never overwritten while it is live.
+//!
+//! ## Statements and round trips
+//!
+//! Each primitive is **one statement**, hence one round trip once sqlx has
+//! prepared it on the connection (the first use of a statement on a
+//! connection adds one for `Parse`/`Describe`; sqlx caches it afterwards).
+//! No explicit transaction on the hot path: each statement is atomic on its
+//! own.
+//!
+//! | primitive | statement |
+//! |---|---|
+//! | `insert_if_absent` | `WITH existing AS (SELECT … live) , inserted AS (INSERT … SELECT … WHERE NOT EXISTS (existing) ON CONFLICT (digest) DO UPDATE SET … WHERE <expired>) SELECT …` |
+//! | `get` | `SELECT … WHERE digest = $1 AND <live>` |
+//! | `compare_and_swap` | `WITH updated AS (UPDATE … WHERE digest = $1 AND revision = $2 AND <live>) SELECT true FROM updated UNION ALL SELECT false, <live row> …` |
+//! | `delete_if` | `DELETE … WHERE digest = $1 AND revision = $2 AND <live>` |
+//! | `purge_expired` | `DELETE … WHERE ctid = ANY(ARRAY(SELECT ctid … <expired> LIMIT $n FOR UPDATE SKIP LOCKED)) AND <expired>` |
+//! | [`apply_in`](PostgresStore::apply_in) | `UPDATE … WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND <live>` |
+//!
+//! Through the [`Engine`](idem_core::Engine), that makes:
+//!
+//! | step | round trips |
+//! |---|---|
+//! | claim of a new key (`begin`) | 1 |
+//! | replay of a finished key, or "in progress" (`begin`) | 1, **read-only**: no row lock, no WAL, no commit flush |
+//! | claim over an expired record (`begin`) | 1 |
+//! | takeover of a lapsed lease or retryable failure (`begin`) | 2 (read via the claim statement, then compare-and-swap) |
+//! | `complete`, `fail`, `extend` (heartbeat) | 1 |
+//! | `release` | 1 |
+//! | `apply_in` in the caller's transaction | 1 (plus 1 `SELECT` only when the lease was lost) |
+//! | `purge_expired` | 1 per batch |
+//!
+//! Pools built with sqlx's defaults ping every connection they hand out
+//! (`test_before_acquire`): one more round trip per call, on the caller's
+//! path. [`PostgresStore::pool_options`] turns that off. (sqlx 0.9 also
+//! pings a connection when it goes back to the pool; that happens in a
+//! background task after the call returned, off the caller's path.)
+//!
+//! The test `store::one_statement_per_step` (in `tests/postgres.rs`) counts
+//! the statements of each step above from sqlx's own statement log.
+//!
+//! ## Isolation: why single statements are enough under READ COMMITTED
+//!
+//! The store's own statements run in autocommit, at the server's default
+//! isolation, READ COMMITTED. Two facts of READ COMMITTED drive the design:
+//!
+//! 1. A statement's snapshot cannot see a row committed by another
+//!    transaction after the statement started.
+//! 2. Writes (`INSERT … ON CONFLICT`, `UPDATE`, `DELETE`, `FOR UPDATE`) do not
+//!    use the snapshot to decide: they wait for a concurrent writer of the row
+//!    and re-check their condition against its latest committed version.
+//!
+//! So every decision is made by a write, and the snapshot is only used to
+//! *report* what blocked it:
+//!
+//! - **Claim.** If the snapshot shows a live record, that record is returned
+//!   and nothing is written (the replay path is read-only). Otherwise the
+//!   insert runs; the unique index settles a race between concurrent
+//!   inserters (exactly one inserts), and `ON CONFLICT … DO UPDATE … WHERE
+//!   <expired>` replaces an expired record but never a live one, judged on
+//!   the latest version. The loser of a race whose winner committed after its
+//!   snapshot gets no row at all: the live record is invisible to it (fact 1).
+//!   It then runs the statement again; the new statement's snapshot shows
+//!   the winner. That second round trip happens only in such races.
+//! - **Compare-and-swap.** The `UPDATE` matches the expected revision on the
+//!   latest version (fact 2), so of N concurrent swaps at most one wins. When
+//!   it matches nothing, the statement returns the live record from its
+//!   snapshot. If that record still carries the expected revision, the
+//!   snapshot predates the write that beat us: the statement runs again (a
+//!   race-only second round trip) rather than report a conflict with the
+//!   revision the caller expected.
+//! - **Delete** and **purge** decide in the `DELETE` itself; purge re-checks
+//!   expiry on the row it deletes, so a record claimed again meanwhile is
+//!   never removed, and skips rows locked by other writers.
+//!
+//! Every statement is linearizable per key: a write takes effect at its
+//! commit, and a reported record was live in a snapshot taken during the
+//! call. Under `REPEATABLE READ` or `SERIALIZABLE` as the *server default*,
+//! the races above surface as serialization failures; these (like deadlocks)
+//! are reported as transient [`StoreError::Unavailable`](idem_core::StoreError::Unavailable).
+//! The statements use prepared statements: behind PgBouncer use session
+//! pooling, or transaction pooling with prepared-statement support
+//! (PgBouncer ≥ 1.21).
+//!
+//! ## Completion inside the caller's transaction
+//!
+//! [`PostgresStore::apply_in`] applies a [`Transition`](idem_core::Transition)
+//! prepared by [`Engine::prepare_complete`](idem_core::Engine::prepare_complete)
+//! or [`Engine::prepare_fail`](idem_core::Engine::prepare_fail) on the
+//! caller's connection, normally `&mut *tx` of an open transaction. It checks
+//! the fencing token (not the revision, so a heartbeat meanwhile does not
+//! fail it) and reports [`Error::LeaseLost`](idem_core::Error::LeaseLost) if
+//! the claim is no longer held, changing nothing.
+//!
+//! **Rollback semantics:** if the transaction rolls back, the key is left
+//! **claimed**, under the same lease, exactly as before. The holder may
+//! [`release`](idem_core::Engine::release) it (a retry then runs the
+//! operation at once) or let the lease lapse (a retry then takes over).
+//! Either way the business write rolled back too, so the operation takes
+//! effect exactly once.
+//!
+//! ## Errors
+//!
+//! An unreachable server, a closed or exhausted pool, a broken connection, a
+//! store call over its timeout ([`PostgresStore::with_timeout`], default
+//! 10 s), and the transient SQLSTATEs (class 08, 53, 57, serialization
+//! failure, deadlock) are [`StoreError::Unavailable`](idem_core::StoreError::Unavailable),
+//! with the driver's error as the source. A missing table says to run
+//! `migrate()`. A record above the size limit
+//! ([`PostgresStore::with_max_record_bytes`], default 64 MiB) is
+//! [`StoreError::Rejected`](idem_core::StoreError::Rejected).
+#![forbid(unsafe_code)]
+
+mod error;
+mod names;
+mod row;
+mod sql;
+mod store;
+
+pub use names::{MAX_TABLE_LEN, NameError, TableName};
+/// The sqlx this crate is built on (its [`PgPool`](sqlx::PgPool),
+/// [`PgConnection`](sqlx::PgConnection) and `Transaction`).
+pub use sqlx;
+pub use store::{
+    DEFAULT_MAX_RECORD_BYTES, DEFAULT_TIMEOUT, MAX_RECORD_BYTES_CEILING, PostgresStore,
+};
+
+/// The store's name in errors.
+pub(crate) const STORE: &str = "postgres";

@@ -1,0 +1,444 @@
+//! # idem-bench
+//!
+//! The benchmarks of idem: every backend measured side by side against the
+//! raw store commands that bound any idempotency layer (one atomic write to
+//! claim a key, one to store the outcome, one read to replay), issued by the
+//! same driver, pool and process in the same run. Run it with
+//! `cargo xtask bench [--quick]`; docs/benchmarks.md explains every figure.
+//!
+//! The library is the harness: [`harness::run_concurrent`] runs N tokio tasks
+//! for a fixed duration or operation count with a latency histogram; [`run`]
+//! runs every workload for the backends of a [`Config`] and returns a
+//! [`Report`] (JSON-serializable, with a printable table).
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() {
+//! use idem_bench::{BackendKind, Config, Mode};
+//! let config = Config::new(Mode::Tiny).with_backends(vec![BackendKind::Memory]);
+//! let report = idem_bench::run(&config).await;
+//! println!("{}", report.table());
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod backend;
+mod backends;
+pub mod core_bench;
+mod cpu;
+pub mod harness;
+pub mod report;
+mod scenario;
+
+use std::time::{Duration, Instant};
+
+pub use harness::{Budget, Stats};
+pub use report::Report;
+
+/// Why a measurement could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// The backend's server could not be reached: the backend is skipped.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// A measurement failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How long and how large the run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A few operations of everything: the self-test of the harness (seconds, in debug builds).
+    Tiny,
+    /// Every figure, shorter and smaller (under 2 minutes).
+    Quick,
+    /// The figures quoted in docs/benchmarks.md (under about 10 minutes).
+    Full,
+}
+
+impl Mode {
+    /// The mode's name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tiny => "tiny",
+            Self::Quick => "quick",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// A backend that can be benchmarked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// [`idem_core::MemoryStore`].
+    Memory,
+    /// `idem-sqlite`, on a temporary file.
+    Sqlite,
+    /// `idem-postgres`, in a schema of its own.
+    Postgres,
+    /// `idem-redis` on a standalone server, under a key prefix of its own.
+    Redis,
+    /// `idem-redis` on a Redis Cluster (`IDEM_REDIS_CLUSTER_URLS`).
+    RedisCluster,
+}
+
+impl BackendKind {
+    /// Every backend, in report order.
+    pub const ALL: [Self; 5] = [
+        Self::Memory,
+        Self::Sqlite,
+        Self::Postgres,
+        Self::Redis,
+        Self::RedisCluster,
+    ];
+
+    /// The backend's name (`memory`, `sqlite`, `postgres`, `redis`, `redis-cluster`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+            Self::Redis => "redis",
+            Self::RedisCluster => "redis-cluster",
+        }
+    }
+
+    /// The backend named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name.trim())
+    }
+}
+
+/// A part of a backend's measurements, to narrow a run (for profiling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Workload {
+    /// Begin + complete on distinct keys.
+    Fresh,
+    /// Begin on completed keys.
+    Replay,
+    /// Concurrent duplicates of one key.
+    HotKey,
+    /// Raw baselines with another connection model.
+    Architecture,
+    /// Few vs many live records.
+    Scaling,
+    /// Removal of expired records.
+    Purge,
+    /// Bytes per record.
+    Memory,
+}
+
+impl Workload {
+    /// Every workload, in run order.
+    pub const ALL: [Self; 7] = [
+        Self::Fresh,
+        Self::Replay,
+        Self::HotKey,
+        Self::Architecture,
+        Self::Scaling,
+        Self::Purge,
+        Self::Memory,
+    ];
+
+    /// The workload's name (`fresh`, `replay`, `hot-key`, `architecture`,
+    /// `scaling`, `purge`, `memory`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fresh => "fresh",
+            Self::Replay => "replay",
+            Self::HotKey => "hot-key",
+            Self::Architecture => "architecture",
+            Self::Scaling => "scaling",
+            Self::Purge => "purge",
+            Self::Memory => "memory",
+        }
+    }
+
+    /// The workload named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.name() == name.trim())
+    }
+}
+
+/// The parameters of a run, derived from its [`Mode`].
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// One measurement.
+    pub budget: Budget,
+    /// Warm-up before each workload.
+    pub warmup: Budget,
+    /// Repetitions of each measurement; raw and idem alternate, medians are reported.
+    pub reps: usize,
+    /// Concurrency levels of fresh and replay.
+    pub concurrencies: Vec<usize>,
+    /// Concurrency levels of fresh and replay on Redis.
+    pub redis_concurrencies: Vec<usize>,
+    /// Outcome and request body size.
+    pub outcome_bytes: usize,
+    /// Completed keys the replay workload cycles through.
+    pub replay_keys: u64,
+    /// Duplicates per hot-key round.
+    pub hot_tasks: usize,
+    /// Hot-key rounds.
+    pub hot_rounds: u64,
+    /// Live records of the scaling workload: small, large.
+    pub scaling_records: (u64, u64),
+    /// Concurrency of the scaling workload.
+    pub scaling_concurrency: usize,
+    /// Expired records for the purge workload.
+    pub purge_records: u64,
+    /// `limit` per purge call.
+    pub purge_batch: usize,
+    /// Records written for the bytes-per-record figure.
+    pub memory_records: u64,
+    /// Iterations per sample of the core micro-benchmark.
+    pub core_iterations: u64,
+    /// Samples of the core micro-benchmark.
+    pub core_samples: usize,
+    /// The workloads to run (all by default).
+    pub workloads: Vec<Workload>,
+    /// Which side fresh and replay measure (both by default; one side alone
+    /// for profiling it).
+    pub sides: Sides,
+}
+
+/// Which sides of a comparison run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sides {
+    /// idem and the raw baseline, alternating.
+    Both,
+    /// Only through idem (the raw figures are left at zero).
+    Idem,
+    /// Only the raw baseline (the idem figures are left at zero).
+    Raw,
+}
+
+impl Plan {
+    /// Whether `workload` is part of the run.
+    pub fn runs(&self, workload: Workload) -> bool {
+        self.workloads.contains(&workload)
+    }
+
+    /// The plan of `mode`.
+    pub fn of(mode: Mode) -> Self {
+        let secs = |s: f64| Budget::time(Duration::from_secs_f64(s));
+        match mode {
+            Mode::Tiny => Self {
+                budget: secs(10.0).with_max_ops(24),
+                warmup: secs(10.0).with_max_ops(8),
+                reps: 1,
+                concurrencies: vec![1, 4],
+                redis_concurrencies: vec![1, 4],
+                outcome_bytes: 1024,
+                replay_keys: 16,
+                hot_tasks: 64,
+                hot_rounds: 3,
+                scaling_records: (40, 200),
+                scaling_concurrency: 4,
+                purge_records: 300,
+                purge_batch: 100,
+                memory_records: 50,
+                core_iterations: 200,
+                core_samples: 1,
+                workloads: Workload::ALL.to_vec(),
+                sides: Sides::Both,
+            },
+            Mode::Quick => Self {
+                budget: secs(0.2),
+                warmup: secs(0.1),
+                reps: 3,
+                concurrencies: vec![1, 8, 32],
+                redis_concurrencies: vec![1, 8, 32, 128],
+                outcome_bytes: 1024,
+                replay_keys: 1_000,
+                hot_tasks: 64,
+                hot_rounds: 20,
+                scaling_records: (10_000, 200_000),
+                scaling_concurrency: 8,
+                purge_records: 10_000,
+                purge_batch: 1_000,
+                memory_records: 1_000,
+                core_iterations: 20_000,
+                core_samples: 5,
+                workloads: Workload::ALL.to_vec(),
+                sides: Sides::Both,
+            },
+            Mode::Full => Self {
+                budget: secs(1.0),
+                warmup: secs(0.3),
+                reps: 3,
+                concurrencies: vec![1, 8, 32],
+                redis_concurrencies: vec![1, 8, 32, 128],
+                outcome_bytes: 1024,
+                replay_keys: 10_000,
+                hot_tasks: 64,
+                hot_rounds: 100,
+                scaling_records: (10_000, 1_000_000),
+                scaling_concurrency: 8,
+                purge_records: 100_000,
+                purge_batch: 1_000,
+                memory_records: 10_000,
+                core_iterations: 200_000,
+                core_samples: 7,
+                workloads: Workload::ALL.to_vec(),
+                sides: Sides::Both,
+            },
+        }
+    }
+}
+
+/// What to run, and where the servers are.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The run's size.
+    pub mode: Mode,
+    /// Its parameters (from the mode unless changed).
+    pub plan: Plan,
+    /// The backends to measure, in order.
+    pub backends: Vec<BackendKind>,
+    /// Whether to run the core micro-benchmark.
+    pub core: bool,
+    /// PostgreSQL (`IDEM_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
+    pub postgres_url: String,
+    /// Redis (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`).
+    pub redis_url: String,
+    /// Redis Cluster seed nodes (`IDEM_REDIS_CLUSTER_URLS`, comma-separated), if any.
+    pub redis_cluster_urls: Vec<String>,
+}
+
+impl Config {
+    /// Every backend and the core benchmark in `mode`, servers from the
+    /// environment (`IDEM_POSTGRES_URL`, `IDEM_REDIS_URL`,
+    /// `IDEM_REDIS_CLUSTER_URLS`) or the local defaults.
+    pub fn new(mode: Mode) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self {
+            mode,
+            plan: Plan::of(mode),
+            backends: BackendKind::ALL.to_vec(),
+            core: true,
+            postgres_url: env("IDEM_POSTGRES_URL")
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
+            redis_url: env("IDEM_REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            redis_cluster_urls: env("IDEM_REDIS_CLUSTER_URLS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The same configuration measuring only `backends`.
+    #[must_use]
+    pub fn with_backends(mut self, backends: Vec<BackendKind>) -> Self {
+        self.backends = backends;
+        self
+    }
+
+    /// The same configuration running only `workloads` (for profiling).
+    #[must_use]
+    pub fn with_workloads(mut self, workloads: Vec<Workload>) -> Self {
+        self.plan.workloads = workloads;
+        self
+    }
+
+    /// The same configuration with other concurrency levels for fresh and
+    /// replay (on every backend, Redis included).
+    #[must_use]
+    pub fn with_concurrencies(mut self, levels: Vec<usize>) -> Self {
+        self.plan.concurrencies.clone_from(&levels);
+        self.plan.redis_concurrencies = levels;
+        self
+    }
+
+    /// The same configuration measuring only `sides` of fresh and replay.
+    #[must_use]
+    pub fn with_sides(mut self, sides: Sides) -> Self {
+        self.plan.sides = sides;
+        self
+    }
+
+    /// The same configuration with `seconds` per measurement.
+    #[must_use]
+    pub fn with_seconds(mut self, seconds: f64) -> Self {
+        self.plan.budget.duration = Duration::from_secs_f64(seconds.max(0.001));
+        self
+    }
+
+    /// The same configuration with or without the core micro-benchmark.
+    #[must_use]
+    pub fn with_core(mut self, core: bool) -> Self {
+        self.core = core;
+        self
+    }
+}
+
+/// Runs the configured benchmarks and returns the report.
+///
+/// # Behavior
+/// Backends run one after the other (never concurrently, so they do not
+/// compete for the cores). A backend that cannot be reached is reported with
+/// status `skipped` and its reason; a measurement that fails is listed in its
+/// backend's `errors` and the others still run. Nothing here fails the run:
+/// a benchmark is not a test.
+pub async fn run(config: &Config) -> Report {
+    let started = Instant::now();
+    let plan = &config.plan;
+    let mut report = Report {
+        format: 1,
+        mode: config.mode.name().into(),
+        started_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        machine: report::Machine {
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            os: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+            runtime_threads: tokio::runtime::Handle::try_current()
+                .map(|h| h.metrics().num_workers())
+                .unwrap_or(1),
+        },
+        plan: report::PlanSummary {
+            seconds_per_measurement: plan.budget.duration.as_secs_f64(),
+            max_ops_per_measurement: plan.budget.max_ops,
+            repetitions: plan.reps,
+            outcome_bytes: plan.outcome_bytes,
+            replay_keys: plan.replay_keys,
+            hot_key_tasks: plan.hot_tasks,
+            hot_key_rounds: plan.hot_rounds,
+            scaling_records: plan.scaling_records,
+            purge_records: plan.purge_records,
+            memory_records: plan.memory_records,
+        },
+        ..Report::default()
+    };
+    if config.core {
+        match core_bench::run(plan.core_iterations, plan.core_samples, plan.outcome_bytes) {
+            Ok(core) => report.core = Some(core),
+            Err(e) => eprintln!("idem-bench: core: {e}"),
+        }
+    }
+    for &kind in &config.backends {
+        eprintln!("idem-bench: {} ...", kind.name());
+        let t = Instant::now();
+        let backend = backends::make(kind, config);
+        let r = scenario::bench_backend(backend.as_ref(), plan).await;
+        eprintln!(
+            "idem-bench: {} {} in {:.1} s",
+            kind.name(),
+            match r.status {
+                report::Status::Ok => "done",
+                report::Status::Skipped => "skipped",
+            },
+            t.elapsed().as_secs_f64()
+        );
+        report.backends.push(r);
+    }
+    report.total_seconds = started.elapsed().as_secs_f64();
+    report.check_targets();
+    report
+}

@@ -1,0 +1,134 @@
+//! `idem-bench`: runs the benchmarks, prints the table and writes the JSON
+//! results. Normally started by `cargo xtask bench [--quick]` (release build).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use idem_bench::{BackendKind, Config, Mode, Sides, Workload};
+
+/// Benchmarks idem's backends against their raw store commands.
+#[derive(Debug, Parser)]
+#[command(name = "idem-bench", version)]
+struct Args {
+    /// Shorter measurements and smaller data sets (finishes in under 2 minutes).
+    #[arg(long, conflicts_with = "tiny")]
+    quick: bool,
+    /// A few operations of everything: the harness's self-test.
+    #[arg(long)]
+    tiny: bool,
+    /// Backends to measure, comma-separated: memory,sqlite,postgres,redis,redis-cluster.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memory,sqlite,postgres,redis,redis-cluster"
+    )]
+    backends: Vec<String>,
+    /// Workloads to run, comma-separated (default all):
+    /// fresh,replay,hot-key,architecture,scaling,purge,memory.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Concurrency levels of fresh and replay, comma-separated (default 1,8,32; 128 too on Redis).
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Measure only one side of fresh and replay (`idem` or `raw`), for profiling.
+    #[arg(long, value_parser = ["idem", "raw"])]
+    only: Option<String>,
+    /// Seconds per measurement (default: 0.2 with --quick, 1.0 otherwise).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Skip the pure core micro-benchmark.
+    #[arg(long)]
+    no_core: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench/results.json")]
+    json: PathBuf,
+    /// Worker threads of the tokio runtime (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mode = if args.tiny {
+        Mode::Tiny
+    } else if args.quick {
+        Mode::Quick
+    } else {
+        Mode::Full
+    };
+    let mut backends = Vec::new();
+    for name in &args.backends {
+        match BackendKind::parse(name) {
+            Some(kind) => backends.push(kind),
+            None => {
+                eprintln!(
+                    "idem-bench: unknown backend {name:?}; known: memory, sqlite, postgres, redis, redis-cluster"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut config = Config::new(mode)
+        .with_backends(backends)
+        .with_core(!args.no_core);
+    if !args.workloads.is_empty() {
+        let mut workloads = Vec::new();
+        for name in &args.workloads {
+            match Workload::parse(name) {
+                Some(w) => workloads.push(w),
+                None => {
+                    eprintln!(
+                        "idem-bench: unknown workload {name:?}; known: fresh, replay, hot-key, architecture, scaling, purge, memory"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        config = config.with_workloads(workloads);
+    }
+    if !args.concurrency.is_empty() {
+        config = config.with_concurrencies(args.concurrency.clone());
+    }
+    match args.only.as_deref() {
+        Some("idem") => config = config.with_sides(Sides::Idem),
+        Some("raw") => config = config.with_sides(Sides::Raw),
+        _ => {}
+    }
+    if let Some(seconds) = args.seconds {
+        config = config.with_seconds(seconds);
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("idem-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(idem_bench::run(&config));
+    print!("{}", report.table());
+    let json = match serde_json::to_string_pretty(&report) {
+        Ok(json) => json,
+        Err(e) => {
+            eprintln!("idem-bench: cannot encode the results: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        eprintln!("idem-bench: cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = std::fs::write(&args.json, json) {
+        eprintln!("idem-bench: cannot write {}: {e}", args.json.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("idem-bench: results written to {}", args.json.display());
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,579 @@
+//! The engine's guarantees, through the store under test.
+//!
+//! Each case drives an [`Engine`] with a [`ManualClock`]: the store compares
+//! the `now` the engine passes, so moving the clock moves time for every
+//! backend, and nothing waits on the wall clock.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idem_core::{
+    Begin, Clock, Engine, Error, Executed, FailureKind, Fenced, Fingerprint, InFlightPolicy, Lease,
+    ManualClock, OnError, Outcome, RecordKey, Replay, ReplayKind, State, Store, Versioned,
+};
+
+use super::{T0, engine, ikey, noise, ok, open, policy, poll_until, reopen, same_bytes, scope};
+use crate::StoreFactory;
+
+fn fp(s: &str) -> Fingerprint {
+    Fingerprint::of(s.as_bytes())
+}
+
+fn rkey(name: &str) -> RecordKey {
+    RecordKey::new(&scope(), &ikey(name))
+}
+
+async fn proceed<S: Store, C: Clock>(engine: &Engine<S, C>, name: &str, fp: Fingerprint) -> Lease {
+    match engine.begin(&scope(), &ikey(name), fp).await {
+        Ok(Begin::Proceed(lease)) => lease,
+        other => panic!("begin on `{name}` must proceed, got {other:?}"),
+    }
+}
+
+async fn replay<S: Store, C: Clock>(engine: &Engine<S, C>, name: &str, fp: Fingerprint) -> Replay {
+    match engine.begin(&scope(), &ikey(name), fp).await {
+        Ok(Begin::Replay(replay)) => replay,
+        other => panic!("begin on `{name}` must replay, got {other:?}"),
+    }
+}
+
+async fn stored<S: Store, C: Clock>(engine: &Engine<S, C>, name: &str) -> Option<Versioned> {
+    ok(
+        engine.store().get(&rkey(name), engine.clock().now()).await,
+        "get",
+    )
+}
+
+fn lease_lost(result: Result<(), Error>, what: &str) {
+    assert!(
+        matches!(result, Err(Error::LeaseLost(_))),
+        "{what} must fail with LeaseLost, got {result:?}"
+    );
+}
+
+/// A completed key replays its outcome byte for byte (every byte value),
+/// as many times as asked.
+pub async fn replay_returns_byte_exact_outcome<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let mut bytes: Vec<u8> = (0..=255u8).collect();
+    bytes.extend(noise(4096, 5));
+    let lease = proceed(&engine, "replay", fp("a")).await;
+    engine
+        .complete(&lease, Outcome::new(bytes.clone()))
+        .await
+        .expect("complete");
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(1));
+        let r = replay(&engine, "replay", fp("a")).await;
+        assert_eq!(r.kind, ReplayKind::Completed);
+        if let Err(diff) = same_bytes("replayed outcome", r.outcome.as_bytes(), &bytes) {
+            panic!("{diff}");
+        }
+    }
+}
+
+/// A 1 MiB outcome stored through the engine replays byte for byte.
+pub async fn large_outcome_replays_byte_exact<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, _clock) = engine(open(&*factory).await);
+    let bytes = noise(1024 * 1024 + 5, 6);
+    let lease = proceed(&engine, "large", fp("a")).await;
+    engine
+        .complete(&lease, Outcome::new(bytes.clone()))
+        .await
+        .expect("complete");
+    let r = replay(&engine, "large", fp("a")).await;
+    if let Err(diff) = same_bytes("replayed 1 MiB outcome", r.outcome.as_bytes(), &bytes) {
+        panic!("{diff}");
+    }
+}
+
+/// A different fingerprint gets `Mismatch` in every state a key can be in,
+/// and changes nothing.
+pub async fn fingerprint_mismatch_in_every_state<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let lease = proceed(&engine, "in-flight", fp("a")).await;
+    let lapsed = proceed(&engine, "lapsed", fp("a")).await;
+    let done = proceed(&engine, "completed", fp("a")).await;
+    engine
+        .complete(&done, Outcome::new(&b"ok"[..]))
+        .await
+        .expect("complete");
+    let retry = proceed(&engine, "retryable", fp("a")).await;
+    engine
+        .fail(&retry, FailureKind::Retryable, Outcome::new(&b"503"[..]))
+        .await
+        .expect("fail");
+    let perm = proceed(&engine, "permanent", fp("a")).await;
+    engine
+        .fail(&perm, FailureKind::Permanent, Outcome::new(&b"400"[..]))
+        .await
+        .expect("fail");
+    // Lapse every lease: the in-flight key is extended to stay live.
+    clock.advance(policy().lease - Duration::from_millis(1));
+    engine.extend(&lease).await.expect("extend");
+    clock.advance(Duration::from_millis(1));
+    let _ = lapsed;
+    for name in ["in-flight", "lapsed", "completed", "retryable", "permanent"] {
+        let before = stored(&engine, name).await;
+        assert!(before.is_some(), "`{name}` exists");
+        match engine.begin(&scope(), &ikey(name), fp("b")).await {
+            Ok(Begin::Mismatch) => {}
+            other => {
+                panic!("a different request on a `{name}` key must get Mismatch, got {other:?}")
+            }
+        }
+        assert_eq!(
+            stored(&engine, name).await,
+            before,
+            "a mismatch must change nothing (`{name}`)"
+        );
+    }
+    let e = engine
+        .execute(&scope(), &ikey("completed"), fp("b"), || async { 1u8 })
+        .await;
+    assert!(
+        matches!(e, Err(Error::FingerprintMismatch)),
+        "execute with a different request must be FingerprintMismatch, got {e:?}"
+    );
+}
+
+/// A duplicate of an in-flight request is told how long the holder's lease
+/// has left, and that shrinks as the clock moves.
+pub async fn in_progress_reports_time_left<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let _lease = proceed(&engine, "busy", fp("a")).await;
+    for (elapsed, left) in [(0, 10_000), (4_000, 6_000), (9_999, 1)] {
+        clock.set(T0.plus(Duration::from_millis(elapsed)));
+        match engine.begin(&scope(), &ikey("busy"), fp("a")).await {
+            Ok(Begin::InProgress { retry_after }) => assert_eq!(
+                retry_after,
+                Duration::from_millis(left),
+                "{elapsed} ms into a 10 s lease"
+            ),
+            other => panic!("a duplicate must be InProgress, got {other:?}"),
+        }
+    }
+    let e = engine
+        .execute(&scope(), &ikey("busy"), fp("a"), || async { 1u8 })
+        .await;
+    assert!(matches!(e, Err(Error::InProgress { .. })), "got {e:?}");
+}
+
+/// After a lease lapses, a retry takes over with a new fencing token; the
+/// old holder (a zombie) can then neither complete, fail, extend nor
+/// release, before or after the new holder finished, and the new holder's
+/// result is what retries replay.
+async fn takeover_fences<S: Store>(a: Engine<S, ManualClock>, b: Engine<S, ManualClock>) {
+    let clock = a.clock().clone();
+    let zombie = proceed(&a, "fenced", fp("a")).await;
+    clock.advance(policy().lease);
+    let holder = proceed(&b, "fenced", fp("a")).await;
+    assert_ne!(
+        holder.token(),
+        zombie.token(),
+        "a takeover issues a new token"
+    );
+    assert_eq!(holder.attempt(), 2);
+    let claim = stored(&a, "fenced").await;
+    lease_lost(
+        a.complete(&zombie, Outcome::new(&b"zombie"[..])).await,
+        "the zombie's complete",
+    );
+    lease_lost(
+        a.fail(
+            &zombie,
+            FailureKind::Permanent,
+            Outcome::new(&b"zombie"[..]),
+        )
+        .await,
+        "the zombie's fail",
+    );
+    lease_lost(a.extend(&zombie).await, "the zombie's extend");
+    lease_lost(a.release(&zombie).await, "the zombie's release");
+    assert_eq!(
+        stored(&a, "fenced").await,
+        claim,
+        "a fenced zombie must change nothing"
+    );
+    b.complete(&holder, Outcome::new(&b"new holder"[..]))
+        .await
+        .expect("the new holder completes");
+    let result = stored(&a, "fenced").await;
+    lease_lost(
+        a.complete(&zombie, Outcome::new(&b"zombie"[..])).await,
+        "the zombie's complete after the new holder finished",
+    );
+    lease_lost(
+        a.release(&zombie).await,
+        "the zombie's release after the new holder finished",
+    );
+    assert_eq!(
+        stored(&a, "fenced").await,
+        result,
+        "the zombie must not overwrite the new holder's result"
+    );
+    let r = replay(&a, "fenced", fp("a")).await;
+    assert_eq!(r.outcome.as_bytes(), b"new holder");
+}
+
+/// Lease expiry takeover issues a new token and fences the zombie (one instance).
+pub async fn takeover_fences_zombie<F: StoreFactory>(factory: Arc<F>) {
+    let store = Arc::new(open(&*factory).await);
+    let clock = ManualClock::new(T0);
+    let a = Engine::with_clock(store.clone(), clock.clone()).with_policy(policy());
+    let b = Engine::with_clock(store, clock).with_policy(policy());
+    takeover_fences(a, b).await;
+}
+
+/// The same, with the zombie and the new holder on two instances sharing
+/// records (two application servers).
+pub async fn takeover_across_instances_fences_zombie<F: StoreFactory>(factory: Arc<F>) {
+    let a = Arc::new(open(&*factory).await);
+    let b = Arc::new(reopen(&*factory, &a).await);
+    let clock = ManualClock::new(T0);
+    let a = Engine::with_clock(a, clock.clone()).with_policy(policy());
+    let b = Engine::with_clock(b, clock).with_policy(policy());
+    takeover_fences(a, b).await;
+}
+
+/// Release makes the key absent: a retry proceeds at once as a first
+/// attempt with a new token, and may use another fingerprint.
+pub async fn release_lets_a_retry_proceed<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, _clock) = engine(open(&*factory).await);
+    let first = proceed(&engine, "released", fp("a")).await;
+    engine.release(&first).await.expect("release");
+    assert_eq!(
+        stored(&engine, "released").await,
+        None,
+        "a released key is absent"
+    );
+    let second = proceed(&engine, "released", fp("b")).await;
+    assert_ne!(second.token(), first.token());
+    assert_eq!(second.attempt(), 1, "after a release the key starts afresh");
+    lease_lost(
+        engine.complete(&first, Outcome::new(&b"late"[..])).await,
+        "complete by the released holder",
+    );
+    engine
+        .complete(&second, Outcome::new(&b"second"[..]))
+        .await
+        .expect("complete");
+    assert_eq!(
+        replay(&engine, "released", fp("b"))
+            .await
+            .outcome
+            .as_bytes(),
+        b"second"
+    );
+}
+
+/// A retryable failure lets the same request run again (attempt 2, same
+/// fingerprint), while another request still gets `Mismatch`.
+pub async fn retryable_failure_lets_a_retry_proceed<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, _clock) = engine(open(&*factory).await);
+    let first = proceed(&engine, "retryable", fp("a")).await;
+    engine
+        .fail(&first, FailureKind::Retryable, Outcome::new(&b"503"[..]))
+        .await
+        .expect("fail");
+    let rec = stored(&engine, "retryable")
+        .await
+        .expect("the failure is stored");
+    assert_eq!(rec.record.state.name(), "failed_retryable");
+    assert!(matches!(
+        engine.begin(&scope(), &ikey("retryable"), fp("b")).await,
+        Ok(Begin::Mismatch)
+    ));
+    let second = proceed(&engine, "retryable", fp("a")).await;
+    assert_eq!(
+        second.attempt(),
+        2,
+        "a retry of a retryable failure is attempt 2"
+    );
+    assert_ne!(second.token(), first.token());
+    engine
+        .complete(&second, Outcome::new(&b"200"[..]))
+        .await
+        .expect("complete");
+    assert_eq!(
+        replay(&engine, "retryable", fp("a"))
+            .await
+            .outcome
+            .as_bytes(),
+        b"200"
+    );
+}
+
+/// A permanent failure is final: retries replay it as a failure, byte for byte.
+pub async fn permanent_failure_is_replayed<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, _clock) = engine(open(&*factory).await);
+    let first = proceed(&engine, "permanent", fp("a")).await;
+    let body = noise(777, 8);
+    engine
+        .fail(&first, FailureKind::Permanent, Outcome::new(body.clone()))
+        .await
+        .expect("fail");
+    for _ in 0..2 {
+        let r = replay(&engine, "permanent", fp("a")).await;
+        assert_eq!(
+            r.kind,
+            ReplayKind::Failed,
+            "a permanent failure replays as failed"
+        );
+        assert_eq!(r.outcome.as_bytes(), &body[..]);
+    }
+}
+
+/// `try_execute`: a released error and a retryable error run the work again;
+/// a permanent error is replayed as the same error.
+pub async fn try_execute_follows_on_error<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, _clock) = engine(open(&*factory).await);
+    let runs = AtomicUsize::new(0);
+    let call = |on_error: OnError, result: Result<u32, String>| {
+        let runs = &runs;
+        let engine = &engine;
+        async move {
+            engine
+                .try_execute(
+                    &scope(),
+                    &ikey("try"),
+                    fp("a"),
+                    || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        result
+                    },
+                    move |_| on_error,
+                )
+                .await
+                .expect("try_execute")
+        }
+    };
+    let r = call(OnError::Release, Err("timeout".into())).await;
+    assert_eq!(r, Executed::Fresh(Err("timeout".to_string())));
+    let r = call(OnError::StoreRetryable, Err("503".into())).await;
+    assert_eq!(r, Executed::Fresh(Err("503".to_string())));
+    let r = call(OnError::StorePermanent, Err("declined".into())).await;
+    assert_eq!(r, Executed::Fresh(Err("declined".to_string())));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "released and retryable errors run again"
+    );
+    let r = call(OnError::StorePermanent, Ok(1)).await;
+    assert_eq!(
+        r,
+        Executed::Replayed(Err("declined".to_string())),
+        "a permanent error is replayed"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "a replay runs nothing");
+}
+
+/// `execute` runs the work once and replays its value afterwards.
+pub async fn execute_runs_once_and_replays<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let runs = AtomicUsize::new(0);
+    for i in 0..3 {
+        let got = engine
+            .execute(&scope(), &ikey("exec"), fp("a"), || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                vec![String::from("ch_1"), String::from("€")]
+            })
+            .await
+            .expect("execute");
+        let want = vec!["ch_1".to_string(), "€".to_string()];
+        if i == 0 {
+            assert_eq!(got, Executed::Fresh(want));
+        } else {
+            assert_eq!(got, Executed::Replayed(want));
+        }
+        clock.advance(Duration::from_secs(5));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Completing again with the same outcome succeeds without change (a retry
+/// after a lost reply); with another outcome it is refused.
+pub async fn complete_is_idempotent_for_its_holder<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let lease = proceed(&engine, "twice", fp("a")).await;
+    engine
+        .complete(&lease, Outcome::new(&b"once"[..]))
+        .await
+        .expect("complete");
+    let done = stored(&engine, "twice").await;
+    clock.advance(Duration::from_secs(1));
+    engine
+        .complete(&lease, Outcome::new(&b"once"[..]))
+        .await
+        .expect("completing again with the same outcome succeeds");
+    assert_eq!(stored(&engine, "twice").await, done, "and changes nothing");
+    match engine.complete(&lease, Outcome::new(&b"other"[..])).await {
+        Err(Error::LeaseLost(Fenced::Finished {
+            by_holder: true, ..
+        })) => {}
+        other => panic!("completing with another outcome must be refused, got {other:?}"),
+    }
+    assert_eq!(stored(&engine, "twice").await, done);
+}
+
+/// Once a finished record expires (TTL), the key is absent: any request
+/// claims it afresh as attempt 1.
+pub async fn expired_key_is_claimed_afresh<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let lease = proceed(&engine, "ttl", fp("a")).await;
+    engine
+        .complete(&lease, Outcome::new(&b"old"[..]))
+        .await
+        .expect("complete");
+    clock.advance(policy().ttl - Duration::from_millis(1));
+    replay(&engine, "ttl", fp("a")).await;
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(stored(&engine, "ttl").await, None, "expired at its TTL");
+    let again = proceed(&engine, "ttl", fp("b")).await;
+    assert_eq!(again.attempt(), 1);
+}
+
+/// A heartbeat (`keep_alive`) keeps a slow holder's lease well past its
+/// original deadline: duplicates stay `InProgress` instead of taking over.
+pub async fn heartbeat_keeps_the_lease<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    let engine = Arc::new(engine);
+    let lease = proceed(&engine, "slow", fp("a")).await;
+    let beat = policy().lease / 3;
+    let heart = {
+        let (engine, lease) = (engine.clone(), lease.clone());
+        tokio::spawn(async move { engine.keep_alive(&lease).await })
+    };
+    for i in 0..6 {
+        assert!(
+            poll_until(|| clock.pending_sleepers() > 0).await,
+            "beat {i}: the heartbeat never waited on the clock"
+        );
+        clock.advance(beat);
+    }
+    // Wait for the last beat's extend to land (the heartbeat sleeps again).
+    assert!(poll_until(|| clock.pending_sleepers() > 0).await);
+    let now = clock.now();
+    assert!(
+        lease.deadline() > now,
+        "after {:?} of heartbeats the lease must still be live (deadline {:?}, now {now:?})",
+        beat * 6,
+        lease.deadline()
+    );
+    match engine.begin(&scope(), &ikey("slow"), fp("a")).await {
+        Ok(Begin::InProgress { .. }) => {}
+        other => {
+            panic!("a duplicate of a live, heart-beating request must be InProgress, got {other:?}")
+        }
+    }
+    let rec = stored(&engine, "slow").await.expect("stored");
+    assert!(
+        matches!(rec.record.state, State::InFlight { lease_deadline, token } if lease_deadline > now && token == lease.token()),
+        "the extended lease must be stored: {rec:?}"
+    );
+    engine
+        .complete(&lease, Outcome::new(&b"slow but done"[..]))
+        .await
+        .expect("complete");
+    clock.advance(beat);
+    assert!(
+        poll_until(|| heart.is_finished()).await,
+        "the heartbeat must stop once the lease is finished"
+    );
+    assert!(matches!(heart.await, Ok(Ok(()))));
+}
+
+fn wait_policy() -> idem_core::Policy {
+    policy().with_in_flight(InFlightPolicy::Wait {
+        max: Duration::from_secs(5),
+        poll: Duration::from_millis(100),
+    })
+}
+
+/// In wait-for-original mode a duplicate waits for the original and returns
+/// its outcome. The clock moves only while the duplicate is parked on it,
+/// after the original completed, so the run is deterministic.
+pub async fn wait_for_original_returns_its_outcome<F: StoreFactory>(factory: Arc<F>) {
+    let clock = ManualClock::new(T0);
+    let engine = Arc::new(
+        Engine::with_clock(open(&*factory).await, clock.clone()).with_policy(wait_policy()),
+    );
+    let original = proceed(&engine, "waited", fp("a")).await;
+    let waiter = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.begin(&scope(), &ikey("waited"), fp("a")).await })
+    };
+    assert!(
+        poll_until(|| clock.pending_sleepers() > 0).await,
+        "the duplicate must wait on the clock"
+    );
+    assert!(!waiter.is_finished(), "the duplicate must still be waiting");
+    engine
+        .complete(&original, Outcome::new(&b"original"[..]))
+        .await
+        .expect("complete");
+    let finished = poll_until(|| {
+        if clock.pending_sleepers() > 0 {
+            clock.advance(Duration::from_millis(100));
+        }
+        waiter.is_finished()
+    })
+    .await;
+    assert!(
+        finished,
+        "the duplicate must finish once the original completed"
+    );
+    match waiter.await.expect("join") {
+        Ok(Begin::Replay(Replay {
+            outcome,
+            kind: ReplayKind::Completed,
+        })) => assert_eq!(outcome.as_bytes(), b"original"),
+        other => panic!("the duplicate must replay the original's outcome, got {other:?}"),
+    }
+    assert!(
+        clock.now() < T0.plus(Duration::from_secs(5)),
+        "the duplicate must not have waited out its maximum"
+    );
+}
+
+/// In wait-for-original mode a duplicate gives up with `InProgress` once its
+/// maximum wait passes while the original is still running.
+pub async fn wait_for_original_gives_up_after_max<F: StoreFactory>(factory: Arc<F>) {
+    let clock = ManualClock::new(T0);
+    let engine = Arc::new(
+        Engine::with_clock(open(&*factory).await, clock.clone()).with_policy(wait_policy()),
+    );
+    let _original = proceed(&engine, "slow-original", fp("a")).await;
+    let waiter = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .begin(&scope(), &ikey("slow-original"), fp("a"))
+                .await
+        })
+    };
+    let finished = poll_until(|| {
+        if clock.pending_sleepers() > 0 {
+            clock.advance(Duration::from_millis(100));
+        }
+        waiter.is_finished()
+    })
+    .await;
+    assert!(
+        finished,
+        "the duplicate must give up after its maximum wait"
+    );
+    match waiter.await.expect("join") {
+        Ok(Begin::InProgress { retry_after }) => {
+            assert!(retry_after > Duration::ZERO && retry_after <= policy().lease);
+        }
+        other => panic!("the duplicate must give up with InProgress, got {other:?}"),
+    }
+    let waited = clock.now().since(T0);
+    assert!(
+        waited >= Duration::from_secs(5) && waited < policy().lease,
+        "the duplicate must wait its 5 s maximum, not less and not until the lease lapses (waited {waited:?})"
+    );
+}

@@ -1,0 +1,712 @@
+//! The suite must be able to fail: each test here runs the whole suite
+//! against a deliberately broken store (MemoryStore, or the minimal example
+//! store, with one classic mistake) and asserts that the cases aimed at that
+//! mistake fail by name. A correct store through the same wrapper must pass.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "minimal.rs"]
+mod minimal;
+
+use std::process::ExitCode;
+
+use async_trait::async_trait;
+use idem_conformance::{Report, StoreFactory, Suite, Unavailable, Verdict};
+use idem_core::{
+    Capabilities, Clock, IdempotencyKey, Inserted, MemoryStore, Outcome, RecordKey, Revision,
+    Scope, State, Store, StoreError, Swapped, SystemClock, Timestamp, Versioned,
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// One classic mistake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flaw {
+    /// No mistake: the wrapper must be transparent.
+    None,
+    /// Insert writes over a live record and says it inserted.
+    InsertOverwrites,
+    /// Insert treats an expired record as live.
+    InsertIgnoresExpiry,
+    /// Insert checks, then writes, with an await in between (check-then-insert).
+    InsertNotAtomic,
+    /// CAS swaps whatever the revision.
+    CasIgnoresRevision,
+    /// CAS on an absent key writes it (upsert).
+    CasUpserts,
+    /// CAS reads, then writes, with an await in between.
+    CasNotAtomic,
+    /// Get returns expired records.
+    GetReturnsExpired,
+    /// Delete deletes whatever the revision.
+    DeleteIgnoresRevision,
+    /// Purge removes live records too.
+    PurgeRemovesLive,
+    /// Purge ignores its limit.
+    PurgeIgnoresLimit,
+    /// Expiry is decided by the store's own (wall) clock.
+    WallClock,
+    /// Records are keyed by the client's key only, not the scope.
+    Unscoped,
+    /// Keys are compared case-insensitively.
+    CaseInsensitiveKeys,
+    /// Outcomes are cut to 64 KiB.
+    TruncatesOutcomes,
+    /// Revisions lose their top bit (a signed column gone wrong).
+    NarrowRevisions,
+    /// Timestamps are clamped to `i64::MAX` milliseconds.
+    ClampsTimestamps,
+    /// Two instances do not share records (a per-instance cache).
+    InstancesDoNotShare,
+    /// Declares a 4 MiB record limit and enforces it (correct).
+    LimitEnforced,
+    /// Declares a 4 MiB record limit but stores larger records anyway.
+    LimitNotEnforced,
+}
+
+/// The record limit the `Limit*` flaws declare.
+const LIMIT: usize = 4 * 1024 * 1024;
+
+const FLAWS: &[(Flaw, &str, &[&str])] = &[
+    (
+        Flaw::InsertOverwrites,
+        "insert_overwrites_a_live_record",
+        &[
+            "store::insert_on_existing_returns_it",
+            "model::regression_duplicate_is_in_progress",
+            "race::insert_if_absent_32_tasks_one_wins",
+            "race::engine_32_tasks_run_once",
+            "engine::replay_returns_byte_exact_outcome",
+            "engine::execute_runs_once_and_replays",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::InsertIgnoresExpiry,
+        "insert_treats_expired_as_live",
+        &[
+            "store::insert_over_expired_replaces_it",
+            "model::regression_claim_over_expired_record",
+            "race::insert_over_expired_32_tasks_one_wins",
+            "engine::expired_key_is_claimed_afresh",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::InsertNotAtomic,
+        "insert_checks_then_writes",
+        &[
+            "race::insert_if_absent_32_tasks_one_wins",
+            "race::insert_over_expired_32_tasks_one_wins",
+            "race::two_instances_insert_one_wins",
+        ],
+    ),
+    (
+        Flaw::CasIgnoresRevision,
+        "cas_ignores_the_revision",
+        &[
+            "store::cas_stale_revision_changes_nothing",
+            "model::regression_zombie_complete_after_new_claim",
+            "store::cas_right_revision_swaps",
+            "race::cas_same_revision_32_tasks_one_wins",
+            "race::takeover_32_tasks_one_wins",
+            "engine::takeover_fences_zombie",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::CasUpserts,
+        "cas_upserts_an_absent_key",
+        &[
+            "store::cas_on_absent_or_expired_changes_nothing",
+            "model::regression_complete_after_release",
+        ],
+    ),
+    (
+        Flaw::CasNotAtomic,
+        "cas_reads_then_writes",
+        &[
+            "race::cas_same_revision_32_tasks_one_wins",
+            "race::two_instances_cas_one_wins",
+        ],
+    ),
+    (
+        Flaw::GetReturnsExpired,
+        "get_returns_expired_records",
+        &[
+            "store::get_expired_is_none",
+            "store::cas_on_absent_or_expired_changes_nothing",
+            "model::regression_expired_record_is_invisible",
+            "engine::expired_key_is_claimed_afresh",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::DeleteIgnoresRevision,
+        "delete_ignores_the_revision",
+        &[
+            "store::delete_if_stale_revision_changes_nothing",
+            "model::regression_zombie_release_after_new_claim",
+            "engine::takeover_fences_zombie",
+        ],
+    ),
+    (
+        Flaw::PurgeRemovesLive,
+        "purge_removes_live_records",
+        &[
+            "store::purge_keeps_live_records",
+            "model::regression_purge_keeps_live_claim",
+            "store::purge_removes_only_expired",
+        ],
+    ),
+    (
+        Flaw::PurgeIgnoresLimit,
+        "purge_ignores_its_limit",
+        &["store::purge_respects_its_limit"],
+    ),
+    (
+        Flaw::WallClock,
+        "expiry_by_the_stores_own_clock",
+        &[
+            "store::expiry_uses_the_callers_now",
+            "store::get_expired_is_none",
+            "model::regression_expired_record_is_invisible",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::Unscoped,
+        "keys_not_scoped",
+        &[
+            "store::scopes_with_separators_never_collide",
+            "model::regression_one_key_one_record",
+        ],
+    ),
+    (
+        Flaw::CaseInsensitiveKeys,
+        "keys_case_insensitive",
+        &[
+            "store::keys_with_every_allowed_character_never_collide",
+            "model::regression_one_key_one_record",
+        ],
+    ),
+    (
+        Flaw::TruncatesOutcomes,
+        "outcomes_truncated_at_64_kib",
+        &[
+            "store::large_record_round_trips",
+            "engine::large_outcome_replays_byte_exact",
+        ],
+    ),
+    (
+        Flaw::NarrowRevisions,
+        "revisions_lose_their_top_bit",
+        &["store::records_round_trip_every_field"],
+    ),
+    (
+        Flaw::ClampsTimestamps,
+        "timestamps_clamped_to_i64",
+        &["store::far_future_expiry_round_trips"],
+    ),
+    (
+        Flaw::LimitNotEnforced,
+        "record_limit_declared_but_not_enforced",
+        &["store::oversized_record_is_rejected"],
+    ),
+    (
+        Flaw::InstancesDoNotShare,
+        "instances_do_not_share_records",
+        &[
+            "race::two_instances_insert_one_wins",
+            "race::engine_two_instances_run_once",
+            "engine::takeover_across_instances_fences_zombie",
+            "model::matches_core_model",
+            "model::regression_one_key_one_record",
+        ],
+    ),
+];
+
+/// MemoryStore with one flaw.
+#[derive(Clone)]
+struct Flawed {
+    inner: MemoryStore,
+    flaw: Flaw,
+}
+
+impl Flawed {
+    fn now(&self, now: Timestamp) -> Timestamp {
+        if self.flaw == Flaw::WallClock {
+            SystemClock.now()
+        } else {
+            now
+        }
+    }
+
+    fn key(&self, key: &RecordKey) -> RecordKey {
+        match self.flaw {
+            Flaw::Unscoped => RecordKey::new(&Scope::global(), key.key()),
+            Flaw::CaseInsensitiveKeys => RecordKey::new(
+                key.scope(),
+                &IdempotencyKey::parse(&key.key().as_str().to_ascii_lowercase()).unwrap(),
+            ),
+            _ => key.clone(),
+        }
+    }
+
+    /// What the flawed store writes instead of `v`.
+    fn mangle(&self, v: &Versioned) -> Versioned {
+        let mut v = v.clone();
+        match self.flaw {
+            Flaw::TruncatesOutcomes => {
+                if let State::Completed { outcome, .. } | State::Failed { outcome, .. } =
+                    &mut v.record.state
+                {
+                    let cut = outcome.as_bytes()[..outcome.len().min(64 * 1024)].to_vec();
+                    *outcome = Outcome::new(cut);
+                }
+            }
+            Flaw::NarrowRevisions => {
+                v.revision = Revision::from_u64(v.revision.as_u64() & (u64::MAX >> 1));
+            }
+            Flaw::ClampsTimestamps => {
+                let max = Timestamp::from_millis(i64::MAX as u64);
+                v.record.expires_at = v.record.expires_at.min(max);
+            }
+            _ => {}
+        }
+        v
+    }
+
+    /// Refuses records over the declared limit (only `LimitEnforced`).
+    fn check_size(&self, v: &Versioned) -> Result<(), StoreError> {
+        if self.flaw != Flaw::LimitEnforced {
+            return Ok(());
+        }
+        let size = idem_core::codec::encode_record(&v.record).unwrap().len();
+        if size > LIMIT {
+            return Err(StoreError::Rejected {
+                store: "flawed",
+                source: format!("record of {size} bytes over the limit of {LIMIT}").into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the raw entry, expired or not.
+    async fn raw(&self, key: &RecordKey) -> Option<Versioned> {
+        self.inner
+            .get(key, Timestamp::from_millis(0))
+            .await
+            .unwrap()
+    }
+}
+
+#[async_trait]
+impl Store for Flawed {
+    fn capabilities(&self) -> Capabilities {
+        match self.flaw {
+            Flaw::LimitEnforced | Flaw::LimitNotEnforced => {
+                Capabilities::new().with_max_record_bytes(Some(LIMIT))
+            }
+            _ => self.inner.capabilities(),
+        }
+    }
+
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Inserted, StoreError> {
+        self.check_size(record)?;
+        let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
+        match self.flaw {
+            Flaw::InsertOverwrites => {
+                let k = key.clone();
+                if let Some(current) = self.inner.get(&k, now).await? {
+                    self.inner
+                        .compare_and_swap(&k, current.revision, &record, now)
+                        .await?;
+                    return Ok(Inserted::Inserted);
+                }
+                self.inner.insert_if_absent(&key, &record, now).await
+            }
+            Flaw::InsertIgnoresExpiry => match self.raw(&key).await {
+                Some(existing) => Ok(Inserted::Exists(existing)),
+                None => self.inner.insert_if_absent(&key, &record, now).await,
+            },
+            Flaw::InsertNotAtomic => {
+                let seen = self.inner.get(&key, now).await?;
+                tokio::task::yield_now().await;
+                match seen {
+                    Some(existing) => Ok(Inserted::Exists(existing)),
+                    None => {
+                        // Writes unconditionally, as `SET` without `NX` would.
+                        if let Some(current) = self.raw(&key).await {
+                            self.inner
+                                .delete_if(&key, current.revision, Timestamp::from_millis(0))
+                                .await?;
+                        }
+                        self.inner.insert_if_absent(&key, &record, now).await?;
+                        Ok(Inserted::Inserted)
+                    }
+                }
+            }
+            _ => self.inner.insert_if_absent(&key, &record, now).await,
+        }
+    }
+
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        let (key, now) = (self.key(key), self.now(now));
+        if self.flaw == Flaw::GetReturnsExpired {
+            return Ok(self.raw(&key).await);
+        }
+        self.inner.get(&key, now).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Swapped, StoreError> {
+        self.check_size(record)?;
+        let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
+        let expected = self
+            .mangle(&Versioned {
+                revision: expected,
+                record: record.record.clone(),
+            })
+            .revision;
+        match self.flaw {
+            Flaw::CasIgnoresRevision => match self.inner.get(&key, now).await? {
+                Some(current) => {
+                    self.inner
+                        .compare_and_swap(&key, current.revision, &record, now)
+                        .await
+                }
+                None => Ok(Swapped::Conflict(None)),
+            },
+            Flaw::CasUpserts => match self.inner.get(&key, now).await? {
+                None => {
+                    self.inner.insert_if_absent(&key, &record, now).await?;
+                    Ok(Swapped::Swapped)
+                }
+                Some(_) => {
+                    self.inner
+                        .compare_and_swap(&key, expected, &record, now)
+                        .await
+                }
+            },
+            Flaw::CasNotAtomic => {
+                let seen = self.inner.get(&key, now).await?;
+                tokio::task::yield_now().await;
+                match seen {
+                    Some(current) if current.revision == expected => {
+                        // Writes whatever is there now, as GET-then-SET would.
+                        if let Some(now_there) = self.inner.get(&key, now).await? {
+                            self.inner
+                                .compare_and_swap(&key, now_there.revision, &record, now)
+                                .await?;
+                        }
+                        Ok(Swapped::Swapped)
+                    }
+                    other => Ok(Swapped::Conflict(other)),
+                }
+            }
+            _ => {
+                self.inner
+                    .compare_and_swap(&key, expected, &record, now)
+                    .await
+            }
+        }
+    }
+
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let (key, now) = (self.key(key), self.now(now));
+        let expected = if self.flaw == Flaw::NarrowRevisions {
+            Revision::from_u64(expected.as_u64() & (u64::MAX >> 1))
+        } else {
+            expected
+        };
+        if self.flaw == Flaw::DeleteIgnoresRevision {
+            return match self.inner.get(&key, now).await? {
+                Some(current) => self.inner.delete_if(&key, current.revision, now).await,
+                None => Ok(false),
+            };
+        }
+        self.inner.delete_if(&key, expected, now).await
+    }
+
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        let now = self.now(now);
+        match self.flaw {
+            Flaw::PurgeRemovesLive => {
+                let n = self.inner.len() as u64;
+                let far = Timestamp::from_millis(u64::MAX);
+                self.inner.purge_expired(far, usize::MAX).await?;
+                Ok(n.min(limit as u64))
+            }
+            Flaw::PurgeIgnoresLimit => self.inner.purge_expired(now, usize::MAX).await,
+            _ => self.inner.purge_expired(now, limit).await,
+        }
+    }
+}
+
+struct FlawedFactory(Flaw);
+
+/// A correct store whose factory cannot open a second instance.
+struct UnsharedFactory;
+
+#[async_trait]
+impl StoreFactory for UnsharedFactory {
+    type Store = MemoryStore;
+    fn name(&self) -> &'static str {
+        "unshared"
+    }
+    async fn open(&self) -> Result<MemoryStore, Unavailable> {
+        Ok(MemoryStore::new())
+    }
+}
+
+/// A backend that cannot be reached.
+struct UnreachableFactory;
+
+#[async_trait]
+impl StoreFactory for UnreachableFactory {
+    type Store = MemoryStore;
+    fn name(&self) -> &'static str {
+        "unreachable"
+    }
+    async fn open(&self) -> Result<MemoryStore, Unavailable> {
+        Err(Unavailable("set IDEM_NOWHERE_URL".into()))
+    }
+}
+
+#[async_trait]
+impl StoreFactory for FlawedFactory {
+    type Store = Flawed;
+    fn name(&self) -> &'static str {
+        "flawed"
+    }
+    async fn open(&self) -> Result<Flawed, Unavailable> {
+        Ok(Flawed {
+            inner: MemoryStore::new(),
+            flaw: self.0,
+        })
+    }
+    async fn reopen(&self, store: &Flawed) -> Result<Option<Flawed>, Unavailable> {
+        if self.0 == Flaw::InstancesDoNotShare {
+            return Ok(Some(Flawed {
+                inner: MemoryStore::new(),
+                flaw: self.0,
+            }));
+        }
+        Ok(Some(store.clone()))
+    }
+}
+
+/// The minimal example store, except that it treats a corrupt record as
+/// absent (and so overwrites it).
+#[derive(Clone, Default)]
+struct CorruptAsAbsent(minimal::MiniStore);
+
+#[async_trait]
+impl Store for CorruptAsAbsent {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Inserted, StoreError> {
+        match self.0.insert_if_absent(key, record, now).await {
+            Err(StoreError::Corrupt { .. }) => {
+                self.0.overwrite_blob(
+                    key,
+                    idem_core::codec::encode_record(&record.record).unwrap(),
+                );
+                Ok(Inserted::Inserted)
+            }
+            other => other,
+        }
+    }
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        match self.0.get(key, now).await {
+            Err(StoreError::Corrupt { .. }) => Ok(None),
+            other => other,
+        }
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Swapped, StoreError> {
+        self.0.compare_and_swap(key, expected, record, now).await
+    }
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.0.delete_if(key, expected, now).await
+    }
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        self.0.purge_expired(now, limit).await
+    }
+}
+
+struct CorruptAsAbsentFactory;
+
+#[async_trait]
+impl StoreFactory for CorruptAsAbsentFactory {
+    type Store = CorruptAsAbsent;
+    fn name(&self) -> &'static str {
+        "corrupt-as-absent"
+    }
+    async fn open(&self) -> Result<CorruptAsAbsent, Unavailable> {
+        Ok(CorruptAsAbsent::default())
+    }
+    fn can_corrupt(&self) -> bool {
+        true
+    }
+    async fn corrupt(&self, store: &CorruptAsAbsent, key: &RecordKey) -> Result<(), Unavailable> {
+        store.0.overwrite_blob(key, vec![0xff]);
+        Ok(())
+    }
+}
+
+/// Fails unless every case in `expected` failed. The random model test is
+/// expected to catch a flaw only when it generates enough sequences (it is
+/// run with fewer when `IDEM_PROPTEST_CASES` says so); the fixed regression
+/// sequences always are.
+fn expect_failures(report: &Report, expected: &[&str]) -> Result<(), Failed> {
+    let enough = idem_conformance::cases::model::cases() >= 64;
+    let expected: Vec<&str> = expected
+        .iter()
+        .copied()
+        .filter(|c| enough || *c != "model::matches_core_model")
+        .collect();
+    let failed = report.failed();
+    let missed: Vec<&&str> = expected.iter().filter(|c| !failed.contains(c)).collect();
+    if failed.is_empty() || !missed.is_empty() {
+        return Err(format!(
+            "the suite did not reject the broken store as expected; these cases passed or were ignored: {missed:?}\n{report}"
+        )
+        .into());
+    }
+    for name in &expected {
+        match report.verdict(name) {
+            Some(Verdict::Failed(why)) if !why.is_empty() => {}
+            other => return Err(format!("{name}: {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // The broken stores make cases panic on purpose; keep their panic
+    // messages (which the report carries) off the terminal.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let on_case_thread = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("idem-conformance"));
+        if !on_case_thread {
+            default_hook(info);
+        }
+    }));
+
+    let mut trials = vec![
+        Trial::test("broken::memory_store_through_the_wrapper_passes", || {
+            let report = Suite::new(FlawedFactory(Flaw::None)).report();
+            let failed = report.failed();
+            if !failed.is_empty() {
+                return Err(format!("a correct store failed {failed:?}\n{report}").into());
+            }
+            let ignored = report.ignored();
+            // MemoryStore declares no record limit and cannot be corrupted.
+            if ignored
+                != [
+                    "store::oversized_record_is_rejected",
+                    "store::corrupt_record_is_an_error_not_absent",
+                ]
+            {
+                return Err(format!("unexpected ignored cases {ignored:?}").into());
+            }
+            Ok(())
+        }),
+        Trial::test("broken::enforced_record_limit_passes", || {
+            let report = Suite::new(FlawedFactory(Flaw::LimitEnforced)).report();
+            let failed = report.failed();
+            if !failed.is_empty()
+                || report.verdict("store::oversized_record_is_rejected") != Some(&Verdict::Passed)
+            {
+                return Err(
+                    format!("a store enforcing its declared limit must pass\n{report}").into(),
+                );
+            }
+            Ok(())
+        }),
+        Trial::test(
+            "harness::cases_needing_two_instances_are_ignored_without_them",
+            || {
+                let report = Suite::new(UnsharedFactory).report();
+                let ignored = report.ignored();
+                let shared = [
+                    "race::two_instances_insert_one_wins",
+                    "race::two_instances_cas_one_wins",
+                    "race::engine_two_instances_run_once",
+                    "engine::takeover_across_instances_fences_zombie",
+                ];
+                if !report.failed().is_empty() || shared.iter().any(|c| !ignored.contains(c)) {
+                    return Err(
+                        format!("cases needing two instances must be ignored\n{report}").into(),
+                    );
+                }
+                match report.verdict(shared[0]) {
+                    Some(Verdict::Ignored(why)) if why.contains("reopen") => Ok(()),
+                    other => Err(format!("the reason must name reopen: {other:?}").into()),
+                }
+            },
+        ),
+        Trial::test("harness::unreachable_backend_never_passes", || {
+            let report = Suite::new(UnreachableFactory).report();
+            if !report.passed().is_empty()
+                || report.cases.len() != Suite::new(UnreachableFactory).names().len()
+            {
+                return Err(format!("an unreachable backend passed cases\n{report}").into());
+            }
+            let all_ignored = report.ignored().len() == report.cases.len();
+            let all_failed = report.failed().len() == report.cases.len();
+            if idem_conformance::backends_required() && !all_failed {
+                return Err(format!("with CI=true every case must fail\n{report}").into());
+            }
+            if !idem_conformance::backends_required() && !all_ignored {
+                return Err(format!("without CI every case must be ignored\n{report}").into());
+            }
+            Ok(())
+        }),
+        Trial::test("broken::corrupt_record_treated_as_absent", || {
+            let report = Suite::new(CorruptAsAbsentFactory).report();
+            expect_failures(&report, &["store::corrupt_record_is_an_error_not_absent"])
+        }),
+    ];
+    for &(flaw, name, expected) in FLAWS {
+        trials.push(Trial::test(format!("broken::{name}"), move || {
+            let report = Suite::new(FlawedFactory(flaw)).report();
+            expect_failures(&report, expected)
+        }));
+    }
+    libtest_mimic::run(&Arguments::from_args(), trials).exit_code()
+}

@@ -1,0 +1,136 @@
+//! The bytes stored under a record key (layout v1).
+//!
+//! ```text
+//! offset  size  field
+//!      0     1  layout tag, 0x01
+//!      1     8  expires_at, ms since the Unix epoch, u64 big-endian
+//!      9     8  revision, u64 big-endian
+//!     17     8  write id of the call that wrote the value, u64 big-endian
+//!     25     …  the record, idem_core::codec::encode_record
+//! ```
+//!
+//! The scripts read only the fixed-size header; the record itself is decoded
+//! here. The header's `expires_at` must equal the record's: a mismatch is a
+//! corrupt value.
+
+use idem_core::{CodecError, Revision, Timestamp, Versioned, codec};
+
+/// The layout tag of the current value layout.
+pub(crate) const LAYOUT_V1: u8 = 1;
+
+/// The size of the header the scripts read.
+pub(crate) const HEADER_LEN: usize = 25;
+
+/// Why stored bytes are not a record.
+#[derive(Debug)]
+pub(crate) enum Unreadable {
+    /// The header is missing or has an unknown layout tag.
+    Layout(&'static str),
+    /// The header and the record disagree on the expiry.
+    ExpiryMismatch,
+    /// The record bytes do not decode.
+    Codec(CodecError),
+}
+
+/// Encodes `versioned` with the write id `write_id`.
+pub(crate) fn encode(versioned: &Versioned, write_id: u64) -> Result<Vec<u8>, CodecError> {
+    let record = codec::encode_record(&versioned.record)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + record.len());
+    out.push(LAYOUT_V1);
+    out.extend_from_slice(&versioned.record.expires_at.as_millis().to_be_bytes());
+    out.extend_from_slice(&versioned.revision.as_u64().to_be_bytes());
+    out.extend_from_slice(&write_id.to_be_bytes());
+    out.extend_from_slice(&record);
+    Ok(out)
+}
+
+fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let raw: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(raw))
+}
+
+/// The fixed-size header of a stored value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) expires_at: Timestamp,
+    pub(crate) revision: Revision,
+}
+
+/// Reads the header of a stored value.
+pub(crate) fn header(bytes: &[u8]) -> Result<Header, Unreadable> {
+    if bytes.len() < HEADER_LEN {
+        return Err(Unreadable::Layout("the value is shorter than the header"));
+    }
+    if bytes.first() != Some(&LAYOUT_V1) {
+        return Err(Unreadable::Layout(
+            "the value is not an idem record (unknown layout)",
+        ));
+    }
+    match (be_u64(bytes, 1), be_u64(bytes, 9)) {
+        (Some(expires_at), Some(revision)) => Ok(Header {
+            expires_at: Timestamp::from_millis(expires_at),
+            revision: Revision::from_u64(revision),
+        }),
+        _ => Err(Unreadable::Layout("the value is shorter than the header")),
+    }
+}
+
+/// Decodes a stored value.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Versioned, Unreadable> {
+    let head = header(bytes)?;
+    let record = codec::decode_record(bytes.get(HEADER_LEN..).unwrap_or_default())
+        .map_err(Unreadable::Codec)?;
+    if record.expires_at != head.expires_at {
+        return Err(Unreadable::ExpiryMismatch);
+    }
+    Ok(Versioned {
+        revision: head.revision,
+        record,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::{FencingToken, Fingerprint, Policy, Record};
+
+    fn sample() -> Versioned {
+        Versioned {
+            revision: Revision::from_u64(u64::MAX - 3),
+            record: Record::new_claim(
+                Fingerprint::of(b"req"),
+                FencingToken::from_u128(9),
+                Timestamp::from_millis(1_800_000_000_000),
+                &Policy::default(),
+            ),
+        }
+    }
+
+    #[test]
+    fn round_trips_with_a_fixed_header() {
+        let v = sample();
+        let bytes = encode(&v, 0x0102_0304_0506_0708).unwrap();
+        assert_eq!(bytes[0], LAYOUT_V1);
+        assert_eq!(&bytes[1..9], &v.record.expires_at.as_millis().to_be_bytes());
+        assert_eq!(&bytes[9..17], &(u64::MAX - 3).to_be_bytes());
+        assert_eq!(&bytes[17..25], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(decode(&bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn refuses_foreign_and_damaged_values() {
+        let bytes = encode(&sample(), 1).unwrap();
+        assert!(matches!(decode(b""), Err(Unreadable::Layout(_))));
+        assert!(matches!(decode(b"hello"), Err(Unreadable::Layout(_))));
+        let mut foreign = bytes.clone();
+        foreign[0] = b'{';
+        assert!(matches!(decode(&foreign), Err(Unreadable::Layout(_))));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 3]),
+            Err(Unreadable::Codec(_))
+        ));
+        let mut moved = bytes.clone();
+        moved[8] ^= 1;
+        assert!(matches!(decode(&moved), Err(Unreadable::ExpiryMismatch)));
+    }
+}

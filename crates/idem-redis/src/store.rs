@@ -1,0 +1,791 @@
+//! [`RedisStore`]: the [`Store`] over standalone Redis or Redis Cluster.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use idem_core::{
+    Capabilities, Inserted, RecordKey, Revision, Store, StoreError, Swapped, Timestamp, Versioned,
+};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
+
+use crate::envelope::{self, Unreadable};
+use crate::{RedisConfig, RedisStoreError};
+
+/// The longest physical TTL set, in ms (about 2,200 years): records whose
+/// logical expiry lies further out are kept that long, i.e. for good.
+const MAX_PX: u64 = 1 << 46;
+
+/// One Lua script: its source and its SHA1, computed once.
+struct Lua {
+    name: &'static str,
+    source: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    fn new(name: &'static str, source: &'static str) -> Self {
+        Self {
+            name,
+            source,
+            sha: redis::Script::new(source).get_hash().to_string(),
+        }
+    }
+}
+
+static INSERT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        "insert_if_absent",
+        concat!(include_str!("lua/head.lua"), include_str!("lua/insert.lua")),
+    )
+});
+static CAS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        "compare_and_swap",
+        concat!(include_str!("lua/head.lua"), include_str!("lua/cas.lua")),
+    )
+});
+static DELETE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        "delete_if",
+        concat!(include_str!("lua/head.lua"), include_str!("lua/delete.lua")),
+    )
+});
+
+/// Whether a store talks to one Redis server or to a Redis Cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Topology {
+    /// One server (or a primary behind a stable address), through a
+    /// reconnecting multiplexed connection.
+    Standalone,
+    /// A Redis Cluster, through the `redis` crate's async cluster client.
+    Cluster,
+}
+
+/// A live connection of either kind. Clones share the underlying connection.
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Sends `cmd`; an error reply is an `Err`, like a transport error.
+    async fn query(&mut self, cmd: &Cmd) -> Result<Value, RedisError> {
+        let reply = match self {
+            Self::Standalone(c) => c.req_packed_command(cmd).await,
+            Self::Cluster(c) => c.req_packed_command(cmd).await,
+        }?;
+        match reply {
+            Value::ServerError(e) => Err(e.into()),
+            reply => Ok(reply),
+        }
+    }
+}
+
+/// What it takes to dial a fresh connection (after a timeout).
+enum Dialer {
+    Standalone {
+        client: Client,
+        config: ConnectionManagerConfig,
+    },
+    Cluster {
+        client: ClusterClient,
+        connection_timeout: Duration,
+        response_timeout: Duration,
+    },
+}
+
+impl Dialer {
+    fn cluster_config(connection_timeout: Duration, response_timeout: Duration) -> ClusterConfig {
+        ClusterConfig::new()
+            .set_connection_timeout(connection_timeout)
+            .set_response_timeout(response_timeout)
+    }
+
+    /// A connection that dials on first use.
+    fn lazy(&self) -> Result<Conn, RedisError> {
+        match self {
+            Self::Standalone { client, config } => Ok(Conn::Standalone(
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+            )),
+            Self::Cluster {
+                client,
+                connection_timeout,
+                response_timeout,
+            } => Ok(Conn::Cluster(
+                client.get_pending_async_connection_with_config(Self::cluster_config(
+                    *connection_timeout,
+                    *response_timeout,
+                )),
+            )),
+        }
+    }
+}
+
+struct Current {
+    generation: u64,
+    conn: Conn,
+}
+
+/// Unique ids for writes: a random per-store seed and a counter, mixed.
+struct WriteIds {
+    seed: u64,
+    counter: AtomicU64,
+}
+
+impl WriteIds {
+    fn new() -> Self {
+        // `RandomState` keys come from the operating system's randomness.
+        let seed = std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), std::time::SystemTime::now()));
+        Self {
+            seed,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        // splitmix64: a bijection of the counter, keyed by the seed.
+        let mut z = self
+            .seed
+            .wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+struct Inner {
+    name: &'static str,
+    topology: Topology,
+    prefix: String,
+    grace_ms: u64,
+    dialer: Dialer,
+    current: Mutex<Current>,
+    write_ids: WriteIds,
+}
+
+/// An idem [`Store`] in Redis: standalone or Redis Cluster, one atomic
+/// server-side step per primitive.
+///
+/// # Behavior
+/// - Each record is one Redis string at [`redis_key`](Self::redis_key) =
+///   `{prefix}{digest}` (the 32 raw bytes of `RecordKey::digest`). The value
+///   layout, the scripts, and how physical expiry relates to logical expiry
+///   are in the crate docs.
+/// - `insert_if_absent`, `compare_and_swap` and `delete_if` are each one Lua
+///   script over exactly that one key, run by SHA (`EVALSHA`); after a
+///   `SCRIPT FLUSH` or a server restart the script is sent again with `EVAL`
+///   transparently. `get` is one `GET`. One round trip on the happy path.
+/// - Every write carries a fresh write id, so a write the driver re-sends
+///   after losing the reply is recognised and reported as done instead of
+///   as a conflict with itself.
+/// - Connection loss, timeouts, cluster-down and loading errors are
+///   [`StoreError::Unavailable`]; the connection is re-established by itself.
+///   A call whose connection broke or went silent (timed out) is sent once
+///   more on a fresh connection before the error is returned.
+/// - Undecodable values, and values of another Redis type at a record key,
+///   are [`StoreError::Corrupt`] and are never overwritten.
+/// - Clones share the connection.
+///
+/// ```no_run
+/// use idem_core::{Engine, Executed, Fingerprint, IdempotencyKey, Scope};
+/// use idem_redis::{RedisConfig, RedisStore};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect(
+///     "redis://127.0.0.1:6379",
+///     RedisConfig::new().with_prefix("payments:idem:"),
+/// )
+/// .await?;
+/// let engine = Engine::new(store);
+/// let scope = Scope::tenant("acme").with_operation("payments.create");
+/// let key = IdempotencyKey::parse("8e03978e-40d5-43e8-bc93-6894a57f9324")?;
+/// let request = Fingerprint::of(br#"{"amount":1000}"#);
+/// let first = engine.execute(&scope, &key, request, || async { 42_u64 }).await?;
+/// let again = engine.execute(&scope, &key, request, || async { 0_u64 }).await?;
+/// assert_eq!(first, Executed::Fresh(42));
+/// assert_eq!(again, Executed::Replayed(42));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("topology", &self.inner.topology)
+            .field("prefix", &self.inner.prefix)
+            .field("grace_ms", &self.inner.grace_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(store: &'static str, e: RedisError) -> StoreError {
+    StoreError::Unavailable {
+        store,
+        source: Box::new(e),
+    }
+}
+
+fn rejected(store: &'static str, e: RedisStoreError) -> StoreError {
+    StoreError::Rejected {
+        store,
+        source: Box::new(e),
+    }
+}
+
+/// Whether a driver error means "could not reach / no answer in time".
+fn is_transient(e: &RedisError) -> bool {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return true;
+    }
+    match e.kind() {
+        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => true,
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+        ),
+        // `BUSY`: a long script is running on the server.
+        _ => e.code() == Some("BUSY"),
+    }
+}
+
+/// Maps a driver error: transient ones to `Unavailable`, the rest to `Generic`.
+fn map_err(store: &'static str, e: RedisError) -> StoreError {
+    if is_transient(&e) {
+        unavailable(store, e)
+    } else {
+        StoreError::Generic {
+            store,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// Whether a failed call can be sent again on a fresh connection: the old
+/// connection broke (not: the server refused to be dialled).
+fn is_broken_connection(e: &RedisError) -> bool {
+    e.is_connection_dropped() && !e.is_connection_refusal()
+}
+
+/// `PX` for a record expiring at `expires_at`, written at `now`: its remaining
+/// logical life plus the grace, at least 1 ms, at most [`MAX_PX`].
+fn physical_ttl_ms(expires_at: Timestamp, now: Timestamp, grace_ms: u64) -> u64 {
+    expires_at
+        .as_millis()
+        .saturating_sub(now.as_millis())
+        .saturating_add(grace_ms)
+        .clamp(1, MAX_PX)
+}
+
+/// A key as `redis-cli` prints it: printable ASCII as is, other bytes as `\xNN`.
+pub(crate) fn printable_key(key: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(key.len() * 2);
+    for &b in key {
+        if b.is_ascii_graphic() && b != b'\\' && b != b'"' {
+            out.push(char::from(b));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// What a script answered.
+enum Reply {
+    /// `1`: written / swapped / deleted.
+    Done,
+    /// `0`: absent or expired.
+    Absent,
+    /// The live value.
+    Live(Vec<u8>),
+}
+
+impl RedisStore {
+    /// Connects to one Redis server at `url` (`redis://[user:pass@]host:port[/db]`,
+    /// `rediss://` with a TLS feature of the `redis` crate).
+    ///
+    /// # Behavior
+    /// Dials the server (re-dialling up to the configured attempts), loads
+    /// the scripts, and fails with [`StoreError::Unavailable`] if the server
+    /// cannot be reached, [`StoreError::Rejected`] for a prefix with a hash
+    /// tag, [`StoreError::Generic`] for a malformed URL.
+    pub async fn connect(url: &str, config: RedisConfig) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(|e| map_err("redis", e))?;
+        Self::with_client(client, config).await
+    }
+
+    /// Like [`connect`](Self::connect), with a `redis::Client` built by the
+    /// caller (TLS, credentials, RESP3, …).
+    pub async fn with_client(client: Client, config: RedisConfig) -> Result<Self, StoreError> {
+        const NAME: &str = "redis";
+        config.validate().map_err(|e| rejected(NAME, e))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connection_timeout()))
+            .set_response_timeout(Some(config.response_timeout()))
+            .set_number_of_retries(config.reconnect_attempts())
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let manager = ConnectionManager::new_with_config(client.clone(), manager_config.clone())
+            .await
+            .map_err(|e| map_err(NAME, e))?;
+        let store = Self::assemble(
+            NAME,
+            Topology::Standalone,
+            &config,
+            Dialer::Standalone {
+                client,
+                config: manager_config,
+            },
+            Conn::Standalone(manager),
+        );
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port`
+    /// each; the client discovers the rest and follows slot moves).
+    ///
+    /// # Behavior
+    /// As [`connect`](Self::connect); every primitive touches one key, so no
+    /// hash tags are needed and records spread over all masters.
+    pub async fn connect_cluster<I, S>(nodes: I, config: RedisConfig) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        const NAME: &str = "redis-cluster";
+        let nodes: Vec<String> = nodes.into_iter().map(|s| s.as_ref().to_string()).collect();
+        if nodes.is_empty() {
+            return Err(rejected(NAME, RedisStoreError::NoClusterNodes));
+        }
+        let client = ClusterClientBuilder::new(nodes)
+            .connection_timeout(config.connection_timeout())
+            .response_timeout(config.response_timeout())
+            .build()
+            .map_err(|e| map_err(NAME, e))?;
+        Self::with_cluster_client(client, config).await
+    }
+
+    /// Like [`connect_cluster`](Self::connect_cluster), with a `ClusterClient`
+    /// built by the caller. The configured timeouts replace the client's.
+    pub async fn with_cluster_client(
+        client: ClusterClient,
+        config: RedisConfig,
+    ) -> Result<Self, StoreError> {
+        const NAME: &str = "redis-cluster";
+        config.validate().map_err(|e| rejected(NAME, e))?;
+        let conn = client
+            .get_async_connection_with_config(Dialer::cluster_config(
+                config.connection_timeout(),
+                config.response_timeout(),
+            ))
+            .await
+            .map_err(|e| map_err(NAME, e))?;
+        let store = Self::assemble(
+            NAME,
+            Topology::Cluster,
+            &config,
+            Dialer::Cluster {
+                client,
+                connection_timeout: config.connection_timeout(),
+                response_timeout: config.response_timeout(),
+            },
+            Conn::Cluster(conn),
+        );
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    fn assemble(
+        name: &'static str,
+        topology: Topology,
+        config: &RedisConfig,
+        dialer: Dialer,
+        conn: Conn,
+    ) -> Self {
+        let grace_ms = u64::try_from(config.expiry_grace().as_millis()).unwrap_or(u64::MAX);
+        Self {
+            inner: Arc::new(Inner {
+                name,
+                topology,
+                prefix: config.prefix().to_string(),
+                grace_ms,
+                dialer,
+                current: Mutex::new(Current {
+                    generation: 0,
+                    conn,
+                }),
+                write_ids: WriteIds::new(),
+            }),
+        }
+    }
+
+    /// Loads the scripts (on every node of a cluster), so that the first
+    /// calls run by SHA.
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        for lua in [&*INSERT, &*CAS, &*DELETE] {
+            let mut cmd = redis::cmd("SCRIPT");
+            cmd.arg("LOAD").arg(lua.source);
+            self.query(&cmd).await.map_err(|e| self.map_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Standalone or cluster.
+    pub fn topology(&self) -> Topology {
+        self.inner.topology
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The Redis key of a record: the prefix followed by the 32 bytes of
+    /// [`RecordKey::digest`] (binary; see the crate docs).
+    pub fn redis_key(&self, key: &RecordKey) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.inner.prefix.len() + 32);
+        out.extend_from_slice(self.inner.prefix.as_bytes());
+        out.extend_from_slice(key.digest());
+        out
+    }
+
+    /// Checks that Redis answers (`PING`; every node of a cluster).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.query(&redis::cmd("PING"))
+            .await
+            .map(drop)
+            .map_err(|e| self.map_err(e))
+    }
+
+    /// The physical TTL of a record written at `now`: until its logical
+    /// expiry plus the grace, at least 1 ms.
+    fn px(&self, expires_at: Timestamp, now: Timestamp) -> u64 {
+        physical_ttl_ms(expires_at, now, self.inner.grace_ms)
+    }
+
+    fn map_err(&self, e: RedisError) -> StoreError {
+        map_err(self.inner.name, e)
+    }
+
+    fn connection(&self) -> (u64, Conn) {
+        let current = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (current.generation, current.conn.clone())
+    }
+
+    /// Replaces the connection of `generation` with a fresh one (once, however
+    /// many calls timed out on it).
+    fn redial(&self, generation: u64) {
+        let mut current = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.generation != generation {
+            return;
+        }
+        match self.inner.dialer.lazy() {
+            Ok(conn) => {
+                current.conn = conn;
+                current.generation += 1;
+                tracing::debug!(
+                    store = self.inner.name,
+                    "idem-redis: redialling after a timeout"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(store = self.inner.name, error = %e, "idem-redis: cannot redial")
+            }
+        }
+    }
+
+    /// Sends one command. If the connection broke, or the call timed out
+    /// (the connection is then replaced), sends it once more on a fresh
+    /// connection: every write is idempotent under re-sending (write ids).
+    async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
+        let mut resent = false;
+        loop {
+            let (generation, mut conn) = self.connection();
+            let err = match conn.query(cmd).await {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            let timed_out = err.is_timeout();
+            if timed_out {
+                self.redial(generation);
+            }
+            if resent || !(timed_out || is_broken_connection(&err)) {
+                return Err(err);
+            }
+            tracing::debug!(
+                store = self.inner.name,
+                error = %err,
+                "idem-redis: connection lost or silent; sending the call once more"
+            );
+            resent = true;
+        }
+    }
+
+    /// Runs `lua` over `key` by SHA, falling back to `EVAL` after `NOSCRIPT`.
+    async fn eval(&self, lua: &Lua, key: &[u8], args: &[&[u8]]) -> Result<Reply, StoreError> {
+        let build = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(1).arg(key);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            cmd
+        };
+        let reply = match self.query(&build("EVALSHA", &lua.sha)).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                tracing::debug!(
+                    script = lua.name,
+                    "idem-redis: script not cached on the server; sending it again"
+                );
+                self.query(&build("EVAL", lua.source)).await
+            }
+            other => other,
+        }
+        .map_err(|e| self.map_err(e))?;
+        match reply {
+            Value::Int(1) => Ok(Reply::Done),
+            Value::Int(0) => Ok(Reply::Absent),
+            Value::BulkString(bytes) => Ok(Reply::Live(bytes)),
+            Value::Array(items) => match items.as_slice() {
+                [Value::BulkString(tag), why] if tag.as_slice() == b"corrupt" => {
+                    let why = match why {
+                        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    Err(self.corrupt(key, why, None))
+                }
+                _ => Err(self.unexpected(lua.name, &Value::Array(items))),
+            },
+            other => Err(self.unexpected(lua.name, &other)),
+        }
+    }
+
+    fn unexpected(&self, command: &'static str, reply: &Value) -> StoreError {
+        let mut reply = format!("{reply:?}");
+        reply.truncate(200);
+        StoreError::Generic {
+            store: self.inner.name,
+            source: Box::new(RedisStoreError::UnexpectedReply { command, reply }),
+        }
+    }
+
+    fn corrupt(
+        &self,
+        key: &[u8],
+        reason: String,
+        source: Option<idem_core::CodecError>,
+    ) -> StoreError {
+        StoreError::Corrupt {
+            store: self.inner.name,
+            source: Box::new(RedisStoreError::Unreadable {
+                key: printable_key(key),
+                reason,
+                source,
+            }),
+        }
+    }
+
+    fn unreadable(&self, key: &[u8], why: Unreadable) -> StoreError {
+        match why {
+            Unreadable::Layout(reason) => self.corrupt(key, reason.to_string(), None),
+            Unreadable::ExpiryMismatch => self.corrupt(
+                key,
+                "the header's expiry differs from the record's".to_string(),
+                None,
+            ),
+            Unreadable::Codec(e) => {
+                self.corrupt(key, "the record cannot be decoded".to_string(), Some(e))
+            }
+        }
+    }
+
+    fn decode(&self, key: &[u8], bytes: &[u8]) -> Result<Versioned, StoreError> {
+        envelope::decode(bytes).map_err(|why| self.unreadable(key, why))
+    }
+
+    fn encode(&self, record: &Versioned) -> Result<Vec<u8>, StoreError> {
+        envelope::encode(record, self.inner.write_ids.next()).map_err(|e| StoreError::Rejected {
+            store: self.inner.name,
+            source: Box::new(e),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    /// Native expiry (`PX`); no size limit of its own (Redis refuses values
+    /// beyond `proto-max-bulk-len`, 512 MB by default).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_native_expiry(true)
+    }
+
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Inserted, StoreError> {
+        let redis_key = self.redis_key(key);
+        let value = self.encode(record)?;
+        let px = self.px(record.record.expires_at, now).to_string();
+        let now = now.as_millis().to_be_bytes();
+        match self
+            .eval(&INSERT, &redis_key, &[&now, &value, px.as_bytes()])
+            .await?
+        {
+            Reply::Done => Ok(Inserted::Inserted),
+            Reply::Live(bytes) => Ok(Inserted::Exists(self.decode(&redis_key, &bytes)?)),
+            Reply::Absent => Err(self.unexpected(INSERT.name, &Value::Int(0))),
+        }
+    }
+
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(&redis_key);
+        let reply = match self.query(&cmd).await {
+            Ok(reply) => reply,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                return Err(self.corrupt(&redis_key, e.to_string(), None));
+            }
+            Err(e) => return Err(self.map_err(e)),
+        };
+        match reply {
+            Value::Nil => Ok(None),
+            Value::BulkString(bytes) => {
+                let head =
+                    envelope::header(&bytes).map_err(|why| self.unreadable(&redis_key, why))?;
+                if head.expires_at <= now {
+                    return Ok(None);
+                }
+                self.decode(&redis_key, &bytes).map(Some)
+            }
+            other => Err(self.unexpected("GET", &other)),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<Swapped, StoreError> {
+        let redis_key = self.redis_key(key);
+        let value = self.encode(record)?;
+        let px = self.px(record.record.expires_at, now).to_string();
+        let now = now.as_millis().to_be_bytes();
+        let expected = expected.as_u64().to_be_bytes();
+        match self
+            .eval(&CAS, &redis_key, &[&now, &expected, &value, px.as_bytes()])
+            .await?
+        {
+            Reply::Done => Ok(Swapped::Swapped),
+            Reply::Absent => Ok(Swapped::Conflict(None)),
+            Reply::Live(bytes) => Ok(Swapped::Conflict(Some(self.decode(&redis_key, &bytes)?))),
+        }
+    }
+
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let redis_key = self.redis_key(key);
+        let now = now.as_millis().to_be_bytes();
+        let expected = expected.as_u64().to_be_bytes();
+        match self.eval(&DELETE, &redis_key, &[&now, &expected]).await? {
+            Reply::Done => Ok(true),
+            Reply::Absent => Ok(false),
+            Reply::Live(_) => Err(self.unexpected(DELETE.name, &Value::Okay)),
+        }
+    }
+
+    /// Redis drops expired records by itself (`PX`): nothing to do, returns 0
+    /// without a round trip.
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        let _ = (now, limit);
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_print_like_redis_cli() {
+        assert_eq!(
+            printable_key(b"idem:\x00\x8f{a}\"\\"),
+            "idem:\\x00\\x8f{a}\\x22\\x5c"
+        );
+    }
+
+    #[test]
+    fn physical_ttl_is_remaining_life_plus_grace() {
+        let px = |expires: u64, now: u64, grace: u64| {
+            physical_ttl_ms(
+                Timestamp::from_millis(expires),
+                Timestamp::from_millis(now),
+                grace,
+            )
+        };
+        assert_eq!(px(10_000, 4_000, 500), 6_500);
+        assert_eq!(px(4_000, 10_000, 500), 500);
+        assert_eq!(px(4_000, 10_000, 0), 1);
+        assert_eq!(px(u64::MAX, 0, 60_000), MAX_PX);
+    }
+
+    #[test]
+    fn write_ids_do_not_repeat() {
+        let ids = WriteIds::new();
+        let seen: std::collections::HashSet<u64> = (0..10_000).map(|_| ids.next()).collect();
+        assert_eq!(seen.len(), 10_000);
+    }
+
+    #[test]
+    fn transient_errors_are_told_apart() {
+        let io: RedisError = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        assert!(is_transient(&io));
+        assert!(is_broken_connection(&io));
+        let timeout: RedisError = std::io::Error::from(std::io::ErrorKind::TimedOut).into();
+        assert!(is_transient(&timeout) && timeout.is_timeout());
+        let refused: RedisError =
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
+        assert!(is_transient(&refused) && !is_broken_connection(&refused));
+        let response: RedisError = (ErrorKind::Client, "bad").into();
+        assert!(!is_transient(&response));
+        assert!(matches!(
+            map_err("redis", response),
+            StoreError::Generic { .. }
+        ));
+    }
+}

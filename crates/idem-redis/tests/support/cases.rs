@@ -1,0 +1,831 @@
+//! Redis-specific cases, run by both targets (standalone and cluster) through
+//! the conformance harness, so that the skip rules apply.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use idem_conformance::StoreFactory;
+use idem_core::{
+    Begin, Clock, Engine, FencingToken, Fingerprint, IdempotencyKey, Inserted, ManualClock,
+    Outcome, Policy, Record, RecordKey, Revision, Scope, State, Store, StoreError, Swapped,
+    Timestamp, Versioned, codec,
+};
+use idem_faults::{Fault, FaultProxy};
+use idem_redis::RedisStore;
+use redis::Value;
+use tokio::sync::Barrier;
+
+use super::{Factory, chain, node};
+
+const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+const INSERT_LUA: &str = concat!(
+    include_str!("../../src/lua/head.lua"),
+    include_str!("../../src/lua/insert.lua")
+);
+const CAS_LUA: &str = concat!(
+    include_str!("../../src/lua/head.lua"),
+    include_str!("../../src/lua/cas.lua")
+);
+
+fn rkey(name: &str) -> RecordKey {
+    RecordKey::new(
+        &Scope::tenant("idem-redis-tests"),
+        &IdempotencyKey::parse(name).expect("valid test key"),
+    )
+}
+
+fn claim(rev: u64, token: u128, now: Timestamp) -> Versioned {
+    Versioned {
+        revision: Revision::from_u64(rev),
+        record: Record::new_claim(
+            Fingerprint::of(b"request"),
+            FencingToken::from_u128(token),
+            now,
+            &Policy::default(),
+        ),
+    }
+}
+
+fn completed(rev: u64, token: u128, now: Timestamp, outcome_len: usize) -> Versioned {
+    let claim = claim(rev, token, now);
+    Versioned {
+        revision: Revision::from_u64(rev + 1),
+        record: claim
+            .record
+            .complete(
+                FencingToken::from_u128(token),
+                Outcome::new(vec![0xA5; outcome_len]),
+                now,
+                &Policy::default(),
+            )
+            .expect("holder completes"),
+    }
+}
+
+/// The stored bytes of `v` written by a call with write id `id` (layout v1).
+fn envelope(v: &Versioned, id: u64) -> Vec<u8> {
+    let mut out = vec![1u8];
+    out.extend_from_slice(&v.record.expires_at.as_millis().to_be_bytes());
+    out.extend_from_slice(&v.revision.as_u64().to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&codec::encode_record(&v.record).expect("encode"));
+    out
+}
+
+async fn flush_scripts(masters: &[String]) {
+    for master in masters {
+        let mut conn = node(master).await.expect("admin connection");
+        let ok: String = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .expect("SCRIPT FLUSH");
+        assert_eq!(ok, "OK");
+    }
+}
+
+/// `SCRIPT FLUSH` on every master before and while the store works: every
+/// primitive keeps working, with exact results under a 32-way race.
+pub async fn script_flush_mid_run(f: Arc<Factory>) {
+    let store = f.open().await.expect("open");
+    let masters = f.masters().await.expect("masters");
+    for round in 0..4u64 {
+        let k = rkey(&format!("flush-{round}"));
+        flush_scripts(&masters).await;
+        let barrier = Arc::new(Barrier::new(33));
+        let mut racers = Vec::new();
+        for i in 0..32u64 {
+            let (store, barrier, k) = (store.clone(), barrier.clone(), k.clone());
+            racers.push(tokio::spawn(async move {
+                let mine = claim(round * 1000 + i + 1, u128::from(i) + 1, T0);
+                barrier.wait().await;
+                let result = store.insert_if_absent(&k, &mine, T0).await.expect("insert");
+                (mine, result)
+            }));
+        }
+        let flusher = {
+            let (barrier, masters) = (barrier.clone(), masters.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                flush_scripts(&masters).await;
+                flush_scripts(&masters).await;
+            })
+        };
+        let mut winners = Vec::new();
+        let mut seen = Vec::new();
+        for racer in racers {
+            match racer.await.expect("racer") {
+                (mine, Inserted::Inserted) => winners.push(mine),
+                (_, Inserted::Exists(theirs)) => seen.push(theirs),
+            }
+        }
+        flusher.await.expect("flusher");
+        assert_eq!(winners.len(), 1, "exactly one insert wins");
+        let winner = winners.remove(0);
+        assert_eq!(seen.len(), 31);
+        assert!(seen.iter().all(|v| *v == winner), "losers see the winner");
+
+        flush_scripts(&masters).await;
+        assert_eq!(store.get(&k, T0).await.expect("get"), Some(winner.clone()));
+        let next = claim(round * 1000 + 500, 99, T0);
+        flush_scripts(&masters).await;
+        assert_eq!(
+            store
+                .compare_and_swap(&k, winner.revision, &next, T0)
+                .await
+                .expect("cas"),
+            Swapped::Swapped
+        );
+        flush_scripts(&masters).await;
+        assert!(
+            !store
+                .delete_if(&k, winner.revision, T0)
+                .await
+                .expect("delete")
+        );
+        assert!(
+            store
+                .delete_if(&k, next.revision, T0)
+                .await
+                .expect("delete")
+        );
+        assert_eq!(store.get(&k, T0).await.expect("get"), None);
+    }
+}
+
+/// The client address in a `MONITOR` line (`<ts> [<db> <addr>] "CMD" …`).
+fn monitor_addr(line: &str) -> Option<String> {
+    let inside = line.get(line.find('[')? + 1..line.find(']')?)?;
+    let addr = inside.split_whitespace().nth(1)?;
+    (addr != "lua" && addr.contains(':')).then(|| addr.to_string())
+}
+
+/// Finds the store's connections with `MONITOR` on every master and kills
+/// them with `CLIENT KILL ADDR`; returns how many were killed.
+pub async fn kill_store_connections(f: &Factory, store: &RedisStore) -> usize {
+    let masters = f.masters().await.expect("masters");
+    let mut monitors = Vec::new();
+    for master in &masters {
+        let client = redis::Client::open(master.as_str()).expect("url");
+        monitors.push((
+            master.clone(),
+            client.get_async_monitor().await.expect("MONITOR"),
+        ));
+    }
+    // Make the store talk to every master (64 keys cover 3 masters with
+    // overwhelming probability; the loop below fails loudly otherwise).
+    for i in 0..64 {
+        store
+            .get(&rkey(&format!("probe-{i}")), T0)
+            .await
+            .expect("probe");
+    }
+    let mut killed = 0;
+    for (master, monitor) in monitors {
+        let mut lines = monitor.into_on_message::<String>();
+        let mut addrs = BTreeSet::new();
+        while addrs.is_empty() {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next())
+                .await
+                .unwrap_or_else(|_| panic!("no traffic of the store seen on {master}"))
+                .expect("monitor stream ended");
+            if line.contains(store.prefix()) {
+                addrs.extend(monitor_addr(&line));
+            }
+        }
+        let mut conn = node(&master).await.expect("admin connection");
+        for addr in addrs {
+            let n: usize = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ADDR")
+                .arg(&addr)
+                .query_async(&mut conn)
+                .await
+                .expect("CLIENT KILL");
+            killed += n;
+        }
+    }
+    killed
+}
+
+/// `CLIENT KILL` of the store's connections between the steps of a request,
+/// and before a 32-way race: every next call succeeds after reconnecting, no
+/// claim is lost and none is made twice.
+pub async fn client_kill_reconnects(f: Arc<Factory>) {
+    let store = f.open().await.expect("open");
+    let clock = ManualClock::new(T0);
+    let engine = Arc::new(Engine::with_clock(store.clone(), clock.clone()));
+    let scope = Scope::tenant("kill");
+
+    // Claim, lose the connection, complete, replay.
+    let key_a = IdempotencyKey::parse("kill-a").expect("key");
+    let fp_a = Fingerprint::of(b"request a");
+    let lease = match engine.begin(&scope, &key_a, fp_a).await.expect("begin") {
+        Begin::Proceed(lease) => lease,
+        other => panic!("expected to claim a new key, got {other:?}"),
+    };
+    assert!(
+        kill_store_connections(&f, &store).await >= 1,
+        "killed nothing"
+    );
+    engine
+        .complete(&lease, Outcome::new(b"done a".to_vec()))
+        .await
+        .expect("complete after the connection was killed");
+    match engine.begin(&scope, &key_a, fp_a).await.expect("begin") {
+        Begin::Replay(replay) => assert_eq!(replay.outcome.as_bytes(), b"done a"),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+
+    // Lose the connection, then 32 requests race for one key.
+    assert!(
+        kill_store_connections(&f, &store).await >= 1,
+        "killed nothing"
+    );
+    let key_b = IdempotencyKey::parse("kill-b").expect("key");
+    let fp_b = Fingerprint::of(b"request b");
+    let barrier = Arc::new(Barrier::new(32));
+    let mut racers = Vec::new();
+    for _ in 0..32 {
+        let (engine, barrier, scope, key_b) = (
+            engine.clone(),
+            barrier.clone(),
+            scope.clone(),
+            key_b.clone(),
+        );
+        racers.push(tokio::spawn(async move {
+            barrier.wait().await;
+            engine.begin(&scope, &key_b, fp_b).await.expect("begin")
+        }));
+    }
+    let mut leases = Vec::new();
+    let mut in_progress = 0;
+    for racer in racers {
+        match racer.await.expect("racer") {
+            Begin::Proceed(lease) => leases.push(lease),
+            Begin::InProgress { .. } => in_progress += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(leases.len(), 1, "exactly one claim");
+    assert_eq!(in_progress, 31);
+    let lease = leases.remove(0);
+
+    // A second instance sees that one claim; the holder completes it after
+    // yet another kill.
+    let other = f
+        .reopen(&store)
+        .await
+        .expect("reopen")
+        .expect("shared instances");
+    let stored = other
+        .get(lease.key(), clock.now())
+        .await
+        .expect("get")
+        .expect("the claim is stored");
+    assert_eq!(stored.record.state.token(), lease.token());
+    assert_eq!(stored.record.attempts, 1);
+    assert!(
+        kill_store_connections(&f, &store).await >= 1,
+        "killed nothing"
+    );
+    engine
+        .complete(&lease, Outcome::new(b"done b".to_vec()))
+        .await
+        .expect("complete after the connection was killed");
+    let done = other
+        .get(lease.key(), clock.now())
+        .await
+        .expect("get")
+        .expect("stored");
+    assert!(matches!(done.record.state, State::Completed { .. }));
+    assert_eq!(done.record.state.token(), lease.token());
+}
+
+async fn socket_addr(url: &str) -> SocketAddr {
+    let info = redis::Client::open(url)
+        .expect("url")
+        .get_connection_info()
+        .clone();
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => tokio::net::lookup_host((host.as_str(), *port))
+            .await
+            .expect("resolve")
+            .next()
+            .expect("an address"),
+        other => panic!("the fault proxy needs a TCP URL, not {other:?}"),
+    }
+}
+
+fn is_corrupt<T>(r: &Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::Corrupt { .. }))
+}
+
+fn assert_unavailable(result: Result<impl std::fmt::Debug, StoreError>) {
+    match result {
+        Err(e @ StoreError::Unavailable { .. }) => assert!(e.is_transient()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+/// Polls `get` until it succeeds (the store recovered by itself), with a deadline.
+async fn until_recovered(store: &RedisStore, k: &RecordKey) -> Option<Versioned> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.get(k, T0).await {
+            Ok(found) => return found,
+            Err(e) => {
+                assert!(e.is_transient(), "{}", chain(&e));
+                assert!(Instant::now() < deadline, "did not recover: {}", chain(&e));
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// The server goes away (connections cut, new ones refused): calls fail with
+/// `Unavailable`, not a hang; when it is back, the same store works again.
+pub async fn server_gone_then_back(f: Arc<Factory>) {
+    let proxy = FaultProxy::start(socket_addr(f.url()).await)
+        .await
+        .expect("proxy");
+    let config = f
+        .config(&f.fresh_prefix())
+        .with_response_timeout(Duration::from_millis(500))
+        .with_reconnect_attempts(1);
+    let store = RedisStore::connect(&format!("redis://{}", proxy.addr()), config)
+        .await
+        .expect("connect through the proxy");
+    let k = rkey("gone");
+    let rec = claim(1, 1, T0);
+    assert_eq!(
+        store.insert_if_absent(&k, &rec, T0).await.expect("insert"),
+        Inserted::Inserted
+    );
+
+    proxy.set(Fault::Refuse);
+    proxy.cut_all();
+    let hang_guard = Duration::from_secs(30);
+    assert_unavailable(
+        tokio::time::timeout(hang_guard, store.get(&k, T0))
+            .await
+            .expect("an error, not a hang"),
+    );
+    assert_unavailable(
+        tokio::time::timeout(hang_guard, store.insert_if_absent(&k, &claim(2, 2, T0), T0))
+            .await
+            .expect("an error, not a hang"),
+    );
+
+    proxy.heal();
+    assert_eq!(until_recovered(&store, &k).await, Some(rec.clone()));
+    let next = claim(3, 3, T0);
+    assert_eq!(
+        store
+            .compare_and_swap(&k, rec.revision, &next, T0)
+            .await
+            .expect("cas"),
+        Swapped::Swapped
+    );
+}
+
+/// The connection goes silent (a black-holed network): the call times out
+/// with `Unavailable`; once the network heals the store uses a fresh
+/// connection instead of waiting on the dead one.
+pub async fn silent_connection_times_out_then_recovers(f: Arc<Factory>) {
+    let proxy = FaultProxy::start(socket_addr(f.url()).await)
+        .await
+        .expect("proxy");
+    let config = f
+        .config(&f.fresh_prefix())
+        .with_response_timeout(Duration::from_millis(300))
+        .with_reconnect_attempts(1);
+    let store = RedisStore::connect(&format!("redis://{}", proxy.addr()), config)
+        .await
+        .expect("connect through the proxy");
+    let k = rkey("silent");
+    let rec = claim(1, 1, T0);
+    assert_eq!(
+        store.insert_if_absent(&k, &rec, T0).await.expect("insert"),
+        Inserted::Inserted
+    );
+    let dialled = proxy.accepted_connections();
+
+    proxy.set(Fault::BlackHole);
+    assert_unavailable(
+        tokio::time::timeout(Duration::from_secs(30), store.get(&k, T0))
+            .await
+            .expect("an error, not a hang"),
+    );
+    proxy.heal();
+    assert_eq!(until_recovered(&store, &k).await, Some(rec));
+    assert!(
+        proxy.accepted_connections() > dialled,
+        "a fresh connection replaced the silent one"
+    );
+}
+
+/// Values that are not records are `Corrupt` for every primitive, and are
+/// never overwritten.
+pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
+    let store = f.open().await.expect("open");
+    let mut admin = f.keyed().await.expect("admin connection");
+    let live = T0.plus(Duration::from_secs(3600));
+    let good = claim(7, 7, T0);
+    let mut damaged_body = envelope(&good, 1);
+    damaged_body.truncate(30);
+    let mut other_expiry = envelope(&good, 1);
+    other_expiry[1..9].copy_from_slice(&live.as_millis().to_be_bytes());
+    let mut unknown_layout = envelope(&good, 1);
+    unknown_layout[0] = 2;
+    // (what, bytes, whether the header is readable)
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("foreign string", b"hello, world".to_vec(), false),
+        ("empty string", Vec::new(), false),
+        ("truncated header", vec![1, 0, 0], false),
+        ("unknown layout", unknown_layout, false),
+        ("damaged record", damaged_body, true),
+        ("header and record disagree", other_expiry, true),
+    ];
+    for (i, (what, bytes, header_ok)) in cases.into_iter().enumerate() {
+        let k = rkey(&format!("corrupt-{i}"));
+        let rk = store.redis_key(&k);
+        let () = admin
+            .query(redis::cmd("SET").arg(&rk).arg(&bytes))
+            .await
+            .expect("SET");
+        let got = store.get(&k, T0).await;
+        assert!(is_corrupt(&got), "{what}: get gave {got:?}");
+        let msg = chain(got.as_ref().expect_err("error"));
+        assert!(
+            msg.contains(store.prefix()),
+            "{what}: the error names the key: {msg}"
+        );
+        let ins = store.insert_if_absent(&k, &claim(8, 8, T0), T0).await;
+        assert!(is_corrupt(&ins), "{what}: insert gave {ins:?}");
+        let cas = store
+            .compare_and_swap(&k, Revision::from_u64(1234), &claim(9, 9, T0), T0)
+            .await;
+        assert!(is_corrupt(&cas), "{what}: cas gave {cas:?}");
+        let del = store.delete_if(&k, Revision::from_u64(1234), T0).await;
+        if header_ok {
+            // delete_if reads only the header: another revision is not deleted.
+            assert!(!del.expect("delete"), "{what}");
+        } else {
+            assert!(is_corrupt(&del), "{what}: delete gave {del:?}");
+        }
+        let kept: Vec<u8> = admin.query(redis::cmd("GET").arg(&rk)).await.expect("GET");
+        assert_eq!(kept, bytes, "{what}: the value was not overwritten");
+    }
+
+    // Another Redis type at a record key.
+    let k = rkey("corrupt-hash");
+    let rk = store.redis_key(&k);
+    let _: i64 = admin
+        .query(redis::cmd("HSET").arg(&rk).arg("f").arg("v"))
+        .await
+        .expect("HSET");
+    assert!(matches!(
+        store.get(&k, T0).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.insert_if_absent(&k, &claim(1, 1, T0), T0).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store
+            .compare_and_swap(&k, Revision::from_u64(1), &claim(2, 2, T0), T0)
+            .await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.delete_if(&k, Revision::from_u64(1), T0).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    let kind: String = admin
+        .query(redis::cmd("TYPE").arg(&rk))
+        .await
+        .expect("TYPE");
+    assert_eq!(kind, "hash");
+
+    // The documented exception: an intact header that says "expired" decides,
+    // whatever follows it.
+    let k = rkey("corrupt-expired");
+    let rk = store.redis_key(&k);
+    let mut expired = envelope(&claim(5, 5, T0), 1);
+    expired[1..9].copy_from_slice(&(T0.as_millis() - 1).to_be_bytes());
+    expired.truncate(27);
+    let () = admin
+        .query(redis::cmd("SET").arg(&rk).arg(&expired))
+        .await
+        .expect("SET");
+    assert_eq!(store.get(&k, T0).await.expect("get"), None);
+    let fresh = claim(6, 6, T0);
+    assert_eq!(
+        store
+            .insert_if_absent(&k, &fresh, T0)
+            .await
+            .expect("insert"),
+        Inserted::Inserted
+    );
+    assert_eq!(store.get(&k, T0).await.expect("get"), Some(fresh));
+}
+
+/// Redis keeps a record for its remaining logical lifetime plus the grace
+/// (`PX`, relative to the engine's `now`), and logical expiry wins before that.
+pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
+    let grace = Duration::from_secs(5);
+    let store = f
+        .connect(f.config(&f.fresh_prefix()).with_expiry_grace(grace))
+        .await
+        .expect("open");
+    let mut admin = f.keyed().await.expect("admin connection");
+    let policy = Policy::default()
+        .with_ttl(Duration::from_secs(10))
+        .with_lease(Duration::from_secs(5));
+    let record = |rev: u64, now: Timestamp, policy: &Policy| Versioned {
+        revision: Revision::from_u64(rev),
+        record: Record::new_claim(
+            Fingerprint::of(b"request"),
+            FencingToken::from_u128(u128::from(rev)),
+            now,
+            policy,
+        ),
+    };
+
+    let k = rkey("ttl");
+    let rk = store.redis_key(&k);
+    let first = record(1, T0, &policy);
+    assert_eq!(first.record.expires_at, T0.plus(Duration::from_secs(10)));
+    store
+        .insert_if_absent(&k, &first, T0)
+        .await
+        .expect("insert");
+    let pttl: i64 = admin
+        .query(redis::cmd("PTTL").arg(&rk))
+        .await
+        .expect("PTTL");
+    assert!(
+        (10_000 - 5_000..=15_000).contains(&pttl),
+        "PX = remaining 10 s + grace 5 s, got {pttl} ms"
+    );
+
+    // A compare-and-swap sets the new record's physical expiry.
+    let longer = record(2, T0, &policy.clone().with_ttl(Duration::from_secs(100)));
+    assert_eq!(
+        store
+            .compare_and_swap(&k, first.revision, &longer, T0)
+            .await
+            .expect("cas"),
+        Swapped::Swapped
+    );
+    let pttl: i64 = admin
+        .query(redis::cmd("PTTL").arg(&rk))
+        .await
+        .expect("PTTL");
+    assert!(
+        (100_000 - 5_000..=105_000).contains(&pttl),
+        "PX = remaining 100 s + grace 5 s, got {pttl} ms"
+    );
+
+    // Logically expired (engine time) while Redis still holds it.
+    let later = longer.record.expires_at;
+    assert_eq!(store.get(&k, later).await.expect("get"), None);
+    let exists: i64 = admin
+        .query(redis::cmd("EXISTS").arg(&rk))
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 1, "physically still there");
+    assert!(
+        !store
+            .delete_if(&k, longer.revision, later)
+            .await
+            .expect("delete")
+    );
+
+    // A record already expired when written lives only for the grace.
+    let k2 = rkey("ttl-expired");
+    let stale = record(3, T0, &policy);
+    let now = stale.record.expires_at.plus(Duration::from_secs(1));
+    assert_eq!(
+        store
+            .insert_if_absent(&k2, &stale, now)
+            .await
+            .expect("insert"),
+        Inserted::Inserted
+    );
+    let pttl: i64 = admin
+        .query(redis::cmd("PTTL").arg(store.redis_key(&k2)))
+        .await
+        .expect("PTTL");
+    assert!(
+        (1..=5_000).contains(&pttl),
+        "PX = grace only, got {pttl} ms"
+    );
+    assert_eq!(store.get(&k2, now).await.expect("get"), None);
+}
+
+/// The documented key and value layout, and the memory one record takes.
+pub async fn layout_and_memory_per_record(f: Arc<Factory>) {
+    // A production-sized prefix (5 bytes), unique to this case; its keys are
+    // deleted at the end.
+    let prefix = format!("{:04x}:", std::process::id() as u16 ^ rand_u16());
+    let store = f.connect(f.config(&prefix)).await.expect("open");
+    let mut admin = f.keyed().await.expect("admin connection");
+    let mut keys = Vec::new();
+    let mut report = Vec::new();
+    for (i, outcome_len) in [0usize, 100, 1_000, 10_000].into_iter().enumerate() {
+        let k = rkey(&format!("layout-{i}"));
+        let rk = store.redis_key(&k);
+        assert_eq!(rk, [prefix.as_bytes(), k.digest()].concat());
+        // A token as the engine draws them (a random seed in the high half).
+        let token = (0x9e37_79b9_7f4a_7c15_u128 << 64) | i as u128;
+        let rec = completed(10 * i as u64, token, T0, outcome_len);
+        store.insert_if_absent(&k, &rec, T0).await.expect("insert");
+        let raw: Vec<u8> = admin.query(redis::cmd("GET").arg(&rk)).await.expect("GET");
+        assert_eq!(raw[0], 1, "layout tag");
+        assert_eq!(raw[1..9], rec.record.expires_at.as_millis().to_be_bytes());
+        assert_eq!(raw[9..17], rec.revision.as_u64().to_be_bytes());
+        assert_eq!(
+            codec::decode_record(&raw[25..]).expect("record"),
+            rec.record
+        );
+        let memory: usize = admin
+            .query(
+                redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&rk)
+                    .arg("SAMPLES")
+                    .arg(0),
+            )
+            .await
+            .expect("MEMORY USAGE");
+        report.push((outcome_len, raw.len(), rk.len(), memory));
+        keys.push(rk);
+    }
+    for &(outcome_len, value_len, key_len, memory) in &report {
+        eprintln!(
+            "idem-redis memory: outcome {outcome_len} B -> value {value_len} B, key {key_len} B, MEMORY USAGE {memory} B ({} B beyond the outcome)",
+            memory - outcome_len
+        );
+    }
+    for rk in &keys {
+        let _: i64 = admin
+            .query(redis::cmd("UNLINK").arg(rk))
+            .await
+            .expect("UNLINK");
+    }
+    // Fixed costs: record and header, the key, Redis's per-key overhead (16 B
+    // more in cluster mode, which links every key into its slot); plus the
+    // allocator's rounding of the value (size classes 25 % apart).
+    let fixed = if f.is_cluster() { 216 } else { 200 };
+    for (outcome_len, _, _, memory) in report {
+        assert!(
+            memory <= fixed + outcome_len + outcome_len / 4,
+            "{memory} B for an outcome of {outcome_len} B"
+        );
+    }
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()) as u16
+}
+
+/// A write re-sent after a lost reply finds its own write id and reports
+/// success; a different write with the same revision does not.
+pub async fn resent_write_is_recognised(f: Arc<Factory>) {
+    let store = f.open().await.expect("open");
+    let mut admin = f.keyed().await.expect("admin connection");
+    let k = rkey("resent");
+    let rk = store.redis_key(&k);
+    let now = T0.as_millis().to_be_bytes();
+    let px = "600000";
+    let eval = |script: &str, args: Vec<Vec<u8>>| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(1).arg(&rk);
+        for arg in args {
+            cmd.arg(arg);
+        }
+        cmd
+    };
+
+    let first = claim(11, 1, T0);
+    let sent = envelope(&first, 0xAAAA);
+    let insert = eval(INSERT_LUA, vec![now.to_vec(), sent.clone(), px.into()]);
+    assert_eq!(
+        admin.query::<Value>(&insert).await.expect("eval"),
+        Value::Int(1)
+    );
+    assert_eq!(
+        admin.query::<Value>(&insert).await.expect("eval"),
+        Value::Int(1),
+        "the re-sent insert is recognised"
+    );
+    let other_write = eval(
+        INSERT_LUA,
+        vec![now.to_vec(), envelope(&first, 0xBBBB), px.into()],
+    );
+    assert_eq!(
+        admin.query::<Value>(&other_write).await.expect("eval"),
+        Value::BulkString(sent.clone()),
+        "another write with the same revision is not"
+    );
+    assert_eq!(
+        store
+            .insert_if_absent(&k, &claim(12, 2, T0), T0)
+            .await
+            .expect("insert"),
+        Inserted::Exists(first.clone())
+    );
+
+    let second = claim(13, 3, T0);
+    let swapped = envelope(&second, 0xCCCC);
+    let cas = eval(
+        CAS_LUA,
+        vec![
+            now.to_vec(),
+            first.revision.as_u64().to_be_bytes().to_vec(),
+            swapped.clone(),
+            px.into(),
+        ],
+    );
+    assert_eq!(
+        admin.query::<Value>(&cas).await.expect("eval"),
+        Value::Int(1)
+    );
+    assert_eq!(
+        admin.query::<Value>(&cas).await.expect("eval"),
+        Value::Int(1),
+        "the re-sent swap is recognised"
+    );
+    assert_eq!(store.get(&k, T0).await.expect("get"), Some(second.clone()));
+    let stale = eval(
+        CAS_LUA,
+        vec![
+            now.to_vec(),
+            first.revision.as_u64().to_be_bytes().to_vec(),
+            envelope(&claim(14, 4, T0), 0xDDDD),
+            px.into(),
+        ],
+    );
+    assert_eq!(
+        admin.query::<Value>(&stale).await.expect("eval"),
+        Value::BulkString(swapped),
+        "a stale swap still conflicts"
+    );
+}
+
+/// A prefix with a hash tag would put every record in one cluster slot: refused.
+pub async fn hash_tag_prefix_is_rejected(f: Arc<Factory>) {
+    let config = f.config("{idem}:");
+    let result = match f.target() {
+        super::Target::Standalone(url) => RedisStore::connect(url, config).await,
+        super::Target::Cluster(urls) => {
+            RedisStore::connect_cluster(urls.clone().unwrap_or_default(), config).await
+        }
+    };
+    assert!(
+        matches!(result, Err(StoreError::Rejected { .. })),
+        "{result:?}"
+    );
+}
+
+/// Records spread over every master of the cluster.
+pub async fn keys_spread_over_all_masters(f: Arc<Factory>) {
+    let store = f.open().await.expect("open");
+    for i in 0..64 {
+        let k = rkey(&format!("spread-{i}"));
+        assert_eq!(
+            store
+                .insert_if_absent(&k, &claim(i + 1, 1, T0), T0)
+                .await
+                .expect("insert"),
+            Inserted::Inserted
+        );
+    }
+    let per_master = f.keys_per_master(store.prefix()).await.expect("scan");
+    eprintln!("idem-redis cluster: records per master: {per_master:?}");
+    assert!(
+        per_master.len() >= 3,
+        "a cluster of 3 masters or more: {per_master:?}"
+    );
+    assert!(
+        per_master.values().all(|&n| n > 0),
+        "every master holds records: {per_master:?}"
+    );
+    assert_eq!(per_master.values().sum::<usize>(), 64);
+    // And each reads back through the cluster client.
+    for i in 0..64 {
+        let k = rkey(&format!("spread-{i}"));
+        assert_eq!(
+            store.get(&k, T0).await.expect("get"),
+            Some(claim(i + 1, 1, T0))
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! Records to typed columns and back.
+
+use idem_core::{
+    FailureKind, FencingToken, Fingerprint, Outcome, Record, Revision, State, Timestamp, Versioned,
+};
+use rusqlite::Row;
+use rusqlite::types::{ToSql, ValueRef};
+
+use crate::SqliteError;
+
+/// The record columns, in the order [`decode`] reads them and
+/// [`Columns::params`] binds them.
+pub(crate) const RECORD_COLUMNS: &str = "state, fingerprint, token, lease_deadline, outcome, \
+     created_at, updated_at, expires_at, attempts, revision";
+
+/// A u64 (timestamp) stored bit for bit in an `INTEGER` column.
+pub(crate) const fn to_i64(value: u64) -> i64 {
+    value.cast_signed()
+}
+
+/// An `INTEGER` read back as the u64 it stores bit for bit.
+pub(crate) const fn to_u64(value: i64) -> u64 {
+    value.cast_unsigned()
+}
+
+/// A timestamp as stored.
+pub(crate) const fn ts(t: Timestamp) -> i64 {
+    to_i64(t.as_millis())
+}
+
+/// The record columns of a record, ready to bind.
+pub(crate) struct Columns<'a> {
+    state: &'static str,
+    fingerprint: &'a [u8],
+    token: [u8; 16],
+    lease_deadline: Option<i64>,
+    outcome: Option<&'a [u8]>,
+    created_at: i64,
+    updated_at: i64,
+    expires_at: i64,
+    attempts: i64,
+    revision: i64,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn of(v: &'a Versioned) -> Self {
+        let r = &v.record;
+        let (lease_deadline, outcome) = match &r.state {
+            State::InFlight { lease_deadline, .. } => (Some(ts(*lease_deadline)), None),
+            State::Completed { outcome, .. } | State::Failed { outcome, .. } => {
+                (None, Some(outcome.as_bytes()))
+            }
+        };
+        Self {
+            state: r.state.name(),
+            fingerprint: r.fingerprint.as_bytes(),
+            token: r.state.token().to_be_bytes(),
+            lease_deadline,
+            outcome,
+            created_at: ts(r.created_at),
+            updated_at: ts(r.updated_at),
+            expires_at: ts(r.expires_at),
+            attempts: i64::from(r.attempts),
+            revision: v.revision.as_i64(),
+        }
+    }
+
+    /// The ten record columns, in [`RECORD_COLUMNS`] order.
+    pub(crate) fn params(&self) -> [&dyn ToSql; 10] {
+        [
+            &self.state,
+            &self.fingerprint,
+            &self.token,
+            &self.lease_deadline,
+            &self.outcome,
+            &self.created_at,
+            &self.updated_at,
+            &self.expires_at,
+            &self.attempts,
+            &self.revision,
+        ]
+    }
+}
+
+/// About how many bytes a record takes as a row (for the size limit).
+pub(crate) fn record_size(v: &Versioned) -> usize {
+    let outcome = match &v.record.state {
+        State::InFlight { .. } => 0,
+        State::Completed { outcome, .. } | State::Failed { outcome, .. } => outcome.len(),
+    };
+    outcome + 32 + 16 + 16 + 6 * 8
+}
+
+/// Decodes the ten record columns starting at column `first` of `row`.
+///
+/// # Behavior
+/// A value of the wrong type, a NULL where the state needs a value, a value
+/// where the state has none, a fingerprint or token of the wrong length, an
+/// unknown state or attempts outside u32 are each [`SqliteError::CorruptRow`];
+/// nothing panics.
+pub(crate) fn decode(row: &Row<'_>, first: usize, table: &str) -> Result<Versioned, SqliteError> {
+    let corrupt = |why: String| SqliteError::CorruptRow {
+        table: table.to_string(),
+        why,
+    };
+    let value = |i: usize| row.get_ref(first + i).map_err(SqliteError::from);
+    let kind = |v: ValueRef<'_>| match v {
+        ValueRef::Null => "NULL",
+        ValueRef::Integer(_) => "an INTEGER",
+        ValueRef::Real(_) => "a REAL",
+        ValueRef::Text(_) => "a TEXT",
+        ValueRef::Blob(_) => "a BLOB",
+    };
+    let int = |i: usize, name: &str| -> Result<i64, SqliteError> {
+        match value(i)? {
+            ValueRef::Integer(v) => Ok(v),
+            other => Err(corrupt(format!(
+                "column {name} holds {}, not an INTEGER",
+                kind(other)
+            ))),
+        }
+    };
+    let opt_int = |i: usize, name: &str| -> Result<Option<i64>, SqliteError> {
+        match value(i)? {
+            ValueRef::Null => Ok(None),
+            _ => int(i, name).map(Some),
+        }
+    };
+    let blob = |i: usize, name: &str| -> Result<Option<&[u8]>, SqliteError> {
+        match value(i)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Blob(b) => Ok(Some(b)),
+            other => Err(corrupt(format!(
+                "column {name} holds {}, not a BLOB",
+                kind(other)
+            ))),
+        }
+    };
+    let fixed = |i: usize, name: &str| -> Result<&[u8], SqliteError> {
+        blob(i, name)?.ok_or_else(|| corrupt(format!("column {name} is NULL")))
+    };
+
+    let state = match value(0)? {
+        ValueRef::Text(t) => t,
+        other => {
+            return Err(corrupt(format!(
+                "column state holds {}, not a TEXT",
+                kind(other)
+            )));
+        }
+    };
+    let fingerprint = fixed(1, "fingerprint")?;
+    let fingerprint: [u8; 32] = fingerprint.try_into().map_err(|_| {
+        corrupt(format!(
+            "fingerprint is {} bytes, not 32",
+            fingerprint.len()
+        ))
+    })?;
+    let token = fixed(2, "token")?;
+    let token: [u8; 16] = token
+        .try_into()
+        .map_err(|_| corrupt(format!("token is {} bytes, not 16", token.len())))?;
+    let token = FencingToken::from_be_bytes(token);
+    let lease_deadline = opt_int(3, "lease_deadline")?;
+    let outcome = blob(4, "outcome")?;
+    let created_at = int(5, "created_at")?;
+    let updated_at = int(6, "updated_at")?;
+    let expires_at = int(7, "expires_at")?;
+    let attempts = int(8, "attempts")?;
+    let revision = int(9, "revision")?;
+
+    let attempts = u32::try_from(attempts)
+        .map_err(|_| corrupt(format!("attempts {attempts} is not a u32")))?;
+    let at = |raw: i64| Timestamp::from_millis(to_u64(raw));
+    let state = match (state, lease_deadline, outcome) {
+        (b"in_flight", Some(deadline), None) => State::InFlight {
+            token,
+            lease_deadline: at(deadline),
+        },
+        (b"completed", None, Some(outcome)) => State::Completed {
+            token,
+            outcome: Outcome::new(outcome.to_vec()),
+        },
+        (b"failed_retryable", None, Some(outcome)) => State::Failed {
+            token,
+            kind: FailureKind::Retryable,
+            outcome: Outcome::new(outcome.to_vec()),
+        },
+        (b"failed_permanent", None, Some(outcome)) => State::Failed {
+            token,
+            kind: FailureKind::Permanent,
+            outcome: Outcome::new(outcome.to_vec()),
+        },
+        (name, deadline, outcome) => {
+            return Err(corrupt(format!(
+                "state `{}` with lease_deadline {} and outcome {}",
+                String::from_utf8_lossy(name),
+                if deadline.is_some() { "set" } else { "NULL" },
+                if outcome.is_some() { "set" } else { "NULL" },
+            )));
+        }
+    };
+    Ok(Versioned {
+        revision: Revision::from_i64(revision),
+        record: Record {
+            fingerprint: Fingerprint::from_bytes(fingerprint),
+            state,
+            created_at: at(created_at),
+            updated_at: at(updated_at),
+            expires_at: at(expires_at),
+            attempts,
+        },
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn u64_round_trips_bit_for_bit() {
+        for v in [0, 1, 1_800_000_000_000, i64::MAX as u64, 1 << 63, u64::MAX] {
+            assert_eq!(to_u64(to_i64(v)), v);
+        }
+        assert_eq!(to_i64(1_800_000_000_000), 1_800_000_000_000);
+        assert_eq!(to_i64(u64::MAX), -1);
+    }
+
+    fn decode_row(sql: &str) -> Result<Versioned, SqliteError> {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.query_row(sql, [], |row| Ok(decode(row, 0, "t")))
+            .unwrap()
+    }
+
+    #[test]
+    fn inconsistent_rows_are_corrupt_not_panics() {
+        let good = "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7";
+        let v = decode_row(good).unwrap();
+        assert_eq!(v.revision, Revision::from_u64(7));
+        assert_eq!(v.record.expires_at, Timestamp::from_millis(3));
+        for bad in [
+            "SELECT 'bogus', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(31), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(17), NULL, x'01', 1, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, NULL, 1, 2, 3, 1, 7",
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), NULL, NULL, 1, 2, 3, 1, 7",
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), 5, x'00', 1, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, 'text', 1, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1.5, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, -1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 4294967296, 7",
+            "SELECT x'00', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
+            "SELECT 'completed', NULL, zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, NULL, 1, 7",
+        ] {
+            assert!(
+                matches!(decode_row(bad), Err(SqliteError::CorruptRow { .. })),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The statements, built once per store from its validated table name.
+//!
+//! Timestamps are u64 milliseconds stored bit for bit in `INTEGER` columns,
+//! so values from 2^63 on read as negative numbers. [`live`] compares them as
+//! unsigned numbers, so a record expiring at the end of time stays live.
+
+use crate::TableName;
+use crate::row::RECORD_COLUMNS;
+
+/// `col` is live at `now`: `col > now` as unsigned 64-bit numbers (both
+/// stored bit for bit as signed ones). SQLite has no unsigned type: when
+/// the signs agree the signed order is the unsigned one; otherwise the
+/// negative one (2^63 or more) is the larger.
+fn live(col: &str, now: &str) -> String {
+    format!("(CASE WHEN ({col} < 0) = ({now} < 0) THEN {col} > {now} ELSE {col} < 0 END)")
+}
+
+/// Every statement of one store.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// The table, unquoted (for error messages).
+    pub(crate) table: String,
+    /// Claim: `?1` digest, `?2..?5` tenant, principal, operation, key,
+    /// `?6..?15` the record columns, `?16` now. Writes only over an absent or
+    /// expired record; returns a row if it wrote.
+    pub(crate) insert: String,
+    /// `?1` digest, `?2` now: the live record's columns.
+    pub(crate) get: String,
+    /// `?1` digest, `?2` expected revision, `?3..?12` the record columns,
+    /// `?13` now. Returns a row if it wrote.
+    pub(crate) cas: String,
+    /// `?1` digest, `?2` expected revision, `?3` now.
+    pub(crate) delete: String,
+    /// `?1` now (below 2^63), `?2` limit.
+    pub(crate) purge_low: String,
+    /// `?1` now (2^63 or more, i.e. negative as INTEGER), `?2` limit.
+    pub(crate) purge_high: String,
+    /// `?1` digest, `?2` token, `?3..?12` the record columns, `?13` now.
+    pub(crate) apply: String,
+}
+
+impl Statements {
+    pub(crate) fn new(table: &TableName) -> Self {
+        let t = table.quoted();
+        let set_record = "state = ?3, fingerprint = ?4, token = ?5, lease_deadline = ?6, \
+             outcome = ?7, created_at = ?8, updated_at = ?9, expires_at = ?10, \
+             attempts = ?11, revision = ?12";
+        let insert = format!(
+            "INSERT INTO {t} (digest, tenant, principal, operation, \"key\", {RECORD_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             ON CONFLICT (digest) DO UPDATE SET \
+                tenant = excluded.tenant, principal = excluded.principal, \
+                operation = excluded.operation, \"key\" = excluded.\"key\", \
+                state = excluded.state, fingerprint = excluded.fingerprint, \
+                token = excluded.token, lease_deadline = excluded.lease_deadline, \
+                outcome = excluded.outcome, created_at = excluded.created_at, \
+                updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
+                attempts = excluded.attempts, revision = excluded.revision \
+             WHERE NOT {} \
+             RETURNING 1",
+            live(&format!("{t}.expires_at"), "?16"),
+        );
+        let get = format!(
+            "SELECT {RECORD_COLUMNS} FROM {t} WHERE digest = ?1 AND {}",
+            live("expires_at", "?2")
+        );
+        let live13 = live("expires_at", "?13");
+        let cas = format!(
+            "UPDATE {t} SET {set_record} WHERE digest = ?1 AND revision = ?2 AND {live13} \
+             RETURNING 1"
+        );
+        let delete = format!(
+            "DELETE FROM {t} WHERE digest = ?1 AND revision = ?2 AND {}",
+            live("expires_at", "?3")
+        );
+        // Expired at `now` means `expires_at <= now` as u64. For `now < 2^63`
+        // (`?1 >= 0`) that is `0 <= expires_at <= ?1`; from 2^63 on, every
+        // non-negative value plus the negative ones up to `?1`. Both are
+        // ranges of the expiry index.
+        let purge = |expired: &str| {
+            format!(
+                "DELETE FROM {t} WHERE rowid IN (\
+                    SELECT rowid FROM {t} WHERE {expired} LIMIT ?2\
+                 )"
+            )
+        };
+        let purge_low = purge("expires_at BETWEEN 0 AND ?1");
+        let purge_high = purge("(expires_at >= 0 OR expires_at <= ?1)");
+        let apply = format!(
+            "UPDATE {t} SET {set_record} \
+             WHERE digest = ?1 AND state = 'in_flight' AND token = ?2 AND {live13}"
+        );
+        Self {
+            table: table.to_string(),
+            insert,
+            get,
+            cas,
+            delete,
+            purge_low,
+            purge_high,
+            apply,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::row::to_i64;
+
+    #[test]
+    fn purge_deletes_exactly_the_expired_rows_on_both_sides_of_2_pow_63() {
+        let values = [0, 1, 5, i64::MAX as u64, 1 << 63, (1 << 63) + 5, u64::MAX];
+        for now in values {
+            let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+            let table = TableName::default();
+            crate::schema::migrate(&mut conn, &table, std::path::Path::new(":memory:")).unwrap();
+            let sql = Statements::new(&table);
+            for (i, e) in values.iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO idem_records (digest, tenant, \"key\", state, fingerprint, token, \
+                     created_at, updated_at, expires_at, attempts, revision) \
+                     VALUES (?1, 't', 'k', 'in_flight', x'', x'', 0, 0, ?2, 1, 1)",
+                    rusqlite::params![vec![i as u8], to_i64(*e)],
+                )
+                .unwrap();
+            }
+            let n = to_i64(now);
+            let statement = if n >= 0 {
+                &sql.purge_low
+            } else {
+                &sql.purge_high
+            };
+            let purged = conn.execute(statement, rusqlite::params![n, 100]).unwrap();
+            let expired = values.iter().filter(|e| **e <= now).count();
+            assert_eq!(purged, expired, "now = {now}");
+            let mut left: Vec<u64> = conn
+                .prepare("SELECT expires_at FROM idem_records")
+                .unwrap()
+                .query_map([], |r| r.get::<_, i64>(0))
+                .unwrap()
+                .map(|v| crate::row::to_u64(v.unwrap()))
+                .collect();
+            left.sort_unstable();
+            let want: Vec<u64> = values.iter().copied().filter(|e| *e > now).collect();
+            assert_eq!(left, want, "now = {now}");
+        }
+    }
+
+    #[test]
+    fn live_compares_as_unsigned() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let sql = format!("SELECT {}", live("?1", "?2"));
+        let values = [
+            0,
+            1,
+            1 << 62,
+            i64::MAX as u64,
+            1 << 63,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for e in values {
+            for n in values {
+                let got: bool = conn
+                    .query_row(&sql, [to_i64(e), to_i64(n)], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(got, e > n, "{e} > {n}");
+            }
+        }
+    }
+}

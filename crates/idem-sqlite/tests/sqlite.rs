@@ -1,0 +1,1092 @@
+//! SQLite-specific behaviour: several instances and processes on one file,
+//! completion inside a transaction, opening foreign or newer files, corrupt
+//! rows, lock contention, the purger.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use idem_core::{
+    Begin, Clock, Engine, Error, Executed, Fenced, Fingerprint, IdempotencyKey, Inserted,
+    ManualClock, Outcome, Policy, Record, RecordKey, Revision, Scope, State, Store, StoreError,
+    Timestamp, Versioned,
+};
+use idem_sqlite::rusqlite::{Connection, TransactionBehavior};
+use idem_sqlite::{Durability, SCHEMA_VERSION, SqliteError, SqliteStore, TableName};
+use tokio::sync::Barrier;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+fn policy() -> Policy {
+    Policy::default()
+        .with_lease(Duration::from_secs(10))
+        .with_ttl(Duration::from_secs(60))
+}
+
+fn engine(store: SqliteStore, clock: &ManualClock) -> Engine<SqliteStore, ManualClock> {
+    Engine::with_clock(store, clock.clone()).with_policy(policy())
+}
+
+fn scope() -> Scope {
+    Scope::tenant("acme").with_operation("payments.create")
+}
+
+fn ikey(s: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(s).unwrap()
+}
+
+fn db(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("idem.db")
+}
+
+/// Polls `cond` (yielding in between) until it holds or 30 s pass.
+async fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Several instances, several processes
+// ---------------------------------------------------------------------------
+
+/// Two stores on one file (as two processes open it), 64 tasks released
+/// together through two engines: the work runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_file_run_the_work_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SqliteStore::open(db(&dir)).unwrap();
+    let b = SqliteStore::open(db(&dir)).unwrap();
+    let clock = ManualClock::new(T0);
+    let engines = [Arc::new(engine(a, &clock)), Arc::new(engine(b, &clock))];
+    let runs = Arc::new(AtomicUsize::new(0));
+    const TASKS: usize = 64;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let handles: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let engine = engines[i % 2].clone();
+            let (barrier, runs) = (barrier.clone(), runs.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                engine
+                    .execute(&scope(), &ikey("one-key"), Fingerprint::of(b"req"), || {
+                        let runs = runs.clone();
+                        async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                            format!("ran in task {i}")
+                        }
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let (mut fresh, mut replayed, mut in_progress) = (0, 0, 0);
+    for handle in handles {
+        match handle.await.unwrap() {
+            Ok(Executed::Fresh(_)) => fresh += 1,
+            Ok(Executed::Replayed(_)) => replayed += 1,
+            Err(Error::InProgress { .. }) => in_progress += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one task runs the work");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran exactly once");
+    assert_eq!(replayed + in_progress, TASKS - 1);
+    // Both instances now replay the same value.
+    let mut seen = Vec::new();
+    for engine in &engines {
+        let got = engine
+            .execute(
+                &scope(),
+                &ikey("one-key"),
+                Fingerprint::of(b"req"),
+                || async { String::from("ran again") },
+            )
+            .await
+            .unwrap();
+        assert!(got.is_replayed(), "{got:?}");
+        seen.push(got.into_inner());
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+const CHILD_ENV: &str = "IDEM_SQLITE_RACE_DIR";
+const CHILD_INDEX_ENV: &str = "IDEM_SQLITE_RACE_INDEX";
+const PROCESSES: usize = 3;
+const TASKS_PER_PROCESS: usize = 32;
+
+/// One process's share of the race: 32 tasks released together through its
+/// own store and engine. Returns (fresh, replayed, in progress, work runs).
+async fn race_in_this_process(path: &Path) -> (usize, usize, usize, usize) {
+    let store = SqliteStore::open(path).unwrap();
+    let engine = Arc::new(Engine::new(store).with_policy(policy()));
+    race_with(engine).await
+}
+
+async fn race_with(engine: Arc<Engine<SqliteStore>>) -> (usize, usize, usize, usize) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(TASKS_PER_PROCESS));
+    let handles: Vec<_> = (0..TASKS_PER_PROCESS)
+        .map(|_| {
+            let (engine, barrier, runs) = (engine.clone(), barrier.clone(), runs.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                engine
+                    .execute(
+                        &scope(),
+                        &ikey("cross-process"),
+                        Fingerprint::of(b"req"),
+                        || {
+                            let runs = runs.clone();
+                            async move {
+                                runs.fetch_add(1, Ordering::SeqCst);
+                                std::process::id()
+                            }
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let (mut fresh, mut replayed, mut in_progress) = (0, 0, 0);
+    for handle in handles {
+        match handle.await.unwrap() {
+            Ok(Executed::Fresh(_)) => fresh += 1,
+            Ok(Executed::Replayed(_)) => replayed += 1,
+            Err(Error::InProgress { .. }) => in_progress += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    (fresh, replayed, in_progress, runs.load(Ordering::SeqCst))
+}
+
+/// Real processes: this test binary re-runs itself as 3 child processes,
+/// each racing 32 tasks on one key of the same file, released together
+/// (files as a cross-process barrier) with 32 tasks of this process: the
+/// work runs exactly once in all 4 processes together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_racing_on_one_key_run_it_once() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        // Child: announce, wait for the start signal, race, report.
+        let dir = PathBuf::from(dir);
+        let index = std::env::var(CHILD_INDEX_ENV).unwrap();
+        let store = SqliteStore::open(dir.join("idem.db")).unwrap();
+        let engine = Arc::new(Engine::new(store).with_policy(policy()));
+        std::fs::write(dir.join(format!("ready-{index}")), b"").unwrap();
+        let go = dir.join("go");
+        poll_until("the start signal", || go.exists()).await;
+        let (fresh, replayed, in_progress, runs) = race_with(engine).await;
+        println!("IDEM_RACE {fresh} {replayed} {in_progress} {runs}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    // Create the file first, so children only open it.
+    drop(SqliteStore::open(&path).unwrap());
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|i| {
+            std::process::Command::new(&exe)
+                .args([
+                    "processes_racing_on_one_key_run_it_once",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env(CHILD_ENV, dir.path())
+                .env(CHILD_INDEX_ENV, i.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let store = SqliteStore::open(&path).unwrap();
+    let engine = Arc::new(Engine::new(store).with_policy(policy()));
+    let ready = |i: usize| dir.path().join(format!("ready-{i}")).exists();
+    poll_until("every child to open the store", || {
+        (0..PROCESSES).all(ready)
+    })
+    .await;
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let mine = race_with(engine).await;
+    let mut totals = [mine.0, mine.1, mine.2, mine.3];
+    for child in children {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("IDEM_RACE "))
+            .unwrap_or_else(|| panic!("no result from the child: {stdout}"));
+        let counts: Vec<usize> = line.split(' ').map(|n| n.parse().unwrap()).collect();
+        for (total, n) in totals.iter_mut().zip(counts) {
+            *total += n;
+        }
+    }
+    let [fresh, replayed, in_progress, runs] = totals;
+    assert_eq!(fresh, 1, "exactly one task of all processes runs the work");
+    assert_eq!(runs, 1, "the work ran exactly once across processes");
+    assert_eq!(
+        replayed + in_progress,
+        (PROCESSES + 1) * TASKS_PER_PROCESS - 1
+    );
+    // A late process replays it.
+    let late = race_in_this_process(&path).await;
+    assert_eq!(late, (0, TASKS_PER_PROCESS, 0, 0));
+}
+
+// ---------------------------------------------------------------------------
+// Completion inside a transaction
+// ---------------------------------------------------------------------------
+
+async fn create_payments(store: &SqliteStore) {
+    store
+        .transaction(|tx| -> Result<(), SqliteError> {
+            tx.execute_batch(
+                "CREATE TABLE payments (id INTEGER PRIMARY KEY, idem_key TEXT NOT NULL, cents INTEGER NOT NULL)",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+}
+
+fn payments(path: &Path, key: &str) -> i64 {
+    let conn = Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM payments WHERE idem_key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+async fn proceed(engine: &Engine<SqliteStore, ManualClock>, key: &str) -> idem_core::Lease {
+    match engine
+        .begin(&scope(), &ikey(key), Fingerprint::of(b"100 EUR"))
+        .await
+        .unwrap()
+    {
+        Begin::Proceed(lease) => lease,
+        other => panic!("expected Proceed, got {other:?}"),
+    }
+}
+
+async fn expect_replay(engine: &Engine<SqliteStore, ManualClock>, key: &str, outcome: &[u8]) {
+    match engine
+        .begin(&scope(), &ikey(key), Fingerprint::of(b"100 EUR"))
+        .await
+        .unwrap()
+    {
+        Begin::Replay(replay) => assert_eq!(replay.outcome.as_bytes(), outcome),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+}
+
+/// `store.transaction`: on commit the payment and the completed record are
+/// both there; on rollback neither is, the key stays claimed, and after a
+/// release the retry pays exactly once.
+#[tokio::test]
+async fn transaction_commits_business_row_and_record_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).unwrap();
+    create_payments(&store).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+
+    // Commit.
+    let lease = proceed(&engine, "commit").await;
+    let done = engine
+        .prepare_complete(&lease, Outcome::new(&b"payment 1"[..]))
+        .unwrap();
+    let s = store.clone();
+    let id: i64 = store
+        .transaction(move |tx| -> Result<i64, BoxError> {
+            tx.execute(
+                "INSERT INTO payments (idem_key, cents) VALUES ('commit', 100)",
+                [],
+            )?;
+            s.apply_in(tx, &done)?;
+            Ok(tx.last_insert_rowid())
+        })
+        .await
+        .unwrap();
+    assert!(id > 0);
+    assert_eq!(payments(&db(&dir), "commit"), 1);
+    let record = store
+        .get(lease.key(), clock.now())
+        .await
+        .unwrap()
+        .expect("the record is stored");
+    assert!(
+        matches!(&record.record.state, State::Completed { outcome, .. } if outcome.as_bytes() == b"payment 1"),
+        "{record:?}"
+    );
+    expect_replay(&engine, "commit", b"payment 1").await;
+
+    // Rollback: the closure fails after the payment and the record were written.
+    let lease = proceed(&engine, "rollback").await;
+    let done = engine
+        .prepare_complete(&lease, Outcome::new(&b"payment 2"[..]))
+        .unwrap();
+    let s = store.clone();
+    let failed = store
+        .transaction(move |tx| -> Result<(), BoxError> {
+            tx.execute(
+                "INSERT INTO payments (idem_key, cents) VALUES ('rollback', 100)",
+                [],
+            )?;
+            s.apply_in(tx, &done)?;
+            Err("card network timed out".into())
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(payments(&db(&dir), "rollback"), 0, "no business row");
+    let record = store.get(lease.key(), clock.now()).await.unwrap().unwrap();
+    assert_eq!(
+        record.record.state.token(),
+        lease.token(),
+        "the key is still claimed by the same lease"
+    );
+    assert!(matches!(record.record.state, State::InFlight { .. }));
+    engine.release(&lease).await.unwrap();
+
+    // The retry runs, once.
+    let retry = proceed(&engine, "rollback").await;
+    let done = engine
+        .prepare_complete(&retry, Outcome::new(&b"payment 3"[..]))
+        .unwrap();
+    let s = store.clone();
+    store
+        .transaction(move |tx| -> Result<(), BoxError> {
+            tx.execute(
+                "INSERT INTO payments (idem_key, cents) VALUES ('rollback', 100)",
+                [],
+            )?;
+            s.apply_in(tx, &done)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    expect_replay(&engine, "rollback", b"payment 3").await;
+    assert_eq!(
+        payments(&db(&dir), "rollback"),
+        1,
+        "exactly one business row in the end"
+    );
+}
+
+/// The caller's OWN connection to the file: commit and rollback as above.
+#[tokio::test]
+async fn own_connection_transaction_commits_or_rolls_back_with_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).unwrap();
+    create_payments(&store).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    // A plain rusqlite connection, as an application opens it.
+    let mut conn = Connection::open(db(&dir)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+
+    let lease = proceed(&engine, "own-commit").await;
+    let done = engine
+        .prepare_complete(&lease, Outcome::new(&b"paid"[..]))
+        .unwrap();
+    {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute(
+            "INSERT INTO payments (idem_key, cents) VALUES ('own-commit', 100)",
+            [],
+        )
+        .unwrap();
+        idem_sqlite::apply_transition(&tx, &done).unwrap();
+        tx.commit().unwrap();
+    }
+    assert_eq!(payments(&db(&dir), "own-commit"), 1);
+    expect_replay(&engine, "own-commit", b"paid").await;
+
+    // Rollback on the application's connection.
+    let lease = proceed(&engine, "own-rollback").await;
+    let done = engine
+        .prepare_complete(&lease, Outcome::new(&b"paid"[..]))
+        .unwrap();
+    {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute(
+            "INSERT INTO payments (idem_key, cents) VALUES ('own-rollback', 100)",
+            [],
+        )
+        .unwrap();
+        store.apply_in(&tx, &done).unwrap();
+        tx.rollback().unwrap();
+    }
+    assert_eq!(payments(&db(&dir), "own-rollback"), 0);
+    match engine
+        .begin(&scope(), &ikey("own-rollback"), Fingerprint::of(b"100 EUR"))
+        .await
+        .unwrap()
+    {
+        Begin::InProgress { .. } => {}
+        other => panic!("the rolled-back key is still claimed, got {other:?}"),
+    }
+    engine.release(&lease).await.unwrap();
+    let retry = proceed(&engine, "own-rollback").await;
+    let done = engine
+        .prepare_complete(&retry, Outcome::new(&b"paid once"[..]))
+        .unwrap();
+    // `connect` gives a connection configured like the store's.
+    let mut conn = store.connect().unwrap();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    tx.execute(
+        "INSERT INTO payments (idem_key, cents) VALUES ('own-rollback', 100)",
+        [],
+    )
+    .unwrap();
+    store.apply_in(&tx, &done).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(payments(&db(&dir), "own-rollback"), 1);
+    expect_replay(&engine, "own-rollback", b"paid once").await;
+}
+
+/// A holder whose lease was taken over cannot complete in its transaction:
+/// `apply_in` fails with LeaseLost, and its business write rolls back.
+#[tokio::test]
+async fn taken_over_lease_cannot_commit_its_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).unwrap();
+    create_payments(&store).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    let zombie = proceed(&engine, "zombie").await;
+    // A heartbeat changes the revision but not the token: still applies.
+    engine.extend(&zombie).await.unwrap();
+    clock.advance(Duration::from_secs(11)); // lease lapsed
+    let _taker = proceed(&engine, "zombie").await;
+    let done = engine
+        .prepare_complete(&zombie, Outcome::new(&b"late"[..]))
+        .unwrap();
+    let s = store.clone();
+    let result = store
+        .transaction(move |tx| -> Result<(), Error> {
+            tx.execute(
+                "INSERT INTO payments (idem_key, cents) VALUES ('zombie', 100)",
+                [],
+            )
+            .map_err(|e| {
+                Error::Store(StoreError::Generic {
+                    store: "test",
+                    source: Box::new(e),
+                })
+            })?;
+            s.apply_in(tx, &done)
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::LeaseLost(Fenced::TakenOver))),
+        "{result:?}"
+    );
+    assert_eq!(payments(&db(&dir), "zombie"), 0);
+}
+
+/// A heartbeat between prepare and apply does not fail the transaction (the
+/// token is checked, not the revision).
+#[tokio::test]
+async fn heartbeat_before_apply_does_not_fail_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).unwrap();
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    let lease = proceed(&engine, "beat").await;
+    let done = engine
+        .prepare_complete(&lease, Outcome::new(&b"ok"[..]))
+        .unwrap();
+    engine.extend(&lease).await.unwrap();
+    let s = store.clone();
+    store
+        .transaction(move |tx| s.apply_in(tx, &done))
+        .await
+        .unwrap();
+    expect_replay(&engine, "beat", b"ok").await;
+    // Applying again: the claim already finished.
+    let again = engine
+        .prepare_complete(&lease, Outcome::new(&b"ok"[..]))
+        .unwrap();
+    let s = store.clone();
+    let result = store.transaction(move |tx| s.apply_in(tx, &again)).await;
+    assert!(
+        matches!(
+            result,
+            Err(Error::LeaseLost(Fenced::Finished {
+                by_holder: true,
+                ..
+            }))
+        ),
+        "{result:?}"
+    );
+}
+
+/// A panic in the closure rolls back, reaches the caller, and leaves the
+/// store working.
+#[tokio::test]
+async fn panic_in_transaction_rolls_back_and_store_keeps_working() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    create_payments(&store).await;
+    let s = store.clone();
+    let panicked = tokio::spawn(async move {
+        s.transaction(|tx| -> Result<(), SqliteError> {
+            tx.execute("INSERT INTO payments (idem_key, cents) VALUES ('p', 1)", [])?;
+            panic!("handler bug");
+        })
+        .await
+    })
+    .await;
+    assert!(panicked.unwrap_err().is_panic());
+    let count: i64 = store
+        .transaction(|tx| -> Result<i64, SqliteError> {
+            Ok(tx.query_row("SELECT count(*) FROM payments", [], |r| r.get(0))?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(count, 0, "the panicking transaction rolled back");
+    let clock = ManualClock::new(T0);
+    let engine = engine(store, &clock);
+    let got = engine
+        .execute(
+            &scope(),
+            &ikey("after-panic"),
+            Fingerprint::of(b"x"),
+            || async { 1_u8 },
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, Executed::Fresh(1));
+}
+
+// ---------------------------------------------------------------------------
+// Opening
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_file_that_is_not_a_database_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "these are my notes, not a database\n".repeat(100)).unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, SqliteError::NotADatabase { path: p, .. } if p == &path),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("not a SQLite database"), "{message}");
+    assert!(message.contains("notes.txt"), "{message}");
+    assert!(!err.is_transient());
+    // The file is left alone.
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .starts_with("these are my notes")
+    );
+}
+
+#[test]
+fn a_database_of_another_application_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "application_id", 0x1234_5678)
+            .unwrap();
+        conn.execute_batch("CREATE TABLE theirs (x)").unwrap();
+    }
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SqliteError::ForeignDatabase {
+                application_id: 0x1234_5678,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("another application"), "{err}");
+    assert!(matches!(StoreError::from(err), StoreError::Rejected { .. }));
+    // Nothing was created in it.
+    let conn = Connection::open(&path).unwrap();
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 1);
+}
+
+#[test]
+fn a_table_of_the_same_name_not_created_by_idem_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE idem_records (id INTEGER PRIMARY KEY, note TEXT)")
+        .unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, SqliteError::ForeignTable { table, .. } if table == "idem_records"),
+        "{err:?}"
+    );
+    // Another table name in the same file works.
+    let store = SqliteStore::builder()
+        .table(TableName::new("idem_keys").unwrap())
+        .open(&path)
+        .unwrap();
+    assert_eq!(store.table().as_str(), "idem_keys");
+}
+
+#[test]
+fn a_newer_schema_version_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    drop(SqliteStore::open(&path).unwrap());
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE idem_schema SET version = version + 1", [])
+        .unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    match &err {
+        SqliteError::SchemaTooNew {
+            found, supported, ..
+        } => {
+            assert_eq!(*found, SCHEMA_VERSION + 1);
+            assert_eq!(*supported, SCHEMA_VERSION);
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    assert!(err.to_string().contains("upgrade idem-sqlite"), "{err}");
+}
+
+/// Several processes starting at once on a new file: every open succeeds
+/// (the WAL switch and the migration take turns) and the table is created once.
+#[test]
+fn concurrent_opens_of_a_new_file_all_succeed() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db(&dir);
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SqliteStore::open(&path).map(drop)
+                })
+            })
+            .collect();
+        for handle in handles {
+            if let Err(e) = handle.join().unwrap() {
+                panic!("round {round}: open failed: {e:?}");
+            }
+        }
+        let versions: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM idem_schema", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(versions, 1);
+    }
+}
+
+/// An application's own database (application_id 0, its own tables) takes
+/// idem's table beside its own, keeps its application_id, and reopening is
+/// idempotent and keeps the records.
+#[tokio::test]
+async fn an_application_database_is_shared_and_reopening_keeps_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY); INSERT INTO orders DEFAULT VALUES; PRAGMA user_version = 7;")
+            .unwrap();
+    }
+    let clock = ManualClock::new(T0);
+    {
+        let engine = engine(SqliteStore::open(&path).unwrap(), &clock);
+        let first = engine
+            .execute(&scope(), &ikey("kept"), Fingerprint::of(b"x"), || async {
+                5_u8
+            })
+            .await
+            .unwrap();
+        assert_eq!(first, Executed::Fresh(5));
+    }
+    let engine = engine(SqliteStore::open(&path).unwrap(), &clock);
+    let again = engine
+        .execute(&scope(), &ikey("kept"), Fingerprint::of(b"x"), || async {
+            0_u8
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, Executed::Replayed(5), "records survive reopening");
+    let conn = Connection::open(&path).unwrap();
+    let app_id: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .unwrap();
+    let user_version: i32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    let orders: i64 = conn
+        .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+        .unwrap();
+    let version: i64 = conn
+        .query_row(
+            "SELECT version FROM idem_schema WHERE records_table = 'idem_records'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!((app_id, user_version, orders), (0, 7, 1));
+    assert_eq!(version, SCHEMA_VERSION);
+}
+
+async fn pragmas(store: &SqliteStore) -> Result<(String, i64), SqliteError> {
+    store
+        .transaction(|tx| -> Result<(String, i64), SqliteError> {
+            let mode = tx.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+            let sync = tx.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+            Ok((mode, sync))
+        })
+        .await
+}
+
+/// A new file gets idem's application_id, WAL mode and the chosen durability.
+#[tokio::test]
+async fn new_files_are_marked_and_use_wal_and_the_durability_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.durability(), Durability::Full);
+    assert_eq!(pragmas(&store).await.unwrap(), ("wal".to_string(), 2));
+    let normal = SqliteStore::builder()
+        .durability(Durability::Normal)
+        .open(&path)
+        .unwrap();
+    assert_eq!(pragmas(&normal).await.unwrap(), ("wal".to_string(), 1));
+    let app_id: i32 = Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .unwrap();
+    assert_eq!(app_id, 0x6964_656d);
+}
+
+#[tokio::test]
+async fn in_memory_and_existing_connections_work() {
+    let clock = ManualClock::new(T0);
+    let memory = SqliteStore::open_in_memory().unwrap();
+    assert!(memory.path().is_none());
+    assert!(matches!(memory.connect(), Err(SqliteError::InMemory)));
+    let engine = engine(memory, &clock);
+    let got = engine
+        .execute(&scope(), &ikey("m"), Fingerprint::of(b"x"), || async {
+            1_u8
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, Executed::Fresh(1));
+
+    let adopted = SqliteStore::from_connection(Connection::open_in_memory().unwrap()).unwrap();
+    assert!(adopted.path().is_none());
+    let k = RecordKey::new(&scope(), &ikey("adopted"));
+    assert_eq!(
+        adopted
+            .insert_if_absent(&k, &claim(1, T0), T0)
+            .await
+            .unwrap(),
+        Inserted::Inserted
+    );
+    assert_eq!(adopted.get(&k, T0).await.unwrap(), Some(claim(1, T0)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let conn = Connection::open(db(&dir)).unwrap();
+    let store = SqliteStore::from_connection(conn).unwrap();
+    assert_eq!(store.path(), Some(db(&dir).as_path()));
+    let other = SqliteStore::open(db(&dir)).unwrap();
+    let k = RecordKey::new(&scope(), &ikey("shared"));
+    let rec = claim(1, T0);
+    assert_eq!(
+        store.insert_if_absent(&k, &rec, T0).await.unwrap(),
+        Inserted::Inserted
+    );
+    assert_eq!(other.get(&k, T0).await.unwrap(), Some(rec));
+}
+
+#[test]
+fn a_path_that_cannot_be_opened_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("idem.db");
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, SqliteError::Open { path: p, .. } if p == &path),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("no-such-dir"), "{err}");
+    assert!(!err.is_transient());
+}
+
+#[test]
+fn bad_table_names_are_refused() {
+    assert!(matches!(
+        TableName::new("x\"; DROP TABLE y; --"),
+        Err(SqliteError::InvalidTableName(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// Corrupt rows
+// ---------------------------------------------------------------------------
+
+fn claim(rev: u64, now: Timestamp) -> Versioned {
+    Versioned {
+        revision: Revision::from_u64(rev),
+        record: Record::new_claim(
+            Fingerprint::of(b"req"),
+            idem_core::FencingToken::from_u128(u128::from(rev)),
+            now,
+            &policy(),
+        ),
+    }
+}
+
+/// Each kind of inconsistent row is `Corrupt` for get, insert and the
+/// engine, and is never overwritten.
+#[tokio::test]
+async fn inconsistent_rows_are_corrupt_errors_and_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).unwrap();
+    let conn = store.connect().unwrap();
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    let corruptions = [
+        "state = 'archived'",
+        "token = x'0102'",
+        "fingerprint = zeroblob(31)",
+        "state = 'completed', outcome = NULL, lease_deadline = NULL",
+        "lease_deadline = NULL",
+        "attempts = -1",
+    ];
+    for (i, set) in corruptions.iter().enumerate() {
+        let k = RecordKey::new(&scope(), &ikey(&format!("corrupt-{i}")));
+        store.insert_if_absent(&k, &claim(1, T0), T0).await.unwrap();
+        conn.execute(
+            &format!("UPDATE idem_records SET {set} WHERE digest = ?1"),
+            [&k.digest()[..]],
+        )
+        .unwrap();
+        let got = store.get(&k, T0).await;
+        assert!(
+            matches!(got, Err(StoreError::Corrupt { .. })),
+            "{set}: {got:?}"
+        );
+        let err = got.unwrap_err();
+        assert!(
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+                .contains("not a valid idem record"),
+            "{set}: the source says what is wrong: {err:?}"
+        );
+        let got = store.insert_if_absent(&k, &claim(2, T0), T0).await;
+        assert!(
+            matches!(got, Err(StoreError::Corrupt { .. })),
+            "{set}: {got:?}"
+        );
+        let got = store
+            .compare_and_swap(&k, Revision::from_u64(9), &claim(3, T0), T0)
+            .await;
+        assert!(
+            matches!(got, Err(StoreError::Corrupt { .. })),
+            "{set}: {got:?}"
+        );
+        let begun = engine.begin_key(k.clone(), Fingerprint::of(b"req")).await;
+        assert!(
+            matches!(begun, Err(Error::Store(StoreError::Corrupt { .. }))),
+            "{set}"
+        );
+        let revision: i64 = conn
+            .query_row(
+                "SELECT revision FROM idem_records WHERE digest = ?1",
+                [&k.digest()[..]],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(revision, 1, "{set}: the corrupt row was not overwritten");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Lock contention
+// ---------------------------------------------------------------------------
+
+/// Another connection holding the write lock makes the store wait (busy
+/// timeout), not fail; with a zero timeout it fails with a transient error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_contention_waits_within_the_busy_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(db(&dir)).unwrap();
+    let impatient = SqliteStore::builder()
+        .busy_timeout(Duration::ZERO)
+        .open(db(&dir))
+        .unwrap();
+    let mut conn = Connection::open(db(&dir)).unwrap();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+
+    let k = RecordKey::new(&scope(), &ikey("locked"));
+    let err = impatient
+        .insert_if_absent(&k, &claim(1, T0), T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Unavailable { .. }) && err.is_transient(),
+        "{err:?}"
+    );
+
+    let s = store.clone();
+    let k2 = k.clone();
+    let waiting = tokio::spawn(async move { s.insert_if_absent(&k2, &claim(2, T0), T0).await });
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "the store cannot finish while another connection holds the write lock"
+        );
+    }
+    tx.commit().unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), Inserted::Inserted);
+    assert_eq!(
+        impatient.get(&k, T0).await.unwrap(),
+        Some(claim(2, T0)),
+        "the first, failed insert changed nothing"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Expiry and the purger
+// ---------------------------------------------------------------------------
+
+fn rows(path: &Path) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM idem_records", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn purger_deletes_expired_rows_in_batches_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let store = SqliteStore::open(&path).unwrap();
+    let clock = ManualClock::new(T0);
+    for i in 0..10 {
+        let k = RecordKey::new(&scope(), &ikey(&format!("short-{i}")));
+        let mut rec = claim(i + 1, T0);
+        rec.record.expires_at = T0.plus(Duration::from_secs(1));
+        store.insert_if_absent(&k, &rec, T0).await.unwrap();
+    }
+    let live = RecordKey::new(&scope(), &ikey("long"));
+    let mut long = claim(100, T0);
+    long.record.expires_at = T0.plus(Duration::from_secs(3600));
+    store.insert_if_absent(&live, &long, T0).await.unwrap();
+    assert_eq!(rows(&path), 11);
+
+    let purger = store
+        .spawn_purger(clock.clone(), Duration::from_secs(60), 3)
+        .unwrap();
+    poll_until("the purger to wait on the clock", || {
+        clock.pending_sleepers() > 0
+    })
+    .await;
+    clock.advance(Duration::from_secs(60));
+    poll_until("a purge round", || purger.rounds() >= 1).await;
+    assert_eq!(purger.purged(), 10);
+    assert_eq!(rows(&path), 1, "only the live record is left");
+    assert_eq!(store.get(&live, clock.now()).await.unwrap(), Some(long));
+    purger.stop().await;
+}
+
+#[test]
+fn purger_needs_a_runtime() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    assert!(matches!(
+        store.spawn_purger(ManualClock::new(T0), Duration::from_secs(1), 10),
+        Err(SqliteError::NoRuntime)
+    ));
+}
+
+/// Records over the size limit are refused before touching the database.
+#[tokio::test]
+async fn records_over_the_limit_are_rejected() {
+    let store = SqliteStore::builder()
+        .max_record_bytes(1024)
+        .open_in_memory()
+        .unwrap();
+    let k = RecordKey::new(&scope(), &ikey("big"));
+    let mut rec = claim(1, T0);
+    rec.record.state = State::Completed {
+        token: rec.record.state.token(),
+        outcome: Outcome::new(vec![0u8; 2048]),
+    };
+    assert!(matches!(
+        store.insert_if_absent(&k, &rec, T0).await,
+        Err(StoreError::Rejected { .. })
+    ));
+    assert_eq!(store.get(&k, T0).await.unwrap(), None);
+}
+
+/// Concurrent calls are committed in batches and each still gets its own,
+/// correct answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_calls_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(db(&dir)).unwrap());
+    const TASKS: usize = 256;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let handles: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let k = RecordKey::new(&scope(), &ikey(&format!("k{}", i % 64)));
+                barrier.wait().await;
+                store
+                    .insert_if_absent(&k, &claim(i as u64 + 1, T0), T0)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut inserted = 0;
+    for handle in handles {
+        if handle.await.unwrap() == Inserted::Inserted {
+            inserted += 1;
+        }
+    }
+    assert_eq!(inserted, 64, "one insert per key");
+    assert_eq!(rows(&db(&dir)), 64);
+}

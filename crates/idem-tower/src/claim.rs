@@ -1,0 +1,154 @@
+//! The claim handed to the handler in the request extensions.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use idem_core::{
+    Clock, Engine, Error, IdempotencyKey, Lease, Outcome, RecordKey, Scope, Store, Transition,
+};
+
+use crate::stored::{HeaderFilter, StoredResponse};
+
+/// What the claim needs from the engine, without its type parameters.
+pub(crate) trait Prepare: Send + Sync + 'static {
+    fn prepare_complete(&self, lease: &Lease, outcome: Outcome) -> Result<Transition, Error>;
+}
+
+impl<S: Store, C: Clock> Prepare for Engine<S, C> {
+    fn prepare_complete(&self, lease: &Lease, outcome: Outcome) -> Result<Transition, Error> {
+        Engine::prepare_complete(self, lease, outcome)
+    }
+}
+
+/// The claim on the request's idempotency key, put in the request's
+/// extensions by the layer for the handler to use.
+///
+/// With axum, take it as `Extension<IdempotencyClaim>` (or
+/// `Option<Extension<IdempotencyClaim>>` on routes that may be called without
+/// a key). It is present exactly when the handler runs under a fresh claim.
+///
+/// # Behavior
+/// The main use is **completing the key inside the handler's own database
+/// transaction**, so that the business write and the stored response commit
+/// together (or not at all):
+///
+/// 1. do the business writes in a transaction;
+/// 2. build the response's status, headers and body;
+/// 3. [`prepare_response`](Self::prepare_response) them into a [`Transition`];
+/// 4. apply it in the same transaction (`idem_sqlite`/`idem_postgres`
+///    `apply_in`), commit;
+/// 5. return exactly that status, headers and body.
+///
+/// The layer then finds the key already completed by this claim and does not
+/// store the response again; retries replay what the handler prepared. If the
+/// transaction rolls back, nothing was stored and the layer stores (or
+/// releases) the response the handler returns, as for any handler.
+///
+/// The prepared outcome is encoded exactly as the layer encodes a response it
+/// stores itself (same header filtering), so a replay is the same either way.
+/// Headers added by layers between this one and the handler are in the
+/// layer's own copy but not in the handler's: put such layers outside this
+/// one, or add those headers in the handler.
+///
+/// ```no_run
+/// use axum::Extension;
+/// use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+/// use idem_tower::IdempotencyClaim;
+///
+/// async fn create_payment(
+///     Extension(claim): Extension<IdempotencyClaim>,
+/// ) -> Result<(StatusCode, HeaderMap, Vec<u8>), StatusCode> {
+///     // let mut tx = pool.begin().await?;   … business writes in `tx` …
+///     let body = br#"{"id":"pay_1"}"#.to_vec();
+///     let mut headers = HeaderMap::new();
+///     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+///     let done = claim
+///         .prepare_response(StatusCode::CREATED, &headers, &body)
+///         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+///     // store.apply_in(&mut tx, &done).await?;   // same transaction
+///     // tx.commit().await?;
+///     # let _ = done;
+///     Ok((StatusCode::CREATED, headers, body))
+/// }
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyClaim {
+    lease: Lease,
+    engine: Arc<dyn Prepare>,
+    filter: Arc<HeaderFilter>,
+}
+
+impl IdempotencyClaim {
+    pub(crate) fn new(lease: Lease, engine: Arc<dyn Prepare>, filter: Arc<HeaderFilter>) -> Self {
+        Self {
+            lease,
+            engine,
+            filter,
+        }
+    }
+
+    /// The client's idempotency key.
+    pub fn key(&self) -> &IdempotencyKey {
+        self.lease.key().key()
+    }
+
+    /// The scope the layer derived for this request.
+    pub fn scope(&self) -> &Scope {
+        self.lease.key().scope()
+    }
+
+    /// The store key of (scope, key).
+    pub fn record_key(&self) -> &RecordKey {
+        self.lease.key()
+    }
+
+    /// Which attempt this is: 1 for the first, more after a crashed or
+    /// released attempt was taken over (check for partial effects of an
+    /// earlier attempt when it is above 1).
+    pub fn attempt(&self) -> u32 {
+        self.lease.attempt()
+    }
+
+    /// The engine's lease (for `Engine::prepare_fail` and other direct uses).
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Prepares the completion of the key with this response, for a store to
+    /// apply inside the handler's database transaction.
+    ///
+    /// # Behavior
+    /// Encodes `status`, `headers` (minus the hop-by-hop and denied ones,
+    /// exactly as the layer would) and `body` as the stored response, then
+    /// calls `Engine::prepare_complete`. Fails with
+    /// [`Error::OutcomeTooLarge`] above the engine's `max_outcome_bytes`, and
+    /// [`Error::LeaseLost`] if the lease is no longer held. Nothing is written
+    /// until a store applies the [`Transition`].
+    pub fn prepare_response(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Transition, Error> {
+        let stored = StoredResponse::new(
+            status,
+            headers,
+            Bytes::copy_from_slice(body),
+            None,
+            &self.filter,
+        );
+        let outcome = stored.encode()?;
+        self.engine.prepare_complete(&self.lease, outcome)
+    }
+}
+
+impl fmt::Debug for IdempotencyClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyClaim")
+            .field("record", &self.lease.key().hex())
+            .field("attempt", &self.lease.attempt())
+            .finish_non_exhaustive()
+    }
+}
