@@ -164,9 +164,30 @@ impl Lease {
         }
     }
     /// Whether this holder already completed, failed or released the claim
-    /// through the engine.
+    /// through the engine, or marked a transactional completion applied.
     pub fn is_finished(&self) -> bool {
         self.lock().finished
+    }
+
+    /// Records that `transition` (prepared from this lease) was applied by a
+    /// store inside the caller's transaction and that transaction committed.
+    ///
+    /// # Behavior
+    /// - The lease becomes finished: [`Engine::keep_alive`] returns `Ok` at
+    ///   its next beat instead of reporting the key as lost, and integrations
+    ///   (the HTTP layer) see that nothing is left to store.
+    /// - Call it only after the commit: if the transaction rolled back, the
+    ///   claim is still in flight and should be released or left to lapse.
+    /// - A transition prepared from another lease (another key or fencing
+    ///   token) is refused with [`Error::LeaseLost`] and changes nothing.
+    pub fn mark_applied(&self, transition: &Transition) -> Result<(), Error> {
+        if transition.token != self.token() || transition.key != *self.key() {
+            return Err(Error::LeaseLost(Fenced::TakenOver));
+        }
+        let mut state = self.lock();
+        state.current = transition.next.clone();
+        state.finished = true;
+        Ok(())
     }
 }
 
@@ -463,8 +484,13 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// and a retry runs the operation again. For failures before any side effect.
     ///
     /// # Behavior
-    /// One store call; [`Error::LeaseLost`], changing nothing, if the lease is
-    /// no longer held.
+    /// - One store call; [`Error::LeaseLost`], changing nothing, if the lease
+    ///   is no longer held.
+    /// - If the key is absent when the release looks (an earlier release of
+    ///   ours whose reply was lost, the record expired, or, for a holder that
+    ///   was taken over, the new holder released it too), the release returns
+    ///   `Ok`: there is nothing to undo, and nothing is written. Only a
+    ///   record that someone else holds or finished is reported as lost.
     pub async fn release(&self, lease: &Lease) -> Result<(), Error> {
         for _ in 0..=self.policy.max_cas_retries {
             let current = lease.record();

@@ -322,3 +322,53 @@ async fn oversized_outcome_is_refused_and_the_claim_kept() {
     engine.release(&lease).await.unwrap();
     assert!(engine.store().is_empty());
 }
+
+#[tokio::test]
+async fn mark_applied_finishes_the_lease_and_refuses_foreign_transitions() {
+    let (engine, clock) = engine();
+    let scope = Scope::tenant("t");
+    let fp = Fingerprint::of(b"a");
+    let Begin::Proceed(lease) = engine.begin(&scope, &key("tx"), fp).await.unwrap() else {
+        panic!("first begin must proceed")
+    };
+    let Begin::Proceed(other) = engine.begin(&scope, &key("other"), fp).await.unwrap() else {
+        panic!("first begin must proceed")
+    };
+    let done = engine
+        .prepare_complete(&lease, Outcome::new(&b"paid"[..]))
+        .unwrap();
+    // What a SQL store's `apply_in` does inside the caller's transaction.
+    let applied = engine
+        .store()
+        .compare_and_swap(&done.key, lease.record().revision, &done.next, clock.now())
+        .await
+        .unwrap();
+    assert!(matches!(applied, Swapped::Swapped));
+
+    // A transition of another lease is refused and changes nothing.
+    assert!(matches!(
+        other.mark_applied(&done),
+        Err(Error::LeaseLost(Fenced::TakenOver))
+    ));
+    assert!(!other.is_finished());
+
+    assert!(!lease.is_finished());
+    lease.mark_applied(&done).unwrap();
+    assert!(lease.is_finished());
+    assert_eq!(lease.record().revision, done.next.revision);
+
+    // The heartbeat ends quietly instead of reporting the lease lost.
+    let beat = engine.keep_alive(&lease);
+    let drive = async {
+        while clock.pending_sleepers() == 0 {
+            tokio::task::yield_now().await;
+        }
+        clock.advance(Duration::from_secs(10));
+    };
+    let (beat, ()) = tokio::join!(beat, drive);
+    assert!(beat.is_ok());
+    let Begin::Replay(replay) = engine.begin(&scope, &key("tx"), fp).await.unwrap() else {
+        panic!("must replay")
+    };
+    assert_eq!(replay.outcome.as_bytes(), b"paid");
+}

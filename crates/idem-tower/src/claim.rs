@@ -144,6 +144,21 @@ impl IdempotencyClaim {
     }
 }
 
+impl IdempotencyClaim {
+    /// Tells the layer that the handler applied `transition` (from
+    /// [`prepare_response`](Self::prepare_response)) in its own transaction
+    /// and the transaction committed.
+    ///
+    /// # Behavior
+    /// The layer then neither stores the response again nor releases the
+    /// key, and the heartbeat stops. Without this call the layer still finds
+    /// the key completed by this holder and leaves it as is, at the cost of
+    /// one or two more store round trips. See `Lease::mark_applied`.
+    pub fn mark_applied(&self, transition: &Transition) -> Result<(), Error> {
+        self.lease.mark_applied(transition)
+    }
+}
+
 impl fmt::Debug for IdempotencyClaim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyClaim")

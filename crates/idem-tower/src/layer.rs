@@ -877,6 +877,12 @@ async fn settle<S: Store, C: Clock>(engine: &Arc<Engine<S, C>>, lease: &Lease, h
 
 async fn complete<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, outcome: Outcome) {
     const ATTEMPTS: u32 = 3;
+    if lease.is_finished() {
+        // The handler completed the key in its transaction and said so
+        // (`IdempotencyClaim::mark_applied`): nothing left to store.
+        tracing::debug!("idem: key completed by the handler");
+        return;
+    }
     for attempt in 1..=ATTEMPTS {
         match engine.complete(lease, outcome.clone()).await {
             Ok(()) => return,
@@ -913,6 +919,10 @@ async fn complete<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, outc
 }
 
 async fn release<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, reason: &'static str) {
+    if lease.is_finished() {
+        tracing::debug!("idem: key completed by the handler; not released");
+        return;
+    }
     metrics::counter!("idem_released_total", "reason" => reason).increment(1);
     match engine.release(lease).await {
         Ok(()) => tracing::debug!(reason, "idem: key released"),
