@@ -143,3 +143,8 @@ pub use layer::{
 pub use problem::{PROBLEM_JSON, ProblemType};
 pub use scope::{Rejection, scope_from_extension, single_client_scope};
 pub use stored::{ALWAYS_DROPPED, DEFAULT_DENIED, IDEMPOTENT_REPLAYED};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
