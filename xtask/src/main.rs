@@ -1,11 +1,13 @@
-//! Project tasks: `cargo xtask test | ci`.
+//! Project tasks: `cargo xtask test | ci | bench | soak`.
 //!
-//! `ci` runs exactly what CI runs; `.ci/run` calls it. `test` starts a
+//! `ci` runs exactly what CI runs (fmt, clippy, `test`, a short soak, docs);
+//! `.ci/run` calls it. `test` starts a
 //! throwaway 3-master Redis Cluster around the test run unless
 //! `IDEM_REDIS_CLUSTER_URLS` points at one already.
 
 mod bench;
 mod redis_cluster;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -16,8 +18,11 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => bench::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|ci|bench [--quick]>");
+            eprintln!(
+                "usage: cargo xtask <test|ci|bench [--quick]|soak [--secs N] [--dev] [--backends LIST]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -100,7 +105,7 @@ fn redis_cluster_for_tests() -> Option<redis_cluster::Cluster> {
     }
 }
 
-/// What CI runs: formatting, lints, tests, docs.
+/// What CI runs: formatting, lints, tests, the short soak, docs.
 fn ci() -> Result<(), String> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
@@ -112,6 +117,9 @@ fn ci() -> Result<(), String> {
         "warnings",
     ])?;
     test(&[])?;
+    // The bounded soak, short form (~1 min): debug build of the test run's
+    // feature set, so nothing but the binary is built (docs/reliability.md).
+    soak::run(&["--secs".into(), "10".into(), "--dev".into()])?;
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings")

@@ -75,6 +75,15 @@ pub(crate) fn header(bytes: &[u8]) -> Result<Header, Unreadable> {
     }
 }
 
+/// Whether two values were written by the same call: same revision and
+/// write id (header bytes 9..25).
+pub(crate) fn same_write(a: &[u8], b: &[u8]) -> bool {
+    match (a.get(9..HEADER_LEN), b.get(9..HEADER_LEN)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Decodes a stored value.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Versioned, Unreadable> {
     let head = header(bytes)?;
@@ -115,6 +124,19 @@ mod tests {
         assert_eq!(&bytes[9..17], &(u64::MAX - 3).to_be_bytes());
         assert_eq!(&bytes[17..25], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(decode(&bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn same_write_compares_revision_and_write_id() {
+        let v = sample();
+        let sent = encode(&v, 7).unwrap();
+        assert!(same_write(&sent, &encode(&v, 7).unwrap()));
+        assert!(!same_write(&sent, &encode(&v, 8).unwrap()));
+        let mut other = v.clone();
+        other.revision = Revision::from_u64(1);
+        assert!(!same_write(&sent, &encode(&other, 7).unwrap()));
+        assert!(!same_write(&sent, &sent[..HEADER_LEN - 1]));
+        assert!(!same_write(b"", b""));
     }
 
     #[test]

@@ -61,12 +61,15 @@
 //!
 //! | primitive | server side |
 //! |---|---|
-//! | `insert_if_absent` | Lua: read header; live → return the value; else `SET … PX` |
+//! | `insert_if_absent` | one native `SET key value NX GET PX ms` (Redis ≥ 7.0): nil → inserted; a live record → returned, nothing written. Only if an expired record is still in place (within the grace) does the Lua script run: read header; live → return the value; else `SET … PX`. A server that refuses `SET … NX GET` (before 7.0) gets the script from then on |
 //! | `get` | one `GET`; expiry and decoding checked in the client |
 //! | `compare_and_swap` | Lua: read header; live and same revision → `SET … PX`; else return the live value (or nothing) |
 //! | `delete_if` | Lua: read header; live and same revision → `UNLINK` |
 //! | `purge_expired` | nothing: Redis expires keys itself; returns 0 |
 //!
+//! - `SET … NX GET` writes nothing when any value is in place, so it is
+//!   atomic by itself; the client decodes what it returns (its own write id
+//!   → "inserted", a resend; an unreadable value → corrupt, untouched).
 //! - The revision check and the write happen in the same script. Each script
 //!   touches exactly one key (`KEYS[1]`), so it is valid on Redis Cluster with
 //!   no hash tag. Scripts are static text; keys and arguments are passed as
@@ -165,9 +168,10 @@
 //!   `WAIT`/`min-replicas-to-write` narrow that window but do not close it.
 //!   Where a lost record would mean a second side effect, pair the store with
 //!   a business-level uniqueness check, or use the PostgreSQL store.
-//! - Use a `maxmemory-policy` of `noeviction` (or a `volatile-*` policy that
-//!   leaves room): an evicted record is a forgotten key. Under `noeviction` a
-//!   full Redis refuses writes (a `Generic` error) rather than forgetting.
+//! - Use a `maxmemory-policy` of `noeviction`: an evicted record is a
+//!   forgotten key, and every idem record carries a TTL, so the `volatile-*`
+//!   policies evict idem records first. Under `noeviction` a full Redis
+//!   refuses writes (a `Generic` error) rather than forgetting.
 #![forbid(unsafe_code)]
 
 mod config;

@@ -1,7 +1,7 @@
 //! [`RedisStore`]: the [`Store`] over standalone Redis or Redis Cluster.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -171,6 +171,10 @@ struct Inner {
     dialer: Dialer,
     current: Mutex<Current>,
     write_ids: WriteIds,
+    /// Whether `insert_if_absent` tries the native `SET … NX GET PX` first;
+    /// cleared (for the life of the store) when a server refuses it (Redis
+    /// before 7.0, a proxy that does not know it).
+    native_insert: AtomicBool,
 }
 
 /// An idem [`Store`] in Redis: standalone or Redis Cluster, one atomic
@@ -181,8 +185,10 @@ struct Inner {
 ///   `{prefix}{digest}` (the 32 raw bytes of `RecordKey::digest`). The value
 ///   layout, the scripts, and how physical expiry relates to logical expiry
 ///   are in the crate docs.
-/// - `insert_if_absent`, `compare_and_swap` and `delete_if` are each one Lua
-///   script over exactly that one key, run by SHA (`EVALSHA`); after a
+/// - `insert_if_absent` is one native `SET key value NX GET PX ms` (the
+///   Lua script only when an expired record is still in place, or on a
+///   server before Redis 7.0); `compare_and_swap` and `delete_if` are each
+///   one Lua script over exactly that one key, run by SHA (`EVALSHA`); after a
 ///   `SCRIPT FLUSH` or a server restart the script is sent again with `EVAL`
 ///   transparently. `get` is one `GET`. One round trip on the happy path.
 /// - Every write carries a fresh write id, so a write the driver re-sends
@@ -306,6 +312,17 @@ pub(crate) fn printable_key(key: &[u8]) -> String {
         }
     }
     out
+}
+
+/// What the native `SET … NX GET PX` of `insert_if_absent` settled.
+enum Native {
+    /// The answer.
+    Settled(Inserted),
+    /// An expired record is in place: the script replaces it (or finds what
+    /// replaced it meanwhile).
+    Expired,
+    /// The server refused the command (Redis before 7.0); the driver error.
+    Refused(RedisError),
 }
 
 /// What a script answered.
@@ -434,6 +451,7 @@ impl RedisStore {
                     conn,
                 }),
                 write_ids: WriteIds::new(),
+                native_insert: AtomicBool::new(true),
             }),
         }
     }
@@ -587,6 +605,61 @@ impl RedisStore {
         }
     }
 
+    /// `insert_if_absent` as one native command, `SET key value NX GET PX
+    /// px` (Redis 7.0 and later): writes `value` only if the key is absent
+    /// and returns what was there, atomically.
+    ///
+    /// - nil: nothing was there, the value is written.
+    /// - a live record: nothing is written; it is the answer (or this very
+    ///   call's own write, re-sent after a lost reply: then "inserted").
+    /// - an expired record: nothing is written; the script must replace it,
+    ///   because only the script can compare `expires_at` with `now`
+    ///   atomically with the write.
+    /// - anything unreadable, or another Redis type: corrupt, untouched.
+    async fn insert_native(
+        &self,
+        redis_key: &[u8],
+        value: &[u8],
+        px: u64,
+        now: Timestamp,
+    ) -> Result<Native, StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(redis_key)
+            .arg(value)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(px);
+        let reply = match self.query(&cmd).await {
+            Ok(reply) => reply,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                return Err(self.corrupt(redis_key, e.to_string(), None));
+            }
+            // `ERR syntax error` from Redis 6.2 (no `NX` with `GET`) and
+            // older, or a proxy's refusal of an unknown form.
+            Err(e) if e.code() == Some("ERR") => {
+                return Ok(Native::Refused(e));
+            }
+            Err(e) => return Err(self.map_err(e)),
+        };
+        match reply {
+            Value::Nil => Ok(Native::Settled(Inserted::Inserted)),
+            Value::BulkString(bytes) => {
+                let head =
+                    envelope::header(&bytes).map_err(|why| self.unreadable(redis_key, why))?;
+                if head.expires_at <= now {
+                    return Ok(Native::Expired);
+                }
+                if envelope::same_write(&bytes, value) {
+                    return Ok(Native::Settled(Inserted::Inserted));
+                }
+                self.decode(redis_key, &bytes)
+                    .map(|current| Native::Settled(Inserted::Exists(current)))
+            }
+            other => Err(self.unexpected("SET NX GET", &other)),
+        }
+    }
+
     fn unexpected(&self, command: &'static str, reply: &Value) -> StoreError {
         let mut reply = format!("{reply:?}");
         reply.truncate(200);
@@ -646,6 +719,8 @@ impl Store for RedisStore {
         Capabilities::new().with_native_expiry(true)
     }
 
+    /// One native `SET key value NX GET PX ms`; the script only for what it
+    /// cannot settle (an expired record in place, an older server).
     async fn insert_if_absent(
         &self,
         key: &RecordKey,
@@ -654,16 +729,37 @@ impl Store for RedisStore {
     ) -> Result<Inserted, StoreError> {
         let redis_key = self.redis_key(key);
         let value = self.encode(record)?;
-        let px = self.px(record.record.expires_at, now).to_string();
+        let px = self.px(record.record.expires_at, now);
+        let mut refused = None;
+        if self.inner.native_insert.load(Ordering::Relaxed) {
+            match self.insert_native(&redis_key, &value, px, now).await? {
+                Native::Settled(inserted) => return Ok(inserted),
+                Native::Expired => {}
+                Native::Refused(e) => refused = Some(e),
+            }
+        }
+        let px = px.to_string();
         let now = now.as_millis().to_be_bytes();
-        match self
+        let inserted = match self
             .eval(&INSERT, &redis_key, &[&now, &value, px.as_bytes()])
             .await?
         {
-            Reply::Done => Ok(Inserted::Inserted),
-            Reply::Live(bytes) => Ok(Inserted::Exists(self.decode(&redis_key, &bytes)?)),
-            Reply::Absent => Err(self.unexpected(INSERT.name, &Value::Int(0))),
+            Reply::Done => Inserted::Inserted,
+            Reply::Live(bytes) => Inserted::Exists(self.decode(&redis_key, &bytes)?),
+            Reply::Absent => return Err(self.unexpected(INSERT.name, &Value::Int(0))),
+        };
+        if let Some(e) = refused {
+            // The script works where the native command does not: use the
+            // script from now on.
+            self.inner.native_insert.store(false, Ordering::Relaxed);
+            tracing::info!(
+                store = self.inner.name,
+                error = %e,
+                "idem-redis: the server refuses `SET … NX GET` (Redis before 7.0?); \
+                 insert_if_absent uses its script from now on"
+            );
         }
+        Ok(inserted)
     }
 
     async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {

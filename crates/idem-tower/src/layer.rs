@@ -773,7 +773,9 @@ where
                 Some(outcome) => Settle::Complete(outcome),
                 None => not_stored(&shared.filter, limit),
             };
-            settle(&engine, &lease, settle_with).await;
+            if settle(&engine, &lease, settle_with).await == Settled::Superseded {
+                return Ok(superseded());
+            }
             Ok(Response::from_parts(
                 parts,
                 ResponseBody::full_with_trailers(data, trailers),
@@ -784,7 +786,11 @@ where
                 limit,
                 "idem: response body too large to store; storing a response-not-stored marker"
             );
-            settle(&engine, &lease, not_stored(&shared.filter, limit)).await;
+            if settle(&engine, &lease, not_stored(&shared.filter, limit)).await
+                == Settled::Superseded
+            {
+                return Ok(superseded());
+            }
             Ok(Response::from_parts(
                 parts,
                 ResponseBody::chain(prefix, rest),
@@ -852,46 +858,98 @@ enum Settle {
     Release(&'static str),
 }
 
+/// How finishing a claim ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settled {
+    /// Stored, released, or (on a store error) logged: the handler's own
+    /// response is the answer.
+    Done,
+    /// The lease was taken over by a later request (this one outlived its
+    /// lease): the key's answer is that request's, not this one's.
+    Superseded,
+}
+
+/// The answer of a request whose claim was taken over while its handler
+/// ran: its response was not kept, and the key's answer is the later
+/// request's, so the client is told to retry and gets that one (never two
+/// different answers for one key).
+fn superseded<B: Body>() -> Response<ResponseBody<B>> {
+    problem_retry(
+        ProblemType::RequestInProgress,
+        "this request outlived its claim on the idempotency key and a later request with the same key took the operation over; this request's response was not kept; retry to get the answer of the request that holds the key",
+        Duration::from_secs(1),
+    )
+}
+
 /// Finishes the claim in a task of its own, so that it completes even if the
 /// request's future is dropped meanwhile (a dropped completion would leave the
 /// key in flight until its lease lapses, and the retry would run again).
-async fn settle<S: Store, C: Clock>(engine: &Arc<Engine<S, C>>, lease: &Lease, how: Settle) {
+async fn settle<S: Store, C: Clock>(
+    engine: &Arc<Engine<S, C>>,
+    lease: &Lease,
+    how: Settle,
+) -> Settled {
     let engine = engine.clone();
     let lease = lease.clone();
     let task = async move {
         match how {
             Settle::Complete(outcome) => complete(&engine, &lease, outcome).await,
-            Settle::Release(reason) => release(&engine, &lease, reason).await,
+            Settle::Release(reason) => {
+                release(&engine, &lease, reason).await;
+                Settled::Done
+            }
         }
     }
     .instrument(Span::current());
     match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            if let Err(e) = runtime.spawn(task).await {
+        Ok(runtime) => match runtime.spawn(task).await {
+            Ok(settled) => settled,
+            Err(e) => {
                 tracing::error!(error = %e, "idem: finishing the claim failed");
+                Settled::Done
             }
-        }
+        },
         Err(_) => task.await,
     }
 }
 
-async fn complete<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, outcome: Outcome) {
+async fn complete<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    lease: &Lease,
+    outcome: Outcome,
+) -> Settled {
     const ATTEMPTS: u32 = 3;
     if lease.is_finished() {
         // The handler completed the key in its transaction and said so
         // (`IdempotencyClaim::mark_applied`): nothing left to store.
         tracing::debug!("idem: key completed by the handler");
-        return;
+        return Settled::Done;
     }
     for attempt in 1..=ATTEMPTS {
         match engine.complete(lease, outcome.clone()).await {
-            Ok(()) => return,
+            Ok(()) => return Settled::Done,
             Err(Error::LeaseLost(Fenced::Finished {
                 by_holder: true, ..
             })) => {
                 // The handler completed the key itself (in its transaction).
                 tracing::debug!("idem: key completed by the handler");
-                return;
+                return Settled::Done;
+            }
+            Err(
+                e @ Error::LeaseLost(
+                    Fenced::TakenOver
+                    | Fenced::Finished {
+                        by_holder: false, ..
+                    },
+                ),
+            ) => {
+                metrics::counter!("idem_completion_failures_total", "reason" => "lease_lost")
+                    .increment(1);
+                tracing::error!(
+                    error = %e,
+                    "idem: a later request took this key over while the handler ran (it outlived its lease); its response is not kept and the client is told to retry"
+                );
+                return Settled::Superseded;
             }
             Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "idem: storing the response failed; retrying");
@@ -912,10 +970,11 @@ async fn complete<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, outc
                     error = %e,
                     "idem: the response was sent but not stored; the key stays in flight until its lease lapses, then a retry runs the operation again"
                 );
-                return;
+                return Settled::Done;
             }
         }
     }
+    Settled::Done
 }
 
 async fn release<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, reason: &'static str) {

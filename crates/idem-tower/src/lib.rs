@@ -52,6 +52,7 @@
 //! | same key, different request | 422 [`key-reused`](ProblemType::KeyReused) | no |
 //! | store unreachable | 503 [`store-unavailable`](ProblemType::StoreUnavailable) + `Retry-After` | **no** (fail closed) |
 //! | stored record unreadable | 500 [`corrupt-record`](ProblemType::CorruptRecord) | no |
+//! | the handler outlived its lease and a later request took the key over | 409 [`request-in-progress`](ProblemType::RequestInProgress) + `Retry-After`; this handler's response is not sent, the retry gets the key's one answer | it ran (so did the later request) |
 //!
 //! - **Key**: the header value may be an RFC 8941 string (`"abc"`, the draft's
 //!   form) or a bare token (`abc`, what most SDKs send); both are the same

@@ -1,0 +1,93 @@
+//! # idem-demo
+//!
+//! A payments service protected by [`idem_tower`], and a retry storm that
+//! proves no payment is charged twice.
+//!
+//! ```text
+//! cargo run --release -p idem-demo                      # server on SQLite in a temp dir + the storm
+//! cargo run --release -p idem-demo -- storm --store postgres://postgres@127.0.0.1:5432/test
+//! cargo run --release -p idem-demo -- serve --addr 127.0.0.1:3000 --store sqlite://payments.db
+//! ```
+//!
+//! The crate is a library with a thin `main`, so the tests drive the same
+//! code:
+//!
+//! - [`app`]: the axum service (`POST /payments`, `GET /payments`,
+//!   `GET /health`) and its ledgers.
+//! - [`backend`]: the store URL (`sqlite://`, `postgres://`, `redis://`) and
+//!   opening the store and the ledger it goes with.
+//! - [`server`]: binding and running the service.
+//! - [`storm`]: the retry storm client.
+//! - [`report`]: what the storm observed, and its table.
+//! - [`cli`]: the command line.
+//!
+//! ## Guarantees per store
+//!
+//! | store | where the payments ledger lives | a crash between the charge and the stored response |
+//! |---|---|---|
+//! | SQLite | same database file, same transaction as the idempotency record | impossible: both commit or neither does |
+//! | PostgreSQL | same database (schema `idem_demo`), same transaction | impossible: both commit or neither does |
+//! | Redis | a separate SQLite file | **at-least-once window**: the charge committed, the record not yet completed; after the lease lapses a retry charges again |
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod backend;
+pub mod cli;
+pub mod report;
+pub mod server;
+pub mod storm;
+mod time;
+
+pub use app::{CrashPlan, Ledger, LedgerError, Payment, scope_for};
+pub use backend::{Backend, BackendOptions, StoreUrl};
+pub use report::{ScenarioStats, StormReport};
+pub use server::RunningServer;
+pub use storm::{Scenario, StormConfig};
+
+/// Everything that can go wrong while starting the demo or running the storm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// The `--store` URL is not one the demo understands.
+    #[error("invalid store URL {url:?}: {reason}")]
+    InvalidStoreUrl {
+        /// The URL given.
+        url: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// An option is out of range.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// The idempotency store could not be opened.
+    #[error("could not open the {backend} store: {source}")]
+    Store {
+        /// `sqlite`, `postgres` or `redis`.
+        backend: &'static str,
+        /// The store's error.
+        #[source]
+        source: idem_core::StoreError,
+    },
+    /// SQLite failed while opening the store or the ledger.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] idem_sqlite::SqliteError),
+    /// PostgreSQL failed while connecting or migrating.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// The PostgreSQL schema name is not a valid identifier.
+    #[error("invalid PostgreSQL schema name: {0}")]
+    SchemaName(#[from] idem_postgres::NameError),
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// Binding or serving failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The storm's HTTP client failed (not a single request: the client
+    /// itself, or the final count of payments).
+    #[error("storm client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered the storm's final count with something unexpected.
+    #[error("storm: {0}")]
+    Storm(String),
+}

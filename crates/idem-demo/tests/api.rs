@@ -1,0 +1,327 @@
+//! The demo's HTTP contract on SQLite, request by request: authentication,
+//! validation (problem+json, never a panic), creation, replay, tenant
+//! isolation, transient failures, and the listing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use idem_demo::{Backend, BackendOptions, Payment, RunningServer, StoreUrl};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Demo {
+    server: RunningServer,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Demo {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = StoreUrl::Sqlite(Some(dir.path().join("api.db")));
+        let backend = Backend::open(&url, &BackendOptions::default())
+            .await
+            .unwrap();
+        assert!(backend.exactly_once());
+        let server = RunningServer::start(([127, 0, 0, 1], 0).into(), backend)
+            .await
+            .unwrap();
+        Self {
+            server,
+            client: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    fn post(&self, tenant: Option<&str>, key: Option<&str>, body: &str) -> reqwest::RequestBuilder {
+        let mut request = self
+            .client
+            .post(format!("{}/payments", self.server.url()))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(tenant) = tenant {
+            request = request.bearer_auth(tenant);
+        }
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request
+    }
+
+    async fn list(&self, tenant: &str) -> Vec<Payment> {
+        let response = self
+            .client
+            .get(format!("{}/payments", self.server.url()))
+            .bearer_auth(tenant)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    async fn healthy(&self) {
+        let response = self
+            .client
+            .get(format!("{}/health", self.server.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["store"], "sqlite");
+    }
+}
+
+const BODY: &str = r#"{"amount": 1250, "currency": "EUR", "customer": "c1"}"#;
+
+async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    assert!(body["type"].as_str().unwrap().starts_with("https://"));
+    body
+}
+
+#[tokio::test]
+async fn create_replay_and_list() {
+    let demo = Demo::start().await;
+    let first = demo
+        .post(Some("acme"), Some("\"k-1\""), BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let paid: Payment = first.json().await.unwrap();
+    assert!(paid.id.starts_with("pay_"));
+    assert_eq!((paid.amount, paid.currency.as_str()), (1250, "EUR"));
+    assert_eq!(paid.customer, "c1");
+    assert_eq!(paid.idempotency_key, "k-1");
+    assert!(paid.created_at.ends_with('Z'));
+
+    // The bare token is the same key as the quoted string.
+    let retry = demo
+        .post(Some("acme"), Some("k-1"), BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.json::<Payment>().await.unwrap(), paid);
+
+    // Another payload with the key: 422, nothing charged.
+    let other = demo
+        .post(
+            Some("acme"),
+            Some("k-1"),
+            r#"{"amount": 9999, "currency": "EUR", "customer": "c1"}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    problem(other, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(demo.list("acme").await, vec![paid.clone()]);
+
+    // Another tenant, same key: a payment of its own.
+    let theirs = demo
+        .post(Some("globex"), Some("k-1"), BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), StatusCode::CREATED);
+    assert!(theirs.headers().get("idempotent-replayed").is_none());
+    let theirs: Payment = theirs.json().await.unwrap();
+    assert_ne!(theirs.id, paid.id);
+    assert_eq!(demo.list("globex").await, vec![theirs]);
+    assert_eq!(demo.list("acme").await, vec![paid]);
+    assert!(demo.list("initech").await.is_empty());
+}
+
+#[tokio::test]
+async fn authentication_and_key_are_required() {
+    let demo = Demo::start().await;
+    let response = demo.post(None, Some("k"), BODY).send().await.unwrap();
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    problem(response, StatusCode::UNAUTHORIZED).await;
+    for bad in ["Bearer ", "Basic YWxhZGRpbjpvcGVu", "Bearer a b"] {
+        let response = demo
+            .client
+            .post(format!("{}/payments", demo.server.url()))
+            .header("authorization", bad)
+            .header("Idempotency-Key", "k")
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        problem(response, StatusCode::UNAUTHORIZED).await;
+    }
+    let response = demo
+        .client
+        .get(format!("{}/payments", demo.server.url()))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::UNAUTHORIZED).await;
+
+    let missing = demo.post(Some("acme"), None, BODY).send().await.unwrap();
+    let body = problem(missing, StatusCode::BAD_REQUEST).await;
+    assert!(body["type"].as_str().unwrap().ends_with("missing-key"));
+    let empty = demo
+        .post(Some("acme"), Some("\"\""), BODY)
+        .send()
+        .await
+        .unwrap();
+    problem(empty, StatusCode::BAD_REQUEST).await;
+    assert!(demo.list("acme").await.is_empty());
+    demo.healthy().await;
+}
+
+#[tokio::test]
+async fn invalid_bodies_are_problems_never_panics() {
+    let demo = Demo::start().await;
+    let cases: &[(&str, StatusCode)] = &[
+        ("", StatusCode::BAD_REQUEST),
+        ("{", StatusCode::BAD_REQUEST),
+        ("\u{0}\u{1}binary", StatusCode::BAD_REQUEST),
+        ("[1, 2]", StatusCode::BAD_REQUEST),
+        ("\"amount\"", StatusCode::BAD_REQUEST),
+        (
+            r#"{"amount": 0, "currency": "EUR", "customer": "c1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": -5, "currency": "EUR", "customer": "c1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 1e300, "currency": "EUR", "customer": "c1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 18446744073709551616, "currency": "EUR", "customer": "c1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 5, "currency": "euro", "customer": "c1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR", "customer": "a\u0000b"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR", "customer": "c1", "delay_ms": 30001}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR", "customer": "c1", "fail": "permanent"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"amount": 5, "currency": "EUR", "customer": "c1", "amout": 5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    for (i, (body, status)) in cases.iter().enumerate() {
+        let key = format!("bad-{i}");
+        let response = demo
+            .post(Some("acme"), Some(&key), body)
+            .send()
+            .await
+            .unwrap();
+        let problem = problem(response, *status).await;
+        assert!(problem["detail"].is_string(), "{body}: {problem}");
+        // A 4xx is the request's final answer: replayed, still not charged.
+        let again = demo
+            .post(Some("acme"), Some(&key), body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), *status, "{body}");
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+    }
+    let huge = "x".repeat(idem_demo::app::MAX_BODY_BYTES + 1);
+    let response = demo
+        .post(Some("acme"), Some("huge"), &huge)
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::PAYLOAD_TOO_LARGE).await;
+    assert!(demo.list("acme").await.is_empty());
+    demo.healthy().await;
+}
+
+#[tokio::test]
+async fn transient_failure_charges_on_the_retry_only() {
+    let demo = Demo::start().await;
+    let body =
+        json!({"amount": 10, "currency": "EUR", "customer": "c9", "fail": "transient"}).to_string();
+    let first = demo
+        .post(Some("acme"), Some("t-1"), &body)
+        .send()
+        .await
+        .unwrap();
+    assert!(first.headers().contains_key("retry-after"));
+    problem(first, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(demo.list("acme").await.is_empty(), "a 503 charged nothing");
+    let retry = demo
+        .post(Some("acme"), Some("t-1"), &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    let paid: Payment = retry.json().await.unwrap();
+    let again = demo
+        .post(Some("acme"), Some("t-1"), &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Payment>().await.unwrap(), paid);
+    assert_eq!(demo.list("acme").await, vec![paid]);
+}
+
+#[tokio::test]
+async fn a_slow_charge_survives_its_client_and_answers_409_then_the_replay() {
+    let demo = Demo::start().await;
+    let body =
+        json!({"amount": 10, "currency": "EUR", "customer": "c9", "delay_ms": 400}).to_string();
+    let timed_out = demo
+        .post(Some("acme"), Some("s-1"), &body)
+        .timeout(std::time::Duration::from_millis(50))
+        .send()
+        .await;
+    assert!(timed_out.unwrap_err().is_timeout());
+    // The charge goes on server-side: the retry hears 409 until it is done.
+    let retry = demo
+        .post(Some("acme"), Some("s-1"), &body)
+        .send()
+        .await
+        .unwrap();
+    assert!(retry.headers().contains_key("retry-after"));
+    problem(retry, StatusCode::CONFLICT).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let paid = loop {
+        let response = demo
+            .post(Some("acme"), Some("s-1"), &body)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::CREATED {
+            assert_eq!(response.headers()["idempotent-replayed"], "true");
+            break response.json::<Payment>().await.unwrap();
+        }
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert!(std::time::Instant::now() < deadline, "never completed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(demo.list("acme").await, vec![paid]);
+}

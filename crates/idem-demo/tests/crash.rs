@@ -1,0 +1,759 @@
+//! Crash test: `idem-demo serve` as a child process, killed with SIGKILL at
+//! random moments (and aborting itself inside / right after charges), while
+//! concurrent clients retry every payment with the same key until a final
+//! answer; the server is restarted on the same store after every death.
+//!
+//! At the end, the payments ledger is compared with the logical payments:
+//! - SQLite and PostgreSQL (ledger and idempotency record committed in one
+//!   transaction): FAILS unless every logical payment was charged exactly
+//!   once (duplicates = 0), none was lost (lost = 0), every client's answer
+//!   is the payment charged, and no record is left in flight after its
+//!   lease. At least 200 kills each.
+//! - Redis (ledger in a separate SQLite file): the same, except that double
+//!   charges are MEASURED and printed, not failed on — that is the documented
+//!   at-least-once window (a crash after the ledger commit and before the
+//!   key's completion). Lost payments and stuck keys still fail.
+//!
+//! PostgreSQL and Redis are IGNORED with a banner when unreachable and FAIL
+//! under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`. Each run uses its own temp
+//! dir / schema / key prefix, removed at the end.
+//!
+//! Knobs (environment): `IDEM_CRASH_KILLS` (SIGKILLs per SQL backend,
+//! default 200, never below 200 under CI), `IDEM_CRASH_REDIS_KILLS` (default 60).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use idem_core::{IdempotencyKey, RecordKey, State, Store, Timestamp};
+use idem_demo::{Payment, scope_for};
+use idem_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+use idem_redis::{RedisConfig, RedisStore};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use reqwest::StatusCode;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_idem-demo");
+
+/// The lease of the servers under test: short, so keys abandoned by a
+/// killed server are taken over quickly.
+const LEASE_MS: u64 = 800;
+
+/// Concurrent clients.
+const CLIENTS: usize = 12;
+
+/// How long one logical payment may take to get its final answer.
+const PAYMENT_DEADLINE: Duration = Duration::from_secs(90);
+
+/// How long a server may take to start listening and answer `/health`.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+fn main() -> std::process::ExitCode {
+    let args = Arguments::from_args();
+    let kills = env_usize("IDEM_CRASH_KILLS", 200);
+    let kills = if idem_conformance::backends_required() {
+        kills.max(200)
+    } else {
+        kills
+    };
+    let redis_kills = env_usize("IDEM_CRASH_REDIS_KILLS", 60);
+    let trials = vec![
+        Trial::test("crash::sqlite", move || {
+            common::runtime().block_on(async move {
+                let dir = tempfile::tempdir().unwrap();
+                let db = dir.path().join("payments.db");
+                let target = Target {
+                    backend: Backend::Sqlite { db: db.clone() },
+                    args: vec!["--store".into(), format!("sqlite://{}", db.display())],
+                    dir: dir.path().to_path_buf(),
+                };
+                let figures = run(&target, &Plan::sql(kills)).await?;
+                println!("{figures}");
+                figures.require_exactly_once(kills)
+            })
+        }),
+        Trial::ignorable_test("crash::postgres", move || {
+            common::runtime().block_on(async move {
+                let url = common::postgres_url();
+                if let Err(why) = common::postgres_reachable(&url).await {
+                    return common::unreachable("crash::postgres", &why);
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let schema = common::unique("idem_demo_crash");
+                let target = Target {
+                    backend: Backend::Postgres {
+                        url: url.clone(),
+                        schema: schema.clone(),
+                    },
+                    args: vec![
+                        "--store".into(),
+                        url.clone(),
+                        "--pg-schema".into(),
+                        schema.clone(),
+                        "--pg-max-connections".into(),
+                        "8".into(),
+                    ],
+                    dir: dir.path().to_path_buf(),
+                };
+                let result = run(&target, &Plan::sql(kills)).await;
+                common::drop_postgres_schema(&url, &schema).await;
+                let figures = result?;
+                println!("{figures}");
+                figures.require_exactly_once(kills)?;
+                Ok(Completion::Completed)
+            })
+        }),
+        Trial::ignorable_test("crash::redis", move || {
+            common::runtime().block_on(async move {
+                let url = common::redis_url();
+                if let Err(why) = common::redis_reachable(&url).await {
+                    return common::unreachable("crash::redis", &why);
+                }
+                let mut all = Vec::new();
+                for plan in [Plan::redis_kills(redis_kills), Plan::redis_window(redis_kills / 2)] {
+                    let dir = tempfile::tempdir().unwrap();
+                    let prefix = format!("{}:", common::unique("idem-demo-crash"));
+                    let ledger = dir.path().join("ledger.db");
+                    let target = Target {
+                        backend: Backend::Redis {
+                            url: url.clone(),
+                            prefix: prefix.clone(),
+                        },
+                        args: vec![
+                            "--store".into(),
+                            url.clone(),
+                            "--redis-prefix".into(),
+                            prefix.clone(),
+                            "--ledger".into(),
+                            ledger.display().to_string(),
+                        ],
+                        dir: dir.path().to_path_buf(),
+                    };
+                    let result = run(&target, &plan).await;
+                    common::delete_redis_prefix(&url, &prefix).await;
+                    let figures = result?;
+                    println!("{figures}");
+                    figures.require_at_least_once()?;
+                    all.push(figures);
+                }
+                println!(
+                    "crash[redis]: MEASURED double charges (at-least-once window, not a failure): \
+                     {} after {} SIGKILLs alone; {} after {} SIGKILLs + {} aborts right after the ledger commit",
+                    all[0].extra_charges,
+                    all[0].kills,
+                    all[1].extra_charges,
+                    all[1].kills,
+                    all[1].aborts_after_charge
+                );
+                Ok(Completion::Completed)
+            })
+        }),
+    ];
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+enum Backend {
+    Sqlite { db: PathBuf },
+    Postgres { url: String, schema: String },
+    Redis { url: String, prefix: String },
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite { .. } => "sqlite",
+            Self::Postgres { .. } => "postgres",
+            Self::Redis { .. } => "redis",
+        }
+    }
+}
+
+/// One server configuration under test.
+struct Target {
+    backend: Backend,
+    /// `--store …` and the backend's options.
+    args: Vec<String>,
+    /// Temp dir for the server's log.
+    dir: PathBuf,
+}
+
+/// The fault schedule.
+#[derive(Clone, Debug)]
+struct Plan {
+    label: &'static str,
+    /// SIGKILLs to deliver.
+    kills: usize,
+    /// Random delay before each SIGKILL, ms.
+    kill_delay_ms: (u64, u64),
+    /// `--crash-in-charge`.
+    crash_in_charge: f64,
+    /// `--crash-after-charge`.
+    crash_after_charge: f64,
+}
+
+impl Plan {
+    fn sql(kills: usize) -> Self {
+        Self {
+            label: "SIGKILL at random + aborts inside and right after charges",
+            kills,
+            kill_delay_ms: (20, 160),
+            crash_in_charge: 0.08,
+            crash_after_charge: 0.08,
+        }
+    }
+
+    fn redis_kills(kills: usize) -> Self {
+        Self {
+            label: "SIGKILL at random only",
+            kills,
+            kill_delay_ms: (20, 160),
+            crash_in_charge: 0.0,
+            crash_after_charge: 0.0,
+        }
+    }
+
+    fn redis_window(kills: usize) -> Self {
+        Self {
+            label: "SIGKILL at random + aborts inside and right after charges",
+            kills,
+            kill_delay_ms: (20, 160),
+            crash_in_charge: 0.08,
+            crash_after_charge: 0.08,
+        }
+    }
+}
+
+/// What one run observed.
+#[derive(Debug, Default)]
+struct Figures {
+    backend: &'static str,
+    label: &'static str,
+    kills: u64,
+    /// Server exits seen while no SIGKILL was pending (an injected abort
+    /// may instead coincide with a SIGKILL: the log counts below are the
+    /// injected aborts themselves).
+    aborts: u64,
+    aborts_in_charge: u64,
+    aborts_after_charge: u64,
+    /// Client requests in flight at the moments of the SIGKILLs, summed.
+    requests_hit_by_kills: u64,
+    requests: u64,
+    logical: u64,
+    charges: u64,
+    /// Charges beyond the first of a logical payment.
+    extra_charges: u64,
+    /// Logical payments charged more than once.
+    duplicate_keys: u64,
+    lost: u64,
+    unanswered: u64,
+    inconsistent: u64,
+    unexpected: u64,
+    stuck: u64,
+    in_flight_left: u64,
+    elapsed: Duration,
+}
+
+impl fmt::Display for Figures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "crash[{}] ({}): kills = {}, injected aborts = {} inside a charge + {} right after a charge \
+             (server exits on its own: {}), \
+             requests = {}, requests in flight at the kills = {}, logical payments = {}, charges = {}, \
+             duplicates = {} (keys charged twice: {}), lost = {}, unanswered = {}, inconsistent answers = {}, \
+             unexpected charges = {}, stuck in flight after lease = {}, in flight at the end = {}, elapsed = {:.1} s",
+            self.backend,
+            self.label,
+            self.kills,
+            self.aborts_in_charge,
+            self.aborts_after_charge,
+            self.aborts,
+            self.requests,
+            self.requests_hit_by_kills,
+            self.logical,
+            self.charges,
+            self.extra_charges,
+            self.duplicate_keys,
+            self.lost,
+            self.unanswered,
+            self.inconsistent,
+            self.unexpected,
+            self.stuck,
+            self.in_flight_left,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+impl Figures {
+    /// SQLite / PostgreSQL: exactly once, through every crash.
+    fn require_exactly_once(&self, kills: usize) -> Result<(), Failed> {
+        let mut errors = self.at_least_once_errors();
+        if self.extra_charges != 0 || self.duplicate_keys != 0 {
+            errors.push(format!("duplicates = {}", self.extra_charges));
+        }
+        if self.inconsistent != 0 {
+            errors.push(format!("inconsistent answers = {}", self.inconsistent));
+        }
+        if self.kills < kills as u64 {
+            errors.push(format!("only {} kills", self.kills));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{}: {}", self.backend, errors.join("; ")).into())
+        }
+    }
+
+    /// Redis: nothing lost or stuck; double charges are measured only.
+    fn require_at_least_once(&self) -> Result<(), Failed> {
+        let errors = self.at_least_once_errors();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{}: {}", self.backend, errors.join("; ")).into())
+        }
+    }
+
+    fn at_least_once_errors(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut check = |bad: bool, what: String| {
+            if bad {
+                errors.push(what);
+            }
+        };
+        check(self.lost != 0, format!("lost = {}", self.lost));
+        check(
+            self.unanswered != 0,
+            format!("unanswered = {}", self.unanswered),
+        );
+        check(
+            self.unexpected != 0,
+            format!("unexpected charges = {}", self.unexpected),
+        );
+        check(self.stuck != 0, format!("stuck in flight = {}", self.stuck));
+        check(
+            self.in_flight_left != 0,
+            format!("in flight at the end = {}", self.in_flight_left),
+        );
+        check(self.logical == 0, "no payment was made".to_string());
+        check(self.kills == 0, "no kill was delivered".to_string());
+        errors
+    }
+}
+
+/// What the clients and the supervisor share.
+struct Shared {
+    /// `http://ADDR` of the current server.
+    base: RwLock<String>,
+    /// Set when the clients should stop starting new payments.
+    stop: AtomicBool,
+    /// Client requests currently in flight.
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    tenants: [String; 2],
+}
+
+/// One logical payment and the final answer its client got.
+struct Outcome {
+    tenant: String,
+    key: String,
+    amount: u64,
+    answer: Option<Payment>,
+}
+
+async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
+    let started = Instant::now();
+    let run_id = format!("{:08x}", fastrand::u32(..));
+    let log = target.dir.join(format!("server-{run_id}.log"));
+    let mut args = vec![
+        "serve".to_string(),
+        "--addr".into(),
+        "127.0.0.1:0".into(),
+        "--lease-ms".into(),
+        LEASE_MS.to_string(),
+        "--crash-in-charge".into(),
+        plan.crash_in_charge.to_string(),
+        "--crash-after-charge".into(),
+        plan.crash_after_charge.to_string(),
+    ];
+    args.extend(target.args.iter().cloned());
+    let supervisor = Supervisor {
+        args,
+        log: log.clone(),
+    };
+    let shared = Arc::new(Shared {
+        base: RwLock::new(String::new()),
+        stop: AtomicBool::new(false),
+        in_flight: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        tenants: [format!("crash-{run_id}-a"), format!("crash-{run_id}-b")],
+    });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
+
+    let (mut child, url) = supervisor.start(&http).await?;
+    *shared.base.write().unwrap() = url;
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|worker| tokio::spawn(client(worker, run_id.clone(), shared.clone(), http.clone())))
+        .collect();
+    let mut clients_done = tokio::spawn(futures_util::future::join_all(clients));
+
+    let mut figures = Figures {
+        backend: target.backend.name(),
+        label: plan.label,
+        ..Figures::default()
+    };
+    // The fault schedule: a random delay, then SIGKILL; a server that died
+    // on its own (an injected abort) is restarted without counting a kill.
+    while figures.kills < plan.kills as u64 {
+        let delay =
+            Duration::from_millis(fastrand::u64(plan.kill_delay_ms.0..=plan.kill_delay_ms.1));
+        tokio::select! {
+            _ = child.wait() => figures.aborts += 1,
+            () = tokio::time::sleep(delay) => {
+                figures.requests_hit_by_kills += shared.in_flight.load(Ordering::SeqCst);
+                child.start_kill().map_err(|e| format!("kill: {e}"))?;
+                let _ = child.wait().await;
+                figures.kills += 1;
+            }
+        }
+        let (next, url) = supervisor.start(&http).await?;
+        child = next;
+        *shared.base.write().unwrap() = url;
+    }
+
+    // Drain: no new payments; the ones under way retry to their final answer
+    // (the server may still abort on its own: restart it).
+    shared.stop.store(true, Ordering::SeqCst);
+    let drain_deadline = tokio::time::Instant::now() + PAYMENT_DEADLINE + Duration::from_secs(30);
+    let outcomes: Vec<Outcome> = loop {
+        tokio::select! {
+            done = &mut clients_done => {
+                break done
+                    .map_err(|e| format!("clients: {e}"))?
+                    .into_iter()
+                    .map(|r| r.map_err(|e| format!("client: {e}")))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            }
+            _ = child.wait() => {
+                figures.aborts += 1;
+                let (next, url) = supervisor.start(&http).await?;
+                child = next;
+                *shared.base.write().unwrap() = url;
+            }
+            () = tokio::time::sleep_until(drain_deadline) => {
+                return Err("the clients did not finish".into());
+            }
+        }
+    };
+    figures.requests = shared.requests.load(Ordering::SeqCst);
+    figures.logical = outcomes.len() as u64;
+
+    // The ledger, through the (last) server.
+    let base = shared.base.read().unwrap().clone();
+    let mut charged: HashMap<(String, String), Vec<Payment>> = HashMap::new();
+    for tenant in &shared.tenants {
+        for p in list(&http, &base, tenant).await? {
+            charged
+                .entry((tenant.clone(), p.idempotency_key.clone()))
+                .or_default()
+                .push(p);
+        }
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+
+    for o in &outcomes {
+        let rows = charged
+            .remove(&(o.tenant.clone(), o.key.clone()))
+            .unwrap_or_default();
+        figures.charges += rows.len() as u64;
+        figures.extra_charges += rows.len().saturating_sub(1) as u64;
+        figures.duplicate_keys += u64::from(rows.len() > 1);
+        figures.lost += u64::from(rows.is_empty());
+        match &o.answer {
+            None => figures.unanswered += 1,
+            // The answer is the payment charged (with several charges, one
+            // of them), with the client's amount.
+            Some(answer) => {
+                if !rows.contains(answer) || answer.amount != o.amount {
+                    figures.inconsistent += 1;
+                }
+            }
+        }
+    }
+    figures.unexpected = charged.values().map(|rows| rows.len() as u64).sum();
+
+    let (stuck, left) = in_flight_records(&target.backend, &outcomes).await?;
+    figures.stuck = stuck;
+    figures.in_flight_left = left;
+
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    figures.aborts_in_charge = log_text.matches("injected crash inside").count() as u64;
+    figures.aborts_after_charge = log_text.matches("injected crash after").count() as u64;
+    figures.elapsed = started.elapsed();
+    Ok(figures)
+}
+
+/// Starts servers.
+struct Supervisor {
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Supervisor {
+    /// Starts the server, waits for its `listening on` line and for
+    /// `/health` to answer 200 (polling, with a deadline).
+    async fn start(&self, http: &reqwest::Client) -> Result<(Child, String), Failed> {
+        let deadline = tokio::time::Instant::now() + START_DEADLINE;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("log: {e}"))?;
+        let mut child = Command::new(BIN)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("spawning {BIN}: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match tokio::time::timeout_at(deadline, lines.next_line()).await {
+                Ok(Ok(Some(line))) => {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        break url.trim().to_string();
+                    }
+                }
+                Ok(Ok(None) | Err(_)) => {
+                    let status = child.wait().await;
+                    return Err(format!(
+                        "the server exited before listening ({status:?}); log:\n{}",
+                        tail(&self.log)
+                    )
+                    .into());
+                }
+                Err(_) => {
+                    return Err(
+                        format!("the server did not start; log:\n{}", tail(&self.log)).into(),
+                    );
+                }
+            }
+        };
+        // Keep reading stdout, so the server never writes to a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        loop {
+            let health = http
+                .get(format!("{url}/health"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if health.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return Ok((child, url));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(
+                    format!("{url}/health never answered; log:\n{}", tail(&self.log)).into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// One client: logical payments one after another, each retried with the
+/// same key and body until a final answer.
+async fn client(
+    worker: usize,
+    run_id: String,
+    shared: Arc<Shared>,
+    http: reqwest::Client,
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    let mut n = 0usize;
+    while !shared.stop.load(Ordering::SeqCst) {
+        n += 1;
+        let tenant = shared.tenants[n % 2].clone();
+        let key = format!("{run_id}-w{worker}-{n}");
+        let amount = fastrand::u64(1..100_000);
+        // Half the payments are slow charges, so kills land mid-charge.
+        let delay_ms = if fastrand::bool() {
+            fastrand::u64(20..=250)
+        } else {
+            0
+        };
+        let body = serde_json::json!({
+            "amount": amount, "currency": "EUR", "customer": format!("c{worker}"),
+            "delay_ms": delay_ms,
+        })
+        .to_string();
+        let deadline = Instant::now() + PAYMENT_DEADLINE;
+        let answer = loop {
+            if Instant::now() >= deadline {
+                break None;
+            }
+            let base = shared.base.read().unwrap().clone();
+            shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            shared.requests.fetch_add(1, Ordering::SeqCst);
+            let result = async {
+                let response = http
+                    .post(format!("{base}/payments"))
+                    .bearer_auth(&tenant)
+                    .header("Idempotency-Key", &key)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .timeout(Duration::from_secs(15))
+                    .send()
+                    .await?;
+                let status = response.status();
+                Ok::<_, reqwest::Error>((status, response.text().await?))
+            }
+            .await;
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            match result {
+                Ok((StatusCode::CREATED, text)) => {
+                    break serde_json::from_str::<Payment>(&text).ok();
+                }
+                // A final refusal: never expected here (same body every time).
+                Ok((StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST, _)) => break None,
+                // 409, 503, or the server died: retry the same request.
+                _ => tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=30))).await,
+            }
+        };
+        outcomes.push(Outcome {
+            tenant,
+            key,
+            amount,
+            answer,
+        });
+    }
+    outcomes
+}
+
+async fn list(http: &reqwest::Client, base: &str, tenant: &str) -> Result<Vec<Payment>, Failed> {
+    let response = http
+        .get(format!("{base}/payments"))
+        .bearer_auth(tenant)
+        .send()
+        .await
+        .map_err(|e| format!("GET /payments: {e}"))?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("GET /payments: {}", response.status()).into());
+    }
+    Ok(response
+        .json()
+        .await
+        .map_err(|e| format!("GET /payments: {e}"))?)
+}
+
+fn now_ms() -> i64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    i64::try_from(ms).unwrap()
+}
+
+/// (records in flight whose lease has lapsed, records in flight at all),
+/// read from the store itself.
+async fn in_flight_records(backend: &Backend, outcomes: &[Outcome]) -> Result<(u64, u64), Failed> {
+    match backend {
+        Backend::Sqlite { db } => {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || {
+                let conn = idem_sqlite::rusqlite::Connection::open(&db)?;
+                let now = now_ms();
+                let stuck: i64 = conn.query_row(
+                    "SELECT count(*) FROM idem_records WHERE state = 'in_flight' AND lease_deadline < ?1",
+                    [now],
+                    |r| r.get(0),
+                )?;
+                let left: i64 = conn.query_row(
+                    "SELECT count(*) FROM idem_records WHERE state = 'in_flight'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok::<_, idem_sqlite::rusqlite::Error>((stuck as u64, left as u64))
+            })
+            .await
+            .map_err(|e| format!("{e}"))?
+            .map_err(|e| format!("reading idem_records: {e}").into())
+        }
+        Backend::Postgres { url, schema } => {
+            let mut conn = PgConnection::connect(url)
+                .await
+                .map_err(|e| format!("{e}"))?;
+            let table = format!("\"{schema}\".idempotency_records");
+            let stuck: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table} WHERE state = 'in_flight' AND lease_deadline < $1"
+            )))
+            .bind(now_ms())
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| format!("{e}"))?;
+            let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table} WHERE state = 'in_flight'"
+            )))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| format!("{e}"))?;
+            let _ = conn.close().await;
+            Ok((stuck as u64, left as u64))
+        }
+        Backend::Redis { url, prefix } => {
+            // Every key the clients used, read through the store.
+            let store = RedisStore::connect(url, RedisConfig::new().with_prefix(prefix.clone()))
+                .await
+                .map_err(|e| format!("{e}"))?;
+            let now = Timestamp::from_millis(now_ms() as u64);
+            let (mut stuck, mut left) = (0, 0);
+            for o in outcomes {
+                let key = IdempotencyKey::parse(&o.key).map_err(|e| format!("{e}"))?;
+                let record_key = RecordKey::new(&scope_for(&o.tenant), &key);
+                let record = store
+                    .get(&record_key, now)
+                    .await
+                    .map_err(|e| format!("{e}"))?;
+                if let Some(v) = record
+                    && let State::InFlight { lease_deadline, .. } = v.record.state
+                {
+                    left += 1;
+                    stuck += u64::from(lease_deadline < now);
+                }
+            }
+            Ok((stuck, left))
+        }
+    }
+}

@@ -1,0 +1,430 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Slowloris-style requests (issue 9, item 4): a client that sends the
+//! headers and part of the body, then stalls or disconnects, must not hold
+//! an idempotency key.
+//!
+//! `idem-tower` reads the whole body (it is part of the fingerprint) before
+//! it claims the key, so a stalled body holds no lease and no record; these
+//! tests prove it through the store, over raw TCP on a real loopback port,
+//! for the in-memory store and SQLite. The layer has no body-read timeout of
+//! its own (nor does `axum::serve`): a stalled client holds its connection
+//! and the bytes sent so far (at most `max_body_bytes`) until it goes away;
+//! the last tests show the mitigation, a timeout outside the layer, and what
+//! a client that disconnects while the handler runs does to the key.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt as _;
+use idem_core::{
+    Clock, Engine, IdempotencyKey, MemoryStore, RecordKey, Scope, State as KeyState, Store,
+    Versioned,
+};
+use idem_sqlite::SqliteStore;
+use idem_tower::{IdempotencyLayer, PROBLEM_JSON, ProblemType};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    Sqlite,
+}
+
+const BACKENDS: [Backend; 2] = [Backend::Memory, Backend::Sqlite];
+
+/// The body every request of these tests sends: 100 bytes of JSON.
+fn body() -> Vec<u8> {
+    let mut s = String::from(r#"{"amount":1000,"currency":"EUR"}"#);
+    s.insert_str(1, &" ".repeat(100 - s.len()));
+    s.into_bytes()
+}
+
+#[derive(Clone)]
+struct App {
+    engine: Arc<Engine<Arc<dyn Store>>>,
+    /// Request body bytes the server has read (counted outside the layer).
+    read: Arc<AtomicUsize>,
+    /// Times the payment handler ran.
+    executed: Arc<AtomicUsize>,
+    /// The slow handler signals here once it has done its side effect.
+    entered: Arc<Notify>,
+    /// The slow handler waits here (forever, unless a test notifies).
+    gate: Arc<Notify>,
+}
+
+async fn pay(State(app): State<App>, body: axum::body::Bytes) -> Response {
+    let n = app.executed.fetch_add(1, Ordering::SeqCst) + 1;
+    (
+        StatusCode::CREATED,
+        format!("payment {n} of {} bytes", body.len()),
+    )
+        .into_response()
+}
+
+/// Does its side effect (counts), then waits for the gate.
+async fn slow(State(app): State<App>) -> Response {
+    let n = app.executed.fetch_add(1, Ordering::SeqCst) + 1;
+    app.entered.notify_one();
+    app.gate.notified().await;
+    (StatusCode::CREATED, format!("slow payment {n}")).into_response()
+}
+
+fn scope() -> Scope {
+    Scope::tenant("slow-body")
+}
+
+struct Server {
+    app: App,
+    addr: SocketAddr,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Serves the app behind the layer; with `timeout`, behind a timeout
+/// middleware outside the layer as well (answering 408 when it fires).
+async fn start(backend: Backend, timeout: Option<Duration>) -> Server {
+    let (store, dir): (Arc<dyn Store>, _) = match backend {
+        Backend::Memory => (Arc::new(MemoryStore::new()), None),
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path().join("slow_body.db")).unwrap();
+            (Arc::new(store), Some(dir))
+        }
+    };
+    let app = App {
+        engine: Arc::new(Engine::new(store)),
+        read: Arc::new(AtomicUsize::new(0)),
+        executed: Arc::new(AtomicUsize::new(0)),
+        entered: Arc::new(Notify::new()),
+        gate: Arc::new(Notify::new()),
+    };
+    let layer = IdempotencyLayer::new(app.engine.clone(), |_: &http::request::Parts| Ok(scope()));
+    // Counts the body bytes as the layer reads them.
+    let read = app.read.clone();
+    let count = middleware::from_fn(move |req: Request<Body>, next: Next| {
+        let read = read.clone();
+        let (parts, body) = req.into_parts();
+        let body = body.map_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                read.fetch_add(data.len(), Ordering::SeqCst);
+            }
+            frame
+        });
+        next.run(Request::from_parts(parts, Body::new(body)))
+    });
+    let mut router = Router::new()
+        .route("/pay", post(pay))
+        .route("/slow", post(slow))
+        .with_state(app.clone())
+        .layer(layer)
+        .layer(count);
+    if let Some(limit) = timeout {
+        router = router.layer(middleware::from_fn(
+            move |req: Request<Body>, next: Next| async move {
+                match tokio::time::timeout(limit, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+                }
+            },
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Server {
+        app,
+        addr,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn record(&self, key: &str) -> Option<Versioned> {
+        let rk = RecordKey::new(&scope(), &IdempotencyKey::parse(key).unwrap());
+        let now = self.app.engine.clock().now();
+        self.app.engine.store().get(&rk, now).await.unwrap()
+    }
+
+    fn executions(&self) -> usize {
+        self.app.executed.load(Ordering::SeqCst)
+    }
+
+    /// Opens a connection and sends the head of a `path` request with `key`
+    /// announcing `Content-Length: 100`, plus the first `partial` body bytes.
+    async fn stall(&self, path: &str, key: &str, partial: usize) -> TcpStream {
+        let mut conn = TcpStream::connect(self.addr).await.unwrap();
+        let mut head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body().len()
+        )
+        .into_bytes();
+        head.extend_from_slice(&body()[..partial]);
+        conn.write_all(&head).await.unwrap();
+        conn
+    }
+
+    /// A complete request on a connection of its own.
+    async fn post(&self, path: &str, key: &str) -> Reply {
+        let mut conn = self.stall(path, key, body().len()).await;
+        read_reply(&mut conn).await
+    }
+
+    /// Waits until the server has read at least `n` body bytes in total.
+    async fn until_read(&self, n: usize) {
+        eventually(&format!("the server to read {n} body bytes"), || {
+            self.app.read.load(Ordering::SeqCst) >= n
+        })
+        .await;
+    }
+}
+
+/// Polls `check` until it holds, failing after 10 s of wall time.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.split("\r\n").skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+    fn replayed(&self) -> bool {
+        self.header("idempotent-replayed") == Some("true")
+    }
+}
+
+/// Reads a whole response (the request said `Connection: close`).
+async fn read_reply(conn: &mut TcpStream) -> Reply {
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf))
+        .await
+        .expect("no response within 10 s")
+        .unwrap();
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("incomplete response {:?}", String::from_utf8_lossy(&buf)));
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    Reply {
+        status,
+        head,
+        body: buf[end + 4..].to_vec(),
+    }
+}
+
+/// A client stalls after 40 of 100 body bytes: no record exists for its key
+/// (no lease held), and another request with the same key runs meanwhile.
+/// When the stalled client finally sends the rest, it gets that request's
+/// result, replayed: the handler ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_holds_no_lease() {
+    for backend in BACKENDS {
+        let server = start(backend, None).await;
+        let mut stalled = server.stall("/pay", "slow-1", 40).await;
+        server.until_read(40).await;
+        assert!(
+            server.record("slow-1").await.is_none(),
+            "{backend:?}: a record exists while the body is still arriving"
+        );
+        assert_eq!(server.executions(), 0);
+
+        let other = server.post("/pay", "slow-1").await;
+        assert_eq!(other.status, 201, "{backend:?}: {other:?}");
+        assert!(!other.replayed());
+        assert_eq!(server.executions(), 1);
+        let record = server.record("slow-1").await.unwrap();
+        assert!(matches!(record.record.state, KeyState::Completed { .. }));
+        assert_eq!(record.record.attempts, 1);
+
+        stalled.write_all(&body()[40..]).await.unwrap();
+        let late = read_reply(&mut stalled).await;
+        assert_eq!(late.status, 201, "{backend:?}: {late:?}");
+        assert!(late.replayed(), "{backend:?}: the late request ran again");
+        assert_eq!(late.body, other.body);
+        assert_eq!(server.executions(), 1, "{backend:?}");
+    }
+}
+
+/// A client disconnects in the middle of its body: nothing is stored, and
+/// the next request with the same key runs at once, as the key's first
+/// claim (no lease to wait out, no takeover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_body_leaves_nothing() {
+    for backend in BACKENDS {
+        let server = start(backend, None).await;
+        let stalled = server.stall("/pay", "gone-1", 60).await;
+        server.until_read(60).await;
+        drop(stalled);
+        assert!(server.record("gone-1").await.is_none(), "{backend:?}");
+        let next = server.post("/pay", "gone-1").await;
+        assert_eq!(next.status, 201, "{backend:?}: {next:?}");
+        assert!(!next.replayed());
+        let record = server.record("gone-1").await.unwrap();
+        assert_eq!(
+            record.record.attempts, 1,
+            "{backend:?}: a claim was taken over"
+        );
+        assert_eq!(server.executions(), 1);
+    }
+}
+
+/// Many stalled clients, on one key and on keys of their own: the store
+/// stays empty, and a normal request with each key runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_stalled_clients_hold_nothing() {
+    const STALLED: usize = 40;
+    for backend in BACKENDS {
+        let server = start(backend, None).await;
+        let mut conns = Vec::new();
+        for i in 0..STALLED {
+            let key = if i % 2 == 0 {
+                "shared".to_string()
+            } else {
+                format!("own-{i}")
+            };
+            conns.push(server.stall("/pay", &key, 1 + i % 99).await);
+        }
+        let expected: usize = (0..STALLED).map(|i| 1 + i % 99).sum();
+        server.until_read(expected).await;
+        for i in (1..STALLED).step_by(2) {
+            assert!(server.record(&format!("own-{i}")).await.is_none());
+        }
+        assert!(server.record("shared").await.is_none(), "{backend:?}");
+        assert_eq!(server.executions(), 0);
+        let shared = server.post("/pay", "shared").await;
+        let own = server.post("/pay", "own-1").await;
+        assert_eq!((shared.status, own.status), (201, 201), "{backend:?}");
+        assert!(!shared.replayed() && !own.replayed());
+        assert_eq!(server.executions(), 2);
+        drop(conns);
+    }
+}
+
+/// The mitigation for stalled bodies: a timeout outside the layer. It fires
+/// while the layer is still reading the body: the client gets 408, nothing
+/// was claimed or stored, and the key is free at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_outside_the_layer_cuts_a_stalled_body() {
+    for backend in BACKENDS {
+        let server = start(backend, Some(Duration::from_millis(300))).await;
+        let mut stalled = server.stall("/pay", "timed-1", 10).await;
+        let reply = read_reply(&mut stalled).await;
+        assert_eq!(reply.status, 408, "{backend:?}: {reply:?}");
+        assert!(server.record("timed-1").await.is_none(), "{backend:?}");
+        assert_eq!(server.executions(), 0);
+        let next = server.post("/pay", "timed-1").await;
+        assert_eq!(next.status, 201, "{backend:?}: {next:?}");
+        assert_eq!(server.record("timed-1").await.unwrap().record.attempts, 1);
+    }
+}
+
+/// What a client that disconnects *while the handler runs* does (hyper then
+/// drops the request's future, so the handler stops at its next await): the
+/// layer releases the key at once rather than leaving it in flight for a
+/// whole lease, so nothing is stuck, and a retry runs the handler again.
+/// A handler with a side effect outside the store's transaction must
+/// therefore be safe to cancel; see docs/reliability.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_while_the_handler_runs_releases_the_key() {
+    for backend in BACKENDS {
+        let server = start(backend, None).await;
+        let entered = server.app.entered.notified();
+        let conn = server.stall("/slow", "cancel-1", body().len()).await;
+        entered.await;
+        let held = server.record("cancel-1").await.unwrap();
+        assert!(
+            matches!(held.record.state, KeyState::InFlight { .. }),
+            "{backend:?}: {:?}",
+            held.record.state
+        );
+        drop(conn);
+        // The release runs in the background once hyper drops the future.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.record("cancel-1").await.is_some() {
+            assert!(Instant::now() < deadline, "{backend:?}: key still held");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(server.executions(), 1);
+        let entered = server.app.entered.notified();
+        let mut retry = server.stall("/slow", "cancel-1", body().len()).await;
+        entered.await;
+        server.app.gate.notify_one();
+        let reply = read_reply(&mut retry).await;
+        assert_eq!(reply.status, 201, "{backend:?}: {reply:?}");
+        assert!(!reply.replayed());
+        assert_eq!(
+            server.executions(),
+            2,
+            "{backend:?}: the retry after a cancelled handler runs it again"
+        );
+        let record = server.record("cancel-1").await.unwrap();
+        assert_eq!(record.record.attempts, 1, "a fresh claim, not a takeover");
+    }
+}
+
+/// A body that never ends, without `Content-Length` (chunked): the layer
+/// stops reading at its limit and answers 413, claiming nothing, however
+/// slowly the chunks arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_endless_chunked_body_is_cut_at_the_limit() {
+    for backend in BACKENDS {
+        let server = start(backend, None).await;
+        let mut conn = TcpStream::connect(server.addr).await.unwrap();
+        conn.write_all(
+            b"POST /pay HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+              Idempotency-Key: endless-1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let limit = idem_tower::DEFAULT_MAX_BODY_BYTES;
+        let chunk = vec![b' '; 64 * 1024];
+        let mut sent = 0;
+        // Send until the server answers (it stops reading past the limit).
+        while sent <= limit {
+            let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+            frame.extend_from_slice(&chunk);
+            frame.extend_from_slice(b"\r\n");
+            if conn.write_all(&frame).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+            assert!(
+                server.record("endless-1").await.is_none(),
+                "{backend:?}: claimed after {sent} body bytes"
+            );
+        }
+        let reply = read_reply(&mut conn).await;
+        assert_eq!(reply.status, 413, "{backend:?}: {reply:?}");
+        assert_eq!(reply.header("content-type"), Some(PROBLEM_JSON));
+        let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(json["type"], ProblemType::BodyTooLarge.uri());
+        assert!(server.record("endless-1").await.is_none());
+        assert_eq!(server.executions(), 0);
+    }
+}
