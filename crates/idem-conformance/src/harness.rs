@@ -1,8 +1,10 @@
 //! The runner: one libtest-style test per case, decided at run time.
 //!
-//! A case is ignored (never passed) when the backend is unreachable or the
-//! case does not apply to the backend's [`Capabilities`]; with `CI=true` or
+//! A case that does not apply to the backend's [`Capabilities`] is not
+//! registered (one stderr line lists such cases and why). Every case is
+//! ignored (never passed) when the backend is unreachable; with `CI=true` or
 //! `IDEM_REQUIRE_BACKENDS=1` an unreachable backend fails every case instead.
+//! So under CI, `0 ignored` is the rule: nothing that should run was skipped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -89,8 +91,9 @@ pub fn backends_required() -> bool {
     set("CI") || set("IDEM_REQUIRE_BACKENDS")
 }
 
-/// Which backends a case applies to. A case that does not apply is reported
-/// as ignored, with the reason, never as passed.
+/// Which backends a case applies to. A case that does not apply is not
+/// registered as a test (and reported as [`Verdict::NotApplicable`] by
+/// [`Suite::report`]), never as passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Requires {
@@ -184,8 +187,12 @@ pub enum Verdict {
     Passed,
     /// It failed; the message says which assertion and why.
     Failed(String),
-    /// It did not run; the reason says why (never counted as passed).
+    /// It did not run: the backend was unreachable (never counted as
+    /// passed).
     Ignored(String),
+    /// It does not apply to the backend's capabilities; the reason says why.
+    /// Not registered as a test by [`Suite::run`].
+    NotApplicable(String),
 }
 
 /// The verdict of one case.
@@ -222,9 +229,13 @@ impl Report {
     pub fn failed(&self) -> Vec<&str> {
         self.names(|v| matches!(v, Verdict::Failed(_)))
     }
-    /// The names of the cases that were ignored.
+    /// The names of the cases that were ignored (backend unreachable).
     pub fn ignored(&self) -> Vec<&str> {
         self.names(|v| matches!(v, Verdict::Ignored(_)))
+    }
+    /// The names of the cases that do not apply to the backend.
+    pub fn not_applicable(&self) -> Vec<&str> {
+        self.names(|v| matches!(v, Verdict::NotApplicable(_)))
     }
     /// The verdict of the case named `name`.
     pub fn verdict(&self, name: &str) -> Option<&Verdict> {
@@ -243,6 +254,13 @@ impl std::fmt::Display for Report {
                 Verdict::Ignored(why) => {
                     writeln!(f, "{}::{} ... ignored ({why})", self.backend, case.name)?;
                 }
+                Verdict::NotApplicable(why) => {
+                    writeln!(
+                        f,
+                        "{}::{} ... does not apply ({why})",
+                        self.backend, case.name
+                    )?;
+                }
                 Verdict::Failed(why) => {
                     writeln!(f, "{}::{} ... FAILED: {why}", self.backend, case.name)?;
                 }
@@ -257,6 +275,7 @@ enum Plan<F> {
     Run(Arc<F>, RunFn<F>),
     Ignore(String),
     Fail(String),
+    NotApplicable(String),
 }
 
 /// Builds the test list for one backend and runs it like `cargo test` would.
@@ -322,12 +341,13 @@ impl<F: StoreFactory> Suite<F> {
     /// Runs the suite with explicit arguments (for tests of the suite itself).
     pub fn run_with(self, args: &Arguments) -> libtest_mimic::Conclusion {
         let backend = self.factory.name();
+        let mut not_applicable = Vec::new();
         let trials = self
             .plan()
             .into_iter()
-            .map(|(name, plan)| {
+            .filter_map(|(name, plan)| {
                 let name = format!("{backend}::{name}");
-                match plan {
+                Some(match plan {
                     Plan::Run(factory, run) => {
                         Trial::test(name, move || run_case(factory, run).map_err(Failed::from))
                     }
@@ -335,9 +355,20 @@ impl<F: StoreFactory> Suite<F> {
                         Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
                     }
                     Plan::Fail(why) => Trial::test(name, move || Err(Failed::from(why))),
-                }
+                    Plan::NotApplicable(why) => {
+                        not_applicable.push(format!("{name} ({why})"));
+                        return None;
+                    }
+                })
             })
             .collect();
+        if !not_applicable.is_empty() {
+            eprintln!(
+                "idem-conformance: {} case(s) do not apply to {backend} and are not registered: {}",
+                not_applicable.len(),
+                not_applicable.join(", ")
+            );
+        }
         libtest_mimic::run(args, trials)
     }
 
@@ -368,6 +399,7 @@ impl<F: StoreFactory> Suite<F> {
                             },
                             Plan::Ignore(why) => Verdict::Ignored(why),
                             Plan::Fail(why) => Verdict::Failed(why),
+                            Plan::NotApplicable(why) => Verdict::NotApplicable(why),
                         };
                         results
                             .lock()
@@ -408,7 +440,7 @@ impl<F: StoreFactory> Suite<F> {
                 .map(|case| {
                     let plan = match case.requires.applies(&probe) {
                         Ok(()) => Plan::Run(self.factory.clone(), case.run),
-                        Err(why) => Plan::Ignore(format!("does not apply to {backend}: {why}")),
+                        Err(why) => Plan::NotApplicable(why.to_string()),
                     };
                     (case.name, plan)
                 })

@@ -14,10 +14,11 @@
 //! idem_conformance::conformance_main!(MyFactory::default());
 //! ```
 //!
-//! Cases that do not apply to a backend (see [`Requires`]) and every case of
-//! an unreachable backend are reported as ignored, with the reason, never as
-//! passed; with `CI=true` or `IDEM_REQUIRE_BACKENDS=1` an unreachable backend
-//! fails instead.
+//! Cases that do not apply to a backend (see [`Requires`]) are not
+//! registered (a stderr line lists them, with the reason). Every case of an
+//! unreachable backend is reported as ignored, never as passed; with
+//! `CI=true` or `IDEM_REQUIRE_BACKENDS=1` an unreachable backend fails
+//! instead.
 //!
 //! Environment variables read at run time:
 //!
