@@ -76,7 +76,7 @@ fn main() -> std::process::ExitCode {
                     args: vec!["--store".into(), format!("sqlite://{}", db.display())],
                     dir: dir.path().to_path_buf(),
                 };
-                let figures = run(&target, &Plan::sql(kills)).await?;
+                let figures = run(&target, &Plan::with_aborts(kills)).await?;
                 println!("{figures}");
                 figures.require_exactly_once(kills)
             })
@@ -104,7 +104,7 @@ fn main() -> std::process::ExitCode {
                     ],
                     dir: dir.path().to_path_buf(),
                 };
-                let result = run(&target, &Plan::sql(kills)).await;
+                let result = run(&target, &Plan::with_aborts(kills)).await;
                 common::drop_postgres_schema(&url, &schema).await;
                 let figures = result?;
                 println!("{figures}");
@@ -119,7 +119,7 @@ fn main() -> std::process::ExitCode {
                     return common::unreachable("crash::redis", &why);
                 }
                 let mut all = Vec::new();
-                for plan in [Plan::redis_kills(redis_kills), Plan::redis_window(redis_kills / 2)] {
+                for plan in [Plan::kills_only(redis_kills), Plan::with_aborts(redis_kills / 2)] {
                     let dir = tempfile::tempdir().unwrap();
                     let prefix = format!("{}:", common::unique("idem-demo-crash"));
                     let ledger = dir.path().join("ledger.db");
@@ -208,33 +208,24 @@ struct Plan {
 }
 
 impl Plan {
-    fn sql(kills: usize) -> Self {
+    /// SIGKILLs at random, plus aborts inside and right after charges.
+    fn with_aborts(kills: usize) -> Self {
         Self {
             label: "SIGKILL at random + aborts inside and right after charges",
-            kills,
-            kill_delay_ms: (20, 160),
             crash_in_charge: 0.08,
             crash_after_charge: 0.08,
+            ..Self::kills_only(kills)
         }
     }
 
-    fn redis_kills(kills: usize) -> Self {
+    /// SIGKILLs at random only.
+    fn kills_only(kills: usize) -> Self {
         Self {
             label: "SIGKILL at random only",
             kills,
             kill_delay_ms: (20, 160),
             crash_in_charge: 0.0,
             crash_after_charge: 0.0,
-        }
-    }
-
-    fn redis_window(kills: usize) -> Self {
-        Self {
-            label: "SIGKILL at random + aborts inside and right after charges",
-            kills,
-            kill_delay_ms: (20, 160),
-            crash_in_charge: 0.08,
-            crash_after_charge: 0.08,
         }
     }
 }
