@@ -9,6 +9,8 @@
 mod minimal;
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use idem_conformance::{Report, StoreFactory, Suite, Unavailable, Verdict};
@@ -230,6 +232,9 @@ const FLAWS: &[(Flaw, &str, &[&str])] = &[
 struct Flawed {
     inner: MemoryStore,
     flaw: Flaw,
+    /// `CasNotAtomic`: how many CAS calls have read so far (shared by the
+    /// instances over the same records).
+    cas_reads: Arc<AtomicUsize>,
 }
 
 impl Flawed {
@@ -400,11 +405,19 @@ impl Store for Flawed {
             },
             Flaw::CasNotAtomic => {
                 let seen = self.inner.get(&key, now).await?;
-                // A network round trip between the read and the write (the
-                // flaw's window). A yield alone left the window so narrow
-                // that, on a loaded machine, the racing tasks sometimes ran
-                // one after another and the flaw went unseen.
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                // The flaw's window, held open deterministically: after its
+                // read, a call waits (yielding, bounded) until another call
+                // has read too, so racing calls all read before any writes,
+                // as they would across a network round trip. A single yield
+                // left the window so narrow that on a loaded machine the
+                // racers sometimes ran one after another.
+                let mine = self.cas_reads.fetch_add(1, Ordering::SeqCst) + 1;
+                for _ in 0..10_000 {
+                    if self.cas_reads.load(Ordering::SeqCst) > mine {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
                 match seen {
                     Some(current) if current.revision == expected => {
                         // Writes whatever is there now, as GET-then-SET would.
@@ -502,6 +515,7 @@ impl StoreFactory for FlawedFactory {
         Ok(Flawed {
             inner: MemoryStore::new(),
             flaw: self.0,
+            cas_reads: Arc::default(),
         })
     }
     async fn reopen(&self, store: &Flawed) -> Result<Option<Flawed>, Unavailable> {
@@ -509,6 +523,7 @@ impl StoreFactory for FlawedFactory {
             return Ok(Some(Flawed {
                 inner: MemoryStore::new(),
                 flaw: self.0,
+                cas_reads: Arc::default(),
             }));
         }
         Ok(Some(store.clone()))
