@@ -11,7 +11,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::Record;
+use crate::{Record, State};
 
 /// The tag of the current format: bincode 2, standard configuration
 /// (little-endian, variable-length integers).
@@ -69,7 +69,39 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 
 /// Encodes a record (for stores that keep it as one blob).
 pub fn encode_record(record: &Record) -> Result<Vec<u8>, CodecError> {
-    encode(record)
+    let mut out = Vec::with_capacity(encoded_record_len_hint(record));
+    encode_record_into(record, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the encoding of `record` (the same bytes as
+/// [`encode_record`]) to `out`, so that a store can put a header of its own
+/// in front of it without a second copy.
+///
+/// # Behavior
+/// Reserves room for the whole encoding first ([`encoded_record_len_hint`]),
+/// so a 1 MiB outcome is copied once. On error, `out` may hold a partial
+/// encoding after its original contents.
+pub fn encode_record_into(record: &Record, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.reserve(encoded_record_len_hint(record));
+    out.push(FORMAT_V1);
+    bincode::serde::encode_into_std_write(record, out, config()).map_err(CodecError::Encode)?;
+    Ok(())
+}
+
+/// An upper bound of the length of [`encode_record`]'s output: the
+/// outcome's length plus the most the fixed fields can take.
+pub fn encoded_record_len_hint(record: &Record) -> usize {
+    // Varint sizes: tag 1, fingerprint 32, state variant 1, token up to
+    // 17, then a lease deadline up to 9 or a failure kind 1 and the
+    // outcome's length up to 9, three timestamps up to 9 each, attempts up
+    // to 5: at most 93 besides the outcome.
+    const FIXED: usize = 128;
+    let outcome = match &record.state {
+        State::InFlight { .. } => 0,
+        State::Completed { outcome, .. } | State::Failed { outcome, .. } => outcome.len(),
+    };
+    FIXED + outcome
 }
 
 /// Decodes a record written by [`encode_record`].
@@ -106,6 +138,28 @@ mod tests {
         // The outcome is stored as raw bytes, not one varint per byte.
         assert!(bytes.len() < 1100, "{}", bytes.len());
         assert_eq!(decode_record(&bytes).unwrap(), record());
+    }
+
+    #[test]
+    fn encode_into_appends_the_same_bytes_within_the_hint() {
+        let claim = Record::new_claim(
+            Fingerprint::of(b"req"),
+            FencingToken::from_u128(u128::MAX),
+            Timestamp::from_millis(u64::MAX / 2),
+            &Policy::default(),
+        );
+        for record in [record(), claim] {
+            let alone = encode_record(&record).unwrap();
+            assert!(
+                alone.len() <= encoded_record_len_hint(&record),
+                "{}",
+                alone.len()
+            );
+            let mut out = b"head".to_vec();
+            encode_record_into(&record, &mut out).unwrap();
+            assert_eq!(&out[..4], b"head");
+            assert_eq!(&out[4..], &alone[..]);
+        }
     }
 
     #[test]

@@ -569,8 +569,11 @@ impl RedisStore {
     /// Runs `lua` over `key` by SHA, falling back to `EVAL` after `NOSCRIPT`.
     async fn eval(&self, lua: &Lua, key: &[u8], args: &[&[u8]]) -> Result<Reply, StoreError> {
         let build = |verb: &str, body: &str| {
-            let mut cmd = redis::cmd(verb);
-            cmd.arg(body).arg(1).arg(key);
+            // Sized up front: the value (1 KiB and more) is copied once.
+            let data = verb.len() + body.len() + 1 + key.len();
+            let data = data + args.iter().map(|a| a.len()).sum::<usize>();
+            let mut cmd = Cmd::with_capacity(4 + args.len(), data);
+            cmd.arg(verb).arg(body).arg(1).arg(key);
             for arg in args {
                 cmd.arg(*arg);
             }
@@ -623,8 +626,9 @@ impl RedisStore {
         px: u64,
         now: Timestamp,
     ) -> Result<Native, StoreError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(redis_key)
+        let mut cmd = Cmd::with_capacity(7, redis_key.len() + value.len() + 24);
+        cmd.arg("SET")
+            .arg(redis_key)
             .arg(value)
             .arg("NX")
             .arg("GET")

@@ -113,7 +113,7 @@
 //!
 //! | primitive | statements, inside the batch's transaction |
 //! |---|---|
-//! | `insert_if_absent` | `INSERT … ON CONFLICT (digest) DO UPDATE … WHERE <expired> RETURNING 1`; only when it wrote nothing, `SELECT` the live record |
+//! | `insert_if_absent` | `SELECT` the live record (a replay stops here); only when there is none, `INSERT … ON CONFLICT (digest) DO UPDATE … WHERE <expired> RETURNING 1` |
 //! | `get` | `SELECT … WHERE digest = ? AND <live>` |
 //! | `compare_and_swap` | `UPDATE … WHERE digest = ? AND revision = ? AND <live> RETURNING 1`; only on a conflict, `SELECT` the live record |
 //! | `delete_if` | `DELETE … WHERE digest = ? AND revision = ? AND <live>` |

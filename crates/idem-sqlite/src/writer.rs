@@ -245,16 +245,25 @@ fn exec(conn: &Connection, statement: &str) -> Result<(), SqliteError> {
 fn execute(conn: &Connection, sql: &Statements, op: Op) -> Result<Reply, SqliteError> {
     match op {
         Op::Insert { key, record, now } => {
+            let digest = &key.digest()[..];
+            let now = ts(now);
+            // Read first. An insert always runs in a `BEGIN IMMEDIATE` batch
+            // (`Op::writes`), which holds the database's write lock for every
+            // connection and process, so nothing can change between this
+            // read and the insert below;
+            // a replay (the key is live) costs one indexed read instead of an
+            // insert attempt and a read, and a new key one index probe more.
+            if let Some(existing) = get(conn, sql, digest, now)? {
+                return Ok(Reply::Inserted(Inserted::Exists(existing)));
+            }
             let cols = Columns::of(&record);
             let scope = key.scope();
-            let digest = &key.digest()[..];
             let (tenant, principal, operation, ikey) = (
                 scope.tenant_id(),
                 scope.principal(),
                 scope.operation(),
                 key.key().as_str(),
             );
-            let now = ts(now);
             let mut params: Vec<&dyn ToSql> = Vec::with_capacity(16);
             params.extend_from_slice(&[&digest, &tenant, &principal, &operation, &ikey]);
             params.extend_from_slice(&cols.params());
@@ -267,15 +276,13 @@ fn execute(conn: &Connection, sql: &Statements, op: Op) -> Result<Reply, SqliteE
             if wrote {
                 return Ok(Reply::Inserted(Inserted::Inserted));
             }
-            match get(conn, sql, digest, now)? {
-                Some(existing) => Ok(Reply::Inserted(Inserted::Exists(existing))),
-                // The insert found a live record and the read did not: the
-                // row's expiry cannot be read consistently.
-                None => Err(SqliteError::CorruptRow {
-                    table: sql.table.clone(),
-                    why: "the record is neither live nor expired".to_string(),
-                }),
-            }
+            // The read found no live record and the insert found one that is
+            // not expired either: the row's expiry cannot be read
+            // consistently.
+            Err(SqliteError::CorruptRow {
+                table: sql.table.clone(),
+                why: "the record is neither live nor expired".to_string(),
+            })
         }
         Op::Get { digest, now } => get(conn, sql, &digest, ts(now)).map(Reply::Got),
         Op::Cas {
