@@ -250,9 +250,9 @@ fn execute(conn: &Connection, sql: &Statements, op: Op) -> Result<Reply, SqliteE
             // Read first. An insert always runs in a `BEGIN IMMEDIATE` batch
             // (`Op::writes`), which holds the database's write lock for every
             // connection and process, so nothing can change between this
-            // read and the insert below;
-            // a replay (the key is live) costs one indexed read instead of an
-            // insert attempt and a read, and a new key one index probe more.
+            // read and the insert below. A replay (the key is live) costs
+            // one indexed read instead of an insert attempt and a read; a
+            // new key, one index probe more.
             if let Some(existing) = get(conn, sql, digest, now)? {
                 return Ok(Reply::Inserted(Inserted::Exists(existing)));
             }
