@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -29,6 +29,7 @@ use idem_core::{
     Clock, Engine, IdempotencyKey, MemoryStore, RecordKey, Scope, State as KeyState, Store,
     Versioned,
 };
+use idem_reliability::wait;
 use idem_sqlite::SqliteStore;
 use idem_tower::{IdempotencyLayer, PROBLEM_JSON, ProblemType};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -183,19 +184,13 @@ impl Server {
 
     /// Waits until the server has read at least `n` body bytes in total.
     async fn until_read(&self, n: usize) {
-        eventually(&format!("the server to read {n} body bytes"), || {
-            self.app.read.load(Ordering::SeqCst) >= n
-        })
+        let read = &self.app.read;
+        wait::until_true(
+            &format!("the server to read {n} body bytes"),
+            Duration::from_secs(10),
+            || async move { read.load(Ordering::SeqCst) >= n },
+        )
         .await;
-    }
-}
-
-/// Polls `check` until it holds, failing after 10 s of wall time.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -365,11 +360,12 @@ async fn a_client_gone_while_the_handler_runs_releases_the_key() {
         );
         drop(conn);
         // The release runs in the background once hyper drops the future.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while server.record("cancel-1").await.is_some() {
-            assert!(Instant::now() < deadline, "{backend:?}: key still held");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait::until_true(
+            &format!("{backend:?}: the key to be released"),
+            Duration::from_secs(10),
+            || async { server.record("cancel-1").await.is_none() },
+        )
+        .await;
         assert_eq!(server.executions(), 1);
         let entered = server.app.entered.notified();
         let mut retry = server.stall("/slow", "cancel-1", body().len()).await;

@@ -462,6 +462,23 @@ impl Opened {
     }
 }
 
+/// One `SCAN` page of the keys matching `pattern`: the next cursor (0 at the
+/// end) and the keys.
+async fn scan_page(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+    cursor: u64,
+) -> Result<(u64, Vec<Vec<u8>>), redis::RedisError> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(conn)
+        .await
+}
+
 /// Counts the keys under `prefix` on one server (SCAN skips keys Redis has
 /// already expired).
 async fn count_prefix(client: &redis::Client, prefix: &str) -> Result<u64, redis::RedisError> {
@@ -470,14 +487,7 @@ async fn count_prefix(client: &redis::Client, prefix: &str) -> Result<u64, redis
     let mut cursor: u64 = 0;
     let mut total = 0u64;
     loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
+        let (next, keys) = scan_page(&mut conn, &pattern, cursor).await?;
         total += keys.len() as u64;
         if next == 0 {
             return Ok(total);
@@ -495,14 +505,7 @@ async fn unlink_prefix(client: &redis::Client, prefix: &str) -> Result<(), redis
     let pattern = format!("{prefix}*");
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
+        let (next, keys) = scan_page(&mut conn, &pattern, cursor).await?;
         if !keys.is_empty() {
             let mut pipe = redis::pipe();
             for key in &keys {
