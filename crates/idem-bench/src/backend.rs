@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{RecordKey, Store};
 
-use crate::{BenchError, Plan};
+use crate::{BenchError, Plan, Workload};
 
 /// The raw store commands that bound what any idempotency layer can do: one
 /// atomic write to claim a key, one to store the outcome, one read to replay.
@@ -88,8 +88,16 @@ pub trait Instance: Send + Sync {
 /// A backend under benchmark.
 #[async_trait]
 pub trait Backend: Send + Sync {
-    /// Its name in the report (`memory`, `sqlite`, `postgres`, `redis`, `redis-cluster`).
+    /// Its name in the report (`memory`, `sqlite`, `postgres`,
+    /// `postgres-read-first`, `redis`, `redis-cluster`).
     fn name(&self) -> &'static str;
+
+    /// Whether `workload` says anything about this backend (a variant of
+    /// another backend skips what it shares with it).
+    fn measures(&self, workload: Workload) -> bool {
+        let _ = workload;
+        true
+    }
 
     /// The concurrency levels of the fresh and replay measurements.
     fn concurrencies(&self, plan: &Plan) -> Vec<usize> {

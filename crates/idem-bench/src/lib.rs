@@ -77,6 +77,9 @@ pub enum BackendKind {
     Sqlite,
     /// `idem-postgres`, in a schema of its own.
     Postgres,
+    /// `idem-postgres` in [`ClaimMode::ReadFirst`](idem_postgres::ClaimMode::ReadFirst)
+    /// (fresh, replay and hot key only: the rest does not depend on the mode).
+    PostgresReadFirst,
     /// `idem-redis` on a standalone server, under a key prefix of its own.
     Redis,
     /// `idem-redis` on a Redis Cluster (`IDEM_REDIS_CLUSTER_URLS`).
@@ -85,20 +88,23 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// Every backend, in report order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Memory,
         Self::Sqlite,
         Self::Postgres,
+        Self::PostgresReadFirst,
         Self::Redis,
         Self::RedisCluster,
     ];
 
-    /// The backend's name (`memory`, `sqlite`, `postgres`, `redis`, `redis-cluster`).
+    /// The backend's name (`memory`, `sqlite`, `postgres`,
+    /// `postgres-read-first`, `redis`, `redis-cluster`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Memory => "memory",
             Self::Sqlite => "sqlite",
             Self::Postgres => "postgres",
+            Self::PostgresReadFirst => "postgres-read-first",
             Self::Redis => "redis",
             Self::RedisCluster => "redis-cluster",
         }

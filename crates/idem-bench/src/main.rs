@@ -17,11 +17,12 @@ struct Args {
     /// A few operations of everything: the harness's self-test.
     #[arg(long)]
     tiny: bool,
-    /// Backends to measure, comma-separated: memory,sqlite,postgres,redis,redis-cluster.
+    /// Backends to measure, comma-separated:
+    /// memory,sqlite,postgres,postgres-read-first,redis,redis-cluster.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "memory,sqlite,postgres,redis,redis-cluster"
+        default_value = "memory,sqlite,postgres,postgres-read-first,redis,redis-cluster"
     )]
     backends: Vec<String>,
     /// Workloads to run, comma-separated (default all):
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
             Some(kind) => backends.push(kind),
             None => {
                 eprintln!(
-                    "idem-bench: unknown backend {name:?}; known: memory, sqlite, postgres, redis, redis-cluster"
+                    "idem-bench: unknown backend {name:?}; known: memory, sqlite, postgres, postgres-read-first, redis, redis-cluster"
                 );
                 return ExitCode::from(2);
             }

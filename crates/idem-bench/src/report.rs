@@ -274,7 +274,7 @@ impl Report {
         let mut checks = Vec::new();
         for b in self.backends.iter().filter(|b| b.status == Status::Ok) {
             let floor = match b.name.as_str() {
-                "redis" | "redis-cluster" | "postgres" => Some(0.85),
+                "redis" | "redis-cluster" | "postgres" | "postgres-read-first" => Some(0.85),
                 "sqlite" => Some(0.80),
                 _ => None,
             };

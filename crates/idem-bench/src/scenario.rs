@@ -421,6 +421,11 @@ fn progress(backend: &dyn Backend, what: &str) {
 
 /// Runs every measurement of `backend`; a backend that cannot be reached is
 /// reported as skipped.
+/// Whether `workload` runs on `backend` in this plan.
+fn runs(backend: &dyn Backend, plan: &Plan, workload: Workload) -> bool {
+    plan.runs(workload) && backend.measures(workload)
+}
+
 pub(crate) async fn bench_backend(backend: &dyn Backend, plan: &Plan) -> BackendReport {
     let mut report = BackendReport {
         name: backend.name().to_string(),
@@ -445,21 +450,21 @@ pub(crate) async fn bench_backend(backend: &dyn Backend, plan: &Plan) -> Backend
         report.errors.push(format!("cleanup: {e}"));
     }
     progress(backend, "main workloads done");
-    if plan.runs(Workload::Scaling) {
+    if runs(backend, plan, Workload::Scaling) {
         match scaling(backend, plan).await {
             Ok(s) => report.scaling = Some(s),
             Err(e) => report.errors.push(format!("scaling: {e}")),
         }
         progress(backend, "scaling done");
     }
-    if plan.runs(Workload::Purge) {
+    if runs(backend, plan, Workload::Purge) {
         match purge(backend, plan).await {
             Ok(p) => report.purge = Some(p),
             Err(e) => report.errors.push(format!("purge: {e}")),
         }
         progress(backend, "purge done");
     }
-    if plan.runs(Workload::Memory) {
+    if runs(backend, plan, Workload::Memory) {
         match memory(backend, plan).await {
             Ok(m) => report.memory = m,
             Err(e) => report.errors.push(format!("memory: {e}")),
@@ -485,7 +490,7 @@ async fn main_measurements(
     let warm_c = backend.concurrencies(plan).into_iter().max().unwrap_or(1);
     run_concurrent(warm_c, warm, &w.ids, &raw_fresh).await?;
     run_concurrent(warm_c, warm, &w.ids, &idem_fresh).await?;
-    if plan.runs(Workload::Fresh) {
+    if runs(backend, plan, Workload::Fresh) {
         for c in backend.concurrencies(plan) {
             report.fresh.push(
                 compare(
@@ -504,12 +509,12 @@ async fn main_measurements(
     }
     let idem_replay = w.idem_replay(plan.replay_keys);
     let raw_replay = w.raw_replay_with(Arc::clone(&raw), plan.replay_keys);
-    if plan.runs(Workload::Replay) || plan.runs(Workload::Architecture) {
+    if runs(backend, plan, Workload::Replay) || runs(backend, plan, Workload::Architecture) {
         w.fill_replay_set(plan.replay_keys).await?;
         run_concurrent(warm_c, warm, &w.ids, &raw_replay).await?;
         run_concurrent(warm_c, warm, &w.ids, &idem_replay).await?;
     }
-    if plan.runs(Workload::Replay) {
+    if runs(backend, plan, Workload::Replay) {
         for c in backend.concurrencies(plan) {
             report.replay.push(
                 compare(
@@ -526,14 +531,14 @@ async fn main_measurements(
             progress(backend, &format!("replay c={c} done"));
         }
     }
-    if plan.runs(Workload::HotKey) {
+    if runs(backend, plan, Workload::HotKey) {
         match hot_key_pair(&w, plan).await {
             Ok(h) => report.hot_key = Some(h),
             Err(e) => report.errors.push(format!("hot key: {e}")),
         }
         progress(backend, "hot key done");
     }
-    if !plan.runs(Workload::Architecture) {
+    if !runs(backend, plan, Workload::Architecture) {
         return Ok(());
     }
     let levels = {

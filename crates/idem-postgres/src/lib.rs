@@ -66,17 +66,21 @@
 //!
 //! ## Statements and round trips
 //!
-//! Each primitive is **one statement**, hence one round trip once sqlx has
-//! prepared it on the connection (the first use of a statement on a
-//! connection adds one for `Parse`/`Describe`; sqlx caches it afterwards).
-//! No explicit transaction on the hot path: each statement is atomic on its
-//! own.
+//! Each primitive takes **one statement** on its happy path, hence one round
+//! trip once sqlx has prepared it on the connection (the first use of a
+//! statement on a connection adds one for `Parse`/`Describe`; sqlx caches it
+//! afterwards). No explicit transaction on the hot path: each statement is
+//! atomic on its own. Statements are plain `INSERT`/`UPDATE`/`SELECT` where
+//! one suffices: a data-modifying CTE costs the server 10–20% more than the
+//! plain statement (docs/benchmarks.md), so only the single-statement claim
+//! uses one.
 //!
 //! | primitive | statement |
 //! |---|---|
-//! | `insert_if_absent` | `WITH existing AS (SELECT … live) , inserted AS (INSERT … SELECT … WHERE NOT EXISTS (existing) ON CONFLICT (digest) DO UPDATE SET … WHERE <expired>) SELECT …` |
+//! | `insert_if_absent` ([`ClaimMode::SingleStatement`], default) | `WITH existing AS (SELECT … live) , inserted AS (INSERT … SELECT … WHERE NOT EXISTS (existing) ON CONFLICT (digest) DO UPDATE SET … WHERE <expired>) SELECT …` |
+//! | `insert_if_absent` ([`ClaimMode::ReadFirst`]) | the `get` statement; if it finds nothing, `INSERT … VALUES … ON CONFLICT (digest) DO UPDATE SET … WHERE <expired> RETURNING 1` |
 //! | `get` | `SELECT … WHERE digest = $1 AND <live>` |
-//! | `compare_and_swap` | `WITH updated AS (UPDATE … WHERE digest = $1 AND revision = $2 AND <live>) SELECT true FROM updated UNION ALL SELECT false, <live row> …` |
+//! | `compare_and_swap` | `UPDATE … WHERE digest = $1 AND revision = $2 AND <live>`; only if it matched nothing, the `get` statement, to report the conflict |
 //! | `delete_if` | `DELETE … WHERE digest = $1 AND revision = $2 AND <live>` |
 //! | `purge_expired` | `DELETE … WHERE ctid = ANY(ARRAY(SELECT ctid … <expired> LIMIT $n FOR UPDATE SKIP LOCKED)) AND <expired>` |
 //! | [`apply_in`](PostgresStore::apply_in) | `UPDATE … WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND <live>` |
@@ -85,11 +89,11 @@
 //!
 //! | step | round trips |
 //! |---|---|
-//! | claim of a new key (`begin`) | 1 |
-//! | replay of a finished key, or "in progress" (`begin`) | 1, **read-only**: no row lock, no WAL, no commit flush |
+//! | claim of a new key (`begin`) | 1 (2 with [`ClaimMode::ReadFirst`]) |
+//! | replay of a finished key, or "in progress" (`begin`) | 1, **read-only**: no row lock, no WAL, no commit flush (with [`ClaimMode::ReadFirst`], a plain `SELECT`) |
 //! | claim over an expired record (`begin`) | 1 |
 //! | takeover of a lapsed lease or retryable failure (`begin`) | 2 (read via the claim statement, then compare-and-swap) |
-//! | `complete`, `fail`, `extend` (heartbeat) | 1 |
+//! | `complete`, `fail`, `extend` (heartbeat) | 1 (2 when the lease was lost meanwhile: the `SELECT` that reports the conflict) |
 //! | `release` | 1 |
 //! | `apply_in` in the caller's transaction | 1 (plus 1 `SELECT` only when the lease was lost) |
 //! | `purge_expired` | 1 per batch |
@@ -126,13 +130,19 @@
 //!   snapshot gets no row at all: the live record is invisible to it (fact 1).
 //!   It then runs the statement again; the new statement's snapshot shows
 //!   the winner. That second round trip happens only in such races.
+//! - **Read-first claim** ([`ClaimMode::ReadFirst`]). A live record in the
+//!   `SELECT`'s snapshot is reported as it is (it was live during the call).
+//!   Otherwise the plain `INSERT … ON CONFLICT … DO UPDATE … WHERE
+//!   <expired>` decides on the latest version, as above; if a live record
+//!   committed after the `SELECT` is in its way, it returns no row (and
+//!   holds that row's lock until its own statement ends: only in such a
+//!   race), and the store reads again.
 //! - **Compare-and-swap.** The `UPDATE` matches the expected revision on the
 //!   latest version (fact 2), so of N concurrent swaps at most one wins. When
-//!   it matches nothing, the statement returns the live record from its
-//!   snapshot. If that record still carries the expected revision, the
-//!   snapshot predates the write that beat us: the statement runs again (a
-//!   race-only second round trip) rather than report a conflict with the
-//!   revision the caller expected.
+//!   it matches nothing, a `SELECT` reports the live record; being a new
+//!   statement, its snapshot includes the write that beat the update. Should
+//!   it still show the expected revision, the update runs again rather than
+//!   report a conflict with the revision the caller expected.
 //! - **Delete** and **purge** decide in the `DELETE` itself; purge re-checks
 //!   expiry on the row it deletes, so a record claimed again meanwhile is
 //!   never removed, and skips rows locked by other writers.
@@ -186,7 +196,7 @@ pub use names::{MAX_TABLE_LEN, NameError, TableName};
 /// [`PgConnection`](sqlx::PgConnection) and `Transaction`).
 pub use sqlx;
 pub use store::{
-    DEFAULT_MAX_RECORD_BYTES, DEFAULT_TIMEOUT, MAX_RECORD_BYTES_CEILING, PostgresStore,
+    ClaimMode, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TIMEOUT, MAX_RECORD_BYTES_CEILING, PostgresStore,
 };
 
 /// The store's name in errors.

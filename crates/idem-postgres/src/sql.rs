@@ -16,6 +16,13 @@ const SIGN: &str = "(-9223372036854775808)::bigint";
 pub(crate) const RECORD_COLUMNS: &str = "state, fingerprint, token, lease_deadline, outcome, \
      created_at, updated_at, expires_at, attempts, revision";
 
+/// The columns a claim inserts: the key, the scope and the record.
+const INSERT_COLUMNS: &str = "digest, tenant, principal, operation, \"key\", state, fingerprint, \
+     token, lease_deadline, outcome, created_at, updated_at, expires_at, attempts, revision";
+
+/// The placeholders of [`INSERT_COLUMNS`].
+const INSERT_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15";
+
 /// The record columns as typed NULLs (the branch of a `UNION` that has none).
 const NULL_COLUMNS: &str = "NULL::text, NULL::bytea, NULL::bytea, NULL::bigint, NULL::bytea, \
      NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint";
@@ -33,10 +40,14 @@ pub(crate) struct Statements {
     /// Claim: `$1` digest, `$2..$5` tenant, principal, operation, key,
     /// `$6..$15` the record columns, `$16` now. Returns `(inserted, record columns)`.
     pub(crate) insert: Arc<str>,
+    /// Claim after a read found nothing (`ClaimMode::ReadFirst`): the
+    /// parameters of `insert`; a row if it inserted (or replaced an expired
+    /// record), none if a live record is in place.
+    pub(crate) insert_only: Arc<str>,
     /// `$1` digest, `$2` now.
     pub(crate) get: Arc<str>,
     /// `$1` digest, `$2` expected revision, `$3..$12` the record columns, `$13` now.
-    /// Returns `(swapped, record columns)`.
+    /// One row affected if it swapped; when none, `get` tells why.
     pub(crate) cas: Arc<str>,
     /// `$1` digest, `$2` expected revision, `$3` now.
     pub(crate) delete: Arc<str>,
@@ -52,30 +63,40 @@ impl Statements {
     pub(crate) fn new(table: &TableName) -> Self {
         let t = table.to_string();
         let live = |col: &str, now: &str| format!("({col} # {SIGN}) > ({now} # {SIGN})");
+        // Inserts, or replaces an expired record (judged on the latest
+        // version of the row); a live record is left alone.
+        let on_conflict = format!(
+            "ON CONFLICT (digest) DO UPDATE SET \
+                 tenant = EXCLUDED.tenant, principal = EXCLUDED.principal, \
+                 operation = EXCLUDED.operation, \"key\" = EXCLUDED.\"key\", \
+                 state = EXCLUDED.state, fingerprint = EXCLUDED.fingerprint, \
+                 token = EXCLUDED.token, lease_deadline = EXCLUDED.lease_deadline, \
+                 outcome = EXCLUDED.outcome, created_at = EXCLUDED.created_at, \
+                 updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, \
+                 attempts = EXCLUDED.attempts, revision = EXCLUDED.revision \
+             WHERE NOT {live_cur} \
+             RETURNING 1",
+            live_cur = live("cur.expires_at", "$16"),
+        );
+        // The insert runs only when the snapshot shows no live record, so a
+        // replay never reaches `ON CONFLICT … DO UPDATE` (which locks the
+        // row even when its `WHERE` refuses the update).
         let insert = format!(
             "WITH existing AS (\
                 SELECT {RECORD_COLUMNS} FROM {t} \
                 WHERE digest = $1 AND {live_e}\
              ), inserted AS (\
-                INSERT INTO {t} AS cur (digest, tenant, principal, operation, \"key\", {RECORD_COLUMNS}) \
-                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 \
-                WHERE NOT EXISTS (SELECT 1 FROM existing) \
-                ON CONFLICT (digest) DO UPDATE SET \
-                    tenant = EXCLUDED.tenant, principal = EXCLUDED.principal, \
-                    operation = EXCLUDED.operation, \"key\" = EXCLUDED.\"key\", \
-                    state = EXCLUDED.state, fingerprint = EXCLUDED.fingerprint, \
-                    token = EXCLUDED.token, lease_deadline = EXCLUDED.lease_deadline, \
-                    outcome = EXCLUDED.outcome, created_at = EXCLUDED.created_at, \
-                    updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, \
-                    attempts = EXCLUDED.attempts, revision = EXCLUDED.revision \
-                WHERE NOT {live_cur} \
-                RETURNING 1\
+                INSERT INTO {t} AS cur ({INSERT_COLUMNS}) \
+                SELECT {INSERT_VALUES} WHERE NOT EXISTS (SELECT 1 FROM existing) \
+                {on_conflict}\
              ) \
              SELECT true, {NULL_COLUMNS} FROM inserted \
              UNION ALL \
              SELECT false, {RECORD_COLUMNS} FROM existing",
             live_e = live("expires_at", "$16"),
-            live_cur = live("cur.expires_at", "$16"),
+        );
+        let insert_only = format!(
+            "INSERT INTO {t} AS cur ({INSERT_COLUMNS}) VALUES ({INSERT_VALUES}) {on_conflict}"
         );
         let get = format!(
             "SELECT {RECORD_COLUMNS} FROM {t} WHERE digest = $1 AND {}",
@@ -86,15 +107,8 @@ impl Statements {
              attempts = $11, revision = $12";
         let live13 = live("expires_at", "$13");
         let cas = format!(
-            "WITH updated AS (\
-                UPDATE {t} SET {set_record} \
-                WHERE digest = $1 AND revision = $2 AND {live13} \
-                RETURNING 1\
-             ) \
-             SELECT true, {NULL_COLUMNS} FROM updated \
-             UNION ALL \
-             SELECT false, {RECORD_COLUMNS} FROM {t} \
-             WHERE digest = $1 AND {live13} AND NOT EXISTS (SELECT 1 FROM updated)"
+            "UPDATE {t} SET {set_record} \
+             WHERE digest = $1 AND revision = $2 AND {live13}"
         );
         let delete = format!(
             "DELETE FROM {t} WHERE digest = $1 AND revision = $2 AND {}",
@@ -124,6 +138,7 @@ impl Statements {
         );
         Self {
             insert: insert.into(),
+            insert_only: insert_only.into(),
             get: get.into(),
             cas: cas.into(),
             delete: delete.into(),

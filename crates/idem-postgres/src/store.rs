@@ -36,6 +36,38 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// transient error.
 const ROUNDS: usize = 16;
 
+/// How [`Store::insert_if_absent`] (the claim in [`Engine::begin`]) asks the
+/// server.
+///
+/// # Behavior
+/// Both modes are atomic and linearizable per key and pass the same
+/// conformance suite; they differ only in round trips and server work:
+///
+/// | | new key | replay or "in progress" |
+/// |---|---|---|
+/// | [`SingleStatement`](Self::SingleStatement) | 1 statement | 1 statement (the claim statement, which writes nothing) |
+/// | [`ReadFirst`](Self::ReadFirst) | 2 (a `SELECT` that finds nothing, then the claim statement) | 1 plain `SELECT` |
+///
+/// The claim statement (a data-modifying CTE) costs the server about half as
+/// much again as a plain `SELECT` even when it inserts nothing, and binds
+/// 16 parameters where the `SELECT` binds 2. `ReadFirst` therefore serves a
+/// replay with less CPU on both sides, and pays one more round trip for each
+/// new key. docs/benchmarks.md measures both.
+///
+/// [`Engine::begin`]: idem_core::Engine::begin
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ClaimMode {
+    /// One statement per claim, whatever it finds (the default): the fewest
+    /// round trips for new keys, which are most of the traffic.
+    #[default]
+    SingleStatement,
+    /// A `SELECT` of the live record first, the claim statement only when
+    /// there is none: cheaper replays (retry storms, redelivered messages),
+    /// one more round trip per new key.
+    ReadFirst,
+}
+
 /// A [`Store`] in a PostgreSQL table, through a sqlx [`PgPool`] shared with
 /// the application.
 ///
@@ -87,6 +119,7 @@ struct Inner {
     sql: Arc<Statements>,
     timeout: Option<Duration>,
     max_record_bytes: usize,
+    claim: ClaimMode,
 }
 
 impl PostgresStore {
@@ -104,6 +137,7 @@ impl PostgresStore {
                 table,
                 timeout: Some(DEFAULT_TIMEOUT),
                 max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+                claim: ClaimMode::default(),
             }),
         }
     }
@@ -156,6 +190,23 @@ impl PostgresStore {
     pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
         Arc::make_mut(&mut self.inner).max_record_bytes = bytes.min(MAX_RECORD_BYTES_CEILING);
         self
+    }
+
+    /// The same store claiming keys in `mode` (default
+    /// [`ClaimMode::SingleStatement`]).
+    ///
+    /// # Behavior
+    /// Changes only how many statements a claim takes (see [`ClaimMode`]);
+    /// stores in either mode can share one table at the same time.
+    #[must_use]
+    pub fn with_claim_mode(mut self, mode: ClaimMode) -> Self {
+        Arc::make_mut(&mut self.inner).claim = mode;
+        self
+    }
+
+    /// How this store claims keys.
+    pub fn claim_mode(&self) -> ClaimMode {
+        self.inner.claim
     }
 
     /// The pool (shared with the application).
@@ -375,6 +426,26 @@ impl PostgresStore {
         }
     }
 
+    /// The record live under `key` at `now`, read on `conn` (the `get`
+    /// statement).
+    async fn read_live(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        deadline: Deadline,
+        key: &RecordKey,
+        now: Timestamp,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.sql.get.clone()))
+            .bind(&key.digest()[..])
+            .bind(ts(now));
+        let result = self
+            .limit(deadline, query.fetch_optional(&mut **conn))
+            .await;
+        self.settle(conn, result)?
+            .map(|row| self.decode(&row, 0))
+            .transpose()
+    }
+
     fn decode(&self, row: &PgRow, first: usize) -> Result<Versioned, StoreError> {
         row::decode(row, first, self.inner.table.table())
     }
@@ -421,14 +492,33 @@ impl Store for PostgresStore {
     ) -> Result<Inserted, StoreError> {
         let cols = Columns::of(record);
         self.check_size(&cols)?;
-        let scope = key.scope();
-        let tenant = row::text(scope.tenant_id());
-        let principal = scope.principal().map(row::text);
-        let operation = scope.operation().map(row::text);
+        let read_first = self.inner.claim == ClaimMode::ReadFirst;
         let deadline = self.deadline();
         let mut conn = self.acquire(deadline).await?;
+        let mut owned = None;
         for round in 1..=ROUNDS {
-            let query = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
+            if read_first {
+                // A live record seen by this statement's snapshot was live
+                // during the call: reporting it is linearizable. Absent or
+                // expired: the insert below decides, on the latest version.
+                if let Some(found) = self.read_live(&mut conn, deadline, key, now).await? {
+                    return Ok(Inserted::Exists(found));
+                }
+            }
+            let (tenant, principal, operation) = owned.get_or_insert_with(|| {
+                let scope = key.scope();
+                (
+                    row::text(scope.tenant_id()),
+                    scope.principal().map(row::text),
+                    scope.operation().map(row::text),
+                )
+            });
+            let sql = if read_first {
+                &self.inner.sql.insert_only
+            } else {
+                &self.inner.sql.insert
+            };
+            let query = sqlx::query(AssertSqlSafe(sql.clone()))
                 .bind(&key.digest()[..])
                 .bind(tenant.as_ref())
                 .bind(principal.as_deref())
@@ -437,11 +527,11 @@ impl Store for PostgresStore {
             let query = bind_record(query, &cols).bind(ts(now));
             let result = self.limit(deadline, query.fetch_optional(&mut *conn)).await;
             match self.settle(&mut conn, result)? {
-                Some(row) if self.flag(&row)? => return Ok(Inserted::Inserted),
+                Some(row) if read_first || self.flag(&row)? => return Ok(Inserted::Inserted),
                 Some(row) => return Ok(Inserted::Exists(self.decode(&row, 1)?)),
                 // A live record was committed after this statement's snapshot
-                // (or expired one was replaced): the insert lost, but the
-                // snapshot cannot show the winner. A new statement can.
+                // (read first: after the read): the insert lost, but this
+                // statement cannot show the winner. A new one can.
                 None => tracing::debug!(round, "idem-postgres: insert lost a race; re-reading"),
             }
         }
@@ -451,13 +541,7 @@ impl Store for PostgresStore {
     async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
         let deadline = self.deadline();
         let mut conn = self.acquire(deadline).await?;
-        let query = sqlx::query(AssertSqlSafe(self.inner.sql.get.clone()))
-            .bind(&key.digest()[..])
-            .bind(ts(now));
-        let result = self.limit(deadline, query.fetch_optional(&mut *conn)).await;
-        self.settle(&mut conn, result)?
-            .map(|row| self.decode(&row, 0))
-            .transpose()
+        self.read_live(&mut conn, deadline, key, now).await
     }
 
     async fn compare_and_swap(
@@ -476,26 +560,25 @@ impl Store for PostgresStore {
                 .bind(&key.digest()[..])
                 .bind(expected.as_i64());
             let query = bind_record(query, &cols).bind(ts(now));
-            let result = self.limit(deadline, query.fetch_optional(&mut *conn)).await;
-            let Some(row) = self.settle(&mut conn, result)? else {
-                return Ok(Swapped::Conflict(None));
-            };
-            if self.flag(&row)? {
+            let result = self.limit(deadline, query.execute(&mut *conn)).await;
+            if self.settle(&mut conn, result)?.rows_affected() == 1 {
                 return Ok(Swapped::Swapped);
             }
-            let revision: Option<i64> = row
-                .try_get(10)
-                .map_err(|e| error::map(e, &self.inner.table))?;
-            if revision != Some(expected.as_i64()) {
-                return Ok(Swapped::Conflict(Some(self.decode(&row, 1)?)));
+            // No live row under `expected`, judged on the latest version.
+            // The read is a new statement, so its snapshot includes any
+            // write that beat the update.
+            match self.read_live(&mut conn, deadline, key, now).await? {
+                None => return Ok(Swapped::Conflict(None)),
+                Some(current) if current.revision != expected => {
+                    return Ok(Swapped::Conflict(Some(current)));
+                }
+                // `expected` is back (the update's snapshot was older than
+                // the record it expected): ask again.
+                Some(_) => tracing::debug!(
+                    round,
+                    "idem-postgres: compare_and_swap saw a stale snapshot; retrying"
+                ),
             }
-            // The snapshot still shows `expected`, but the update (which
-            // reads the latest version) found another one: a concurrent
-            // write committed after the snapshot. Ask again.
-            tracing::debug!(
-                round,
-                "idem-postgres: compare_and_swap saw a stale snapshot; re-reading"
-            );
         }
         Err(error::unsettled(ROUNDS, "compare_and_swap"))
     }

@@ -25,7 +25,7 @@ use idem_core::{
 use idem_faults::{Fault, FaultProxy};
 use idem_postgres::sqlx::postgres::PgConnectOptions;
 use idem_postgres::sqlx::{self, AssertSqlSafe, Row};
-use idem_postgres::{PostgresStore, TableName};
+use idem_postgres::{ClaimMode, PostgresStore, TableName};
 use support::{Factory, count};
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +35,11 @@ fn main() -> std::process::ExitCode {
             "store::one_statement_per_step",
             Requires::Always,
             one_statement_per_step,
+        )
+        .case(
+            "store::read_first_statements_per_step",
+            Requires::Always,
+            read_first_statements_per_step,
         )
         .case(
             "tx::commit_stores_record_and_business_row",
@@ -100,6 +105,16 @@ fn main() -> std::process::ExitCode {
             "race::insert_over_expired_behind_a_concurrent_claim_rereads",
             Requires::Always,
             insert_over_expired_behind_a_concurrent_claim,
+        )
+        .case(
+            "race::read_first_insert_behind_a_concurrent_insert_rereads",
+            Requires::Always,
+            read_first_insert_behind_a_concurrent_insert,
+        )
+        .case(
+            "race::read_first_insert_over_expired_behind_a_concurrent_claim_rereads",
+            Requires::Always,
+            read_first_insert_over_expired_behind_a_concurrent_claim,
         )
         .case(
             "race::concurrent_purges_remove_each_record_once",
@@ -881,7 +896,18 @@ async fn cas_behind_a_concurrent_commit(factory: Arc<Factory>) {
 /// claim starts; the claim's INSERT waits, then conflicts with a live
 /// record its snapshot cannot see. The result must be that record.
 async fn insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
-    let store = Arc::new(open(&factory).await);
+    insert_behind_a_concurrent_insert_in(open(&factory).await).await;
+}
+
+/// The same in [`ClaimMode::ReadFirst`]: the read finds nothing, the insert
+/// waits, then meets the committed record; the store reads again.
+async fn read_first_insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
+    let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
+    insert_behind_a_concurrent_insert_in(store).await;
+}
+
+async fn insert_behind_a_concurrent_insert_in(store: PostgresStore) {
+    let store = Arc::new(store);
     let (k, elsewhere) = (rkey("stale-insert"), rkey("stale-insert-source"));
     let theirs = completed(5, 5, T0, 60, b"theirs");
     store
@@ -921,7 +947,18 @@ async fn insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
 /// claim's snapshot sees it expired, its ON CONFLICT waits, then finds it
 /// live. The result must be the revived record, not a replacement.
 async fn insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
-    let store = Arc::new(open(&factory).await);
+    insert_over_expired_behind_a_concurrent_claim_in(open(&factory).await).await;
+}
+
+/// The same in [`ClaimMode::ReadFirst`]: the read sees the record expired,
+/// the insert's `ON CONFLICT` waits and then finds it live.
+async fn read_first_insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
+    let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
+    insert_over_expired_behind_a_concurrent_claim_in(store).await;
+}
+
+async fn insert_over_expired_behind_a_concurrent_claim_in(store: PostgresStore) {
+    let store = Arc::new(store);
     let k = rkey("stale-expired");
     store
         .insert_if_absent(&k, &completed(3, 3, T0, 1, b"old"), T0)
@@ -1082,7 +1119,21 @@ mod statements {
 /// claim, replay, "in progress", heartbeat, completion, release, read and
 /// purge batch, and inside the caller's transaction; two for a takeover.
 async fn one_statement_per_step(factory: Arc<Factory>) {
-    let store = open(&factory).await;
+    statements_per_step(open(&factory).await, 1).await;
+}
+
+/// The same steps in [`ClaimMode::ReadFirst`]: a claim of a new key is a
+/// `SELECT` that finds nothing plus the claim statement; everything else,
+/// replays and "in progress" included, is one statement.
+async fn read_first_statements_per_step(factory: Arc<Factory>) {
+    let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
+    assert_eq!(store.claim_mode(), ClaimMode::ReadFirst);
+    statements_per_step(store, 2).await;
+}
+
+/// Counts the statements of each engine step; a claim of a new key takes
+/// `new_claim`.
+async fn statements_per_step(store: PostgresStore, new_claim: usize) {
     let schema = format!("\"{}\"", store.table().schema());
     let clock = ManualClock::new(T0);
     let engine = engine(store.clone(), &clock);
@@ -1093,7 +1144,7 @@ async fn one_statement_per_step(factory: Arc<Factory>) {
         seen = now;
     };
     let lease = proceed(&engine, "steps").await;
-    step("claim of a new key", 1);
+    step("claim of a new key", new_claim);
     let dup = engine.begin(&scope(), &ikey("steps"), fp()).await.unwrap();
     assert!(matches!(dup, Begin::InProgress { .. }));
     step("duplicate while in flight", 1);
@@ -1110,11 +1161,11 @@ async fn one_statement_per_step(factory: Arc<Factory>) {
     store.get(&rkey("steps"), clock.now()).await.unwrap();
     step("get", 1);
     let other = proceed(&engine, "steps-2").await;
-    step("claim of a second key", 1);
+    step("claim of a second key", new_claim);
     engine.release(&other).await.unwrap();
     step("release", 1);
     let third = proceed(&engine, "steps-3").await;
-    step("claim of a third key", 1);
+    step("claim of a third key", new_claim);
     clock.advance(LEASE + Duration::from_millis(1));
     let taker = proceed(&engine, "steps-3").await;
     assert_ne!(taker.token(), third.token());

@@ -626,6 +626,8 @@ mod rule {
         "SCHEMA_TABLE",
         "RECORD_COLUMNS",
         "NULL_COLUMNS",
+        "INSERT_COLUMNS",
+        "INSERT_VALUES",
         "SIGN",
         "INDEX_SUFFIX",
         "MIGRATIONS_SUFFIX",
@@ -637,6 +639,7 @@ mod rule {
         "live_cur",
         "expired",
         "purge",
+        "on_conflict",
         // The parameters of `live(col, now)`: a column name and a
         // placeholder (`?2`, `$13`), never a value (sql.rs only).
         "col",
@@ -649,6 +652,7 @@ mod rule {
         "sql",
         "statement",
         "insert",
+        "insert_only",
         "get",
         "cas",
         "delete",

@@ -14,7 +14,9 @@ use idem_core::{
     Timestamp, Versioned,
 };
 use idem_sqlite::rusqlite::{Connection, TransactionBehavior};
-use idem_sqlite::{Durability, SCHEMA_VERSION, SqliteError, SqliteStore, TableName};
+use idem_sqlite::{
+    DEFAULT_PAGE_CACHE_BYTES, Durability, SCHEMA_VERSION, SqliteError, SqliteStore, TableName,
+};
 use tokio::sync::Barrier;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -793,6 +795,46 @@ async fn new_files_are_marked_and_use_wal_and_the_durability_setting() {
         .pragma_query_value(None, "application_id", |r| r.get(0))
         .unwrap();
     assert_eq!(app_id, 0x6964_656d);
+}
+
+/// The page cache size reaches the writer's connection and every
+/// connection from `connect`: the default, a chosen size, and 0.
+#[tokio::test]
+async fn page_cache_size_applies_to_every_connection() {
+    async fn cache_kib(store: &SqliteStore) -> (i64, i64) {
+        let writer = store
+            .transaction(|tx| -> Result<i64, SqliteError> {
+                Ok(tx.pragma_query_value(None, "cache_size", |r| r.get(0))?)
+            })
+            .await
+            .unwrap();
+        let other = store
+            .connect()
+            .unwrap()
+            .pragma_query_value(None, "cache_size", |r| r.get::<_, i64>(0))
+            .unwrap();
+        (writer, other)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let default = SqliteStore::open(&path).unwrap();
+    let want = -i64::try_from(DEFAULT_PAGE_CACHE_BYTES / 1024).unwrap();
+    assert_eq!(want, -32 * 1024);
+    assert_eq!(cache_kib(&default).await, (want, want));
+    let small = SqliteStore::builder()
+        .page_cache_bytes(1_500_000)
+        .open(&path)
+        .unwrap();
+    assert_eq!(
+        cache_kib(&small).await,
+        (-1465, -1465),
+        "rounded up to whole KiB"
+    );
+    let none = SqliteStore::builder()
+        .page_cache_bytes(0)
+        .open(&path)
+        .unwrap();
+    assert_eq!(cache_kib(&none).await, (0, 0));
 }
 
 #[tokio::test]

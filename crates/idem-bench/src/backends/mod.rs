@@ -17,6 +17,11 @@ pub(crate) fn make(kind: BackendKind, config: &Config) -> Box<dyn Backend> {
         BackendKind::Sqlite => Box::new(sqlite::SqliteBackend),
         BackendKind::Postgres => Box::new(postgres::PostgresBackend {
             url: config.postgres_url.clone(),
+            mode: idem_postgres::ClaimMode::SingleStatement,
+        }),
+        BackendKind::PostgresReadFirst => Box::new(postgres::PostgresBackend {
+            url: config.postgres_url.clone(),
+            mode: idem_postgres::ClaimMode::ReadFirst,
         }),
         BackendKind::Redis => Box::new(redis::RedisBackend {
             target: redis::Target::Standalone(config.redis_url.clone()),

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{RecordKey, Store, StoreError};
-use idem_postgres::{PostgresStore, TableName};
+use idem_postgres::{ClaimMode, PostgresStore, TableName};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
-use crate::BenchError;
 use crate::backend::{Backend, Instance, Raw};
 use crate::scenario::RAW_TTL_MS;
+use crate::{BenchError, Workload};
 
 /// Connections of the pool both sides share.
 pub(crate) const POOL_SIZE: u32 = 16;
@@ -22,6 +22,9 @@ const TABLE: &str = "idempotency_records";
 
 pub(crate) struct PostgresBackend {
     pub(crate) url: String,
+    /// How the store claims keys; `postgres-read-first` is the same backend
+    /// in [`ClaimMode::ReadFirst`].
+    pub(crate) mode: ClaimMode,
 }
 
 fn failed(e: impl std::fmt::Display) -> BenchError {
@@ -39,7 +42,19 @@ fn sql(text: String) -> AssertSqlSafe<Arc<str>> {
 #[async_trait]
 impl Backend for PostgresBackend {
     fn name(&self) -> &'static str {
-        "postgres"
+        match self.mode {
+            ClaimMode::ReadFirst => "postgres-read-first",
+            _ => "postgres",
+        }
+    }
+
+    fn measures(&self, workload: Workload) -> bool {
+        // Only the claim differs between the modes.
+        self.mode == ClaimMode::SingleStatement
+            || matches!(
+                workload,
+                Workload::Fresh | Workload::Replay | Workload::HotKey
+            )
     }
 
     async fn open(&self) -> Result<Box<dyn Instance>, BenchError> {
@@ -62,7 +77,7 @@ impl Backend for PostgresBackend {
         );
         let schema = format!("idem_bench_{}_{:08x}", std::process::id(), salt as u32);
         let table = TableName::new(schema.clone(), TABLE).map_err(failed)?;
-        let store = PostgresStore::with_table(pool.clone(), table);
+        let store = PostgresStore::with_table(pool.clone(), table).with_claim_mode(self.mode);
         // `PostgresStore::migrate()`'s future is not `Send` (sqlx's migrator
         // is not general enough over lifetimes), so it cannot be awaited in
         // this boxed `Send` future: run it on a blocking thread.

@@ -98,9 +98,9 @@ fn execute(conn: &Connection, op: &Op) -> rusqlite::Result<Answer> {
             .map(|()| Answer::Wrote(0)),
         Op::Read(key) => conn
             .prepare_cached(READ)?
-            .query_row([&key[..]], |row| {
-                row.get_ref(0).map(|v| v.as_blob().map_or(0, <[u8]>::len))
-            })
+            // The value copied out, as a caller needs it (and as the
+            // PostgreSQL and Redis raw reads do).
+            .query_row([&key[..]], |row| row.get::<_, Vec<u8>>(0).map(|v| v.len()))
             .optional()
             .map(Answer::Read),
     }

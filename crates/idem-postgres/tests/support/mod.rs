@@ -16,7 +16,7 @@ use idem_conformance::{StoreFactory, Unavailable};
 use idem_core::RecordKey;
 use idem_postgres::sqlx::postgres::{PgConnectOptions, PgPool};
 use idem_postgres::sqlx::{self, AssertSqlSafe, ConnectOptions, Connection, Executor};
-use idem_postgres::{PostgresStore, TableName};
+use idem_postgres::{ClaimMode, PostgresStore, TableName};
 
 /// The local server (trust auth), used when `IDEM_POSTGRES_URL` is unset.
 pub(crate) const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -35,9 +35,10 @@ pub(crate) fn url() -> String {
         .unwrap_or_else(|| DEFAULT_URL.to_string())
 }
 
-/// Fresh isolated stores, one schema each.
+/// Fresh isolated stores, one schema each, all claiming in one [`ClaimMode`].
 pub(crate) struct Factory {
     url: String,
+    mode: ClaimMode,
     run: String,
     next: AtomicU64,
     created: Mutex<Vec<String>>,
@@ -50,11 +51,22 @@ impl Default for Factory {
 }
 
 impl Factory {
+    /// Stores in the default mode, [`ClaimMode::SingleStatement`].
     pub(crate) fn new() -> Self {
+        Self::with_mode(ClaimMode::SingleStatement)
+    }
+
+    /// Stores in [`ClaimMode::ReadFirst`].
+    pub(crate) fn read_first() -> Self {
+        Self::with_mode(ClaimMode::ReadFirst)
+    }
+
+    fn with_mode(mode: ClaimMode) -> Self {
         use std::hash::BuildHasher;
         let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
         Self {
             url: url(),
+            mode,
             run: format!("{:08x}", random & 0xffff_ffff),
             next: AtomicU64::new(0),
             created: Mutex::new(Vec::new()),
@@ -109,7 +121,7 @@ impl Factory {
     pub(crate) async fn store(&self) -> Result<PostgresStore, Unavailable> {
         let pool = self.pool(8).await?;
         let table = TableName::new(self.fresh_schema(), TABLE).map_err(|e| self.unreachable(e))?;
-        let store = PostgresStore::with_table(pool, table);
+        let store = PostgresStore::with_table(pool, table).with_claim_mode(self.mode);
         store
             .migrate()
             .await
@@ -120,7 +132,7 @@ impl Factory {
     /// A second store over `store`'s table, through a pool of its own.
     pub(crate) async fn second(&self, store: &PostgresStore) -> Result<PostgresStore, Unavailable> {
         let pool = self.pool(8).await?;
-        Ok(PostgresStore::with_table(pool, store.table().clone()))
+        Ok(PostgresStore::with_table(pool, store.table().clone()).with_claim_mode(self.mode))
     }
 }
 
@@ -129,7 +141,10 @@ impl StoreFactory for Factory {
     type Store = PostgresStore;
 
     fn name(&self) -> &'static str {
-        "postgres"
+        match self.mode {
+            ClaimMode::ReadFirst => "postgres-read-first",
+            _ => "postgres",
+        }
     }
 
     async fn open(&self) -> Result<PostgresStore, Unavailable> {
