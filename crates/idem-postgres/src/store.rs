@@ -46,13 +46,14 @@ const ROUNDS: usize = 16;
 /// | | new key | replay or "in progress" |
 /// |---|---|---|
 /// | [`SingleStatement`](Self::SingleStatement) | 1 statement | 1 statement (the claim statement, which writes nothing) |
-/// | [`ReadFirst`](Self::ReadFirst) | 2 (a `SELECT` that finds nothing, then the claim statement) | 1 plain `SELECT` |
+/// | [`ReadFirst`](Self::ReadFirst) | 2 (a `SELECT` that finds nothing, then a plain `INSERT … ON CONFLICT`) | 1 plain `SELECT` |
 ///
-/// The claim statement (a data-modifying CTE) costs the server about half as
-/// much again as a plain `SELECT` even when it inserts nothing, and binds
-/// 16 parameters where the `SELECT` binds 2. `ReadFirst` therefore serves a
-/// replay with less CPU on both sides, and pays one more round trip for each
-/// new key. docs/benchmarks.md measures both.
+/// The single claim statement (a data-modifying CTE) costs the server about
+/// half as much again as a plain `SELECT` even when it inserts nothing, and
+/// binds 16 parameters where the `SELECT` binds 2. `ReadFirst` therefore
+/// serves a replay with 25–30% less CPU (client and server), and pays one
+/// more round trip for each new key (about 50 µs on loopback).
+/// docs/benchmarks.md measures both.
 ///
 /// [`Engine::begin`]: idem_core::Engine::begin
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -62,9 +63,9 @@ pub enum ClaimMode {
     /// round trips for new keys, which are most of the traffic.
     #[default]
     SingleStatement,
-    /// A `SELECT` of the live record first, the claim statement only when
-    /// there is none: cheaper replays (retry storms, redelivered messages),
-    /// one more round trip per new key.
+    /// A `SELECT` of the live record first, an insert only when there is
+    /// none: cheaper replays (retry storms, redelivered messages), one more
+    /// round trip per new key.
     ReadFirst,
 }
 
@@ -492,10 +493,13 @@ impl Store for PostgresStore {
     ) -> Result<Inserted, StoreError> {
         let cols = Columns::of(record);
         self.check_size(&cols)?;
+        let scope = key.scope();
+        let tenant = row::text(scope.tenant_id());
+        let principal = scope.principal().map(row::text);
+        let operation = scope.operation().map(row::text);
         let read_first = self.inner.claim == ClaimMode::ReadFirst;
         let deadline = self.deadline();
         let mut conn = self.acquire(deadline).await?;
-        let mut owned = None;
         for round in 1..=ROUNDS {
             if read_first {
                 // A live record seen by this statement's snapshot was live
@@ -505,14 +509,6 @@ impl Store for PostgresStore {
                     return Ok(Inserted::Exists(found));
                 }
             }
-            let (tenant, principal, operation) = owned.get_or_insert_with(|| {
-                let scope = key.scope();
-                (
-                    row::text(scope.tenant_id()),
-                    scope.principal().map(row::text),
-                    scope.operation().map(row::text),
-                )
-            });
             let sql = if read_first {
                 &self.inner.sql.insert_only
             } else {

@@ -163,7 +163,8 @@ impl SqliteStoreBuilder {
     ///   about 1.4 KiB per record with a 1 KiB outcome. With SQLite's own
     ///   2 MiB, replays of 10,000 recent keys ran at less than half the
     ///   speed they reach with this default (docs/benchmarks.md).
-    /// - `0` gives SQLite's minimum (a few pages).
+    /// - `0` gives SQLite's minimum (a few pages); sizes above 2 TiB
+    ///   (`i32::MAX` KiB, the most SQLite accepts) are taken as 2 TiB.
     #[must_use]
     pub fn page_cache_bytes(mut self, bytes: usize) -> Self {
         self.page_cache_bytes = bytes;
@@ -251,8 +252,9 @@ fn configure(conn: &Connection, options: &SqliteStoreBuilder, file: bool) -> rus
         }
     }
     conn.pragma_update(None, "synchronous", options.durability.pragma())?;
-    // A negative `cache_size` is a size in KiB.
-    let kib = i64::try_from(options.page_cache_bytes.div_ceil(1024)).unwrap_or(i64::MAX);
+    // A negative `cache_size` is a size in KiB; SQLite reads it as a 32-bit
+    // integer.
+    let kib = i32::try_from(options.page_cache_bytes.div_ceil(1024)).unwrap_or(i32::MAX);
     conn.pragma_update(None, "cache_size", -kib)?;
     Ok(())
 }

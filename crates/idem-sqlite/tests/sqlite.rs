@@ -798,7 +798,8 @@ async fn new_files_are_marked_and_use_wal_and_the_durability_setting() {
 }
 
 /// The page cache size reaches the writer's connection and every
-/// connection from `connect`: the default, a chosen size, and 0.
+/// connection from `connect`: the default, a chosen size, 0, and a size
+/// beyond what SQLite accepts.
 #[tokio::test]
 async fn page_cache_size_applies_to_every_connection() {
     async fn cache_kib(store: &SqliteStore) -> (i64, i64) {
@@ -835,6 +836,12 @@ async fn page_cache_size_applies_to_every_connection() {
         .open(&path)
         .unwrap();
     assert_eq!(cache_kib(&none).await, (0, 0));
+    let huge = SqliteStore::builder()
+        .page_cache_bytes(usize::MAX)
+        .open(&path)
+        .unwrap();
+    let most = -i64::from(i32::MAX);
+    assert_eq!(cache_kib(&huge).await, (most, most), "clamped, not wrapped");
 }
 
 #[tokio::test]
