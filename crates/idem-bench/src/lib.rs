@@ -110,6 +110,17 @@ impl BackendKind {
         }
     }
 
+    /// The backends a run of `mode` measures unless told otherwise: every
+    /// one in a full run; without the `postgres-read-first` variant in the
+    /// quick and tiny runs, which check that nothing broke (the variant's
+    /// code path is the conformance suite's, in both claim modes).
+    pub fn defaults(mode: Mode) -> Vec<Self> {
+        Self::ALL
+            .into_iter()
+            .filter(|k| mode == Mode::Full || *k != Self::PostgresReadFirst)
+            .collect()
+    }
+
     /// The backend named `name`.
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == name.trim())
@@ -260,7 +271,7 @@ impl Plan {
                 replay_keys: 1_000,
                 hot_tasks: 64,
                 hot_rounds: 20,
-                scaling_records: (10_000, 200_000),
+                scaling_records: (10_000, 100_000),
                 scaling_concurrency: 8,
                 purge_records: 10_000,
                 purge_batch: 1_000,
@@ -322,7 +333,7 @@ impl Config {
         Self {
             mode,
             plan: Plan::of(mode),
-            backends: BackendKind::ALL.to_vec(),
+            backends: BackendKind::defaults(mode),
             core: true,
             postgres_url: env("IDEM_POSTGRES_URL")
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
@@ -447,4 +458,23 @@ pub async fn run(config: &Config) -> Report {
     report.total_seconds = started.elapsed().as_secs_f64();
     report.check_targets();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BackendKind, Mode};
+
+    #[test]
+    fn the_read_first_variant_runs_by_default_only_in_full_runs() {
+        assert_eq!(BackendKind::defaults(Mode::Full), BackendKind::ALL.to_vec());
+        for mode in [Mode::Quick, Mode::Tiny] {
+            let defaults = BackendKind::defaults(mode);
+            assert!(!defaults.contains(&BackendKind::PostgresReadFirst));
+            assert_eq!(defaults.len(), BackendKind::ALL.len() - 1);
+        }
+        assert_eq!(
+            BackendKind::parse("postgres-read-first"),
+            Some(BackendKind::PostgresReadFirst)
+        );
+    }
 }

@@ -18,12 +18,9 @@ struct Args {
     #[arg(long)]
     tiny: bool,
     /// Backends to measure, comma-separated:
-    /// memory,sqlite,postgres,postgres-read-first,redis,redis-cluster.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "memory,sqlite,postgres,postgres-read-first,redis,redis-cluster"
-    )]
+    /// memory,sqlite,postgres,postgres-read-first,redis,redis-cluster
+    /// (default: all; --quick and --tiny leave out postgres-read-first).
+    #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
     /// Workloads to run, comma-separated (default all):
     /// fresh,replay,hot-key,architecture,scaling,purge,memory.
@@ -70,9 +67,10 @@ fn main() -> ExitCode {
             }
         }
     }
-    let mut config = Config::new(mode)
-        .with_backends(backends)
-        .with_core(!args.no_core);
+    let mut config = Config::new(mode).with_core(!args.no_core);
+    if !backends.is_empty() {
+        config = config.with_backends(backends);
+    }
     if !args.workloads.is_empty() {
         let mut workloads = Vec::new();
         for name in &args.workloads {
