@@ -1123,8 +1123,8 @@ async fn one_statement_per_step(factory: Arc<Factory>) {
 }
 
 /// The same steps in [`ClaimMode::ReadFirst`]: a claim of a new key is a
-/// `SELECT` that finds nothing plus the claim statement; everything else,
-/// replays and "in progress" included, is one statement.
+/// `SELECT` that finds nothing plus a plain insert; everything else, replays
+/// and "in progress" included, is one statement.
 async fn read_first_statements_per_step(factory: Arc<Factory>) {
     let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
     assert_eq!(store.claim_mode(), ClaimMode::ReadFirst);
