@@ -1,6 +1,10 @@
-//! Project tasks: `cargo xtask test | ci | bench | soak`.
+//! Project tasks: `cargo xtask test | ci | bench | soak | model`.
 //!
 //! `ci` runs exactly what CI runs (fmt, clippy, `test`, a short soak, docs);
+//! `test` includes the protocol model check at its CI bound (the ordinary
+//! tests of `idem-model`); `model [--deep]` runs the model check on its own,
+//! optimised, and prints the states explored and the time per configuration
+//! (docs/design.md, "What is model-checked").
 //! `.ci/run` calls it. `test` starts a
 //! throwaway 3-master Redis Cluster around the test run unless
 //! `IDEM_REDIS_CLUSTER_URLS` points at one already.
@@ -19,9 +23,10 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("bench") => bench::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
+        Some("model") => model(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|ci|bench [--quick]|soak [--secs N] [--dev] [--backends LIST]>"
+                "usage: cargo xtask <test|ci|bench [--quick]|soak [--secs N] [--dev] [--backends LIST]|model [--deep] [--broken] [--only NAME]>"
             );
             return ExitCode::from(2);
         }
@@ -74,6 +79,28 @@ fn test(extra: &[String]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The protocol model check (`idem-model`), in a release build: the CI
+/// bound by default, `--deep` for the larger one; `--broken` also shows the
+/// counterexample of every deliberately broken variant; `--only NAME`
+/// restricts it to the configurations whose name contains NAME.
+fn model(extra: &[String]) -> Result<(), String> {
+    let mut args = extra.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--deep" | "--broken" => {}
+            "--only" if args.next().is_some() => {}
+            _ => {
+                return Err(format!(
+                    "model: unexpected argument {arg:?} (expected --deep, --broken, --only NAME)"
+                ));
+            }
+        }
+    }
+    let mut args = vec!["run", "--release", "--quiet", "-p", "idem-model", "--"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
 }
 
 /// Whether unreachable backends must fail the run (`CI=true` or

@@ -405,8 +405,13 @@ async fn hot_key_pair(w: &Arc<Work>, plan: &Plan) -> Result<HotKeyPair, BenchErr
     })
 }
 
+#[allow(clippy::expect_used)] // A constant policy: a record TTL of hours over the default lease.
 fn engine_over(instance: &dyn Instance) -> Arc<BenchEngine> {
-    Arc::new(Engine::new(instance.store()).with_policy(Policy::default().with_ttl(RECORD_TTL)))
+    Arc::new(
+        Engine::new(instance.store())
+            .with_policy(Policy::default().with_ttl(RECORD_TTL))
+            .expect("RECORD_TTL is longer than the default lease"),
+    )
 }
 
 fn progress(backend: &dyn Backend, what: &str) {

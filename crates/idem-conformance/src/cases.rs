@@ -70,6 +70,7 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         case!(store::purge_removes_only_expired, Purge),
         case!(store::purge_respects_its_limit, Purge),
         case!(store::oversized_record_is_rejected, RecordLimit),
+        case!(store::declared_record_limit_is_honest, RecordLimit),
         case!(store::corrupt_record_is_an_error_not_absent, Corruption),
         // Races: tasks released together, exact counts.
         case!(race::insert_if_absent_32_tasks_one_wins, Always),
@@ -156,7 +157,9 @@ pub(crate) fn policy() -> Policy {
 pub(crate) fn engine<S: Store>(store: S) -> (Engine<S, ManualClock>, ManualClock) {
     let clock = ManualClock::new(T0);
     (
-        Engine::with_clock(store, clock.clone()).with_policy(policy()),
+        Engine::with_clock(store, clock.clone())
+            .with_policy(policy())
+            .expect("valid policy"),
         clock,
     )
 }

@@ -30,9 +30,16 @@
 //! | `CI`, `IDEM_REQUIRE_BACKENDS` | an unreachable backend fails every case |
 //!
 //! See docs/backend-authors.md for a complete walk-through.
+//!
+//! For tests of what an integration does when its store fails, [`faulty`]
+//! has [`FaultyStore`]: a wrapper around any store that fails chosen calls
+//! of any primitive with any `StoreError` kind, before or after they take
+//! effect, on a schedule, and can declare (and honestly enforce) a smaller
+//! record limit.
 #![forbid(unsafe_code)]
 
 pub mod cases;
+pub mod faulty;
 mod harness;
 
 /// Compiles every Rust block of the backend authors' guide as a doctest
@@ -41,6 +48,7 @@ mod harness;
 #[doc = include_str!("../../../docs/backend-authors.md")]
 struct BackendAuthorsGuide;
 
+pub use faulty::{Fault, FaultId, FaultKind, FaultyStore, InjectedFault, Op, Phase};
 pub use harness::{
     Case, CaseFuture, CaseReport, Report, Requires, StoreFactory, Suite, Unavailable, Verdict,
     backends_required,

@@ -63,6 +63,12 @@ enum Flaw {
     LimitEnforced,
     /// Declares a 4 MiB record limit but stores larger records anyway.
     LimitNotEnforced,
+    /// Declares a 4 MiB record limit but measures its encoded length instead
+    /// of `codec::record_size`: it stores records somewhat above the limit.
+    LimitByEncodedLength,
+    /// Declares a 4 MiB record limit but refuses a record of exactly 4 MiB
+    /// (`>=` instead of `>`).
+    LimitOffByOne,
 }
 
 /// The record limit the `Limit*` flaws declare.
@@ -212,7 +218,20 @@ const FLAWS: &[(Flaw, &str, &[&str])] = &[
     (
         Flaw::LimitNotEnforced,
         "record_limit_declared_but_not_enforced",
-        &["store::oversized_record_is_rejected"],
+        &[
+            "store::oversized_record_is_rejected",
+            "store::declared_record_limit_is_honest",
+        ],
+    ),
+    (
+        Flaw::LimitByEncodedLength,
+        "record_limit_measured_by_encoded_length",
+        &["store::declared_record_limit_is_honest"],
+    ),
+    (
+        Flaw::LimitOffByOne,
+        "record_limit_refuses_a_record_at_the_limit",
+        &["store::declared_record_limit_is_honest"],
     ),
     (
         Flaw::InstancesDoNotShare,
@@ -281,13 +300,25 @@ impl Flawed {
         v
     }
 
-    /// Refuses records over the declared limit (only `LimitEnforced`).
+    /// Refuses records over the declared limit (`LimitEnforced`), or
+    /// thinks it does (`LimitByEncodedLength`, `LimitOffByOne`).
     fn check_size(&self, v: &Versioned) -> Result<(), StoreError> {
-        if self.flaw != Flaw::LimitEnforced {
-            return Ok(());
-        }
-        let size = idem_core::codec::encode_record(&v.record).unwrap().len();
-        if size > LIMIT {
+        let (size, too_large) = match self.flaw {
+            Flaw::LimitEnforced => {
+                let size = idem_core::codec::record_size(&v.record);
+                (size, size > LIMIT)
+            }
+            Flaw::LimitByEncodedLength => {
+                let size = idem_core::codec::encode_record(&v.record).unwrap().len();
+                (size, size > LIMIT)
+            }
+            Flaw::LimitOffByOne => {
+                let size = idem_core::codec::record_size(&v.record);
+                (size, size >= LIMIT)
+            }
+            _ => return Ok(()),
+        };
+        if too_large {
             return Err(StoreError::Rejected {
                 store: "flawed",
                 source: format!("record of {size} bytes over the limit of {LIMIT}").into(),
@@ -309,9 +340,10 @@ impl Flawed {
 impl Store for Flawed {
     fn capabilities(&self) -> Capabilities {
         match self.flaw {
-            Flaw::LimitEnforced | Flaw::LimitNotEnforced => {
-                Capabilities::new().with_max_record_bytes(Some(LIMIT))
-            }
+            Flaw::LimitEnforced
+            | Flaw::LimitNotEnforced
+            | Flaw::LimitByEncodedLength
+            | Flaw::LimitOffByOne => Capabilities::new().with_max_record_bytes(Some(LIMIT)),
             _ => self.inner.capabilities(),
         }
     }
@@ -658,6 +690,7 @@ fn main() -> ExitCode {
             if not_applicable
                 != [
                     "store::oversized_record_is_rejected",
+                    "store::declared_record_limit_is_honest",
                     "store::corrupt_record_is_an_error_not_absent",
                 ]
                 || !report.ignored().is_empty()
@@ -675,6 +708,8 @@ fn main() -> ExitCode {
             let failed = report.failed();
             if !failed.is_empty()
                 || report.verdict("store::oversized_record_is_rejected") != Some(&Verdict::Passed)
+                || report.verdict("store::declared_record_limit_is_honest")
+                    != Some(&Verdict::Passed)
             {
                 return Err(
                     format!("a store enforcing its declared limit must pass\n{report}").into(),

@@ -89,19 +89,32 @@ pub fn encode_record_into(record: &Record, out: &mut Vec<u8>) -> Result<(), Code
     Ok(())
 }
 
-/// An upper bound of the length of [`encode_record`]'s output: the
-/// outcome's length plus the most the fixed fields can take.
-pub fn encoded_record_len_hint(record: &Record) -> usize {
-    // Varint sizes: tag 1, fingerprint 32, state variant 1, token up to
-    // 17, then a lease deadline up to 9 or a failure kind 1 and the
-    // outcome's length up to 9, three timestamps up to 9 each, attempts up
-    // to 5: at most 93 besides the outcome.
-    const FIXED: usize = 128;
+/// The most a record's fields other than its outcome take, in any store's
+/// accounting: the size of a record is its outcome's length plus this
+/// ([`record_size`]).
+///
+/// Varint sizes: tag 1, fingerprint 32, state variant 1, token up to 17,
+/// then a lease deadline up to 9 or a failure kind 1 and the outcome's
+/// length up to 9, three timestamps up to 9 each, attempts up to 5: at most
+/// 93 besides the outcome; typed columns (SQL) take less.
+pub const RECORD_OVERHEAD: usize = 128;
+
+/// The size of a record, as stores compare it with their
+/// [`max_record_bytes`](crate::Capabilities::max_record_bytes): the outcome's
+/// length plus [`RECORD_OVERHEAD`]. An upper bound of the length of
+/// [`encode_record`]'s output.
+pub fn record_size(record: &Record) -> usize {
     let outcome = match &record.state {
         State::InFlight { .. } => 0,
         State::Completed { outcome, .. } | State::Failed { outcome, .. } => outcome.len(),
     };
-    FIXED + outcome
+    RECORD_OVERHEAD.saturating_add(outcome)
+}
+
+/// An upper bound of the length of [`encode_record`]'s output (the same as
+/// [`record_size`]).
+pub fn encoded_record_len_hint(record: &Record) -> usize {
+    record_size(record)
 }
 
 /// Decodes a record written by [`encode_record`].

@@ -2,18 +2,19 @@
 
 use std::future::Future;
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::{Either, select};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::lease::Claims;
 use crate::{
     Clock, Decision, Error, FailureKind, Fenced, FencingToken, Fingerprint, IdempotencyKey,
-    InFlightPolicy, Inserted, Outcome, Policy, Record, RecordKey, Revision, Scope, State, Store,
-    Swapped, Timestamp, Versioned, codec, decide,
+    InFlightPolicy, Inserted, Lease, Outcome, Policy, PolicyError, Record, RecordKey, Revision,
+    Scope, State, Store, Swapped, Timestamp, Transition, Versioned, codec, decide,
 };
 
 /// What [`Engine::begin`] found.
@@ -40,17 +41,54 @@ pub enum Begin {
 pub struct Replay {
     /// The stored bytes.
     pub outcome: Outcome,
-    /// Whether the key completed or failed permanently.
+    /// How the key finished.
     pub kind: ReplayKind,
 }
 
 /// How the replayed key finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReplayKind {
     /// It completed.
     Completed,
     /// It failed permanently.
     Failed,
+    /// It ended without a known result ([`FailureKind::Unknown`]): the work
+    /// may or may not have taken effect. Answer "outcome unknown"; never run
+    /// it again automatically.
+    Unknown,
+}
+
+/// How a holder ends its claim; see [`Engine::settle`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ending {
+    /// The work finished with this result: store it for replay.
+    Complete(Outcome),
+    /// The work failed: store the failure (see [`FailureKind`]).
+    Fail(FailureKind, Outcome),
+    /// The work may have taken effect but its result is not known: finish
+    /// the key as [`FailureKind::Unknown`].
+    Unknown,
+    /// The work declared that nothing took effect: delete the claim so that
+    /// a retry runs it afresh.
+    Release,
+}
+
+/// What [`Engine::shutdown`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Shutdown {
+    /// Claims still running when the shutdown began.
+    pub running: usize,
+    /// Of those, how many finished by themselves within the grace period.
+    pub finished: usize,
+    /// Claims still running after the grace period, finished as
+    /// [`FailureKind::Unknown`] (never run again; retries get "outcome unknown").
+    pub marked_unknown: usize,
+    /// Claims that could not be marked (the store failed): they stay in
+    /// flight until their lease lapses, and a retry then runs them again.
+    pub left_in_flight: usize,
 }
 
 /// The result of [`Engine::execute`]: whether the work ran now or its stored
@@ -87,127 +125,6 @@ pub enum OnError {
     StoreRetryable,
     /// Store the error as the key's final outcome: retries replay it.
     StorePermanent,
-}
-
-/// The claim on a key held by the request that may run it.
-///
-/// # Behavior
-/// - Only the holder of the lease's [`FencingToken`] can complete, fail,
-///   release or extend the claim; once the lease lapses and a retry takes
-///   over, every one of those calls with this lease fails with
-///   [`Error::LeaseLost`] and changes nothing.
-/// - Clones share one claim: hand them to the work, a heartbeat
-///   ([`Engine::keep_alive`]) and the code that completes it.
-/// - Dropping a lease without finishing it leaves the key in flight until the
-///   lease lapses; a retry then takes over.
-#[derive(Clone, Debug)]
-pub struct Lease(Arc<LeaseInner>);
-
-#[derive(Debug)]
-struct LeaseInner {
-    key: RecordKey,
-    token: FencingToken,
-    state: Mutex<LeaseState>,
-}
-
-#[derive(Debug)]
-struct LeaseState {
-    current: Versioned,
-    finished: bool,
-}
-
-impl Lease {
-    fn new(key: RecordKey, current: Versioned) -> Self {
-        Self(Arc::new(LeaseInner {
-            key,
-            token: current.record.state.token(),
-            state: Mutex::new(LeaseState {
-                current,
-                finished: false,
-            }),
-        }))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, LeaseState> {
-        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn observe(&self, seen: Versioned, finished: bool) {
-        let mut state = self.lock();
-        if !state.finished {
-            state.current = seen;
-            state.finished = finished;
-        }
-    }
-
-    /// The key this lease holds.
-    pub fn key(&self) -> &RecordKey {
-        &self.0.key
-    }
-    /// The fencing token of this claim.
-    pub fn token(&self) -> FencingToken {
-        self.0.token
-    }
-    /// The record as this holder last wrote it.
-    pub fn record(&self) -> Versioned {
-        self.lock().current.clone()
-    }
-    /// Which attempt this is (1 for the first claim, more after takeovers and retries).
-    pub fn attempt(&self) -> u32 {
-        self.lock().current.record.attempts
-    }
-    /// When the lease lapses unless extended.
-    pub fn deadline(&self) -> Timestamp {
-        match self.lock().current.record.state {
-            State::InFlight { lease_deadline, .. } => lease_deadline,
-            _ => Timestamp::EPOCH,
-        }
-    }
-    /// Whether this holder already completed, failed or released the claim
-    /// through the engine, or marked a transactional completion applied.
-    pub fn is_finished(&self) -> bool {
-        self.lock().finished
-    }
-
-    /// Records that `transition` (prepared from this lease) was applied by a
-    /// store inside the caller's transaction and that transaction committed.
-    ///
-    /// # Behavior
-    /// - The lease becomes finished: [`Engine::keep_alive`] returns `Ok` at
-    ///   its next beat instead of reporting the key as lost, and integrations
-    ///   (the HTTP layer) see that nothing is left to store.
-    /// - Call it only after the commit: if the transaction rolled back, the
-    ///   claim is still in flight and should be released or left to lapse.
-    /// - A transition prepared from another lease (another key or fencing
-    ///   token) is refused with [`Error::LeaseLost`] and changes nothing.
-    pub fn mark_applied(&self, transition: &Transition) -> Result<(), Error> {
-        if transition.token != self.token() || transition.key != *self.key() {
-            return Err(Error::LeaseLost(Fenced::TakenOver));
-        }
-        let mut state = self.lock();
-        state.current = transition.next.clone();
-        state.finished = true;
-        Ok(())
-    }
-}
-
-/// A holder's finishing write, prepared for a store to apply inside the
-/// caller's own database transaction (see `idem-sqlite` and `idem-postgres`).
-///
-/// # Behavior
-/// The store applies it as: replace the record under `key` with `next` if the
-/// live record is in flight under `token` (checking the fencing token, not the
-/// revision, so a concurrent heartbeat cannot fail the transaction), and
-/// report [`Error::LeaseLost`] otherwise, changing nothing. It takes effect
-/// only if the transaction commits.
-#[derive(Clone, Debug)]
-pub struct Transition {
-    /// The key to write.
-    pub key: RecordKey,
-    /// The token that must hold the key.
-    pub token: FencingToken,
-    /// The record to write.
-    pub next: Versioned,
 }
 
 /// Fresh tokens and revisions: a per-engine random seed and a counter.
@@ -252,14 +169,31 @@ impl Ids {
 ///   re-reads and decides again after losing one, at most
 ///   [`Policy::max_cas_retries`] times.
 /// - Every time decision uses the injected [`Clock`].
-///
-/// Integrations share one engine (`Arc<Engine<_>>`).
+/// - Clones share the store, the clock and the registry of running claims
+///   that [`shutdown`](Self::shutdown) waits for; cloning is cheap.
 #[derive(Debug)]
 pub struct Engine<S, C = DefaultClock> {
+    shared: Arc<Shared<S, C>>,
+    policy: Arc<Policy>,
+    outcome_limit: usize,
+}
+
+#[derive(Debug)]
+struct Shared<S, C> {
     store: S,
     clock: C,
-    policy: Policy,
     ids: Ids,
+    claims: Arc<Claims>,
+}
+
+impl<S, C> Clone for Engine<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            policy: Arc::clone(&self.policy),
+            outcome_limit: self.outcome_limit,
+        }
+    }
 }
 
 /// The engine's default clock: [`SystemClock`](crate::SystemClock) with the
@@ -282,32 +216,56 @@ impl<S: Store> Engine<S, crate::SystemClock> {
 impl<S: Store, C: Clock> Engine<S, C> {
     /// An engine over `store` reading time from `clock`, with the default [`Policy`].
     pub fn with_clock(store: S, clock: C) -> Self {
+        let policy = Policy::default();
+        let outcome_limit = outcome_limit(&store, &policy);
         Self {
-            store,
-            clock,
-            policy: Policy::default(),
-            ids: Ids::new(),
+            shared: Arc::new(Shared {
+                store,
+                clock,
+                ids: Ids::new(),
+                claims: Arc::default(),
+            }),
+            policy: Arc::new(policy),
+            outcome_limit,
         }
     }
 
-    /// The same engine with `policy`.
-    #[must_use]
-    pub fn with_policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
-        self
+    /// The same engine with `policy`, checked by [`Policy::validate`].
+    ///
+    /// # Errors
+    /// The policy's [`PolicyError`]; nothing is built.
+    pub fn with_policy(mut self, policy: Policy) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        self.outcome_limit = outcome_limit(&self.shared.store, &policy);
+        self.policy = Arc::new(policy);
+        Ok(self)
     }
 
     /// The store.
     pub fn store(&self) -> &S {
-        &self.store
+        &self.shared.store
     }
     /// The clock.
     pub fn clock(&self) -> &C {
-        &self.clock
+        &self.shared.clock
     }
     /// The policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The largest outcome this engine stores, in bytes: the smaller of
+    /// [`Policy::max_outcome_bytes`] and what the store's declared
+    /// [`max_record_bytes`](crate::Capabilities::max_record_bytes) leaves
+    /// after a record's fixed fields ([`codec::RECORD_OVERHEAD`]).
+    pub fn outcome_limit(&self) -> usize {
+        self.outcome_limit
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun: new claims are refused
+    /// with [`Error::ShuttingDown`].
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.claims.is_closing()
     }
 
     /// Starts a request carrying `key` within `scope`.
@@ -319,7 +277,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// key ([`Begin::Replay`]), reports a live claim ([`Begin::InProgress`],
     /// after waiting if the policy says [`InFlightPolicy::Wait`]) or a
     /// different request ([`Begin::Mismatch`]). Of any number of concurrent
-    /// calls on one key, at most one gets `Proceed` per claim.
+    /// calls on one key, at most one gets `Proceed` per claim. After
+    /// [`shutdown`](Self::shutdown) began: [`Error::ShuttingDown`], nothing
+    /// read or written.
     pub async fn begin(
         &self,
         scope: &Scope,
@@ -336,36 +296,49 @@ impl<S: Store, C: Clock> Engine<S, C> {
         key: RecordKey,
         fingerprint: Fingerprint,
     ) -> Result<Begin, Error> {
-        let started = self.clock.now();
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let (store, clock, ids) = (&self.shared.store, &self.shared.clock, &self.shared.ids);
+        let started = clock.now();
         let wait_until = match self.policy.in_flight {
             InFlightPolicy::Reject => None,
             InFlightPolicy::Wait { max, poll } => Some((started.plus(max), poll)),
         };
         let mut poll = wait_until.map_or(Duration::ZERO, |(_, poll)| poll);
+        let max_poll = poll.saturating_mul(8);
         // `None`: nothing seen yet, or the key looked absent: try to insert.
         let mut seen: Option<Versioned> = None;
-        let mut races = 0;
+        // Only writes that lose a race count: the first insert finding the
+        // key is how the engine learns that it exists.
+        let mut inserts = 0_u32;
+        let mut races = 0_u32;
         loop {
-            let now = self.clock.now();
+            let now = clock.now();
             let decision = decide(seen.as_ref().map(|v| &v.record), &fingerprint, now);
             match (decision, seen.take()) {
                 (Decision::Claim, _) => {
                     let claim = Versioned {
-                        revision: self.ids.revision(),
-                        record: Record::new_claim(fingerprint, self.ids.token(), now, &self.policy),
+                        revision: ids.revision(),
+                        record: Record::new_claim(fingerprint, ids.token(), now, &self.policy),
                     };
-                    match self.store.insert_if_absent(&key, &claim, now).await? {
-                        Inserted::Inserted => return Ok(Begin::Proceed(Lease::new(key, claim))),
-                        Inserted::Exists(current) => seen = Some(current),
+                    inserts += 1;
+                    match store.insert_if_absent(&key, &claim, now).await? {
+                        Inserted::Inserted => return Ok(Begin::Proceed(self.lease(key, claim))),
+                        Inserted::Exists(current) => {
+                            seen = Some(current);
+                            if inserts == 1 {
+                                continue;
+                            }
+                        }
                     }
                 }
                 (Decision::Reclaim(reason), Some(current)) => {
                     let next = Versioned {
-                        revision: self.ids.revision(),
-                        record: current.record.reclaim(self.ids.token(), now, &self.policy),
+                        revision: ids.revision(),
+                        record: current.record.reclaim(ids.token(), now, &self.policy),
                     };
-                    match self
-                        .store
+                    match store
                         .compare_and_swap(&key, current.revision, &next, now)
                         .await?
                     {
@@ -375,23 +348,31 @@ impl<S: Store, C: Clock> Engine<S, C> {
                                 attempt = next.record.attempts,
                                 "idem: reclaimed key"
                             );
-                            return Ok(Begin::Proceed(Lease::new(key, next)));
+                            return Ok(Begin::Proceed(self.lease(key, next)));
                         }
                         Swapped::Conflict(current) => seen = current,
                     }
                 }
                 (Decision::Replay, Some(current)) => {
-                    return Ok(Begin::Replay(match current.record.state {
-                        State::Completed { outcome, .. } => Replay {
+                    return match current.record.state {
+                        State::Completed { outcome, .. } => Ok(Begin::Replay(Replay {
                             outcome,
                             kind: ReplayKind::Completed,
-                        },
-                        State::Failed { outcome, .. } => Replay {
+                        })),
+                        State::Failed {
+                            kind: FailureKind::Unknown,
+                            outcome,
+                            ..
+                        } => Ok(Begin::Replay(Replay {
+                            outcome,
+                            kind: ReplayKind::Unknown,
+                        })),
+                        State::Failed { outcome, .. } => Ok(Begin::Replay(Replay {
                             outcome,
                             kind: ReplayKind::Failed,
-                        },
-                        State::InFlight { .. } => return Err(Error::Contention),
-                    }));
+                        })),
+                        State::InFlight { .. } => Err(Error::Contention),
+                    };
                 }
                 (Decision::Mismatch, _) => return Ok(Begin::Mismatch),
                 (Decision::InProgress { retry_after }, _) => {
@@ -402,11 +383,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
                         .min(until.since(now))
                         .min(retry_after)
                         .max(Duration::from_millis(1));
-                    self.clock.sleep(nap).await;
-                    poll = (poll * 2).min(wait_until.map_or(poll, |(_, p)| p * 8));
+                    clock.sleep(nap).await;
+                    poll = poll.saturating_mul(2).min(max_poll);
                     // Absent now (released or expired while we waited): the
                     // next round claims it.
-                    seen = self.store.get(&key, self.clock.now()).await?;
+                    seen = store.get(&key, clock.now()).await?;
                     continue;
                 }
                 // Reclaim or Replay without a record cannot happen (decide on
@@ -420,12 +401,18 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
     }
 
+    fn lease(&self, key: RecordKey, current: Versioned) -> Lease {
+        Lease::new(key, current, Some(&self.shared.claims))
+    }
+
     /// Completes the claim with `outcome`: retries with the same fingerprint
     /// replay it until the record expires.
     ///
     /// # Behavior
     /// One store call. Fails with [`Error::LeaseLost`], changing nothing, if
-    /// the lease was taken over, expired, or already finished otherwise.
+    /// the lease was taken over, expired, or already finished otherwise, and
+    /// with [`Error::OutcomeTooLarge`], writing nothing, if `outcome` is over
+    /// [`outcome_limit`](Self::outcome_limit).
     /// Completing again with the same outcome succeeds, so retrying after a
     /// transient store error is safe: if the first call had taken effect, the
     /// retry sees this holder's own write and succeeds.
@@ -481,7 +468,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
     }
 
     /// Releases the claim without storing anything: the key becomes absent,
-    /// and a retry runs the operation again. For failures before any side effect.
+    /// and a retry runs the operation again. Only for work that declared that
+    /// nothing took effect.
     ///
     /// # Behavior
     /// - One store call; [`Error::LeaseLost`], changing nothing, if the lease
@@ -492,27 +480,25 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ///   `Ok`: there is nothing to undo, and nothing is written. Only a
     ///   record that someone else holds or finished is reported as lost.
     pub async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        let store = &self.shared.store;
         for _ in 0..=self.policy.max_cas_retries {
             let current = lease.record();
-            let now = self.clock.now();
-            current
-                .record
-                .check_holder(lease.token(), now)
-                .map_err(Error::LeaseLost)?;
-            if self
-                .store
-                .delete_if(lease.key(), current.revision, now)
-                .await?
-            {
-                lease.lock().finished = true;
+            let now = self.shared.clock.now();
+            if let Err(fenced) = current.record.check_holder(lease.token(), now) {
+                lease.mark_lost();
+                return Err(Error::LeaseLost(fenced));
+            }
+            if store.delete_if(lease.key(), current.revision, now).await? {
+                lease.set_finished();
                 return Ok(());
             }
-            match self.store.get(lease.key(), now).await? {
+            match store.get(lease.key(), now).await? {
                 // Our own heartbeat moved the revision: try again with it.
                 Some(seen) if seen.record.check_holder(lease.token(), now).is_ok() => {
                     lease.observe(seen, false);
                 }
                 Some(seen) => {
+                    lease.mark_lost();
                     return Err(Error::LeaseLost(
                         seen.record
                             .check_holder(lease.token(), now)
@@ -523,7 +509,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 None => {
                     // Absent: released by an earlier attempt of ours whose
                     // reply was lost, or expired.
-                    lease.lock().finished = true;
+                    lease.set_finished();
                     return Ok(());
                 }
             }
@@ -531,12 +517,74 @@ impl<S: Store, C: Clock> Engine<S, C> {
         Err(Error::Contention)
     }
 
+    /// Ends the claim as `ending` says, retrying store errors for as long as
+    /// the write can still matter.
+    ///
+    /// # Behavior
+    /// - `Complete` with an outcome over [`outcome_limit`](Self::outcome_limit),
+    ///   or one the store refuses permanently, becomes `Unknown`: the work
+    ///   ran, so the key is never left to run again.
+    /// - Any other error but [`Error::LeaseLost`] is retried, backing off from
+    ///   a fiftieth of the lease up to a third of it, until one lease after the
+    ///   lease's deadline; then the last error is returned and the key stays
+    ///   in flight until its lease lapses (a retry then runs the work again:
+    ///   the window "store unreachable after the work" in docs/reliability.md).
+    /// - Returns the ending actually written.
+    pub async fn settle(&self, lease: &Lease, ending: Ending) -> Result<Ending, Error> {
+        let until = lease.deadline().plus(self.policy.lease);
+        self.settle_until(lease, ending, until).await
+    }
+
+    /// [`settle`](Self::settle), retrying only until `until` on the
+    /// engine's clock (a time already past: one attempt, plus the switch to
+    /// `Unknown` for a result the store refuses).
+    pub async fn settle_until(
+        &self,
+        lease: &Lease,
+        mut ending: Ending,
+        until: Timestamp,
+    ) -> Result<Ending, Error> {
+        let clock = &self.shared.clock;
+        let first = (self.policy.lease / 50).max(Duration::from_millis(1));
+        let most = (self.policy.lease / 3).max(first);
+        let mut wait = first;
+        loop {
+            let result = match &ending {
+                Ending::Complete(outcome) => self.complete(lease, outcome.clone()).await,
+                Ending::Fail(kind, outcome) => self.fail(lease, *kind, outcome.clone()).await,
+                Ending::Unknown => {
+                    self.fail(lease, FailureKind::Unknown, Outcome::default())
+                        .await
+                }
+                Ending::Release => self.release(lease).await,
+            };
+            let error = match result {
+                Ok(()) => return Ok(ending),
+                Err(e @ Error::LeaseLost(_)) => return Err(e),
+                Err(e) => e,
+            };
+            if matches!(ending, Ending::Complete(_) | Ending::Fail(..)) && !error.is_transient() {
+                tracing::error!(error = %error, "idem: the result of the work cannot be stored; finishing the key as outcome unknown");
+                ending = Ending::Unknown;
+                continue;
+            }
+            let now = clock.now();
+            if now >= until {
+                tracing::error!(error = %error, "idem: could not end the claim; the key stays in flight until its lease lapses");
+                return Err(error);
+            }
+            tracing::warn!(error = %error, "idem: ending the claim failed; retrying");
+            clock.sleep(wait.min(until.since(now))).await;
+            wait = wait.saturating_mul(2).min(most);
+        }
+    }
+
     /// Prepares the completion of `lease` for a store to apply inside the
     /// caller's database transaction; see [`Transition`].
     pub fn prepare_complete(&self, lease: &Lease, outcome: Outcome) -> Result<Transition, Error> {
         self.check_size(&outcome)?;
         let current = lease.record();
-        let now = self.clock.now();
+        let now = self.shared.clock.now();
         let record = current
             .record
             .complete(lease.token(), outcome, now, &self.policy)
@@ -545,7 +593,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             key: lease.key().clone(),
             token: lease.token(),
             next: Versioned {
-                revision: self.ids.revision(),
+                revision: self.shared.ids.revision(),
                 record,
             },
         })
@@ -561,7 +609,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ) -> Result<Transition, Error> {
         self.check_size(&outcome)?;
         let current = lease.record();
-        let now = self.clock.now();
+        let now = self.shared.clock.now();
         let record = current
             .record
             .fail(lease.token(), kind, outcome, now, &self.policy)
@@ -570,7 +618,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             key: lease.key().clone(),
             token: lease.token(),
             next: Versioned {
-                revision: self.ids.revision(),
+                revision: self.shared.ids.revision(),
                 record,
             },
         })
@@ -580,23 +628,62 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// lease is finished (returns `Ok`) or lost (returns the error).
     ///
     /// # Behavior
-    /// Run it beside long work (`select`/`join`): a slow but live holder is
-    /// then never taken over. A transient store error does not stop it; the
-    /// next beat tries again.
+    /// - Run it beside long work (`select`/`join`): a slow but live holder is
+    ///   then never taken over.
+    /// - Any store error (transient or not) is retried, every twelfth of the
+    ///   lease: only the store can say that the lease is lost, and a stopped
+    ///   heartbeat would let a duplicate take over and run the work again.
+    ///   If the deadline passes before an extension succeeds,
+    ///   [`Lease::lost`] fires (a duplicate may take over from then on) but
+    ///   the heartbeat keeps trying; it returns only when the store reports
+    ///   the lease lost ([`Error::LeaseLost`]) or the lease is finished.
+    /// - With [`Policy::max_hold`], once the claim has been held that long the
+    ///   key is finished as [`FailureKind::Unknown`], [`Lease::lost`] fires and
+    ///   the heartbeat returns [`Error::LeaseLost`].
     pub async fn keep_alive(&self, lease: &Lease) -> Result<(), Error> {
+        let clock = &self.shared.clock;
         let beat = (self.policy.lease / 3).max(Duration::from_millis(1));
+        let retry = (self.policy.lease / 12).max(Duration::from_millis(1));
+        let mut wait = beat;
         loop {
-            self.clock.sleep(beat).await;
+            clock.sleep(wait).await;
             if lease.is_finished() {
                 return Ok(());
             }
+            let now = clock.now();
+            if let Some(hold) = self.policy.max_hold
+                && now >= lease.claimed_at().plus(hold)
+            {
+                tracing::error!(
+                    held_ms = u64::try_from(now.since(lease.claimed_at()).as_millis())
+                        .unwrap_or(u64::MAX),
+                    "idem: the work held its key past the policy's max_hold; finishing it as outcome unknown"
+                );
+                lease.mark_lost();
+                return match self.settle(lease, Ending::Unknown).await {
+                    Ok(_) => Err(Error::LeaseLost(Fenced::Finished {
+                        state: "failed_unknown",
+                        by_holder: true,
+                    })),
+                    Err(e) => Err(e),
+                };
+            }
             match self.extend(lease).await {
-                Ok(()) => {}
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, "idem: heartbeat failed; retrying at the next beat");
-                }
+                Ok(()) => wait = beat,
                 Err(_) if lease.is_finished() => return Ok(()),
-                Err(e) => return Err(e),
+                Err(e @ Error::LeaseLost(_)) => {
+                    lease.mark_lost();
+                    return Err(e);
+                }
+                Err(e) => {
+                    if clock.now() >= lease.deadline() {
+                        tracing::error!(error = %e, "idem: heartbeat failed past the lease deadline; a duplicate may take the key over");
+                        lease.mark_lost();
+                    } else {
+                        tracing::warn!(error = %e, "idem: heartbeat failed; retrying");
+                    }
+                    wait = retry;
+                }
             }
         }
     }
@@ -607,12 +694,24 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ///
     /// # Behavior
     /// - Fresh: `work` runs with a heartbeat beside it, its value is encoded
-    ///   with the [`codec`] and stored, then returned as [`Executed::Fresh`].
-    /// - Replay: the stored value is decoded and returned as [`Executed::Replayed`].
+    ///   with the [`codec`] and stored ([`settle`](Self::settle)), then
+    ///   returned as [`Executed::Fresh`]. A value that cannot be stored (too
+    ///   large, not encodable, refused by the store) is still returned; the
+    ///   key is finished as [`FailureKind::Unknown`] and retries get
+    ///   [`Error::OutcomeUnknown`].
+    /// - Once `work` has started, the key is never left to run again: if
+    ///   this future is dropped or `work` panics, a task on the current tokio
+    ///   runtime finishes the key as [`FailureKind::Unknown`] (or stores the
+    ///   value, if it was already produced). Without a runtime (or without the
+    ///   `tokio` feature) the key stays in flight until its lease lapses.
+    /// - Replay: the stored value is decoded and returned as
+    ///   [`Executed::Replayed`]; a key that ended with its outcome unknown
+    ///   gives [`Error::OutcomeUnknown`].
     /// - In flight elsewhere: [`Error::InProgress`]; bound to another request:
     ///   [`Error::FingerprintMismatch`]. `work` does not run in either case.
-    /// - If storing the result fails, the error is returned and the key stays
-    ///   in flight until its lease lapses.
+    /// - If storing the result keeps failing (see [`settle`](Self::settle)),
+    ///   the error is returned and the key stays in flight until its lease
+    ///   lapses.
     ///
     /// The same call serves an HTTP handler and a queue consumer:
     ///
@@ -646,11 +745,25 @@ impl<S: Store, C: Clock> Engine<S, C> {
     {
         match self.begin(scope, key, fingerprint).await? {
             Begin::Proceed(lease) => {
+                let mut guard = SettleOnDrop::new(self, &lease);
                 let value = self.run_with_heartbeat(&lease, work()).await;
-                let outcome = Outcome::new(codec::encode(&value)?);
-                self.complete(&lease, outcome).await?;
+                let ending = match codec::encode(&value) {
+                    Ok(bytes) => Ending::Complete(Outcome::new(bytes)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "idem: the work's value cannot be encoded; finishing the key as outcome unknown");
+                        Ending::Unknown
+                    }
+                };
+                guard.pending(ending.clone());
+                let settled = self.settle(&lease, ending).await;
+                guard.disarm();
+                settled?;
                 Ok(Executed::Fresh(value))
             }
+            Begin::Replay(Replay {
+                kind: ReplayKind::Unknown,
+                ..
+            }) => Err(Error::OutcomeUnknown),
             Begin::Replay(replay) => Ok(Executed::Replayed(codec::decode(
                 replay.outcome.as_bytes(),
             )?)),
@@ -665,7 +778,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// # Behavior
     /// `Ok` values are stored and replayed as `Ok`; errors stored as permanent
     /// are replayed as `Err`; released and retryable errors are returned as
-    /// fresh and the next call runs the work again.
+    /// fresh and the next call runs the work again. Drops, panics and values
+    /// that cannot be stored behave as in [`execute`](Self::execute).
     pub async fn try_execute<T, E, F, Fut>(
         &self,
         scope: &Scope,
@@ -682,24 +796,30 @@ impl<S: Store, C: Clock> Engine<S, C> {
     {
         match self.begin(scope, key, fingerprint).await? {
             Begin::Proceed(lease) => {
+                let mut guard = SettleOnDrop::new(self, &lease);
                 let result = self.run_with_heartbeat(&lease, work()).await;
-                match &result {
-                    Ok(value) => {
-                        self.complete(&lease, Outcome::new(codec::encode(value)?))
-                            .await?;
+                let encoded = |value: Result<Vec<u8>, crate::CodecError>| match value {
+                    Ok(bytes) => Some(Outcome::new(bytes)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "idem: the work's result cannot be encoded; finishing the key as outcome unknown");
+                        None
                     }
+                };
+                let ending = match &result {
+                    Ok(value) => encoded(codec::encode(value)).map(Ending::Complete),
                     Err(error) => match on_error(error) {
-                        OnError::Release => self.release(&lease).await?,
-                        OnError::StoreRetryable => {
-                            let outcome = Outcome::new(codec::encode(error)?);
-                            self.fail(&lease, FailureKind::Retryable, outcome).await?;
-                        }
-                        OnError::StorePermanent => {
-                            let outcome = Outcome::new(codec::encode(error)?);
-                            self.fail(&lease, FailureKind::Permanent, outcome).await?;
-                        }
+                        OnError::Release => Some(Ending::Release),
+                        OnError::StoreRetryable => encoded(codec::encode(error))
+                            .map(|o| Ending::Fail(FailureKind::Retryable, o)),
+                        OnError::StorePermanent => encoded(codec::encode(error))
+                            .map(|o| Ending::Fail(FailureKind::Permanent, o)),
                     },
                 }
+                .unwrap_or(Ending::Unknown);
+                guard.pending(ending.clone());
+                let settled = self.settle(&lease, ending).await;
+                guard.disarm();
+                settled?;
                 Ok(Executed::Fresh(result))
             }
             Begin::Replay(Replay {
@@ -710,27 +830,88 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 outcome,
                 kind: ReplayKind::Failed,
             }) => Ok(Executed::Replayed(Err(codec::decode(outcome.as_bytes())?))),
+            Begin::Replay(_) => Err(Error::OutcomeUnknown),
             Begin::InProgress { retry_after } => Err(Error::InProgress { retry_after }),
             Begin::Mismatch => Err(Error::FingerprintMismatch),
         }
     }
 
-    async fn run_with_heartbeat<T>(&self, lease: &Lease, work: impl Future<Output = T>) -> T {
+    /// Runs `work` with a heartbeat beside it ([`keep_alive`](Self::keep_alive)).
+    ///
+    /// # Behavior
+    /// If the heartbeat ends first (the lease was lost), the work still runs
+    /// to its end; completing it will be refused by the fencing token.
+    pub async fn run_with_heartbeat<T>(&self, lease: &Lease, work: impl Future<Output = T>) -> T {
         let work = std::pin::pin!(work);
         let beat = std::pin::pin!(self.keep_alive(lease));
         match select(work, beat).await {
             Either::Left((value, _)) => value,
-            // The lease was lost: let the work finish; completing it will be
-            // refused by the fencing token.
             Either::Right((_, work)) => work.await,
         }
     }
 
+    /// Stops taking new claims and waits up to `grace` for the running ones
+    /// (claims made by this engine or its clones, through `begin` or
+    /// `execute`) to finish.
+    ///
+    /// # Behavior
+    /// - From the call on, [`begin`](Self::begin) fails with
+    ///   [`Error::ShuttingDown`] (transient: HTTP 503 with `Retry-After`).
+    /// - Nothing that ran is released. Claims still unfinished after `grace`
+    ///   are finished as [`FailureKind::Unknown`] (their [`Lease::lost`]
+    ///   fires): the process is about to stop them, and a retry must not run
+    ///   them again. A claim whose mark cannot be written stays in flight
+    ///   until its lease lapses.
+    /// - `grace` is measured on the engine's clock.
+    pub async fn shutdown(&self, grace: Duration) -> Shutdown {
+        let claims = &self.shared.claims;
+        let clock = &self.shared.clock;
+        claims.close();
+        let running = claims.unfinished().len();
+        let until = clock.now().plus(grace);
+        loop {
+            let listener = claims.changed.listen();
+            if claims.unfinished().is_empty() {
+                return Shutdown {
+                    running,
+                    finished: running,
+                    ..Shutdown::default()
+                };
+            }
+            let now = clock.now();
+            if now >= until {
+                break;
+            }
+            let nap = clock.sleep(until.since(now));
+            let _ = select(std::pin::pin!(listener), nap).await;
+        }
+        let open = claims.unfinished();
+        let mut report = Shutdown {
+            running,
+            finished: running.saturating_sub(open.len()),
+            ..Shutdown::default()
+        };
+        for lease in open {
+            lease.mark_lost();
+            let until = clock.now().plus(self.policy.lease / 10);
+            match self.settle_until(&lease, Ending::Unknown, until).await {
+                Ok(_) => report.marked_unknown += 1,
+                Err(_) if lease.is_finished() => report.finished += 1,
+                Err(e) => {
+                    tracing::error!(error = %e, key = ?lease.key(), "idem: shutdown could not mark a running claim; it stays in flight until its lease lapses");
+                    report.left_in_flight += 1;
+                }
+            }
+        }
+        tracing::info!(?report, "idem: shutdown");
+        report
+    }
+
     fn check_size(&self, outcome: &Outcome) -> Result<(), Error> {
-        if outcome.len() > self.policy.max_outcome_bytes {
+        if outcome.len() > self.outcome_limit {
             return Err(Error::OutcomeTooLarge {
                 size: outcome.len(),
-                limit: self.policy.max_outcome_bytes,
+                limit: self.outcome_limit,
             });
         }
         Ok(())
@@ -744,14 +925,28 @@ impl<S: Store, C: Clock> Engine<S, C> {
         finishes: bool,
         step: impl Fn(&Record, Timestamp) -> Result<Record, Fenced>,
     ) -> Result<(), Error> {
+        let result = self.finish_inner(lease, finishes, step).await;
+        if matches!(result, Err(Error::LeaseLost(_))) && !lease.is_finished() {
+            lease.mark_lost();
+        }
+        result
+    }
+
+    async fn finish_inner(
+        &self,
+        lease: &Lease,
+        finishes: bool,
+        step: impl Fn(&Record, Timestamp) -> Result<Record, Fenced>,
+    ) -> Result<(), Error> {
         let mut current = lease.record();
         for _ in 0..=self.policy.max_cas_retries {
-            let now = self.clock.now();
+            let now = self.shared.clock.now();
             let next = Versioned {
-                revision: self.ids.revision(),
+                revision: self.shared.ids.revision(),
                 record: step(&current.record, now).map_err(Error::LeaseLost)?,
             };
             match self
+                .shared
                 .store
                 .compare_and_swap(lease.key(), current.revision, &next, now)
                 .await?
@@ -793,4 +988,72 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
         Err(Error::Contention)
     }
+}
+
+/// The effective outcome limit of `store` under `policy`.
+fn outcome_limit<S: Store>(store: &S, policy: &Policy) -> usize {
+    let by_store = store
+        .capabilities()
+        .max_record_bytes
+        .map_or(usize::MAX, |max| max.saturating_sub(codec::RECORD_OVERHEAD));
+    policy.max_outcome_bytes.min(by_store)
+}
+
+/// Ends a claim whose work started if the future running it is dropped (or
+/// the work panics) before it could end the claim itself.
+struct SettleOnDrop<'a, S: Store, C: Clock> {
+    engine: &'a Engine<S, C>,
+    lease: Lease,
+    pending: Option<Ending>,
+}
+
+impl<'a, S: Store, C: Clock> SettleOnDrop<'a, S, C> {
+    fn new(engine: &'a Engine<S, C>, lease: &Lease) -> Self {
+        Self {
+            engine,
+            lease: lease.clone(),
+            pending: Some(Ending::Unknown),
+        }
+    }
+    fn pending(&mut self, ending: Ending) {
+        self.pending = Some(ending);
+    }
+    fn disarm(&mut self) {
+        self.pending = None;
+    }
+}
+
+impl<S: Store, C: Clock> Drop for SettleOnDrop<'_, S, C> {
+    fn drop(&mut self) {
+        let Some(ending) = self.pending.take() else {
+            return;
+        };
+        if self.lease.is_finished() {
+            return;
+        }
+        spawn_settle(self.engine.clone(), self.lease.clone(), ending);
+    }
+}
+
+#[cfg(feature = "tokio")]
+fn spawn_settle<S: Store, C: Clock>(engine: Engine<S, C>, lease: Lease, ending: Ending) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            tracing::warn!(key = ?lease.key(), "idem: the work was dropped or panicked after it started; ending its claim in the background");
+            runtime.spawn(async move {
+                if let Err(e) = engine.settle(&lease, ending).await {
+                    tracing::error!(error = %e, key = ?lease.key(), "idem: could not end a dropped claim; it stays in flight until its lease lapses");
+                }
+            });
+        }
+        Err(_) => {
+            tracing::error!(key = ?lease.key(), "idem: the work was dropped after it started and no runtime is left to end its claim; it stays in flight until its lease lapses")
+        }
+    }
+}
+
+#[cfg(not(feature = "tokio"))]
+fn spawn_settle<S: Store, C: Clock>(engine: Engine<S, C>, lease: Lease, ending: Ending) {
+    let _ = (engine, ending);
+    tracing::error!(key = ?lease.key(), "idem: the work was dropped after it started; without the `tokio` feature its claim stays in flight until its lease lapses");
 }

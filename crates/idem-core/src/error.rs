@@ -112,6 +112,19 @@ pub enum Error {
     /// Too many compare-and-swap races lost in a row (transient).
     #[error("too much contention on this idempotency key")]
     Contention,
+    /// The request with this key ended without a known result: it may or may
+    /// not have taken effect ([`FailureKind::Unknown`](crate::FailureKind::Unknown)).
+    /// Permanent: the engine never runs it again; find out what happened
+    /// (for example by reading the resource) before sending a new request
+    /// with a new key.
+    #[error(
+        "the request with this idempotency key ended and its outcome is unknown; it will not run again"
+    )]
+    OutcomeUnknown,
+    /// The engine is shutting down and takes no new claims (transient: retry
+    /// against another instance, or later).
+    #[error("the idempotency engine is shutting down")]
+    ShuttingDown,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -121,7 +134,7 @@ impl Error {
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::InProgress { .. } | Self::Contention => true,
+            Self::InProgress { .. } | Self::Contention | Self::ShuttingDown => true,
             Self::Store(e) => e.is_transient(),
             _ => false,
         }

@@ -32,6 +32,7 @@ mod engine;
 mod error;
 mod fingerprint;
 mod key;
+mod lease;
 mod machine;
 mod memory;
 mod policy;
@@ -41,14 +42,15 @@ mod time;
 
 pub use codec::CodecError;
 pub use engine::{
-    Begin, DefaultClock, Engine, Executed, Lease, OnError, Replay, ReplayKind, Transition,
+    Begin, DefaultClock, Ending, Engine, Executed, OnError, Replay, ReplayKind, Shutdown,
 };
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{FINGERPRINT_CONTEXT, Fingerprint, FingerprintBuilder};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordKey, Scope};
+pub use lease::{Lease, Transition};
 pub use machine::{Decision, Fenced, ReclaimReason, decide};
 pub use memory::MemoryStore;
-pub use policy::{InFlightPolicy, Policy};
+pub use policy::{InFlightPolicy, MAX_DURATION, MAX_WAIT, Policy, PolicyError};
 pub use record::{FailureKind, FencingToken, Outcome, Record, Revision, State, Versioned};
 pub use store::{Capabilities, Inserted, Store, Swapped};
 #[cfg(feature = "tokio")]

@@ -30,7 +30,8 @@ pub enum Decision {
         /// Time left on the holder's lease.
         retry_after: Duration,
     },
-    /// The key finished (completed, or failed permanently): replay its outcome.
+    /// The key finished (completed, failed permanently, or ended with its
+    /// outcome unknown): replay what is stored.
     Replay,
     /// The key is bound to a different request.
     Mismatch,
@@ -47,6 +48,7 @@ pub enum Decision {
 /// | in flight, lease lapsed | `Reclaim(LeaseExpired)` | `Mismatch` |
 /// | completed | `Replay` | `Mismatch` |
 /// | failed, permanent | `Replay` | `Mismatch` |
+/// | failed, outcome unknown | `Replay` | `Mismatch` |
 /// | failed, retryable | `Reclaim(RetryableFailure)` | `Mismatch` |
 pub fn decide(existing: Option<&Record>, fingerprint: &Fingerprint, now: Timestamp) -> Decision {
     let Some(record) = existing.filter(|r| !r.is_expired(now)) else {
@@ -60,15 +62,12 @@ pub fn decide(existing: Option<&Record>, fingerprint: &Fingerprint, now: Timesta
             retry_after: lease_deadline.since(now),
         },
         State::InFlight { .. } => Decision::Reclaim(ReclaimReason::LeaseExpired),
-        State::Completed { .. }
-        | State::Failed {
-            kind: FailureKind::Permanent,
-            ..
-        } => Decision::Replay,
         State::Failed {
             kind: FailureKind::Retryable,
             ..
         } => Decision::Reclaim(ReclaimReason::RetryableFailure),
+        // Completed, failed permanently, outcome unknown: final.
+        State::Completed { .. } | State::Failed { .. } => Decision::Replay,
     }
 }
 

@@ -103,12 +103,35 @@ impl fmt::Debug for Outcome {
 }
 
 /// Whether a stored failure lets the same request run again.
+///
+/// # Behavior
+/// Only [`Retryable`](Self::Retryable) lets the same request run again; the
+/// other kinds are final and replayed. New kinds are final too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum FailureKind {
-    /// The same request may run again; the key keeps its fingerprint.
+    /// The same request may run again; the key keeps its fingerprint. Use it
+    /// only when the work declared that nothing took effect.
     Retryable,
     /// The failure is final and replayed like a completion.
     Permanent,
+    /// The work may or may not have taken effect and its result is not known
+    /// (it panicked, was dropped, its response broke mid-stream, its process
+    /// shut down before it finished, or it held the key past
+    /// [`Policy::max_hold`](crate::Policy::max_hold)). Final: it is never run
+    /// again automatically, and retries get an "outcome unknown" answer.
+    Unknown,
+}
+
+impl FailureKind {
+    /// A short name (`retryable`, `permanent`, `unknown`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Retryable => "retryable",
+            Self::Permanent => "permanent",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 /// Where a key is in its life. An absent or expired record has no state.
@@ -150,7 +173,7 @@ impl State {
     }
 
     /// A short name of the state (`in_flight`, `completed`, `failed_retryable`,
-    /// `failed_permanent`), for typed store columns, logs and metrics.
+    /// `failed_permanent`, `failed_unknown`), for typed store columns, logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
             Self::InFlight { .. } => "in_flight",
@@ -163,6 +186,10 @@ impl State {
                 kind: FailureKind::Permanent,
                 ..
             } => "failed_permanent",
+            Self::Failed {
+                kind: FailureKind::Unknown,
+                ..
+            } => "failed_unknown",
         }
     }
 }

@@ -37,7 +37,16 @@ pub struct Capabilities {
     /// The backend removes expired records by itself (Redis `PX`):
     /// [`Store::purge_expired`] has nothing to do.
     pub native_expiry: bool,
-    /// The largest encoded record the backend accepts, if it has a limit.
+    /// The largest record the backend accepts, if it has a limit, measured
+    /// by [`codec::record_size`](crate::codec::record_size) (the outcome plus
+    /// a fixed [`RECORD_OVERHEAD`](crate::codec::RECORD_OVERHEAD)).
+    ///
+    /// # Behavior
+    /// A store that declares a limit accepts every record of at most that
+    /// size and refuses every larger one with
+    /// [`StoreError::Rejected`](crate::StoreError::Rejected), writing nothing
+    /// (checked by the conformance suite). The engine stores no outcome that
+    /// would exceed it ([`Engine::outcome_limit`](crate::Engine::outcome_limit)).
     pub max_record_bytes: Option<usize>,
 }
 

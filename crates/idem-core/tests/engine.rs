@@ -16,7 +16,8 @@ use idem_core::{
 fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
     let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
     let engine = Engine::with_clock(MemoryStore::new(), clock.clone())
-        .with_policy(Policy::default().with_lease(Duration::from_secs(10)));
+        .with_policy(Policy::default().with_lease(Duration::from_secs(10)))
+        .expect("valid policy");
     (engine, clock)
 }
 
@@ -154,12 +155,12 @@ async fn release_lets_a_retry_run_and_errors_follow_on_error() {
 async fn wait_mode_returns_the_originals_outcome() {
     let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
     let engine = Arc::new(
-        Engine::with_clock(MemoryStore::new(), clock.clone()).with_policy(
-            Policy::default().with_in_flight(InFlightPolicy::Wait {
+        Engine::with_clock(MemoryStore::new(), clock.clone())
+            .with_policy(Policy::default().with_in_flight(InFlightPolicy::Wait {
                 max: Duration::from_secs(5),
                 poll: Duration::from_millis(100),
-            }),
-        ),
+            }))
+            .expect("valid policy"),
     );
     let scope = Scope::tenant("t");
     let fp = Fingerprint::of(b"a");
@@ -299,7 +300,8 @@ async fn unknown_codec_version_in_a_stored_outcome_is_an_error_not_a_replay() {
 async fn oversized_outcome_is_refused_and_the_claim_kept() {
     let clock = ManualClock::new(Timestamp::from_millis(1));
     let engine = Engine::with_clock(MemoryStore::new(), clock)
-        .with_policy(Policy::default().with_max_outcome_bytes(16));
+        .with_policy(Policy::default().with_max_outcome_bytes(16))
+        .expect("valid policy");
     let Begin::Proceed(lease) = engine
         .begin(&Scope::tenant("t"), &key("k"), Fingerprint::of(b"a"))
         .await

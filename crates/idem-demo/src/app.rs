@@ -22,8 +22,26 @@
 //!
 //! `GET /payments` lists the tenant's payments, oldest first, so anyone can
 //! count the charges.
+//!
+//! # The external effect (`--effect-log`)
+//!
+//! With an [`EffectLog`] (`idem-demo --effect-log PATH`, or
+//! `IDEM_DEMO_EFFECT_LOG`), each charge first makes its "card network call":
+//! it appends the line `<tenant> <key> <payment id>` to that file (opened
+//! with `O_APPEND`, `fdatasync`ed before going on), and only then writes the
+//! ledger and completes the idempotency record. The call lives outside the
+//! store's transaction, so a crash cannot roll it back: a crash after the
+//! call and before the commit leaves a line without a charge, and the retry
+//! (once the lease lapses) calls again. That is the at-least-once window of
+//! any external call, on every store; the crash test counts the lines per
+//! logical payment to measure it. A call that fails answers 502 without
+//! [`NoEffect`](idem_tower::NoEffect) (whether the network took it is not
+//! known), so the key ends as `outcome-unknown`.
 
 use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -107,6 +125,54 @@ impl CrashPlan {
     }
 }
 
+/// The demo's external effect: a file that every charge appends a line to
+/// (its "card network call") before the ledger and the idempotency record
+/// commit; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct EffectLog {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl EffectLog {
+    /// Opens `path` for appending (`O_APPEND`), creating it if absent; the
+    /// lines already in it are kept.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `<tenant> <key> <payment id>\n` in one write and waits for
+    /// it to reach the disk (`sync_data`). Tenants, keys and payment ids are
+    /// visible ASCII without spaces, so a line splits into exactly three
+    /// fields.
+    pub(crate) async fn record(
+        &self,
+        tenant: &str,
+        key: &str,
+        payment_id: &str,
+    ) -> std::io::Result<()> {
+        let line = format!("{tenant} {key} {payment_id}\n");
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            // `&File` writes; with O_APPEND each write lands at the end, so
+            // concurrent lines do not interleave.
+            (&*file).write_all(line.as_bytes())?;
+            file.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
 /// A ledger failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -178,6 +244,8 @@ struct AppState {
     /// (tenant, key) pairs whose `"fail": "transient"` attempt already failed.
     failed_once: Arc<Mutex<HashSet<(String, String)>>>,
     crash: CrashPlan,
+    /// The external effect of a charge, if any.
+    effects: Option<EffectLog>,
     backend: &'static str,
 }
 
@@ -204,10 +272,13 @@ impl AppState {
 /// - Every request runs in a task of its own: a client that disconnects
 ///   (timeout) does not cancel its charge, so its retry gets 409 while the
 ///   charge runs, then the replay.
+/// - With `effects`, each charge appends its line to the [`EffectLog`]
+///   before the ledger write (the external call outside the transaction).
 pub fn router<S: Store>(
     engine: Arc<Engine<S>>,
     ledger: Arc<dyn Ledger>,
     crash: CrashPlan,
+    effects: Option<EffectLog>,
     backend: &'static str,
 ) -> Router {
     let idempotency =
@@ -219,6 +290,7 @@ pub fn router<S: Store>(
         ledger,
         failed_once: Arc::default(),
         crash,
+        effects,
         backend,
     };
     let payments = Router::new()
@@ -317,6 +389,14 @@ async fn list_payments(
             unavailable("the ledger is unavailable; retry")
         }
     }
+}
+
+/// Marks a response of a request that charged nothing: the idempotency
+/// layer then releases the key and a retry runs afresh (without the mark, a
+/// 5xx is ambiguous and the key ends as `outcome-unknown`).
+fn no_effect(mut response: Response) -> Response {
+    response.extensions_mut().insert(idem_tower::NoEffect);
+    response
 }
 
 fn unavailable(detail: &str) -> Response {
@@ -424,10 +504,11 @@ async fn create_payment(
     };
     let key = claim.key().as_str();
     if request.fail == Some(FailMode::Transient) && state.first_failure(&tenant.0, key) {
-        // 5xx: the layer releases the key, so the retry runs the charge.
-        return unavailable(
+        // Nothing was charged, and the response says so (`NoEffect`): the
+        // layer releases the key, so the retry runs the charge afresh.
+        return no_effect(unavailable(
             "the card network failed transiently; nothing was charged; retry with the same key",
-        );
+        ));
     }
     let payment = Payment {
         id: payment_id(),
@@ -441,11 +522,11 @@ async fn create_payment(
         Ok(body) => body,
         Err(e) => {
             tracing::error!(error = %e, "encoding a payment failed");
-            return problem(
+            return no_effect(problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "the payment could not be encoded",
-            );
+            ));
         }
     };
     let mut headers = HeaderMap::new();
@@ -458,20 +539,33 @@ async fn create_payment(
         match claim.prepare_response(StatusCode::CREATED, &headers, &body) {
             Ok(transition) => Some(transition),
             Err(IdemError::LeaseLost(_)) => {
-                return unavailable("this attempt lost its claim on the key; retry");
+                return no_effect(unavailable("this attempt lost its claim on the key; retry"));
             }
             Err(e) => {
                 tracing::error!(error = %e, "preparing the completion failed");
-                return problem(
+                return no_effect(problem(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
                     "the response could not be prepared",
-                );
+                ));
             }
         }
     } else {
         None
     };
+    // The card network call: an effect outside the store's transaction,
+    // made before the ledger write, that a crash cannot roll back.
+    if let Some(effects) = &state.effects
+        && let Err(e) = effects.record(&tenant.0, key, &payment.id).await
+    {
+        tracing::error!(error = %e, "the card network call (effect log) failed");
+        // Not `NoEffect`: whether the call took effect is not known.
+        return problem(
+            StatusCode::BAD_GATEWAY,
+            "card-network",
+            "the card network call failed; whether it took effect is not known",
+        );
+    }
     let delay = Duration::from_millis(request.delay_ms.unwrap_or(0));
     match state
         .ledger
@@ -487,13 +581,29 @@ async fn create_payment(
             }
             (StatusCode::CREATED, headers, body).into_response()
         }
-        Err(LedgerError::LeaseLost(_)) => {
-            unavailable("this attempt lost its claim on the key; nothing was charged; retry")
-        }
+        // The ledger wrote nothing (its write failed or rolled back). That is
+        // "no effect" only if the card network was not called: after an
+        // external call, the key must end as outcome unknown, not run again.
+        Err(LedgerError::LeaseLost(_)) => nothing_charged_unless_called(
+            &state,
+            unavailable("this attempt lost its claim on the key; nothing was recorded; retry"),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "charge failed");
-            unavailable("the ledger is unavailable; nothing was charged; retry")
+            nothing_charged_unless_called(
+                &state,
+                unavailable("the ledger is unavailable; nothing was recorded; retry"),
+            )
         }
+    }
+}
+
+/// `NoEffect` on `response` unless this charge made its external call.
+fn nothing_charged_unless_called(state: &AppState, response: Response) -> Response {
+    if state.effects.is_some() {
+        response
+    } else {
+        no_effect(response)
     }
 }
 
@@ -520,6 +630,20 @@ mod tests {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static(bad));
             assert_eq!(bearer(&h), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_effect_log_appends_one_line_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("effects.log");
+        std::fs::write(&path, "acme k0 pay_0\n").unwrap();
+        let log = EffectLog::open(&path).unwrap();
+        log.record("acme", "k1", "pay_1").await.unwrap();
+        log.record("globex", "k1", "pay_2").await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "acme k0 pay_0\nacme k1 pay_1\nglobex k1 pay_2\n"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use idem_sqlite::{SqliteError, SqliteStore};
 use tempfile::TempDir;
 
 use crate::DemoError;
-use crate::app::{self, CrashPlan, Ledger, LedgerError, Payment};
+use crate::app::{self, CrashPlan, EffectLog, Ledger, LedgerError, Payment};
 
 /// The default PostgreSQL schema of the demo.
 pub const DEFAULT_PG_SCHEMA: &str = "idem_demo";
@@ -133,6 +133,10 @@ pub struct BackendOptions {
     /// With Redis: the SQLite file of the payments ledger (default: a file
     /// in a temporary directory).
     pub ledger: Option<PathBuf>,
+    /// The external effect: the file each charge appends
+    /// `<tenant> <key> <payment id>` to before the ledger write (see
+    /// [`EffectLog`]); none by default.
+    pub effect_log: Option<PathBuf>,
     /// Test-only fault injection.
     pub crash: CrashPlan,
 }
@@ -145,6 +149,7 @@ impl Default for BackendOptions {
             pg_max_connections: 16,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             ledger: None,
+            effect_log: None,
             crash: CrashPlan::default(),
         }
     }
@@ -180,12 +185,35 @@ impl Backend {
     ///   outside it is touched.
     /// - Redis: records under `options.redis_prefix`; the ledger is the
     ///   SQLite file `options.ledger` (a temporary one by default).
+    /// - With `options.effect_log`, that file is opened for appending (created
+    ///   if absent) and every charge appends its line to it first.
     pub async fn open(url: &StoreUrl, options: &BackendOptions) -> Result<Self, DemoError> {
         if options.lease < Duration::from_millis(30) {
             return Err(DemoError::InvalidOption(
                 "the lease must be at least 30 ms".to_string(),
             ));
         }
+        let effects = match &options.effect_log {
+            Some(path) => Some(EffectLog::open(path).map_err(|e| {
+                DemoError::InvalidOption(format!("effect log {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let mut backend = Self::open_store(url, options, effects.clone()).await?;
+        if let Some(effects) = &effects {
+            backend.description.push(format!(
+                "external effect: each charge appends `<tenant> <key> <payment id>` to {} before the ledger write (outside the store's transaction: at least once on a crash)",
+                effects.path().display()
+            ));
+        }
+        Ok(backend)
+    }
+
+    async fn open_store(
+        url: &StoreUrl,
+        options: &BackendOptions,
+        effects: Option<EffectLog>,
+    ) -> Result<Self, DemoError> {
         let policy = Policy::default().with_lease(options.lease);
         match url {
             StoreUrl::Sqlite(path) => {
@@ -198,9 +226,9 @@ impl Backend {
                 };
                 let store = SqliteStore::open(&path)?;
                 let ledger = SqliteLedger::new(store.clone()).await?;
-                let engine = Arc::new(Engine::new(store).with_policy(policy));
+                let engine = Arc::new(Engine::new(store).with_policy(policy)?);
                 Ok(Self {
-                    router: app::router(engine, Arc::new(ledger), options.crash, "sqlite"),
+                    router: app::router(engine, Arc::new(ledger), options.crash, effects, "sqlite"),
                     name: "sqlite",
                     description: vec![
                         format!("store: SQLite, {}", path.display()),
@@ -224,9 +252,15 @@ impl Backend {
                     source,
                 })?;
                 let ledger = PostgresLedger::new(pool, store.clone(), &payments).await?;
-                let engine = Arc::new(Engine::new(store).with_policy(policy));
+                let engine = Arc::new(Engine::new(store).with_policy(policy)?);
                 Ok(Self {
-                    router: app::router(engine, Arc::new(ledger), options.crash, "postgres"),
+                    router: app::router(
+                        engine,
+                        Arc::new(ledger),
+                        options.crash,
+                        effects,
+                        "postgres",
+                    ),
                     name: "postgres",
                     description: vec![
                         format!("store: PostgreSQL {}, table {records}", redact(url)),
@@ -255,9 +289,9 @@ impl Backend {
                     }
                 };
                 let ledger = FileLedger::open(&path).await?;
-                let engine = Arc::new(Engine::new(store).with_policy(policy));
+                let engine = Arc::new(Engine::new(store).with_policy(policy)?);
                 Ok(Self {
-                    router: app::router(engine, Arc::new(ledger), options.crash, "redis"),
+                    router: app::router(engine, Arc::new(ledger), options.crash, effects, "redis"),
                     name: "redis",
                     description: vec![
                         format!(

@@ -73,6 +73,13 @@ pub struct StoreArgs {
     /// directory, gone when the process exits).
     #[arg(long, value_name = "PATH")]
     pub ledger: Option<PathBuf>,
+    /// An external effect outside the store's transaction: before each
+    /// charge's ledger write, append `<tenant> <key> <payment id>` to PATH
+    /// (O_APPEND, synced to disk), as a card network call would. A crash
+    /// after the call and before the commit cannot undo it, and the retry
+    /// calls again: at least once on every store. Default: no effect.
+    #[arg(long, value_name = "PATH", env = "IDEM_DEMO_EFFECT_LOG")]
+    pub effect_log: Option<PathBuf>,
     /// Test only: probability of aborting inside the charge's transaction.
     #[arg(long, hide = true, value_name = "P", default_value_t = 0.0)]
     pub crash_in_charge: f64,
@@ -99,6 +106,7 @@ impl StoreArgs {
             pg_max_connections: self.pg_max_connections,
             redis_prefix: self.redis_prefix.clone(),
             ledger: self.ledger.clone(),
+            effect_log: self.effect_log.clone(),
             crash: CrashPlan {
                 in_charge: probability("--crash-in-charge", self.crash_in_charge)?,
                 after_charge: probability("--crash-after-charge", self.crash_after_charge)?,
@@ -297,12 +305,18 @@ mod tests {
             "127.0.0.1:0",
             "--store",
             "postgres://postgres@127.0.0.1:5432/test",
+            "--effect-log",
+            "/tmp/effects.log",
         ])
         .unwrap();
         match cli.command {
             Some(Command::Serve(args)) => {
                 assert_eq!(args.addr.port(), 0);
                 assert_eq!(args.store.store, "postgres://postgres@127.0.0.1:5432/test");
+                assert_eq!(
+                    args.store.effect_log.as_deref(),
+                    Some(std::path::Path::new("/tmp/effects.log"))
+                );
             }
             other => panic!("not serve: {other:?}"),
         }

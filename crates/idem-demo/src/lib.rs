@@ -59,6 +59,9 @@ pub enum DemoError {
     /// An option is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// The engine's policy built from the options is invalid.
+    #[error(transparent)]
+    Policy(#[from] idem_core::PolicyError),
     /// The idempotency store could not be opened.
     #[error("could not open the {backend} store: {source}")]
     Store {

@@ -14,6 +14,19 @@
 //!   at-least-once window (a crash after the ledger commit and before the
 //!   key's completion). Lost payments and stuck keys still fail.
 //!
+//! Every server also has an external effect (`--effect-log`): each charge
+//! appends `<tenant> <key> <payment id>` to a file before its ledger write,
+//! outside the store's transaction, as a card network call would. External
+//! duplicates (lines beyond one per logical payment) are MEASURED and
+//! printed on every backend, not failed on: an effect followed by a crash
+//! before the commit is the at-least-once window of any external call. What
+//! fails: a charged payment without its external call (by payment id), a
+//! line of no logical payment, and a call that neither charged nor was
+//! followed by the death of the server that made it (every call without a
+//! charge must be explained by a crash, at most one per client per death).
+//! A key answered `outcome-unknown` also fails: here the only ambiguity is a
+//! crash, which never finishes a key.
+//!
 //! PostgreSQL and Redis are IGNORED with a banner when unreachable and FAIL
 //! under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`. Each run uses its own temp
 //! dir / schema / key prefix, removed at the end.
@@ -24,7 +37,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -36,6 +49,7 @@ use idem_core::{IdempotencyKey, RecordKey, State, Store, Timestamp};
 use idem_demo::{Payment, scope_for};
 use idem_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
 use idem_redis::{RedisConfig, RedisStore};
+use idem_tower::ProblemType;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -78,6 +92,7 @@ fn main() -> std::process::ExitCode {
                 };
                 let figures = run(&target, &Plan::with_aborts(kills)).await?;
                 println!("{figures}");
+                println!("{}", figures.summary());
                 figures.require_exactly_once(kills)
             })
         }),
@@ -108,6 +123,7 @@ fn main() -> std::process::ExitCode {
                 common::drop_postgres_schema(&url, &schema).await;
                 let figures = result?;
                 println!("{figures}");
+                println!("{}", figures.summary());
                 figures.require_exactly_once(kills)?;
                 Ok(Completion::Completed)
             })
@@ -154,6 +170,9 @@ fn main() -> std::process::ExitCode {
                     all[1].kills,
                     all[1].aborts_after_charge
                 );
+                for figures in &all {
+                    println!("{}", figures.summary());
+                }
                 Ok(Completion::Completed)
             })
         }),
@@ -253,10 +272,30 @@ struct Figures {
     duplicate_keys: u64,
     lost: u64,
     unanswered: u64,
+    /// Logical payments whose final answer was `outcome-unknown`.
+    outcome_unknown: u64,
     inconsistent: u64,
     unexpected: u64,
     stuck: u64,
     in_flight_left: u64,
+    /// Lines in the effect log (external calls).
+    external_calls: u64,
+    /// External calls beyond the first of a logical payment.
+    external_duplicates: u64,
+    /// Logical payments with more than one external call.
+    external_duplicate_keys: u64,
+    /// External calls whose payment was never charged (the server died
+    /// between the call and the commit).
+    external_orphans: u64,
+    /// The most external calls without a charge left by one server death.
+    external_orphans_per_death: u64,
+    /// External calls without a charge made by a server that did not die
+    /// afterwards: no crash explains them.
+    external_unexplained: u64,
+    /// Charged payments without their external call (by payment id).
+    external_missing: u64,
+    /// Lines of no logical payment of this run, or not `<tenant> <key> <id>`.
+    external_unexpected: u64,
     elapsed: Duration,
 }
 
@@ -267,8 +306,11 @@ impl fmt::Display for Figures {
             "crash[{}] ({}): kills = {}, injected aborts = {} inside a charge + {} right after a charge \
              (server exits on its own: {}), \
              requests = {}, requests in flight at the kills = {}, logical payments = {}, charges = {}, \
-             duplicates = {} (keys charged twice: {}), lost = {}, unanswered = {}, inconsistent answers = {}, \
-             unexpected charges = {}, stuck in flight after lease = {}, in flight at the end = {}, elapsed = {:.1} s",
+             duplicates = {} (keys charged twice: {}), lost = {}, unanswered = {}, outcome-unknown = {}, \
+             inconsistent answers = {}, unexpected charges = {}, stuck in flight after lease = {}, \
+             in flight at the end = {}, external calls = {}, external duplicates = {} (keys called twice: {}; \
+             calls never charged: {}, at most {} per server death, unexplained by a death: {}), \
+             charges without their external call = {}, unexpected external calls = {}, elapsed = {:.1} s",
             self.backend,
             self.label,
             self.kills,
@@ -283,16 +325,43 @@ impl fmt::Display for Figures {
             self.duplicate_keys,
             self.lost,
             self.unanswered,
+            self.outcome_unknown,
             self.inconsistent,
             self.unexpected,
             self.stuck,
             self.in_flight_left,
+            self.external_calls,
+            self.external_duplicates,
+            self.external_duplicate_keys,
+            self.external_orphans,
+            self.external_orphans_per_death,
+            self.external_unexplained,
+            self.external_missing,
+            self.external_unexpected,
             self.elapsed.as_secs_f64()
         )
     }
 }
 
 impl Figures {
+    /// The one-line summary of the measured windows.
+    fn summary(&self) -> String {
+        format!(
+            "crash[{}] summary ({}): MEASURED external duplicates (at-least-once window of an external call, \
+             not a failure) = {} over {} logical payments, after {} SIGKILLs + {} injected aborts; \
+             ledger duplicates = {}; outcome-unknown = {}; elapsed = {:.1} s",
+            self.backend,
+            self.label,
+            self.external_duplicates,
+            self.logical,
+            self.kills,
+            self.aborts_in_charge + self.aborts_after_charge,
+            self.extra_charges,
+            self.outcome_unknown,
+            self.elapsed.as_secs_f64()
+        )
+    }
+
     /// SQLite / PostgreSQL: exactly once, through every crash.
     fn require_exactly_once(&self, kills: usize) -> Result<(), Failed> {
         let mut errors = self.at_least_once_errors();
@@ -335,6 +404,47 @@ impl Figures {
             format!("unanswered = {}", self.unanswered),
         );
         check(
+            self.outcome_unknown != 0,
+            format!(
+                "outcome-unknown = {} (a crash alone must never finish a key as outcome-unknown)",
+                self.outcome_unknown
+            ),
+        );
+        check(
+            self.external_missing != 0,
+            format!(
+                "charges without their external call = {}",
+                self.external_missing
+            ),
+        );
+        check(
+            self.external_unexpected != 0,
+            format!("unexpected external calls = {}", self.external_unexpected),
+        );
+        check(
+            self.external_unexplained != 0,
+            format!(
+                "external calls never charged, by a server that did not die = {}",
+                self.external_unexplained
+            ),
+        );
+        // Every extra external call is a ledger duplicate (Redis) or a call
+        // that never charged, and each of those is explained by a death.
+        check(
+            self.external_duplicates > self.extra_charges + self.external_orphans,
+            format!(
+                "external duplicates = {} > ledger duplicates {} + calls never charged {}",
+                self.external_duplicates, self.extra_charges, self.external_orphans
+            ),
+        );
+        check(
+            self.external_orphans_per_death > CLIENTS as u64,
+            format!(
+                "{} external calls never charged left by one server death (at most {CLIENTS} clients)",
+                self.external_orphans_per_death
+            ),
+        );
+        check(
             self.unexpected != 0,
             format!("unexpected charges = {}", self.unexpected),
         );
@@ -367,12 +477,15 @@ struct Outcome {
     key: String,
     amount: u64,
     answer: Option<Payment>,
+    /// The final answer was `outcome-unknown`.
+    unknown: bool,
 }
 
 async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     let started = Instant::now();
     let run_id = format!("{:08x}", fastrand::u32(..));
     let log = target.dir.join(format!("server-{run_id}.log"));
+    let effect_log = target.dir.join(format!("effects-{run_id}.log"));
     let mut args = vec![
         "serve".to_string(),
         "--addr".into(),
@@ -383,6 +496,8 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
         plan.crash_in_charge.to_string(),
         "--crash-after-charge".into(),
         plan.crash_after_charge.to_string(),
+        "--effect-log".into(),
+        effect_log.display().to_string(),
     ];
     args.extend(target.args.iter().cloned());
     let supervisor = Supervisor {
@@ -414,6 +529,10 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
         label: plan.label,
         ..Figures::default()
     };
+    // The effect log's length at each server death: the lines before the
+    // n-th boundary were written by the first n servers.
+    let mut deaths: Vec<u64> = Vec::new();
+    let effect_len = || std::fs::metadata(&effect_log).map_or(0, |m| m.len());
     // The fault schedule: a random delay, then SIGKILL; a server that died
     // on its own (an injected abort) is restarted without counting a kill.
     while figures.kills < plan.kills as u64 {
@@ -428,6 +547,7 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
                 figures.kills += 1;
             }
         }
+        deaths.push(effect_len());
         let (next, url) = supervisor.start(&http).await?;
         child = next;
         *shared.base.write().unwrap() = url;
@@ -451,6 +571,7 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
             }
             _ = child.wait() => {
                 figures.aborts += 1;
+                deaths.push(effect_len());
                 let (next, url) = supervisor.start(&http).await?;
                 child = next;
                 *shared.base.write().unwrap() = url;
@@ -476,6 +597,9 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
+    let charged_ids: HashSet<String> = charged.values().flatten().map(|p| p.id.clone()).collect();
+    let effects = std::fs::read_to_string(&effect_log).map_err(|e| format!("effect log: {e}"))?;
+    count_effects(&mut figures, &effects, &deaths, &outcomes, &charged_ids);
 
     for o in &outcomes {
         let rows = charged
@@ -486,6 +610,7 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
         figures.duplicate_keys += u64::from(rows.len() > 1);
         figures.lost += u64::from(rows.is_empty());
         match &o.answer {
+            None if o.unknown => figures.outcome_unknown += 1,
             None => figures.unanswered += 1,
             // The answer is the payment charged (with several charges, one
             // of them), with the client's amount.
@@ -507,6 +632,60 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     figures.aborts_after_charge = log_text.matches("injected crash after").count() as u64;
     figures.elapsed = started.elapsed();
     Ok(figures)
+}
+
+/// Counts the external calls of the effect log (`<tenant> <key> <payment
+/// id>` lines) per logical payment, and which calls were never charged;
+/// `deaths` are the log's lengths at the server deaths.
+fn count_effects(
+    figures: &mut Figures,
+    effects: &str,
+    deaths: &[u64],
+    outcomes: &[Outcome],
+    charged_ids: &HashSet<String>,
+) {
+    let mut calls: HashMap<(&str, &str), u64> = outcomes
+        .iter()
+        .map(|o| ((o.tenant.as_str(), o.key.as_str()), 0))
+        .collect();
+    let mut called_ids = HashSet::new();
+    // Calls never charged, per server (index: the servers in start order;
+    // the last one never died).
+    let mut orphans = vec![0u64; deaths.len() + 1];
+    let mut offset = 0u64;
+    for line in effects.split_inclusive('\n') {
+        let server = deaths.partition_point(|&end| end <= offset);
+        offset += line.len() as u64;
+        figures.external_calls += 1;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let &[tenant, key, id] = fields.as_slice() else {
+            figures.external_unexpected += 1;
+            continue;
+        };
+        if !line.ends_with('\n') {
+            figures.external_unexpected += 1;
+            continue;
+        }
+        match calls.get_mut(&(tenant, key)) {
+            Some(n) => *n += 1,
+            None => figures.external_unexpected += 1,
+        }
+        called_ids.insert(id);
+        if !charged_ids.contains(id) {
+            orphans[server] += 1;
+        }
+    }
+    for &n in calls.values() {
+        figures.external_duplicates += n.saturating_sub(1);
+        figures.external_duplicate_keys += u64::from(n > 1);
+    }
+    figures.external_missing = charged_ids
+        .iter()
+        .filter(|id| !called_ids.contains(id.as_str()))
+        .count() as u64;
+    figures.external_orphans = orphans.iter().sum();
+    figures.external_orphans_per_death = orphans[..deaths.len()].iter().copied().max().unwrap_or(0);
+    figures.external_unexplained = orphans[deaths.len()];
 }
 
 /// Starts servers.
@@ -611,6 +790,7 @@ async fn client(
         })
         .to_string();
         let deadline = Instant::now() + PAYMENT_DEADLINE;
+        let mut unknown = false;
         let answer = loop {
             if Instant::now() >= deadline {
                 break None;
@@ -639,6 +819,12 @@ async fn client(
                 }
                 // A final refusal: never expected here (same body every time).
                 Ok((StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST, _)) => break None,
+                // The key's final answer: the outcome is not known and the
+                // payment is never run again (counted; not expected here).
+                Ok((StatusCode::INTERNAL_SERVER_ERROR, text)) if is_outcome_unknown(&text) => {
+                    unknown = true;
+                    break None;
+                }
                 // 409, 503, or the server died: retry the same request.
                 _ => tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=30))).await,
             }
@@ -648,9 +834,17 @@ async fn client(
             key,
             amount,
             answer,
+            unknown,
         });
     }
     outcomes
+}
+
+/// Whether `body` is the `outcome-unknown` problem.
+fn is_outcome_unknown(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|v| {
+        v.get("type").and_then(serde_json::Value::as_str) == Some(ProblemType::OutcomeUnknown.uri())
+    })
 }
 
 async fn list(http: &reqwest::Client, base: &str, tenant: &str) -> Result<Vec<Payment>, Failed> {

@@ -177,12 +177,72 @@
 //!
 //! An unreachable server, a closed or exhausted pool, a broken connection, a
 //! store call over its timeout ([`PostgresStore::with_timeout`], default
-//! 10 s), and the transient SQLSTATEs (class 08, 53, 57, serialization
-//! failure, deadlock) are [`StoreError::Unavailable`](idem_core::StoreError::Unavailable),
+//! 10 s), and the transient SQLSTATEs (failover, shutdown, resources, lock
+//! and serialization conflicts) are [`StoreError::Unavailable`](idem_core::StoreError::Unavailable),
 //! with the driver's error as the source. A missing table says to run
 //! `migrate()`. A record above the size limit
 //! ([`PostgresStore::with_max_record_bytes`], default 64 MiB) is
-//! [`StoreError::Rejected`](idem_core::StoreError::Rejected).
+//! [`StoreError::Rejected`](idem_core::StoreError::Rejected). The full table
+//! follows.
+//!
+//! ## Error classification
+//!
+//! Every sqlx error goes through one pure function (`error::classify`, and
+//! `error::classify_sqlstate` for server errors, unit-tested per code) and
+//! becomes [`StoreError::Unavailable`](idem_core::StoreError::Unavailable)
+//! (transient: retrying later may succeed) or a permanent variant, with the
+//! driver's error kept as the source. Server errors are classified by their
+//! SQLSTATE.
+//!
+//! | driver error / SQLSTATE | meaning | class | why |
+//! |---|---|---|---|
+//! | `Io` | server unreachable, connection reset or closed | transient `Unavailable` | the connection is closed and the pool dials a new one |
+//! | store timeout ([`PostgresStore::with_timeout`]) | no answer in time | transient `Unavailable` | the connection is closed; the statement's effect is unknown, and every primitive is conditional |
+//! | `PoolTimedOut` | every connection busy, or none could be opened | transient `Unavailable` | connections free up |
+//! | `PoolClosed` | the application closed the pool | transient `Unavailable` | it closes its pool when it shuts down: the request ran nothing, and a retry elsewhere or after the restart succeeds, so 503 + `Retry-After` is the right answer, not 500 |
+//! | `Protocol` | unexpected bytes: a connection desynchronised or cut by a proxy | transient `Unavailable` | the connection is closed and replaced; its effect is unknown, as for a lost reply. (An authentication method sqlx does not support is also `Protocol`; it shows when the pool first connects) |
+//! | `WorkerCrashed` | a driver worker died | transient `Unavailable` | the connection is replaced |
+//! | `Tls` | a certificate or TLS setting refused, or TLS not built in | permanent `Generic` | the same handshake fails the same way until an operator acts; a network failure during the handshake is `Io` |
+//! | `Configuration`, `InvalidArgument` | malformed URL or options | permanent `Generic` | |
+//! | class `08` (08000, 08001, 08003, 08004, 08006, 08007, 08P01) | connection exception | transient `Unavailable` | a new connection may work |
+//! | 40001 `serialization_failure`, 40P01 `deadlock_detected`, 40000, 40003 | a concurrent transaction won (REPEATABLE READ / SERIALIZABLE server defaults, the caller's transaction) | transient `Unavailable` | nothing was written; the same statement succeeds once the other finished |
+//! | 40002 `transaction_integrity_constraint_violation` | a deferred constraint failed at commit | permanent `Generic` | |
+//! | class `53` (53000, 53100 `disk_full`, 53200 `out_of_memory`, 53300 `too_many_connections`, 53400) | insufficient resources | transient `Unavailable` | resources free up (connections close, space is freed) |
+//! | 55P03 `lock_not_available` | `lock_timeout` expired | transient `Unavailable` | the lock is released |
+//! | 57014 `query_canceled` | `statement_timeout`, `pg_cancel_backend` | transient `Unavailable` | nothing was written |
+//! | 57P01 `admin_shutdown`, 57P02 `crash_shutdown`, 57P03 `cannot_connect_now`, 57P05 `idle_session_timeout`, 57000 | restart, failover, recovery, an idle session closed | transient `Unavailable` | the server comes back, or the pool dials the new primary |
+//! | 57P04 `database_dropped` | the database is gone | permanent `Generic` | needs an operator |
+//! | 25006 `read_only_sql_transaction` | the node became a standby (failover), or the server is read-only | transient `Unavailable` | connections to the new primary succeed; a heartbeat must not stop on it |
+//! | 25P03 `idle_in_transaction_session_timeout` | the caller's transaction was idle too long | transient `Unavailable` | retry the whole transaction |
+//! | 58000 `system_error`, 58030 `io_error` | the server's disk or OS failed | transient `Unavailable` | nothing was written; it may pass (58P01, 58P02 missing or duplicate file: permanent `Generic`) |
+//! | 72000 `snapshot_too_old` | `old_snapshot_threshold` | transient `Unavailable` | a new statement gets a new snapshot |
+//! | 42P01 `undefined_table`, 3F000 `invalid_schema_name`, 42703 `undefined_column` | table, schema or column missing | permanent `Generic`, saying to run `migrate()` | the schema is missing or older than this crate |
+//! | other class `42` (42601 syntax, 42501 `insufficient_privilege`, …) | a bug, or privileges missing | permanent `Generic` | grant the privileges; the same statement fails the same way |
+//! | class `22` (22001, 22003, 22021, 22P02, …) | data exception: the server refuses a value of the record | permanent `Rejected` | the same record is refused again |
+//! | class `54` (54000 `program_limit_exceeded`, …) | a value or row beyond a server limit | permanent `Rejected` | |
+//! | class `23` (23505 `unique_violation`, 23514 `check_violation`, 23502, 23503, …) | a constraint refused the write | permanent `Generic` | the statements cannot violate the table's own constraints (`ON CONFLICT`, conditional updates): a bug, or a constraint or trigger added to the table |
+//! | class `28` (28000, 28P01) | authentication failed | permanent `Generic` | fix credentials or `pg_hba.conf` |
+//! | 3D000 `invalid_catalog_name` | no such database | permanent `Generic` | |
+//! | XX001 `data_corrupted`, XX002 `index_corrupted` | the table's files are damaged | permanent `Corrupt` | |
+//! | XX000 `internal_error`, 0A000, P0001, any other SQLSTATE, no SQLSTATE | | permanent `Generic` | |
+//! | `Decode`, `ColumnDecode` | a stored value of the wrong type; a row that does not make a record | permanent `Corrupt` | never overwritten while live |
+//! | `Encode` | a value could not be encoded | permanent `Rejected` | |
+//! | `RowNotFound`, `ColumnNotFound`, `TypeNotFound`, other sqlx errors | a bug | permanent `Generic` | |
+//!
+//! What the class changes: since issue 16 the engine's heartbeat retries
+//! every store error, transient or not, until the lease is lost or its
+//! deadline has passed, so a failover (25006, 57P01) no longer stops a
+//! heartbeat whatever its class. The class decides the caller-facing answer
+//! (`idem-tower`: 503 with `Retry-After` for a transient error, 500 for a
+//! permanent one, and fail-open applies only to transient errors) and the
+//! completion: a transient error is retried until one lease after the
+//! lease's deadline, a permanent one makes the engine store
+//! `outcome-unknown` instead of the outcome. A server error leaves its
+//! connection in the pool: after a failover, a pooled connection still open
+//! to the old primary answers 25006 until the server closes it or the pool
+//! retires it (`max_lifetime`); most failover tools restart the old primary,
+//! which closes its connections (57P01).
+
 #![forbid(unsafe_code)]
 
 mod error;

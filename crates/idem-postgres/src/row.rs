@@ -82,13 +82,10 @@ impl<'a> Columns<'a> {
         }
     }
 
-    /// About how many bytes the row takes (for the record size limit).
+    /// The record's size as the core measures it for the record size limit
+    /// ([`idem_core::codec::record_size`]: the outcome plus a fixed overhead).
     pub(crate) fn size(&self) -> usize {
-        self.state.len()
-            + self.fingerprint.len()
-            + self.token.len()
-            + self.outcome.map_or(0, <[u8]>::len)
-            + 6 * 8
+        idem_core::codec::RECORD_OVERHEAD.saturating_add(self.outcome.map_or(0, <[u8]>::len))
     }
 }
 
@@ -155,6 +152,11 @@ pub(crate) fn decode(row: &PgRow, first: usize, table: &str) -> Result<Versioned
         ("failed_permanent", None, Some(outcome)) => State::Failed {
             token,
             kind: FailureKind::Permanent,
+            outcome: Outcome::new(outcome),
+        },
+        ("failed_unknown", None, Some(outcome)) => State::Failed {
+            token,
+            kind: FailureKind::Unknown,
             outcome: Outcome::new(outcome),
         },
         (name, deadline, outcome) => {

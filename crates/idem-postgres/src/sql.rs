@@ -28,11 +28,18 @@ const NULL_COLUMNS: &str = "NULL::text, NULL::bytea, NULL::bytea, NULL::bigint, 
      NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint";
 
 /// The migration templates shipped with the crate: (version, description, SQL).
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "idem records table",
-    include_str!("../migrations/0001_records.sql"),
-)];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "idem records table",
+        include_str!("../migrations/0001_records.sql"),
+    ),
+    (
+        2,
+        "idem failed_unknown state",
+        include_str!("../migrations/0002_failed_unknown.sql"),
+    ),
+];
 
 /// Every statement of one store.
 #[derive(Debug)]

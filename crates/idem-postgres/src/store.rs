@@ -414,8 +414,18 @@ impl PostgresStore {
             Ok(Err(e)) => {
                 // An error the server answered with leaves the connection
                 // usable; any other (I/O, protocol) may leave it broken or
-                // mid-protocol.
-                if !matches!(e, sqlx::Error::Database(_)) {
+                // mid-protocol. A server that became a standby after a
+                // failover (25006 read-only transaction) or is going away
+                // (class 57: admin/crash shutdown, cannot connect now) keeps
+                // answering so on this connection: replace it, so that the
+                // retry reaches the new primary.
+                let stale_server = match &e {
+                    sqlx::Error::Database(db) => db
+                        .code()
+                        .is_some_and(|code| code == "25006" || code.starts_with("57P")),
+                    _ => true,
+                };
+                if stale_server {
                     conn.close_on_drop();
                 }
                 Err(error::map(e, &self.inner.table))

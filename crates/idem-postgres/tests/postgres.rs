@@ -198,7 +198,9 @@ fn policy() -> Policy {
 }
 
 fn engine(store: PostgresStore, clock: &ManualClock) -> Engine<PostgresStore, ManualClock> {
-    Engine::with_clock(store, clock.clone()).with_policy(policy())
+    Engine::with_clock(store, clock.clone())
+        .with_policy(policy())
+        .expect("valid policy")
 }
 
 async fn open(factory: &Factory) -> PostgresStore {
@@ -1390,7 +1392,8 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
     }
     store.migrate().await.expect("migrate again");
     let migrations = format!("\"{}\".custom_records_migrations", table.schema());
-    assert_eq!(count(&store, &migrations).await, 1);
+    // One row per migration shipped (1: the table, 2: the failed_unknown state).
+    assert_eq!(count(&store, &migrations).await, 2);
     let indexes = sqlx::query_scalar::<_, String>(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'custom_records'",
     )
@@ -1409,6 +1412,22 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
         store.insert_if_absent(&rkey("k"), &rec, T0).await.unwrap(),
         Inserted::Inserted
     );
+    // Migration 2 admits the outcome-unknown state.
+    let mut unknown = rec.clone();
+    unknown.revision = Revision::from_u64(2);
+    unknown.record.state = idem_core::State::Failed {
+        token: unknown.record.state.token(),
+        kind: idem_core::FailureKind::Unknown,
+        outcome: Outcome::default(),
+    };
+    assert_eq!(
+        store
+            .insert_if_absent(&rkey("u"), &unknown, T0)
+            .await
+            .unwrap(),
+        Inserted::Inserted
+    );
+    assert_eq!(store.get(&rkey("u"), T0).await.unwrap(), Some(unknown));
 }
 
 /// A table migrated by a newer version is refused; the failed migration

@@ -129,16 +129,16 @@
 //! - Standalone uses a `ConnectionManager` (one multiplexed connection,
 //!   re-dialled with backoff when it breaks). Cluster uses one multiplexed
 //!   connection per node, managed by the cluster client.
-//! - Connection errors, timeouts, `LOADING`, `BUSY`, `READONLY`, `TRYAGAIN`,
-//!   `CLUSTERDOWN` and `MASTERDOWN` are
-//!   [`StoreError::Unavailable`](idem_core::StoreError::Unavailable)
-//!   (transient, the driver error kept as source); other errors are
-//!   [`StoreError::Generic`](idem_core::StoreError::Generic).
+//! - Which driver errors are transient, and which permanent, is the table
+//!   in [Error classification](#error-classification).
 //! - A call whose connection broke (`CLIENT KILL`, a server restart) is sent
 //!   once more on the re-established connection. A call that timed out makes
 //!   the store replace the connection it used (a connection that went silent,
 //!   a lost peer or a black-holed network, never blocks later calls) and is
-//!   sent once more on the fresh one. Write ids make both re-sends exact.
+//!   sent once more on the fresh one. A standalone call answered by a
+//!   replica (`READONLY`, `MASTERDOWN`: the primary moved in a failover
+//!   behind a DNS name or a proxy) does the same, so a fresh dial finds the
+//!   new primary. Write ids make the re-sends exact.
 //!   Only then is the error returned; nothing needs restarting when Redis
 //!   comes back.
 //! - The fresh connection also gets the store out of a client that wedged
@@ -171,11 +171,65 @@
 //! - Use a `maxmemory-policy` of `noeviction`: an evicted record is a
 //!   forgotten key, and every idem record carries a TTL, so the `volatile-*`
 //!   policies evict idem records first. Under `noeviction` a full Redis
-//!   refuses writes (a `Generic` error) rather than forgetting.
+//!   refuses writes (`OOM`, a transient `Unavailable` error) rather than
+//!   forgetting.
+//!
+//! ## Error classification
+//!
+//! Every driver error goes through one pure function (`error::classify`,
+//! unit-tested per code with replies captured from Redis 7.0) and becomes
+//! [`StoreError::Unavailable`](idem_core::StoreError::Unavailable) (transient:
+//! retrying later may succeed) or a permanent variant, with the driver's
+//! error kept as the source. Error replies are classified by their code, the
+//! first word of the reply (`redis::RedisError::code`); an `ERR` reply by its
+//! text.
+//!
+//! | driver error / code | meaning | class | why |
+//! |---|---|---|---|
+//! | I/O error: connection refused, reset, aborted, broken pipe, EOF, DNS | server down, restarting, shutting down, network cut | transient `Unavailable` | the connection is re-dialled; a broken call is re-sent once first |
+//! | I/O timeout (`TimedOut`) | no reply within the response timeout | transient `Unavailable` | the connection is replaced and the call re-sent once first |
+//! | `ClusterConnectionNotFound` | no connection to the node owning the slot | transient `Unavailable` | the cluster client reconnects and refreshes slots |
+//! | `Parse` (unparsable reply) | the byte stream is garbled (a proxy, a cut) | transient `Unavailable` | the driver drops the connection; the call's effect is unknown, as for a lost reply, and write ids make a re-send exact |
+//! | `OOM` | `maxmemory` reached under `noeviction` | transient `Unavailable` | nothing was written; memory frees as records expire or the operator raises the limit. Replays still work: Redis refuses `SET … NX GET` even for a key that exists, so the claim falls back to its script, which reads first and writes only for a new key |
+//! | `NOREPLICAS` | fewer replicas than `min-replicas-to-write` | transient `Unavailable` | nothing was written; a replica reconnecting ends it. Replays still work, as for `OOM` |
+//! | `READONLY` | a node demoted to replica by a failover | transient `Unavailable` | the cluster client refreshes slots; standalone replaces the connection and re-sends once, so a fresh dial finds the new primary |
+//! | `MASTERDOWN` | a replica lost its master (`replica-serve-stale-data no`) | transient `Unavailable` | failover in progress; standalone replaces the connection as for `READONLY` |
+//! | `LOADING` | the server loads its dataset after a restart | transient `Unavailable` | ends when loading ends |
+//! | `BUSY` | another client's script runs past `busy-reply-threshold` | transient `Unavailable` | ends with the script or `SCRIPT KILL` |
+//! | `MISCONF` | writes stopped after a failed RDB save (`stop-writes-on-bgsave-error`) | transient `Unavailable` | resumes once a save succeeds (disk freed) |
+//! | `TRYAGAIN`, `CLUSTERDOWN` | resharding, or the cluster lost a slot's master | transient `Unavailable` | the cluster client already retried; the cluster heals |
+//! | `MOVED`, `ASK` | slot moved (the cluster client follows them first) | transient `Unavailable` on a cluster; permanent `Generic` on a standalone connection | a standalone connection to a cluster node gets them for ever: use `connect_cluster` |
+//! | `NOSCRIPT` | script cache flushed (restart, failover, `SCRIPT FLUSH`) | transient `Unavailable` | handled: the call is re-sent as `EVAL` with the script text; it cannot surface after that |
+//! | `ERR max number of clients reached` | `maxclients` reached | transient `Unavailable` | connections free up |
+//! | `ERR … Script killed by user` | an operator's `SCRIPT KILL` | transient `Unavailable` | a killed script wrote nothing |
+//! | `ERR Error running script … -CODE …` | Redis before 7.0 wraps a script's command error in `ERR` | as `CODE` | the embedded code decides (`-OOM`, `-NOREPLICAS`, `-READONLY`: transient) |
+//! | `WRONGTYPE` | another Redis type at a record key | permanent `Corrupt` | the value is not a record; it is never overwritten |
+//! | `ERR Protocol error: invalid bulk length`, `ERR … exceeds maximum allowed size` | a value above `proto-max-bulk-len` | permanent `Rejected` | the same record is refused again |
+//! | `NOAUTH`, `WRONGPASS`, `NOPERM`, `AuthenticationFailed` | missing or rotated credentials, ACL forbids a command | permanent `Generic` | no retry helps until an operator fixes credentials or ACLs; fast 500s surface the misconfiguration instead of 503s that look like an outage |
+//! | other `ERR` (syntax, arguments, unknown command, an error of the script itself) | a bug, or a server or proxy without a command | permanent `Generic` | the same call fails the same way |
+//! | `CROSSSLOT`, `EXECABORT`, `NOPROTO`, other codes | not produced by this store's calls | permanent `Generic` | |
+//! | `InvalidClientConfig`, `Client`, `UnexpectedReturnType`, `RESP3NotSupported` | bad URL or client options, driver misuse | permanent `Generic` | |
+//! | value that does not decode | foreign or damaged bytes at a record key | permanent `Corrupt` | never overwritten |
+//! | unexpected reply shape | a foreign script under the same SHA, a proxy rewriting replies | permanent `Generic` | |
+//!
+//! What the class changes: since issue 16 the engine's heartbeat retries
+//! every store error, transient or not, until the lease is lost or its
+//! deadline has passed, so the class does not stop a heartbeat. It decides
+//! the caller-facing answer (`idem-tower`: 503 with `Retry-After` for a
+//! transient error, 500 for a permanent one, and fail-open applies only to
+//! transient errors) and the completion: a transient error is retried until
+//! one lease after the lease's deadline, a permanent one makes the engine
+//! store `outcome-unknown` instead of the outcome. Caveats: `redis` 1.8
+//! reports any refused `AUTH` as `AuthenticationFailed` without the server's
+//! reply, so `maxclients` reached during the handshake of a password-protected
+//! connection reads as permanent; and `OOM` is transient on the assumption
+//! that memory frees (records expire): a `maxmemory` too small for the live
+//! records keeps answering 503 until an operator raises it.
 #![forbid(unsafe_code)]
 
 mod config;
 mod envelope;
+mod error;
 mod store;
 
 pub use config::RedisConfig;

@@ -15,6 +15,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Client, Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::envelope::{self, Unreadable};
+use crate::error::{self, Class};
 use crate::{RedisConfig, RedisStoreError};
 
 /// The longest physical TTL set, in ms (about 2,200 years): records whose
@@ -194,10 +195,13 @@ struct Inner {
 /// - Every write carries a fresh write id, so a write the driver re-sends
 ///   after losing the reply is recognised and reported as done instead of
 ///   as a conflict with itself.
-/// - Connection loss, timeouts, cluster-down and loading errors are
-///   [`StoreError::Unavailable`]; the connection is re-established by itself.
-///   A call whose connection broke or went silent (timed out) is sent once
-///   more on a fresh connection before the error is returned.
+/// - Connection loss, timeouts and the passing server states (`OOM`,
+///   `NOREPLICAS`, `READONLY`, `LOADING`, `CLUSTERDOWN`, …) are
+///   [`StoreError::Unavailable`] (the table is in the crate docs, "Error
+///   classification"); the connection is re-established by itself.
+///   A call whose connection broke or went silent (timed out), or (standalone)
+///   that a replica answered, is sent once more on a fresh connection before
+///   the error is returned.
 /// - Undecodable values, and values of another Redis type at a record key,
 ///   are [`StoreError::Corrupt`] and are never overwritten.
 /// - Clones share the connection.
@@ -237,13 +241,6 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn unavailable(store: &'static str, e: RedisError) -> StoreError {
-    StoreError::Unavailable {
-        store,
-        source: Box::new(e),
-    }
-}
-
 fn rejected(store: &'static str, e: RedisStoreError) -> StoreError {
     StoreError::Rejected {
         store,
@@ -251,42 +248,19 @@ fn rejected(store: &'static str, e: RedisStoreError) -> StoreError {
     }
 }
 
-/// Whether a driver error means "could not reach / no answer in time".
-fn is_transient(e: &RedisError) -> bool {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
-        return true;
-    }
-    match e.kind() {
-        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => true,
-        ErrorKind::Server(kind) => matches!(
-            kind,
-            ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly
-        ),
-        // `BUSY`: a long script is running on the server.
-        _ => e.code() == Some("BUSY"),
-    }
-}
-
-/// Maps a driver error: transient ones to `Unavailable`, the rest to `Generic`.
-fn map_err(store: &'static str, e: RedisError) -> StoreError {
-    if is_transient(&e) {
-        unavailable(store, e)
-    } else {
-        StoreError::Generic {
-            store,
-            source: Box::new(e),
-        }
-    }
-}
-
 /// Whether a failed call can be sent again on a fresh connection: the old
 /// connection broke (not: the server refused to be dialled).
 fn is_broken_connection(e: &RedisError) -> bool {
     e.is_connection_dropped() && !e.is_connection_refusal()
+}
+
+/// Whether a server that answers as a replica (`READONLY` to a write,
+/// `MASTERDOWN` to a read with `replica-serve-stale-data no`) sent `e`.
+fn is_replica_reply(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+    )
 }
 
 /// `PX` for a record expiring at `expires_at`, written at `now`: its remaining
@@ -321,6 +295,10 @@ enum Native {
     /// An expired record is in place: the script replaces it (or finds what
     /// replaced it meanwhile).
     Expired,
+    /// The server refuses every write for now (`OOM`, `NOREPLICAS`), even
+    /// one that `NX` would skip: the script reads first, so a live record is
+    /// still answered (a replay works), and only a write fails.
+    WritesRefused,
     /// The server refused the command (Redis before 7.0); the driver error.
     Refused(RedisError),
 }
@@ -345,7 +323,8 @@ impl RedisStore {
     /// cannot be reached, [`StoreError::Rejected`] for a prefix with a hash
     /// tag, [`StoreError::Generic`] for a malformed URL.
     pub async fn connect(url: &str, config: RedisConfig) -> Result<Self, StoreError> {
-        let client = Client::open(url).map_err(|e| map_err("redis", e))?;
+        let client =
+            Client::open(url).map_err(|e| error::map_err("redis", Topology::Standalone, e))?;
         Self::with_client(client, config).await
     }
 
@@ -362,7 +341,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         let manager = ConnectionManager::new_with_config(client.clone(), manager_config.clone())
             .await
-            .map_err(|e| map_err(NAME, e))?;
+            .map_err(|e| error::map_err(NAME, Topology::Standalone, e))?;
         let store = Self::assemble(
             NAME,
             Topology::Standalone,
@@ -397,7 +376,7 @@ impl RedisStore {
             .connection_timeout(config.connection_timeout())
             .response_timeout(config.response_timeout())
             .build()
-            .map_err(|e| map_err(NAME, e))?;
+            .map_err(|e| error::map_err(NAME, Topology::Cluster, e))?;
         Self::with_cluster_client(client, config).await
     }
 
@@ -415,7 +394,7 @@ impl RedisStore {
                 config.response_timeout(),
             ))
             .await
-            .map_err(|e| map_err(NAME, e))?;
+            .map_err(|e| error::map_err(NAME, Topology::Cluster, e))?;
         let store = Self::assemble(
             NAME,
             Topology::Cluster,
@@ -500,8 +479,18 @@ impl RedisStore {
         physical_ttl_ms(expires_at, now, self.inner.grace_ms)
     }
 
+    /// Maps a driver error ([`error::classify`]).
     fn map_err(&self, e: RedisError) -> StoreError {
-        map_err(self.inner.name, e)
+        error::map_err(self.inner.name, self.inner.topology, e)
+    }
+
+    /// Maps a driver error of a call on `key`: as [`map_err`](Self::map_err),
+    /// but a corrupt value (`WRONGTYPE`) names the key.
+    fn map_key_err(&self, key: &[u8], e: RedisError) -> StoreError {
+        match error::classify(&e, self.inner.topology) {
+            Class::Corrupt => self.corrupt(key, e.to_string(), None),
+            _ => self.map_err(e),
+        }
     }
 
     fn connection(&self) -> (u64, Conn) {
@@ -530,7 +519,7 @@ impl RedisStore {
                 current.generation += 1;
                 tracing::debug!(
                     store = self.inner.name,
-                    "idem-redis: redialling after a timeout"
+                    "idem-redis: redialling (a call timed out or reached a replica)"
                 );
             }
             Err(e) => {
@@ -539,9 +528,11 @@ impl RedisStore {
         }
     }
 
-    /// Sends one command. If the connection broke, or the call timed out
-    /// (the connection is then replaced), sends it once more on a fresh
-    /// connection: every write is idempotent under re-sending (write ids).
+    /// Sends one command. If the connection broke, the call timed out, or
+    /// (standalone) a replica answered `READONLY`/`MASTERDOWN` (the
+    /// connection is then replaced), sends it once more on a fresh
+    /// connection: every write is idempotent under re-sending (write ids),
+    /// and a replica ran nothing.
     async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
         let mut resent = false;
         loop {
@@ -551,16 +542,20 @@ impl RedisStore {
                 Err(e) => e,
             };
             let timed_out = err.is_timeout();
-            if timed_out {
+            // A standalone connection answered by a replica: the primary
+            // moved (a failover behind a DNS name or a proxy), and only a
+            // fresh dial finds it.
+            let on_replica = self.inner.topology == Topology::Standalone && is_replica_reply(&err);
+            if timed_out || on_replica {
                 self.redial(generation);
             }
-            if resent || !(timed_out || is_broken_connection(&err)) {
+            if resent || !(timed_out || on_replica || is_broken_connection(&err)) {
                 return Err(err);
             }
             tracing::debug!(
                 store = self.inner.name,
                 error = %err,
-                "idem-redis: connection lost or silent; sending the call once more"
+                "idem-redis: connection lost, silent or on a replica; sending the call once more"
             );
             resent = true;
         }
@@ -589,7 +584,7 @@ impl RedisStore {
             }
             other => other,
         }
-        .map_err(|e| self.map_err(e))?;
+        .map_err(|e| self.map_key_err(key, e))?;
         match reply {
             Value::Int(1) => Ok(Reply::Done),
             Value::Int(0) => Ok(Reply::Absent),
@@ -618,6 +613,10 @@ impl RedisStore {
     /// - an expired record: nothing is written; the script must replace it,
     ///   because only the script can compare `expires_at` with `now`
     ///   atomically with the write.
+    /// - `OOM` or `NOREPLICAS` (Redis refuses `SET` even where `NX` would
+    ///   write nothing): the script answers; it reads first, so a live record
+    ///   is still returned (a replay works while Redis is full), and only a
+    ///   write fails, transient.
     /// - anything unreadable, or another Redis type: corrupt, untouched.
     async fn insert_native(
         &self,
@@ -636,15 +635,19 @@ impl RedisStore {
             .arg(px);
         let reply = match self.query(&cmd).await {
             Ok(reply) => reply,
-            Err(e) if e.code() == Some("WRONGTYPE") => {
-                return Err(self.corrupt(redis_key, e.to_string(), None));
-            }
             // `ERR syntax error` from Redis 6.2 (no `NX` with `GET`) and
-            // older, or a proxy's refusal of an unknown form.
-            Err(e) if e.code() == Some("ERR") => {
+            // older, or a proxy's refusal of an unknown form; not the `ERR`
+            // replies that carry a passing state (too many clients, …).
+            Err(e)
+                if e.code() == Some("ERR")
+                    && error::classify(&e, self.inner.topology) == Class::Generic =>
+            {
                 return Ok(Native::Refused(e));
             }
-            Err(e) => return Err(self.map_err(e)),
+            Err(e) if matches!(e.code(), Some("OOM" | "NOREPLICAS")) => {
+                return Ok(Native::WritesRefused);
+            }
+            Err(e) => return Err(self.map_key_err(redis_key, e)),
         };
         match reply {
             Value::Nil => Ok(Native::Settled(Inserted::Inserted)),
@@ -738,7 +741,7 @@ impl Store for RedisStore {
         if self.inner.native_insert.load(Ordering::Relaxed) {
             match self.insert_native(&redis_key, &value, px, now).await? {
                 Native::Settled(inserted) => return Ok(inserted),
-                Native::Expired => {}
+                Native::Expired | Native::WritesRefused => {}
                 Native::Refused(e) => refused = Some(e),
             }
         }
@@ -772,10 +775,7 @@ impl Store for RedisStore {
         cmd.arg(&redis_key);
         let reply = match self.query(&cmd).await {
             Ok(reply) => reply,
-            Err(e) if e.code() == Some("WRONGTYPE") => {
-                return Err(self.corrupt(&redis_key, e.to_string(), None));
-            }
-            Err(e) => return Err(self.map_err(e)),
+            Err(e) => return Err(self.map_key_err(&redis_key, e)),
         };
         match reply {
             Value::Nil => Ok(None),
@@ -872,20 +872,32 @@ mod tests {
     }
 
     #[test]
-    fn transient_errors_are_told_apart() {
+    fn broken_connections_are_told_from_refused_ones() {
         let io: RedisError = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
-        assert!(is_transient(&io));
         assert!(is_broken_connection(&io));
         let timeout: RedisError = std::io::Error::from(std::io::ErrorKind::TimedOut).into();
-        assert!(is_transient(&timeout) && timeout.is_timeout());
+        assert!(timeout.is_timeout() && !is_broken_connection(&timeout));
         let refused: RedisError =
             std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
-        assert!(is_transient(&refused) && !is_broken_connection(&refused));
+        assert!(!is_broken_connection(&refused));
         let response: RedisError = (ErrorKind::Client, "bad").into();
-        assert!(!is_transient(&response));
-        assert!(matches!(
-            map_err("redis", response),
-            StoreError::Generic { .. }
-        ));
+        assert!(!is_broken_connection(&response));
+    }
+
+    #[test]
+    fn replica_replies_are_recognised() {
+        let reply = |line: &str| {
+            redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+                .and_then(Value::extract_error)
+                .unwrap_err()
+        };
+        assert!(is_replica_reply(&reply(
+            "READONLY You can't write against a read only replica."
+        )));
+        assert!(is_replica_reply(&reply(
+            "MASTERDOWN Link with MASTER is down"
+        )));
+        assert!(!is_replica_reply(&reply("OOM command not allowed")));
+        assert!(!is_replica_reply(&reply("ERR syntax error")));
     }
 }

@@ -642,7 +642,11 @@ async fn big(State(app): State<App>, Path(n): Path<usize>) -> Response {
 impl App {
     fn new(store: Arc<dyn Store>, policy: Policy, max_body: usize) -> Self {
         Self {
-            engine: Arc::new(Engine::new(store).with_policy(policy)),
+            engine: Arc::new(
+                Engine::new(store)
+                    .with_policy(policy)
+                    .expect("valid policy"),
+            ),
             max_body,
             inner: Arc::new(AtomicUsize::new(0)),
             executed: Arc::new(AtomicUsize::new(0)),

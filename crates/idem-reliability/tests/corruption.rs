@@ -543,7 +543,9 @@ fn assert_corrupt(e: &StoreError, backend: Backend, what: &str) {
 async fn engine_case(backend: Backend, damage: Damage) {
     let fixture = Fixture::open(backend).await;
     let mut raw = Raw::new(&fixture).await;
-    let engine = Engine::new(fixture.store()).with_policy(Policy::default());
+    let engine = Engine::new(fixture.store())
+        .with_policy(Policy::default())
+        .expect("valid policy");
     let runs = Arc::new(AtomicU64::new(0));
     let k = key("order-1");
     let rk = RecordKey::new(&scope(), &k);

@@ -150,10 +150,12 @@ async fn engine_fenced_after_takeover(backend: Backend) {
     // frozen at t0 (paused process), the other one's moves.
     let zombie_clock = ManualClock::new(t0);
     let other_clock = ManualClock::new(t0);
-    let zombie =
-        Engine::with_clock(fixture.store(), zombie_clock.clone()).with_policy(policy(LEASE));
+    let zombie = Engine::with_clock(fixture.store(), zombie_clock.clone())
+        .with_policy(policy(LEASE))
+        .expect("valid policy");
     let other = Engine::with_clock(fixture.second_instance().await, other_clock.clone())
-        .with_policy(policy(LEASE));
+        .with_policy(policy(LEASE))
+        .expect("valid policy");
     let k = key("order-1");
     let rk = RecordKey::new(&scope(), &k);
 
@@ -256,9 +258,14 @@ async fn engine_fenced_after_takeover(backend: Backend) {
 /// lapsed; the zombie's value is refused.
 async fn engine_execute_real_lease(backend: Backend) {
     let fixture = Fixture::open(backend).await;
-    let zombie =
-        Arc::new(Engine::with_clock(fixture.store(), StuckTimer).with_policy(policy(REAL_LEASE)));
-    let other = Engine::new(fixture.second_instance().await).with_policy(policy(REAL_LEASE));
+    let zombie = Arc::new(
+        Engine::with_clock(fixture.store(), StuckTimer)
+            .with_policy(policy(REAL_LEASE))
+            .expect("valid policy"),
+    );
+    let other = Engine::new(fixture.second_instance().await)
+        .with_policy(policy(REAL_LEASE))
+        .expect("valid policy");
     let k = key("order-real");
     let rk = RecordKey::new(&scope(), &k);
     let runs = Arc::new(AtomicU64::new(0));
@@ -361,10 +368,14 @@ async fn replay_run<S: Store, C: Clock>(
 async fn engine_live_heartbeat(backend: Backend) {
     let fixture = Fixture::open(backend).await;
     let clock = ManualClock::new(SystemClock.now());
-    let holder =
-        Arc::new(Engine::with_clock(fixture.store(), clock.clone()).with_policy(policy(LEASE)));
+    let holder = Arc::new(
+        Engine::with_clock(fixture.store(), clock.clone())
+            .with_policy(policy(LEASE))
+            .expect("valid policy"),
+    );
     let other = Engine::with_clock(fixture.second_instance().await, clock.clone())
-        .with_policy(policy(LEASE));
+        .with_policy(policy(LEASE))
+        .expect("valid policy");
     let k = key("order-alive");
     let rk = RecordKey::new(&scope(), &k);
     let runs = Arc::new(AtomicU64::new(0));
@@ -448,11 +459,13 @@ async fn http_zombie(backend: Backend, time: Time) {
         Time::Manual => {
             let zombie = Arc::new(
                 Engine::with_clock(fixture.store(), ManualClock::new(t0))
-                    .with_policy(policy(LEASE)),
+                    .with_policy(policy(LEASE))
+                    .expect("valid policy"),
             );
             let other = Arc::new(
                 Engine::with_clock(fixture.second_instance().await, other_clock.clone())
-                    .with_policy(policy(LEASE)),
+                    .with_policy(policy(LEASE))
+                    .expect("valid policy"),
             );
             (
                 http::start(zombie, &service, |b| b.required(true)).await,
@@ -461,10 +474,14 @@ async fn http_zombie(backend: Backend, time: Time) {
         }
         Time::Real => {
             let zombie = Arc::new(
-                Engine::with_clock(fixture.store(), StuckTimer).with_policy(policy(REAL_LEASE)),
+                Engine::with_clock(fixture.store(), StuckTimer)
+                    .with_policy(policy(REAL_LEASE))
+                    .expect("valid policy"),
             );
             let other = Arc::new(
-                Engine::new(fixture.second_instance().await).with_policy(policy(REAL_LEASE)),
+                Engine::new(fixture.second_instance().await)
+                    .with_policy(policy(REAL_LEASE))
+                    .expect("valid policy"),
             );
             (
                 http::start(zombie, &service, |b| b.required(true)).await,

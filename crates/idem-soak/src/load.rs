@@ -585,7 +585,15 @@ pub(crate) async fn run(opened: &Opened, plan: &Plan) -> Result<Measured, SoakEr
     let store: Arc<dyn Store> = opened.store.clone();
     let rss_start = rss::resident_bytes()?;
     let policy = Policy::default().with_ttl(plan.ttl);
-    let engine = Arc::new(Engine::new(store).with_policy(policy));
+    let engine =
+        Arc::new(
+            Engine::new(store)
+                .with_policy(policy)
+                .map_err(|e| SoakError::Setup {
+                    what: "building the engine".into(),
+                    source: Box::new(e),
+                })?,
+        );
     let server = Server::default();
     let layer = IdempotencyLayer::builder(engine.clone(), tenant_scope)
         .required(true)

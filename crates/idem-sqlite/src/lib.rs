@@ -192,6 +192,44 @@
 //! so that a retry runs at once (or let the lease lapse). Either way the
 //! business write rolled back too, so the operation takes effect once. The
 //! complete program is `examples/transactional.rs`.
+//!
+//! ## Error classification
+//!
+//! Every rusqlite error goes through one pure function (`error::classify`,
+//! by the extended result code, unit-tested per code) and becomes
+//! [`StoreError::Unavailable`](idem_core::StoreError::Unavailable)
+//! (transient: retrying later may succeed; [`SqliteError::is_transient`]) or
+//! a permanent variant, with the driver's error kept as the source.
+//!
+//! | driver error / code | meaning | class | why |
+//! |---|---|---|---|
+//! | `SQLITE_BUSY` (and `_RECOVERY`, `_SNAPSHOT`, `_TIMEOUT`), `SQLITE_LOCKED` | another connection or process held the lock past the busy timeout | transient `Unavailable` | nothing was written; the lock is released |
+//! | `SQLITE_IOERR` (`_WRITE`, `_FSYNC`, `_SHORT_READ`, …) | the OS failed a read, write or sync | transient `Unavailable` | SQLite rolled the batch back; the file is intact, and a passing fault (NFS, a full queue) may clear |
+//! | `SQLITE_IOERR_CORRUPTFS`, `SQLITE_IOERR_DATA` | the file system, or a checksum, found damaged pages | permanent `Corrupt` | |
+//! | `SQLITE_FULL` | disk (or quota) full | transient `Unavailable` | nothing was written and the file is intact; the operator (or log rotation, the purger) frees space, and a heartbeat or completion retried within the lease then succeeds. Only a `max_page_count` the store never sets would make it permanent |
+//! | `SQLITE_NOMEM`, `SQLITE_INTERRUPT`, `SQLITE_PROTOCOL`, `SQLITE_SCHEMA`, `SQLITE_ABORT` | out of memory; interrupted; WAL lock race; schema changed under a prepared statement; statement aborted by a rollback | transient `Unavailable` | nothing of the statement took effect; the same call succeeds later |
+//! | `SQLITE_READONLY_RECOVERY`, `_CANTLOCK`, `_ROLLBACK` | a WAL or hot journal another connection must recover first | transient `Unavailable` | the next writer recovers it |
+//! | `SQLITE_READONLY`, `_DIRECTORY`, `_CANTINIT`, `_DBMOVED` | file or directory not writable; the file was moved or deleted under the open connection | permanent `Generic` | needs an operator (permissions, restore the file and reopen the store) |
+//! | `SQLITE_CANTOPEN` when opening | the path cannot be opened (missing directory, permissions, a directory) | permanent `Generic` | the same path fails the same way |
+//! | `SQLITE_CANTOPEN` on a statement | a journal, WAL or temporary file cannot be opened: usually out of file descriptors | transient `Unavailable` | descriptors free up |
+//! | `SQLITE_CORRUPT` (`_INDEX`, `_SEQUENCE`, …), `SQLITE_NOTADB` | damaged or foreign file | permanent `Corrupt` ([`SqliteError::NotADatabase`] when opening) | |
+//! | `SQLITE_TOOBIG`, [`SqliteError::TooLarge`] | a value above SQLite's or the store's limit | permanent `Rejected` | the same record is refused again |
+//! | `SQLITE_CONSTRAINT_TRIGGER`, `_COMMITHOOK`, `_FUNCTION` | an application's trigger, commit hook or function refused the write | permanent `Rejected` | the application's rule refuses it again |
+//! | other `SQLITE_CONSTRAINT` (`_PRIMARYKEY`, `_UNIQUE`, `_NOTNULL`, `_CHECK`, `_DATATYPE`, `_FOREIGNKEY`) | a constraint violated | permanent `Generic` | the statements cannot violate the table's own constraints (`ON CONFLICT`, conditional updates, `STRICT` types): a bug, or a change made to the table |
+//! | `SQLITE_ERROR`, `_MISUSE`, `_RANGE`, `_MISMATCH`, `_PERM`, `_AUTH`, `_INTERNAL`, other codes | SQL error (a dropped table), API misuse, denied | permanent `Generic` | |
+//! | stored value of the wrong type or range (`FromSqlConversionFailure`, `InvalidColumnType`, `IntegralValueOutOfRange`, `Utf8Error`), [`SqliteError::CorruptRow`] | a row that does not make a record | permanent `Corrupt` | never overwritten while live |
+//! | `ToSqlConversionFailure` | a value that cannot be bound | permanent `Rejected` | |
+//! | [`SqliteError::ForeignDatabase`], [`ForeignTable`](SqliteError::ForeignTable), [`SchemaTooNew`](SqliteError::SchemaTooNew), [`InvalidTableName`](SqliteError::InvalidTableName) | the file or table is not idem's, or is newer | permanent `Rejected` | |
+//! | [`SqliteError::Closed`], [`NoRuntime`](SqliteError::NoRuntime), [`InMemory`](SqliteError::InMemory), other rusqlite errors | the writer thread stopped; misuse | permanent `Generic` | |
+//!
+//! What the class changes: since issue 16 the engine's heartbeat retries
+//! every store error, transient or not, until the lease is lost or its
+//! deadline has passed, so the class does not stop a heartbeat. It decides
+//! the caller-facing answer (`idem-tower`: 503 with `Retry-After` for a
+//! transient error, 500 for a permanent one, and fail-open applies only to
+//! transient errors) and the completion: a transient error is retried until
+//! one lease after the lease's deadline, a permanent one makes the engine
+//! store `outcome-unknown` instead of the outcome.
 #![forbid(unsafe_code)]
 
 mod error;

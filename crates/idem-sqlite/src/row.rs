@@ -82,13 +82,10 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// About how many bytes a record takes as a row (for the size limit).
+/// The record's size as the core measures it for the size limit
+/// ([`idem_core::codec::record_size`]).
 pub(crate) fn record_size(v: &Versioned) -> usize {
-    let outcome = match &v.record.state {
-        State::InFlight { .. } => 0,
-        State::Completed { outcome, .. } | State::Failed { outcome, .. } => outcome.len(),
-    };
-    outcome + 32 + 16 + 16 + 6 * 8
+    idem_core::codec::record_size(&v.record)
 }
 
 /// Decodes the ten record columns starting at column `first` of `row`.
@@ -189,6 +186,11 @@ pub(crate) fn decode(row: &Row<'_>, first: usize, table: &str) -> Result<Version
         (b"failed_permanent", None, Some(outcome)) => State::Failed {
             token,
             kind: FailureKind::Permanent,
+            outcome: Outcome::new(outcome.to_vec()),
+        },
+        (b"failed_unknown", None, Some(outcome)) => State::Failed {
+            token,
+            kind: FailureKind::Unknown,
             outcome: Outcome::new(outcome.to_vec()),
         },
         (name, deadline, outcome) => {

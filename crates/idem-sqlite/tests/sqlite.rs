@@ -30,7 +30,9 @@ fn policy() -> Policy {
 }
 
 fn engine(store: SqliteStore, clock: &ManualClock) -> Engine<SqliteStore, ManualClock> {
-    Engine::with_clock(store, clock.clone()).with_policy(policy())
+    Engine::with_clock(store, clock.clone())
+        .with_policy(policy())
+        .expect("valid policy")
 }
 
 fn scope() -> Scope {
@@ -129,7 +131,11 @@ const TASKS_PER_PROCESS: usize = 32;
 /// own store and engine. Returns (fresh, replayed, in progress, work runs).
 async fn race_in_this_process(path: &Path) -> (usize, usize, usize, usize) {
     let store = SqliteStore::open(path).unwrap();
-    let engine = Arc::new(Engine::new(store).with_policy(policy()));
+    let engine = Arc::new(
+        Engine::new(store)
+            .with_policy(policy())
+            .expect("valid policy"),
+    );
     race_with(engine).await
 }
 
@@ -181,7 +187,11 @@ async fn processes_racing_on_one_key_run_it_once() {
         let dir = PathBuf::from(dir);
         let index = std::env::var(CHILD_INDEX_ENV).unwrap();
         let store = SqliteStore::open(dir.join("idem.db")).unwrap();
-        let engine = Arc::new(Engine::new(store).with_policy(policy()));
+        let engine = Arc::new(
+            Engine::new(store)
+                .with_policy(policy())
+                .expect("valid policy"),
+        );
         std::fs::write(dir.join(format!("ready-{index}")), b"").unwrap();
         let go = dir.join("go");
         poll_until("the start signal", || go.exists()).await;
@@ -211,7 +221,11 @@ async fn processes_racing_on_one_key_run_it_once() {
         })
         .collect();
     let store = SqliteStore::open(&path).unwrap();
-    let engine = Arc::new(Engine::new(store).with_policy(policy()));
+    let engine = Arc::new(
+        Engine::new(store)
+            .with_policy(policy())
+            .expect("valid policy"),
+    );
     let ready = |i: usize| dir.path().join(format!("ready-{i}")).exists();
     poll_until("every child to open the store", || {
         (0..PROCESSES).all(ready)

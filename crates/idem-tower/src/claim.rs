@@ -9,6 +9,7 @@ use idem_core::{
     Clock, Engine, Error, IdempotencyKey, Lease, Outcome, RecordKey, Scope, Store, Transition,
 };
 
+use crate::effect::NoEffectFlag;
 use crate::stored::{HeaderFilter, StoredResponse};
 
 /// What the claim needs from the engine, without its type parameters.
@@ -78,15 +79,44 @@ pub struct IdempotencyClaim {
     lease: Lease,
     engine: Arc<dyn Prepare>,
     filter: Arc<HeaderFilter>,
+    no_effect: NoEffectFlag,
 }
 
 impl IdempotencyClaim {
-    pub(crate) fn new(lease: Lease, engine: Arc<dyn Prepare>, filter: Arc<HeaderFilter>) -> Self {
+    pub(crate) fn new(
+        lease: Lease,
+        engine: Arc<dyn Prepare>,
+        filter: Arc<HeaderFilter>,
+        no_effect: NoEffectFlag,
+    ) -> Self {
         Self {
             lease,
             engine,
             filter,
+            no_effect,
         }
+    }
+
+    /// Declares that this request took no effect (so far): if the handler
+    /// then ends without a response the layer stores (an error, a panic, a
+    /// 5xx, a body that fails mid-stream), the key is released and a retry
+    /// runs the handler afresh, instead of finishing it as `outcome-unknown`.
+    ///
+    /// # Behavior
+    /// Call it just before returning an error that you know happened before
+    /// any effect; it cannot be undone, so do not call it and then start an
+    /// effect. A response the layer stores is stored as usual. For a response,
+    /// the [`NoEffect`](crate::NoEffect) extension says the same.
+    pub fn declare_no_effect(&self) {
+        self.no_effect.set();
+    }
+
+    /// Resolves when this request can no longer count on its key (see
+    /// [`Lease::lost`]): taken over after its lease lapsed, ended by the
+    /// engine's `max_hold` ceiling, or given up by a graceful shutdown.
+    /// Work that has not started its effect should stop.
+    pub async fn lost(&self) {
+        self.lease.lost().await;
     }
 
     /// The client's idempotency key.

@@ -16,14 +16,15 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, header, response}
 use http_body::Body;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use idem_core::{
-    Begin, BoxError, Clock, DefaultClock, Engine, Error, Fenced, Fingerprint, Lease, Outcome,
-    RecordKey, Scope, Store, StoreError,
+    Begin, BoxError, Clock, DefaultClock, Ending, Engine, Error, Fenced, Fingerprint, Lease,
+    Outcome, RecordKey, ReplayKind, Scope, Shutdown, Store, StoreError,
 };
 use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
 
 use crate::body::{self, Buffered, ResponseBody};
 use crate::claim::{IdempotencyClaim, Prepare};
+use crate::effect::{NoEffect, NoEffectFlag};
 use crate::header::parse_key_header;
 use crate::problem::{self, ProblemType};
 use crate::scope::Rejection;
@@ -34,6 +35,10 @@ pub const DEFAULT_HEADER: HeaderName = HeaderName::from_static("idempotency-key"
 
 /// The default request body limit: 2 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// The longest `Retry-After` the layer sends (a day); longer settings are
+/// capped to it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 type ScopeFn = dyn Fn(&Parts) -> Result<Scope, Rejection> + Send + Sync;
 type StoreIfFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
@@ -57,6 +62,7 @@ struct Shared<S, C> {
     fail_open: bool,
     store_retry_after: Duration,
     max_retry_after: Duration,
+    release_on_cancel: bool,
 }
 
 /// A [`tower::Layer`] that makes `POST`/`PATCH` endpoints idempotent by the
@@ -87,6 +93,7 @@ impl<S, C> fmt::Debug for IdempotencyLayer<S, C> {
             .field("fingerprint_headers", &s.fingerprint_headers)
             .field("replay_deny", &s.filter.denied())
             .field("fail_open", &s.fail_open)
+            .field("release_on_cancel", &s.release_on_cancel)
             .finish_non_exhaustive()
     }
 }
@@ -131,12 +138,45 @@ impl<S: Store, C: Clock> IdempotencyLayer<S, C> {
             fail_open: false,
             store_retry_after: Duration::from_secs(1),
             max_retry_after: Duration::from_secs(2),
+            release_on_cancel: false,
         }
     }
 
     /// The engine.
     pub fn engine(&self) -> &Arc<Engine<S, C>> {
         &self.shared.engine
+    }
+
+    /// A graceful shutdown: stops taking new keyed requests (503
+    /// [`shutting-down`](ProblemType::ShuttingDown) + `Retry-After`) and waits
+    /// up to `grace` for the running handlers to finish and store their
+    /// responses; see [`Engine::shutdown`].
+    ///
+    /// # Behavior
+    /// Nothing that ran is released. Handlers still running after `grace`
+    /// have their keys finished as `outcome-unknown` (never run again), since
+    /// the process is about to stop them. Call it after the server stopped
+    /// accepting connections, before the runtime ends:
+    ///
+    /// ```no_run
+    /// # use std::{sync::Arc, time::Duration};
+    /// # use axum::{Router, routing::post};
+    /// # use idem_core::{Engine, MemoryStore};
+    /// # use idem_tower::{IdempotencyLayer, single_client_scope};
+    /// # #[tokio::main] async fn main() -> std::io::Result<()> {
+    /// # async fn stop_signal() {}
+    /// let layer = IdempotencyLayer::new(Arc::new(Engine::new(MemoryStore::new())), single_client_scope);
+    /// let app: Router = Router::new().route("/payments", post(|| async { "ok" })).layer(layer.clone());
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(stop_signal()) // e.g. tokio::signal::ctrl_c
+    ///     .await?;
+    /// let report = layer.shutdown(Duration::from_secs(30)).await;
+    /// assert_eq!(report.left_in_flight, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self, grace: Duration) -> Shutdown {
+        self.shared.engine.shutdown(grace).await
     }
 }
 
@@ -157,6 +197,7 @@ impl<S: Store, C: Clock> IdempotencyLayer<S, C> {
 /// | [`fail_open`](Self::fail_open) | `false`: 503 when the store is down |
 /// | [`store_retry_after`](Self::store_retry_after) | 1 s |
 /// | [`max_retry_after`](Self::max_retry_after) | 2 s |
+/// | [`release_on_cancel`](Self::release_on_cancel) | `false`: handlers run to completion |
 ///
 /// Time-related engine settings (how long keys live, the lease, waiting for
 /// an in-flight original instead of answering 409) are the engine's
@@ -174,6 +215,7 @@ pub struct IdempotencyLayerBuilder<S, C = DefaultClock> {
     fail_open: bool,
     store_retry_after: Duration,
     max_retry_after: Duration,
+    release_on_cancel: bool,
 }
 
 impl<S, C> fmt::Debug for IdempotencyLayerBuilder<S, C> {
@@ -249,16 +291,19 @@ impl<S: Store, C: Clock> IdempotencyLayerBuilder<S, C> {
         self
     }
 
-    /// Which responses are stored (and replayed to retries); the others
-    /// release the key, so a retry runs the handler again.
+    /// Which responses are stored (and replayed to retries).
     ///
     /// # Behavior
     /// Default: every status below 500 is stored (2xx, 3xx and 4xx: the
-    /// request was processed and its answer is final); 5xx releases the key
-    /// so clients are never stuck on a cached server error. The predicate sees
-    /// the status, headers and extensions of the handler's response, so a
-    /// handler can mark a 4xx as transient, for example with a response
-    /// extension the predicate looks for.
+    /// request was processed and its answer is final). A response the
+    /// predicate refuses (by default a 5xx) is returned to this client but
+    /// is ambiguous: the handler may have taken effect before it failed. The
+    /// key is then finished as [`outcome-unknown`](ProblemType::OutcomeUnknown)
+    /// and never run again, unless the handler declared that nothing took
+    /// effect ([`NoEffect`](crate::NoEffect) on the response, or
+    /// [`IdempotencyClaim::declare_no_effect`]): then the key is released and
+    /// a retry runs the handler afresh. A response carrying `NoEffect` is
+    /// never stored, whatever the predicate says.
     #[must_use]
     pub fn store_response_if<F>(mut self, predicate: F) -> Self
     where
@@ -282,10 +327,29 @@ impl<S: Store, C: Clock> IdempotencyLayerBuilder<S, C> {
         self
     }
 
-    /// The `Retry-After` sent with 503 when the store is unreachable.
+    /// The `Retry-After` sent with 503 when the store is unreachable or the
+    /// layer is shutting down (at most [`MAX_RETRY_AFTER`]).
     #[must_use]
     pub fn store_retry_after(mut self, retry_after: Duration) -> Self {
-        self.store_retry_after = retry_after;
+        self.store_retry_after = retry_after.min(MAX_RETRY_AFTER);
+        self
+    }
+
+    /// **Only for handlers without external effects.** Releases the key when
+    /// the request's future is dropped while the handler runs (client gone,
+    /// an outer timeout), and stops the handler there.
+    ///
+    /// # Behavior
+    /// Default `false`: the handler and the storing of its response run in a
+    /// task of their own, to completion, whatever happens to the request's
+    /// future; a retry meanwhile gets 409 + `Retry-After`, afterwards the
+    /// stored response. With `true`, a dropped request releases the key in
+    /// the background and a retry runs the handler again at once: if the
+    /// dropped handler had already made an external call (a payment, an
+    /// email), that call happens twice.
+    #[must_use]
+    pub fn release_on_cancel(mut self, release: bool) -> Self {
+        self.release_on_cancel = release;
         self
     }
 
@@ -297,9 +361,10 @@ impl<S: Store, C: Clock> IdempotencyLayerBuilder<S, C> {
     /// (default 60 s, renewed by heartbeats) bounds a crashed original; a live
     /// one usually finishes much sooner, so a short retry interval gets
     /// clients their replay sooner.
+    /// Capped to [`MAX_RETRY_AFTER`].
     #[must_use]
     pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.max_retry_after = max;
+        self.max_retry_after = max.min(MAX_RETRY_AFTER);
         self
     }
 
@@ -321,6 +386,7 @@ impl<S: Store, C: Clock> IdempotencyLayerBuilder<S, C> {
                 fail_open: self.fail_open,
                 store_retry_after: self.store_retry_after,
                 max_retry_after: self.max_retry_after,
+                release_on_cancel: self.release_on_cancel,
             }),
         }
     }
@@ -517,6 +583,13 @@ where
             Span::current().record("attempt", lease.attempt());
             fresh(shared, inner, parts, bytes, lease).await
         }
+        Ok(Begin::Replay(replay)) if replay.kind == ReplayKind::Unknown => {
+            outcome("unknown");
+            Ok(problem(
+                ProblemType::OutcomeUnknown,
+                "the request with this idempotency key ended without a known result and may or may not have taken effect; it will not be executed again with this key: check the resource, then use a new key",
+            ))
+        }
         Ok(Begin::Replay(replay)) => {
             match StoredResponse::decode(&replay.outcome, &shared.filter) {
                 Ok(decoded) => {
@@ -574,6 +647,15 @@ where
             outcome("conflict");
             Ok(in_progress(Duration::from_secs(1)))
         }
+        // Never fail open here: the instance is stopping, not the store.
+        Error::ShuttingDown => {
+            outcome("shutting_down");
+            Ok(problem_retry(
+                ProblemType::ShuttingDown,
+                "this instance is shutting down; the request was not executed, retry it with the same key",
+                shared.store_retry_after,
+            ))
+        }
         e if e.is_transient() && shared.fail_open => {
             outcome("fail_open");
             tracing::warn!(error = %e, "idem: store unavailable; running the request UNPROTECTED (fail-open)");
@@ -622,13 +704,25 @@ fn in_progress<B: Body>(retry_after: Duration) -> Response<ResponseBody<B>> {
     )
 }
 
-/// The request fingerprint: `method`, `target`, each selected
-/// `header:NAME` (one field per value, absent headers add none), `body`.
+/// The URI the client sent: axum's `OriginalUri` when a router put it in
+/// the extensions (a router nested with `nest`/`nest_service` sees a stripped
+/// path), else the request's own.
+fn original_uri(parts: &Parts) -> &http::Uri {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::OriginalUri(uri)) = parts.extensions.get() {
+        return uri;
+    }
+    &parts.uri
+}
+
+/// The request fingerprint: `method`, `target` (the path and query the
+/// client sent, see [`original_uri`]), each selected `header:NAME` (one field
+/// per value, absent headers add none), `body`.
 fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
-    let target = parts
-        .uri
+    let uri = original_uri(parts);
+    let target = uri
         .path_and_query()
-        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+        .map_or_else(|| uri.path(), |pq| pq.as_str());
     let mut fp = Fingerprint::builder();
     fp.add("method", parts.method.as_str().as_bytes());
     fp.add("target", target.as_bytes());
@@ -646,14 +740,20 @@ fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprin
 enum Ran<R: Body, E> {
     Panicked(Box<dyn std::any::Any + Send>),
     Errored(E),
-    /// Not to be stored: release the key, return the response as is.
-    Release(response::Parts, R),
+    /// Marked [`NoEffect`]: release the key, return the response as is.
+    NoEffect(response::Parts, R),
+    /// Refused by the storage predicate: ambiguous, return the response as is.
+    Unstored(response::Parts, R),
     Store(response::Parts, Buffered<R>),
 }
 
-/// Releases the claim if the request's future is dropped while the handler
-/// runs (client gone, timeout): a retry then runs at once instead of waiting
-/// for the lease to lapse.
+/// What a claimed request's task hands back: the response (or the inner
+/// service's error), or the handler's panic to resume.
+type Claimed<R, E> = Result<Result<R, E>, Box<dyn std::any::Any + Send>>;
+
+/// With [`release_on_cancel`](IdempotencyLayerBuilder::release_on_cancel)
+/// only: releases the claim if the request's future is dropped while the
+/// handler runs.
 struct ReleaseOnDrop<S: Store, C: Clock> {
     armed: Option<(Arc<Engine<S, C>>, Lease)>,
 }
@@ -670,16 +770,20 @@ impl<S: Store, C: Clock> Drop for ReleaseOnDrop<S, C> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let span = Span::current();
-            runtime
-                .spawn(async move { release(&engine, &lease, "cancelled").await }.instrument(span));
+            runtime.spawn(
+                async move { end(&engine, &lease, Settle::Release("cancelled")).await }
+                    .instrument(span),
+            );
         }
     }
 }
 
-/// The claimed path: run the handler with a heartbeat, then store or release.
+/// The claimed path: the handler and the storing of its response run to
+/// completion in a task of their own (unless `release_on_cancel`), so that
+/// dropping the request's future cannot stop them half-way.
 async fn fresh<T, S, C, ReqBody, ResBody>(
     shared: Arc<Shared<S, C>>,
-    mut inner: T,
+    inner: T,
     mut parts: Parts,
     bytes: Bytes,
     lease: Lease,
@@ -690,21 +794,65 @@ where
     T::Error: Send + 'static,
     S: Store,
     C: Clock,
-    ReqBody: From<Bytes>,
+    ReqBody: From<Bytes> + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send + 'static,
 {
-    let engine = shared.engine.clone();
+    let no_effect = NoEffectFlag::default();
     parts.extensions.insert(IdempotencyClaim::new(
         lease.clone(),
         shared.prepare.clone(),
         shared.filter.clone(),
+        no_effect.clone(),
     ));
     let req = Request::from_parts(parts, ReqBody::from(bytes));
-    let mut guard = ReleaseOnDrop {
-        armed: Some((engine.clone(), lease.clone())),
+    let release_on_cancel = shared.release_on_cancel;
+    let guard = ReleaseOnDrop {
+        armed: release_on_cancel.then(|| (shared.engine.clone(), lease.clone())),
     };
-    let limit = engine.policy().max_outcome_bytes;
+    let run = run_claimed(shared, inner, req, lease, no_effect, guard).instrument(Span::current());
+    let claimed = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if !release_on_cancel => match runtime.spawn(run).await {
+            Ok(claimed) => claimed,
+            // The runtime is shutting down and cancelled the task; the
+            // engine's shutdown (or its drop guard) deals with the key.
+            Err(e) if e.is_cancelled() => {
+                return Ok(problem_retry(
+                    ProblemType::ShuttingDown,
+                    "this instance stopped while the request ran; its outcome is not known here, retry with the same key to get it",
+                    Duration::from_secs(1),
+                ));
+            }
+            Err(e) => Err(e.into_panic()),
+        },
+        _ => run.await,
+    };
+    match claimed {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Runs the handler under the claim with a heartbeat, then ends the claim.
+async fn run_claimed<T, S, C, ReqBody, ResBody>(
+    shared: Arc<Shared<S, C>>,
+    mut inner: T,
+    req: Request<ReqBody>,
+    lease: Lease,
+    no_effect: NoEffectFlag,
+    mut guard: ReleaseOnDrop<S, C>,
+) -> Claimed<Response<ResponseBody<ResBody>>, T::Error>
+where
+    T: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    T::Future: Send + 'static,
+    T::Error: Send + 'static,
+    S: Store,
+    C: Clock,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send + 'static,
+{
+    let engine = shared.engine.clone();
+    let limit = engine.outcome_limit();
     let store_if = &shared.store_if;
     let started = Instant::now();
     let call = AssertUnwindSafe(async move {
@@ -712,10 +860,12 @@ where
             Err(e) => Ran::Errored(e),
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                if store_if(&parts) {
+                if parts.extensions.get::<NoEffect>().is_some() {
+                    Ran::NoEffect(parts, body)
+                } else if store_if(&parts) {
                     Ran::Store(parts, body::buffer(body, limit).await)
                 } else {
-                    Ran::Release(parts, body)
+                    Ran::Unstored(parts, body)
                 }
             }
         }
@@ -729,22 +879,35 @@ where
     };
     let ran = with_heartbeat(&engine, &lease, work).await;
     metrics::histogram!("idem_handler_duration_seconds").record(started.elapsed().as_secs_f64());
-    // From here on, finishing the claim runs to its end even if the client
-    // goes away (see `settle`).
+    // From here on, ending the claim runs to its end even if the client
+    // goes away (see `end`).
     guard.disarm();
+    // An ambiguous ending releases the key only if the handler said that
+    // nothing took effect.
+    let ambiguous = |reason| {
+        if no_effect.is_set() {
+            Settle::Release(reason)
+        } else {
+            Settle::Unknown(reason)
+        }
+    };
 
     match ran {
         Ran::Panicked(panic) => {
-            settle(&engine, &lease, Settle::Release("panic")).await;
-            std::panic::resume_unwind(panic)
+            end(&engine, &lease, ambiguous("panic")).await;
+            Err(panic)
         }
         Ran::Errored(e) => {
-            settle(&engine, &lease, Settle::Release("error")).await;
-            Err(e)
+            end(&engine, &lease, ambiguous("error")).await;
+            Ok(Err(e))
         }
-        Ran::Release(parts, body) => {
-            settle(&engine, &lease, Settle::Release("status")).await;
-            Ok(Response::from_parts(parts, ResponseBody::inner(body)))
+        Ran::NoEffect(parts, body) => {
+            end(&engine, &lease, Settle::Release("no_effect")).await;
+            Ok(Ok(Response::from_parts(parts, ResponseBody::inner(body))))
+        }
+        Ran::Unstored(parts, body) => {
+            end(&engine, &lease, ambiguous("status")).await;
+            Ok(Ok(Response::from_parts(parts, ResponseBody::inner(body))))
         }
         Ran::Store(parts, Buffered::Complete { data, trailers }) => {
             let stored = StoredResponse::new(
@@ -769,46 +932,46 @@ where
                     None
                 }
             };
-            let settle_with = match outcome {
+            let how = match outcome {
                 Some(outcome) => Settle::Complete(outcome),
                 None => not_stored(&shared.filter, limit),
             };
-            if settle(&engine, &lease, settle_with).await == Settled::Superseded {
-                return Ok(superseded());
+            if end(&engine, &lease, how).await == Settled::Superseded {
+                return Ok(Ok(superseded()));
             }
-            Ok(Response::from_parts(
+            Ok(Ok(Response::from_parts(
                 parts,
                 ResponseBody::full_with_trailers(data, trailers),
-            ))
+            )))
         }
         Ran::Store(parts, Buffered::TooLarge { prefix, rest }) => {
             tracing::warn!(
                 limit,
                 "idem: response body too large to store; storing a response-not-stored marker"
             );
-            if settle(&engine, &lease, not_stored(&shared.filter, limit)).await
-                == Settled::Superseded
+            if end(&engine, &lease, not_stored(&shared.filter, limit)).await == Settled::Superseded
             {
-                return Ok(superseded());
+                return Ok(Ok(superseded()));
             }
-            Ok(Response::from_parts(
+            Ok(Ok(Response::from_parts(
                 parts,
                 ResponseBody::chain(prefix, rest),
-            ))
+            )))
         }
         Ran::Store(parts, Buffered::Failed { prefix, error }) => {
-            settle(&engine, &lease, Settle::Release("body_error")).await;
-            Ok(Response::from_parts(
+            end(&engine, &lease, ambiguous("body_error")).await;
+            Ok(Ok(Response::from_parts(
                 parts,
                 ResponseBody::failed(prefix, error),
-            ))
+            )))
         }
     }
 }
 
 /// The completion stored in place of a response too large to keep: the
 /// operation ran, so a retry must not run it again, but it cannot get the
-/// original response either.
+/// original response either. If even the marker does not fit, the key ends
+/// as outcome unknown (also never run again).
 fn not_stored(filter: &HeaderFilter, limit: usize) -> Settle {
     let kind = ProblemType::ResponseNotStored;
     let marker = problem::response(
@@ -826,7 +989,7 @@ fn not_stored(filter: &HeaderFilter, limit: usize) -> Settle {
     );
     match stored.encode() {
         Ok(outcome) if outcome.len() <= limit => Settle::Complete(outcome),
-        _ => Settle::Release("unstorable"),
+        _ => Settle::Unknown("unstorable"),
     }
 }
 
@@ -842,23 +1005,25 @@ async fn with_heartbeat<S: Store, C: Clock, F: Future>(
         Either::Left((value, _)) => value,
         Either::Right((beat, work)) => {
             if let Err(e) = beat {
-                // The lease was taken over (the heartbeat could not reach the
-                // store for a whole lease): let the handler finish; storing
-                // its response will be refused by the fencing token.
+                // The lease was taken over or ended (max_hold, shutdown): let
+                // the handler finish; storing its response will be refused
+                // by the fencing token.
                 metrics::counter!("idem_lease_lost_total").increment(1);
-                tracing::error!(error = %e, "idem: lease lost while the handler runs; another request may run this operation too");
+                tracing::error!(error = %e, "idem: lease lost while the handler runs; its response will not be stored");
             }
             work.await
         }
     }
 }
 
+/// How the layer ends a claim.
 enum Settle {
     Complete(Outcome),
     Release(&'static str),
+    Unknown(&'static str),
 }
 
-/// How finishing a claim ended.
+/// How ending a claim went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Settled {
     /// Stored, released, or (on a store error) logged: the handler's own
@@ -881,31 +1046,22 @@ fn superseded<B: Body>() -> Response<ResponseBody<B>> {
     )
 }
 
-/// Finishes the claim in a task of its own, so that it completes even if the
-/// request's future is dropped meanwhile (a dropped completion would leave the
-/// key in flight until its lease lapses, and the retry would run again).
-async fn settle<S: Store, C: Clock>(
+/// Ends the claim in a task of its own, so that it finishes even if the
+/// request's future is dropped meanwhile, retrying store errors
+/// ([`Engine::settle`]).
+async fn end<S: Store, C: Clock>(
     engine: &Arc<Engine<S, C>>,
     lease: &Lease,
     how: Settle,
 ) -> Settled {
     let engine = engine.clone();
     let lease = lease.clone();
-    let task = async move {
-        match how {
-            Settle::Complete(outcome) => complete(&engine, &lease, outcome).await,
-            Settle::Release(reason) => {
-                release(&engine, &lease, reason).await;
-                Settled::Done
-            }
-        }
-    }
-    .instrument(Span::current());
+    let task = async move { end_now(&engine, &lease, how).await }.instrument(Span::current());
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => match runtime.spawn(task).await {
             Ok(settled) => settled,
             Err(e) => {
-                tracing::error!(error = %e, "idem: finishing the claim failed");
+                tracing::error!(error = %e, "idem: ending the claim failed");
                 Settled::Done
             }
         },
@@ -913,84 +1069,100 @@ async fn settle<S: Store, C: Clock>(
     }
 }
 
-async fn complete<S: Store, C: Clock>(
-    engine: &Engine<S, C>,
+async fn end_now<S: Store, C: Clock>(
+    engine: &Arc<Engine<S, C>>,
     lease: &Lease,
-    outcome: Outcome,
+    how: Settle,
 ) -> Settled {
-    const ATTEMPTS: u32 = 3;
     if lease.is_finished() {
         // The handler completed the key in its transaction and said so
         // (`IdempotencyClaim::mark_applied`): nothing left to store.
         tracing::debug!("idem: key completed by the handler");
         return Settled::Done;
     }
-    for attempt in 1..=ATTEMPTS {
-        match engine.complete(lease, outcome.clone()).await {
-            Ok(()) => return Settled::Done,
-            Err(Error::LeaseLost(Fenced::Finished {
-                by_holder: true, ..
-            })) => {
-                // The handler completed the key itself (in its transaction).
-                tracing::debug!("idem: key completed by the handler");
-                return Settled::Done;
-            }
-            Err(
-                e @ Error::LeaseLost(
-                    Fenced::TakenOver
-                    | Fenced::Finished {
-                        by_holder: false, ..
-                    },
-                ),
-            ) => {
-                metrics::counter!("idem_completion_failures_total", "reason" => "lease_lost")
-                    .increment(1);
-                tracing::error!(
-                    error = %e,
-                    "idem: a later request took this key over while the handler ran (it outlived its lease); its response is not kept and the client is told to retry"
-                );
-                return Settled::Superseded;
-            }
-            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, "idem: storing the response failed; retrying");
-                engine
-                    .clock()
-                    .sleep(Duration::from_millis(25 * u64::from(attempt * attempt)))
-                    .await;
-            }
-            Err(e) => {
-                let reason = if matches!(e, Error::LeaseLost(_)) {
-                    "lease_lost"
-                } else {
-                    "store"
-                };
-                metrics::counter!("idem_completion_failures_total", "reason" => reason)
-                    .increment(1);
-                tracing::error!(
-                    error = %e,
-                    "idem: the response was sent but not stored; the key stays in flight until its lease lapses, then a retry runs the operation again"
-                );
-                return Settled::Done;
-            }
+    let (ending, reason) = match how {
+        Settle::Complete(outcome) => (Ending::Complete(outcome), "complete"),
+        Settle::Release(reason) => {
+            metrics::counter!("idem_released_total", "reason" => reason).increment(1);
+            (Ending::Release, reason)
         }
-    }
-    Settled::Done
+        Settle::Unknown(reason) => (Ending::Unknown, reason),
+    };
+    // One attempt inline, so the client gets its response without waiting
+    // out a store outage; if it fails, keep trying in the background for as
+    // long as the write can matter (a retry meanwhile gets 409).
+    let now = engine.clock().now();
+    let first = engine.settle_until(lease, ending.clone(), now).await;
+    let settled = match first {
+        Err(e) if !matches!(e, Error::LeaseLost(_)) => {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                tracing::warn!(error = %e, "idem: ending the claim failed; retrying in the background");
+                let engine = engine.clone();
+                let lease = lease.clone();
+                runtime.spawn(
+                    async move {
+                        let settled = engine.settle(&lease, ending).await;
+                        report(settled, reason);
+                    }
+                    .instrument(Span::current()),
+                );
+                return Settled::Done;
+            }
+            Err(e)
+        }
+        other => other,
+    };
+    report(settled, reason)
 }
 
-async fn release<S: Store, C: Clock>(engine: &Engine<S, C>, lease: &Lease, reason: &'static str) {
-    if lease.is_finished() {
-        tracing::debug!("idem: key completed by the handler; not released");
-        return;
-    }
-    metrics::counter!("idem_released_total", "reason" => reason).increment(1);
-    match engine.release(lease).await {
-        Ok(()) => tracing::debug!(reason, "idem: key released"),
+/// Logs and counts how ending a claim went.
+fn report(settled: Result<Ending, Error>, reason: &'static str) -> Settled {
+    match settled {
+        Ok(Ending::Unknown) => {
+            metrics::counter!("idem_outcome_unknown_total", "reason" => reason).increment(1);
+            tracing::warn!(
+                reason,
+                "idem: the request ended without a stored result; the key answers outcome-unknown and is never run again"
+            );
+            Settled::Done
+        }
+        Ok(_) => Settled::Done,
         Err(Error::LeaseLost(Fenced::Finished {
             by_holder: true, ..
-        })) => tracing::debug!("idem: key completed by the handler; not released"),
+        })) => {
+            // The handler completed the key itself (in its transaction), or
+            // the engine ended it (max_hold, shutdown).
+            tracing::debug!("idem: key already finished by this claim");
+            Settled::Done
+        }
+        Err(
+            e @ Error::LeaseLost(
+                Fenced::TakenOver
+                | Fenced::Finished {
+                    by_holder: false, ..
+                },
+            ),
+        ) => {
+            metrics::counter!("idem_completion_failures_total", "reason" => "lease_lost")
+                .increment(1);
+            tracing::error!(
+                error = %e,
+                "idem: a later request took this key over while the handler ran (it outlived its lease); its response is not kept and the client is told to retry"
+            );
+            Settled::Superseded
+        }
         Err(e) => {
-            metrics::counter!("idem_completion_failures_total", "reason" => "release").increment(1);
-            tracing::warn!(error = %e, reason, "idem: releasing the key failed; it stays in flight until its lease lapses");
+            let reason = if matches!(e, Error::LeaseLost(_)) {
+                "lease_lost"
+            } else {
+                "store"
+            };
+            metrics::counter!("idem_completion_failures_total", "reason" => reason).increment(1);
+            tracing::error!(
+                error = %e,
+                "idem: the request ran but its ending could not be stored; the key stays in flight until its lease lapses, then a retry runs the operation again"
+            );
+            Settled::Done
         }
     }
 }

@@ -53,6 +53,8 @@
 //! | store unreachable | 503 [`store-unavailable`](ProblemType::StoreUnavailable) + `Retry-After` | **no** (fail closed) |
 //! | stored record unreadable | 500 [`corrupt-record`](ProblemType::CorruptRecord) | no |
 //! | the handler outlived its lease and a later request took the key over | 409 [`request-in-progress`](ProblemType::RequestInProgress) + `Retry-After`; this handler's response is not sent, the retry gets the key's one answer | it ran (so did the later request) |
+//! | same key, same request, ended without a known result (see below) | 500 [`outcome-unknown`](ProblemType::OutcomeUnknown) | no, never again |
+//! | the layer is shutting down ([`IdempotencyLayer::shutdown`]) | 503 [`shutting-down`](ProblemType::ShuttingDown) + `Retry-After` | no |
 //!
 //! - **Key**: the header value may be an RFC 8941 string (`"abc"`, the draft's
 //!   form) or a bare token (`abc`, what most SDKs send); both are the same
@@ -60,41 +62,72 @@
 //! - **Scope**: a function of the request (authenticated principal, tenant,
 //!   API key) decides whose key it is. The same key from two scopes is two
 //!   operations, and a response is never replayed across scopes.
-//! - **Fingerprint**: method, path and query, the selected
-//!   [`fingerprint_header`](IdempotencyLayerBuilder::fingerprint_header)s and
-//!   the body, hashed with blake3 (see [`idem_core::Fingerprint`] for the
-//!   layout). The body is buffered (up to the limit) and handed on intact.
+//! - **Fingerprint**: method, the path and query **the client sent**, the
+//!   selected [`fingerprint_header`](IdempotencyLayerBuilder::fingerprint_header)s
+//!   and the body, hashed with blake3 (see [`idem_core::Fingerprint`] for
+//!   the layout). In a router mounted with axum's `Router::nest` or
+//!   `nest_service`, the layer sees a stripped path; it fingerprints axum's
+//!   `OriginalUri` instead (feature `axum`, on by default), so
+//!   `/accounts/A/transfers` and `/accounts/B/transfers` are never one
+//!   request. With another framework that strips prefixes, put the layer
+//!   outside the nesting. The body is buffered (up to the limit) and handed
+//!   on intact.
 //! - **What is stored**: by default every response with a status below 500.
-//!   A 5xx, an error of the inner service or a panic **releases** the key, so
-//!   a retry runs the handler again (clients are never stuck on a cached
-//!   server error). Change it with
+//! - **Ambiguous endings**: a response the layer does not store (by default a
+//!   5xx), an error of the inner service, a panic, or a response body that
+//!   fails mid-stream may come *after* the handler's effect. The key is then
+//!   finished as **outcome unknown**: the client that is still there gets
+//!   what the handler produced, and every retry gets 500
+//!   [`outcome-unknown`](ProblemType::OutcomeUnknown); the handler is never
+//!   run again with that key. A handler that knows nothing happened says so,
+//!   and the key is released for a fresh retry instead: the [`NoEffect`]
+//!   response extension, or [`IdempotencyClaim::declare_no_effect`] before an
+//!   error or panic. Change what is stored with
 //!   [`store_response_if`](IdempotencyLayerBuilder::store_response_if).
 //! - **What is replayed**: the original status, headers and body (and
 //!   trailers), minus hop-by-hop headers, `content-length` (recomputed) and
 //!   the deny list (default `set-cookie` and `date`), plus
 //!   `Idempotent-Replayed: true`.
-//! - **Completion before response**: a stored response is written before it
-//!   is returned, in a task of its own, so a client that disconnects cannot
-//!   leave the key half-finished.
+//! - **Run to completion**: the handler, the buffering of its response and
+//!   the storing of it run in a task of their own, so a client that
+//!   disconnects or an outer timeout (`tower_http::timeout`) cannot stop them
+//!   half-way: the response is stored and a retry gets it (meanwhile 409 +
+//!   `Retry-After`). A stored response is written before it is returned.
 //! - **Long handlers**: the lease is extended (heartbeat, every third of the
 //!   engine's lease) while the handler runs and while its response body is
 //!   buffered, so a slow but live request is never taken over.
-//! - **Cancellation**: if the request's future is dropped while the handler
-//!   runs (client gone, an outer timeout), the key is released in the
-//!   background: the retry runs at once instead of after the lease lapses.
-//! - **Panics** of the handler release the key, then resume unwinding (the
-//!   layer does not change how your stack handles panics). **Errors** of the
-//!   inner service release the key and are returned unchanged.
-//! - **Responses too large to store** (above the engine's
-//!   `max_outcome_bytes`) are returned to the first client in full, streamed;
+//! - **Cancellation opt-in**: with
+//!   [`release_on_cancel(true)`](IdempotencyLayerBuilder::release_on_cancel),
+//!   a dropped request stops its handler and releases the key, so a retry
+//!   runs at once. Only for handlers without external effects.
+//! - **Panics** of the handler end the key as outcome unknown, then resume
+//!   unwinding (the layer does not change how your stack handles panics).
+//!   **Errors** of the inner service end it the same way and are returned
+//!   unchanged.
+//! - **Lost lease**: [`IdempotencyClaim::lost`] resolves when the request can
+//!   no longer count on its key (its heartbeat could not reach the store
+//!   before the lease deadline, the engine's `max_hold` ended it, or a
+//!   shutdown gave up on it): stop before starting an effect.
+//! - **Graceful shutdown**: after the server stops accepting connections
+//!   (axum's `with_graceful_shutdown`), call [`IdempotencyLayer::shutdown`]:
+//!   new keyed requests get 503 `shutting-down`, running handlers get a grace
+//!   period to finish and store their answers, and those still running after
+//!   it end as outcome unknown. Nothing that ran is released.
+//! - **Responses too large to store** (above
+//!   [`Engine::outcome_limit`](idem_core::Engine::outcome_limit): the smaller
+//!   of the policy's `max_outcome_bytes` and the store's record limit) are
+//!   returned to the first client in full, streamed;
 //!   the key is completed with a 500
 //!   [`response-not-stored`](ProblemType::ResponseNotStored) marker, so the
 //!   operation is never run twice with that key.
 //! - **Store failure after the handler ran**: the response is still returned
-//!   (the work happened); storing is retried twice, then logged and counted.
-//!   The key stays in flight until its lease lapses (409 to retries), after
-//!   which a retry runs the operation again: a store outage between execution
-//!   and completion is the one window where a retry can re-execute.
+//!   (the work happened); storing is tried once inline, then retried in the
+//!   background until one lease after the lease deadline (409 to retries
+//!   meanwhile). A store that refuses the record permanently gets the key
+//!   ended as outcome unknown instead. Only if the store stays unreachable
+//!   for the whole lease does a retry run the operation again: the window W1
+//!   of docs/reliability.md ("Every way a request ends"), closed by
+//!   completing in the business transaction (below).
 //! - **Fail-open** ([`fail_open`](IdempotencyLayerBuilder::fail_open)) runs
 //!   the handler unprotected while the store is unreachable. Off by default;
 //!   unsafe for anything that must happen once.
@@ -116,15 +149,20 @@
 //! - `metrics` counter `idem_requests_total{outcome}` with `outcome` one of
 //!   `fresh`, `replayed`, `conflict` (409), `mismatch` (422), `invalid`
 //!   (400/413), `rejected` (scope), `store_error` (503/500), `passthrough`
-//!   (no key), `fail_open`.
-//! - `idem_released_total{reason}` (`status`, `error`, `panic`, `cancelled`,
-//!   `body_error`, `unstorable`), `idem_completion_failures_total{reason}`
+//!   (no key), `fail_open`, `unknown` (a replayed outcome-unknown),
+//!   `shutting_down`.
+//! - `idem_released_total{reason}` (`no_effect`, `status`, `error`, `panic`,
+//!   `body_error` for handlers that declared no effect; `cancelled` with
+//!   `release_on_cancel`), `idem_outcome_unknown_total{reason}` (`status`,
+//!   `error`, `panic`, `body_error`, `unstorable`, `complete` when storing
+//!   was refused), `idem_completion_failures_total{reason}`
 //!   (`store`, `lease_lost`, `release`), `idem_lease_lost_total`, and the
 //!   histogram `idem_handler_duration_seconds`.
 #![forbid(unsafe_code)]
 
 mod body;
 mod claim;
+mod effect;
 mod header;
 mod layer;
 mod problem;
@@ -136,10 +174,11 @@ pub use idem_core;
 
 pub use body::ResponseBody;
 pub use claim::IdempotencyClaim;
+pub use effect::NoEffect;
 pub use header::{KeyHeaderError, QuotingError, parse_key_header, parse_key_value};
 pub use layer::{
     DEFAULT_HEADER, DEFAULT_MAX_BODY_BYTES, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder,
-    ResponseFuture,
+    MAX_RETRY_AFTER, ResponseFuture,
 };
 pub use problem::{PROBLEM_JSON, ProblemType};
 pub use scope::{Rejection, scope_from_extension, single_client_scope};

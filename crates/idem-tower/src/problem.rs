@@ -40,11 +40,20 @@ pub enum ProblemType {
     /// 500 (stored and replayed): the operation was executed, but its response
     /// was too large to keep, so it cannot be replayed.
     ResponseNotStored,
+    /// 500 (replayed): the request with this key ended without a known
+    /// result (its handler failed, panicked, was stopped by a shutdown, or its
+    /// response broke off) and may or may not have taken effect. It is never
+    /// run again with this key: check the resource, then use a new key.
+    OutcomeUnknown,
+    /// 503 + `Retry-After`: this instance is shutting down and takes no new
+    /// requests with a key; nothing was executed. Retry (elsewhere) with the
+    /// same key.
+    ShuttingDown,
 }
 
 impl ProblemType {
     /// Every problem type.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
         Self::MissingKey,
         Self::InvalidKey,
         Self::KeyReused,
@@ -55,6 +64,8 @@ impl ProblemType {
         Self::StoreFailed,
         Self::CorruptRecord,
         Self::ResponseNotStored,
+        Self::OutcomeUnknown,
+        Self::ShuttingDown,
     ];
 
     /// The stable `type` URI.
@@ -70,6 +81,8 @@ impl ProblemType {
             Self::StoreFailed => "https://idem.dev/problems/store-failed",
             Self::CorruptRecord => "https://idem.dev/problems/corrupt-record",
             Self::ResponseNotStored => "https://idem.dev/problems/response-not-stored",
+            Self::OutcomeUnknown => "https://idem.dev/problems/outcome-unknown",
+            Self::ShuttingDown => "https://idem.dev/problems/shutting-down",
         }
     }
 
@@ -80,10 +93,11 @@ impl ProblemType {
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RequestInProgress => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::StoreFailed | Self::CorruptRecord | Self::ResponseNotStored => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::StoreUnavailable | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreFailed
+            | Self::CorruptRecord
+            | Self::ResponseNotStored
+            | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -100,6 +114,8 @@ impl ProblemType {
             Self::StoreFailed => "Idempotency store failed",
             Self::CorruptRecord => "Stored idempotency record unreadable",
             Self::ResponseNotStored => "Response too large to replay",
+            Self::OutcomeUnknown => "Outcome of the request with this Idempotency-Key is unknown",
+            Self::ShuttingDown => "Shutting down",
         }
     }
 }
@@ -159,7 +175,7 @@ pub(crate) fn with_status(status: StatusCode, body: Bytes) -> Response<Bytes> {
 
 /// Whole seconds, rounded up, at least 1.
 pub(crate) fn retry_after_secs(d: Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     secs.max(1)
 }
 

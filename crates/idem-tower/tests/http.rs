@@ -134,7 +134,9 @@ async fn wait_mode_returns_the_original_response() {
         max: Duration::from_secs(30),
         poll: Duration::from_millis(100),
     });
-    let engine = Engine::with_clock(TestStore::default(), clock.clone()).with_policy(policy);
+    let engine = Engine::with_clock(TestStore::default(), clock.clone())
+        .with_policy(policy)
+        .expect("valid policy");
     let h = start(engine, |b| b).await;
     let first = tokio::spawn({
         let req = h.request(Method::POST, "/slow", Some(b"w"), "t1", "");
@@ -271,19 +273,26 @@ async fn two_scopes_same_key_are_two_operations() {
     assert_eq!(h.calls(), 2);
 }
 
+/// A 5xx the handler did not declare effect-free is ambiguous: the client
+/// gets it, the key ends as outcome unknown, and the retry gets a 500
+/// `outcome-unknown` without running the handler again. 4xx are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_errors_release_the_key_and_client_errors_are_stored() {
+async fn server_errors_end_the_key_unknown_and_client_errors_are_stored() {
     let h = start(engine(TestStore::default()), |b| b).await;
     let e1 = h.post("/status/503", Some("k5"), "t1", "").await;
     assert_eq!(e1.status, 503);
-    assert!(
-        h.record("t1", "k5").await.is_none(),
-        "5xx must release the key"
+    assert_eq!(
+        h.record("t1", "k5").await.map(|v| v.record.state.name()),
+        Some("failed_unknown"),
     );
     let e2 = h.post("/status/503", Some("k5"), "t1", "").await;
-    assert_eq!(e2.status, 503);
-    assert!(!e2.replayed());
-    assert_eq!(h.calls(), 2, "a retry after 5xx runs again");
+    assert_eq!(e2.status, 500);
+    assert_eq!(e2.problem(), ProblemType::OutcomeUnknown.uri());
+    assert_eq!(
+        h.calls(),
+        1,
+        "a retry after an ambiguous 5xx must not run again"
+    );
 
     let c1 = h.post("/status/404", Some("k4"), "t1", "").await;
     assert_eq!(c1.status, 404);
@@ -291,9 +300,11 @@ async fn server_errors_release_the_key_and_client_errors_are_stored() {
     assert_eq!(c2.status, 404);
     assert!(c2.replayed());
     assert_eq!(c2.body, c1.body);
-    assert_eq!(h.calls(), 3);
+    assert_eq!(h.calls(), 2);
 }
 
+/// Responses the storage predicate refuses are not stored, and not run
+/// again either: the retry gets `outcome-unknown`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_policy_is_a_predicate() {
     let h = start(engine(TestStore::default()), |b| {
@@ -303,7 +314,8 @@ async fn storage_policy_is_a_predicate() {
     assert_eq!(h.post("/status/409", Some("k"), "t1", "").await.status, 409);
     let again = h.post("/status/409", Some("k"), "t1", "").await;
     assert!(!again.replayed());
-    assert_eq!(h.calls(), 2);
+    assert_eq!(again.problem(), ProblemType::OutcomeUnknown.uri());
+    assert_eq!(h.calls(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +399,8 @@ async fn slow_handler_is_kept_alive_and_never_taken_over() {
     let clock = ManualClock::new(T0);
     let lease = Duration::from_secs(3);
     let engine = Engine::with_clock(TestStore::default(), clock.clone())
-        .with_policy(Policy::default().with_lease(lease));
+        .with_policy(Policy::default().with_lease(lease))
+        .expect("valid policy");
     let h = start(engine, |b| b).await;
     let first = tokio::spawn({
         let req = h.request(Method::POST, "/slow", Some(b"hb"), "t1", "");
@@ -500,7 +513,9 @@ async fn unreadable_stored_record_is_500_and_nothing_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_too_large_to_store_is_returned_once_and_never_rerun() {
     let engine = common::engine(TestStore::default());
-    let engine = engine.with_policy(Policy::default().with_max_outcome_bytes(1024));
+    let engine = engine
+        .with_policy(Policy::default().with_max_outcome_bytes(1024))
+        .expect("valid policy");
     let h = start(engine, |b| b).await;
     let first = h.post("/big", Some("big"), "t1", "").await;
     assert_eq!(first.status, 201);

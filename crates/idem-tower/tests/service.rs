@@ -75,35 +75,119 @@ fn frames(chunks: &[&'static str], trailers: Option<HeaderMap>, fail: bool) -> B
     Body::new(Frames { frames, fail })
 }
 
+/// The state the key was left in (`None`: absent).
+async fn state_of<C: Clock>(
+    engine: &idem_core::Engine<TestStore, C>,
+    key: &str,
+) -> Option<&'static str> {
+    let rk = RecordKey::new(&Scope::tenant("t1"), &IdempotencyKey::parse(key).unwrap());
+    engine
+        .store()
+        .get(&rk, engine.clock().now())
+        .await
+        .unwrap()
+        .map(|v| v.record.state.name())
+}
+
+/// The status and problem `type` (if any) of a response.
+async fn answer(response: Response<idem_tower::ResponseBody<Body>>) -> (u16, Option<String>) {
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let kind = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_owned));
+    (status, kind)
+}
+
+fn unknown() -> Option<String> {
+    Some(ProblemType::OutcomeUnknown.uri().to_owned())
+}
+
+/// Situation: the handler panics after (maybe) an effect. The panic goes
+/// on; the key ends as outcome unknown; the retry does not run the handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_handler_releases_the_key_and_the_panic_goes_on() {
+async fn a_panicking_handler_ends_the_key_unknown_and_the_panic_goes_on() {
     let engine = Arc::new(engine(TestStore::default()));
     let calls = Arc::new(AtomicUsize::new(0));
     let inner = service_fn({
         let calls = calls.clone();
         move |_: Request<Body>| {
-            let calls = calls.clone();
+            calls.fetch_add(1, Ordering::SeqCst);
             async move {
-                if calls.fetch_add(1, Ordering::SeqCst) < 10 {
-                    panic!("handler bug");
-                }
+                panic!("handler bug after the charge");
+                #[allow(unreachable_code)]
                 Ok::<_, Infallible>(Response::new(Body::empty()))
             }
         }
     });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    for round in 1..=2 {
-        let outcome = AssertUnwindSafe(svc.clone().oneshot(request("p", Body::from("{}"))))
-            .catch_unwind()
-            .await;
-        assert!(outcome.is_err(), "the panic was swallowed");
-        assert!(is_absent(&engine, "p").await, "the key was not released");
-        assert_eq!(calls.load(Ordering::SeqCst), round, "a retry runs again");
-    }
+    let outcome = AssertUnwindSafe(svc.clone().oneshot(request("p", Body::from("{}"))))
+        .catch_unwind()
+        .await;
+    assert!(outcome.is_err(), "the panic was swallowed");
+    assert_eq!(state_of(&engine, "p").await, Some("failed_unknown"));
+    let retry = svc.oneshot(request("p", Body::from("{}"))).await.unwrap();
+    assert_eq!(answer(retry).await, (500, unknown()));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the retry ran the handler again"
+    );
 }
 
+/// A handler that declared "no effect" before it failed (error or panic)
+/// releases the key: the retry runs afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_inner_error_releases_the_key_and_is_returned() {
+async fn declared_no_effect_failures_release_the_key() {
+    let engine = Arc::new(engine(TestStore::default()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = service_fn({
+        let calls = calls.clone();
+        move |req: Request<Body>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let claim = req
+                .extensions()
+                .get::<idem_tower::IdempotencyClaim>()
+                .cloned()
+                .unwrap();
+            async move {
+                claim.declare_no_effect();
+                match n {
+                    0 => Err("dependency down before anything was written"),
+                    1 => panic!("bug before anything was written"),
+                    _ => Ok(Response::new(Body::from("done"))),
+                }
+            }
+        }
+    });
+    let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
+    let err = svc
+        .clone()
+        .oneshot(request("n", Body::from("{}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err, "dependency down before anything was written");
+    assert_eq!(state_of(&engine, "n").await, None);
+    let panicked = AssertUnwindSafe(svc.clone().oneshot(request("n", Body::from("{}"))))
+        .catch_unwind()
+        .await;
+    assert!(panicked.is_err());
+    assert_eq!(state_of(&engine, "n").await, None);
+    let ok = svc
+        .clone()
+        .oneshot(request("n", Body::from("{}")))
+        .await
+        .unwrap();
+    assert_eq!(answer(ok).await.0, 200);
+    let replay = svc.oneshot(request("n", Body::from("{}"))).await.unwrap();
+    assert!(replay.headers().contains_key("idempotent-replayed"));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// Situation: the inner service returns an error: it is returned unchanged,
+/// the key ends as outcome unknown, the retry does not run the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inner_error_ends_the_key_unknown_and_is_returned() {
     let engine = Arc::new(engine(TestStore::default()));
     let calls = Arc::new(AtomicUsize::new(0));
     let inner = service_fn({
@@ -114,39 +198,110 @@ async fn an_inner_error_releases_the_key_and_is_returned() {
         }
     });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    for round in 1..=2 {
-        let err = svc
-            .clone()
-            .oneshot(request("e", Body::from("{}")))
-            .await
-            .unwrap_err();
-        assert_eq!(err, "boom");
-        assert!(is_absent(&engine, "e").await);
-        assert_eq!(calls.load(Ordering::SeqCst), round);
-    }
+    let err = svc
+        .clone()
+        .oneshot(request("e", Body::from("{}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err, "boom");
+    assert_eq!(state_of(&engine, "e").await, Some("failed_unknown"));
+    let retry = svc.oneshot(request("e", Body::from("{}"))).await.unwrap();
+    assert_eq!(answer(retry).await, (500, unknown()));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_request_releases_the_key() {
-    let engine = Arc::new(engine(TestStore::default()));
-    let entered = Arc::new(Notify::new());
-    let inner = service_fn({
-        let entered = entered.clone();
-        move |_: Request<Body>| {
-            let entered = entered.clone();
-            async move {
-                entered.notify_one();
-                std::future::pending::<()>().await;
-                Ok::<_, Infallible>(Response::new(Body::empty()))
-            }
+/// A handler whose effect happens after `go` is notified, counting effects.
+fn gated_handler(
+    entered: Arc<Notify>,
+    go: Arc<Notify>,
+    effects: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |_: Request<Body>| {
+        let (entered, go, effects) = (entered.clone(), go.clone(), effects.clone());
+        async move {
+            entered.notify_one();
+            go.notified().await;
+            effects.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(201)
+                    .body(Body::from("charged"))
+                    .unwrap(),
+            )
         }
-    });
+    })
+}
+
+/// Situation 1: the request's future is dropped (client gone, an outer
+/// timeout) while the handler runs. The handler runs to completion, its
+/// response is stored, and the retry gets it: the effect happens once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_request_runs_to_completion_and_the_retry_gets_its_answer() {
+    let engine = Arc::new(engine(TestStore::default()));
+    let (entered, go, effects) = (
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let inner = gated_handler(entered.clone(), go.clone(), effects.clone());
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let task = tokio::spawn(svc.oneshot(request("d", Body::from("{}"))));
+    let task = tokio::spawn(svc.clone().oneshot(request("d", Body::from("{}"))));
     entered.notified().await;
-    assert!(!is_absent(&engine, "d").await, "the key is claimed");
     task.abort();
-    eventually("the key to be released", || is_absent(&engine, "d")).await;
+    assert!(task.await.unwrap_err().is_cancelled());
+    let meanwhile = svc
+        .clone()
+        .oneshot(request("d", Body::from("{}")))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(meanwhile).await,
+        (409, Some(ProblemType::RequestInProgress.uri().to_owned())),
+        "a retry while the handler still runs gets 409"
+    );
+    go.notify_one();
+    eventually(
+        "the dropped request's handler to complete the key",
+        || async { state_of(&engine, "d").await == Some("completed") },
+    )
+    .await;
+    let retry = svc.oneshot(request("d", Body::from("{}"))).await.unwrap();
+    assert!(retry.headers().contains_key("idempotent-replayed"));
+    assert_eq!(answer(retry).await, (201, None));
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "the effect ran twice");
+}
+
+/// `release_on_cancel(true)` (opt-in, for handlers without external effects)
+/// keeps the old behaviour: a dropped request stops its handler and releases
+/// the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_on_cancel_releases_a_dropped_request() {
+    let engine = Arc::new(engine(TestStore::default()));
+    let (entered, go, effects) = (
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let inner = gated_handler(entered.clone(), go, effects.clone());
+    let svc = IdempotencyLayer::builder(engine.clone(), tenant_scope)
+        .release_on_cancel(true)
+        .build()
+        .layer(inner);
+    let task = tokio::spawn(svc.oneshot(request("r", Body::from("{}"))));
+    entered.notified().await;
+    assert!(!is_absent(&engine, "r").await, "the key is claimed");
+    task.abort();
+    eventually("the key to be released", || is_absent(&engine, "r")).await;
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        0,
+        "the handler was not stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,17 +367,36 @@ async fn trailers_are_stored_and_replayed() {
     }
 }
 
+/// Situation 4: the response body fails mid-stream after the handler ran.
+/// The error reaches the client; the key ends as outcome unknown and the
+/// retry does not run the handler again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_response_body_that_fails_releases_the_key_and_the_error_goes_on() {
+async fn a_response_body_that_fails_ends_the_key_unknown_and_the_error_goes_on() {
     let engine = Arc::new(engine(TestStore::default()));
-    let inner = service_fn(|_: Request<Body>| async {
-        Ok::<_, Infallible>(Response::new(frames(&["partial"], None, true)))
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = service_fn({
+        let calls = calls.clone();
+        move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(frames(&["partial"], None, true))) }
+        }
     });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let response = svc.oneshot(request("f", Body::from("{}"))).await.unwrap();
-    assert!(is_absent(&engine, "f").await);
+    let response = svc
+        .clone()
+        .oneshot(request("f", Body::from("{}")))
+        .await
+        .unwrap();
+    assert_eq!(state_of(&engine, "f").await, Some("failed_unknown"));
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "partial");
     assert!(body.frame().await.unwrap().is_err());
+    let retry = svc.oneshot(request("f", Body::from("{}"))).await.unwrap();
+    assert_eq!(answer(retry).await, (500, unknown()));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the retry ran the handler again"
+    );
 }

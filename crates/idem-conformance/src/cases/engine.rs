@@ -110,12 +110,24 @@ pub async fn fingerprint_mismatch_in_every_state<F: StoreFactory>(factory: Arc<F
         .fail(&perm, FailureKind::Permanent, Outcome::new(&b"400"[..]))
         .await
         .expect("fail");
+    let unknown = proceed(&engine, "unknown", fp("a")).await;
+    engine
+        .fail(&unknown, FailureKind::Unknown, Outcome::default())
+        .await
+        .expect("fail");
     // Lapse every lease: the in-flight key is extended to stay live.
     clock.advance(policy().lease - Duration::from_millis(1));
     engine.extend(&lease).await.expect("extend");
     clock.advance(Duration::from_millis(1));
     let _ = lapsed;
-    for name in ["in-flight", "lapsed", "completed", "retryable", "permanent"] {
+    for name in [
+        "in-flight",
+        "lapsed",
+        "completed",
+        "retryable",
+        "permanent",
+        "unknown",
+    ] {
         let before = stored(&engine, name).await;
         assert!(before.is_some(), "`{name}` exists");
         match engine.begin(&scope(), &ikey(name), fp("b")).await {
@@ -222,8 +234,12 @@ async fn takeover_fences<S: Store>(a: Engine<S, ManualClock>, b: Engine<S, Manua
 pub async fn takeover_fences_zombie<F: StoreFactory>(factory: Arc<F>) {
     let store = Arc::new(open(&*factory).await);
     let clock = ManualClock::new(T0);
-    let a = Engine::with_clock(store.clone(), clock.clone()).with_policy(policy());
-    let b = Engine::with_clock(store, clock).with_policy(policy());
+    let a = Engine::with_clock(store.clone(), clock.clone())
+        .with_policy(policy())
+        .expect("valid policy");
+    let b = Engine::with_clock(store, clock)
+        .with_policy(policy())
+        .expect("valid policy");
     takeover_fences(a, b).await;
 }
 
@@ -233,8 +249,12 @@ pub async fn takeover_across_instances_fences_zombie<F: StoreFactory>(factory: A
     let a = Arc::new(open(&*factory).await);
     let b = Arc::new(reopen(&*factory, &a).await);
     let clock = ManualClock::new(T0);
-    let a = Engine::with_clock(a, clock.clone()).with_policy(policy());
-    let b = Engine::with_clock(b, clock).with_policy(policy());
+    let a = Engine::with_clock(a, clock.clone())
+        .with_policy(policy())
+        .expect("valid policy");
+    let b = Engine::with_clock(b, clock)
+        .with_policy(policy())
+        .expect("valid policy");
     takeover_fences(a, b).await;
 }
 
@@ -498,7 +518,9 @@ fn wait_policy() -> idem_core::Policy {
 pub async fn wait_for_original_returns_its_outcome<F: StoreFactory>(factory: Arc<F>) {
     let clock = ManualClock::new(T0);
     let engine = Arc::new(
-        Engine::with_clock(open(&*factory).await, clock.clone()).with_policy(wait_policy()),
+        Engine::with_clock(open(&*factory).await, clock.clone())
+            .with_policy(wait_policy())
+            .expect("valid policy"),
     );
     let original = proceed(&engine, "waited", fp("a")).await;
     let waiter = {
@@ -543,7 +565,9 @@ pub async fn wait_for_original_returns_its_outcome<F: StoreFactory>(factory: Arc
 pub async fn wait_for_original_gives_up_after_max<F: StoreFactory>(factory: Arc<F>) {
     let clock = ManualClock::new(T0);
     let engine = Arc::new(
-        Engine::with_clock(open(&*factory).await, clock.clone()).with_policy(wait_policy()),
+        Engine::with_clock(open(&*factory).await, clock.clone())
+            .with_policy(wait_policy())
+            .expect("valid policy"),
     );
     let _original = proceed(&engine, "slow-original", fp("a")).await;
     let waiter = {

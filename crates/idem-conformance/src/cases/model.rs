@@ -97,6 +97,12 @@ pub enum Op {
         /// The outcome's byte.
         outcome: u8,
     },
+    /// `engine.fail` with [`FailureKind::Unknown`] by a lease holder (an
+    /// ambiguous ending: a panic, a dropped or broken response).
+    FailUnknown {
+        /// Which lease.
+        lease: LeaseIdx,
+    },
     /// `engine.release` by a lease holder.
     Release {
         /// Which lease.
@@ -127,6 +133,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (lease.clone(), any::<u8>()).prop_map(|(lease, outcome)| Op::Complete { lease, outcome }),
         1 => (lease.clone(), any::<bool>(), any::<u8>())
             .prop_map(|(lease, retryable, outcome)| Op::Fail { lease, retryable, outcome }),
+        1 => lease.clone().prop_map(|lease| Op::FailUnknown { lease }),
         1 => lease.clone().prop_map(|lease| Op::Release { lease }),
         1 => lease.prop_map(|lease| Op::Extend { lease }),
         2 => prop_oneof![
@@ -225,7 +232,11 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
     let clock = ManualClock::new(T0);
     let engines: Vec<Engine<Arc<S>, ManualClock>> = stores
         .iter()
-        .map(|s| Engine::with_clock(s.clone(), clock.clone()).with_policy(policy.clone()))
+        .map(|s| {
+            Engine::with_clock(s.clone(), clock.clone())
+                .with_policy(policy.clone())
+                .expect("valid policy")
+        })
         .collect();
     let keys = universe(&namespace());
     let mut model = Model {
@@ -288,6 +299,11 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                                 outcome,
                                 ..
                             } => (ReplayKind::Failed, outcome),
+                            State::Failed {
+                                kind: FailureKind::Unknown,
+                                outcome,
+                                ..
+                            } => (ReplayKind::Unknown, outcome),
                             other => return Err(ctx(format!("model bug: replay of {other:?}"))),
                         };
                         if replay.kind != kind || &replay.outcome != outcome {
@@ -330,6 +346,17 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                 finish(&mut model, engine, lease, Some(kind), fail_outcome(outcome))
                     .await
                     .map_err(ctx)?;
+            }
+            Op::FailUnknown { lease } => {
+                finish(
+                    &mut model,
+                    engine,
+                    lease,
+                    Some(FailureKind::Unknown),
+                    Outcome::default(),
+                )
+                .await
+                .map_err(ctx)?;
             }
             Op::Extend { lease } => {
                 if let Some(i) = model.pick(lease) {

@@ -306,8 +306,16 @@ pub async fn engine_two_instances_run_once<F: StoreFactory>(factory: Arc<F>) {
     let b = Arc::new(reopen(&*factory, &a).await);
     let clock = idem_core::ManualClock::new(T0);
     let engines = vec![
-        Arc::new(idem_core::Engine::with_clock(a, clock.clone()).with_policy(policy())),
-        Arc::new(idem_core::Engine::with_clock(b, clock).with_policy(policy())),
+        Arc::new(
+            idem_core::Engine::with_clock(a, clock.clone())
+                .with_policy(policy())
+                .expect("valid policy"),
+        ),
+        Arc::new(
+            idem_core::Engine::with_clock(b, clock)
+                .with_policy(policy())
+                .expect("valid policy"),
+        ),
     ];
     execute_race(engines, "two instances").await;
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use idem_core::{
     Engine, Error, FailureKind, FencingToken, Fingerprint, IdempotencyKey, Inserted, ManualClock,
     Outcome, RecordKey, Revision, Scope, State, Store, StoreError, Swapped, Timestamp, Versioned,
+    codec,
 };
 
 use super::{T0, at, claim, completed, key, noise, ok, open, policy, same_bytes, secs};
@@ -917,6 +918,116 @@ pub async fn oversized_record_is_rejected<F: StoreFactory>(factory: Arc<F>) {
     );
 }
 
+/// The declared limit is exact, as [`codec::record_size`] measures it (the
+/// measure the engine uses for its
+/// [`outcome_limit`](idem_core::Engine::outcome_limit)): for a store
+/// declaring `max_record_bytes = L`, a record of size exactly `L` is
+/// accepted by `insert_if_absent` and by `compare_and_swap` and reads back
+/// byte for byte, and one of size `L + 1` is refused by both with
+/// [`StoreError::Rejected`], writing nothing. A store that measures records
+/// another way (its encoded length, a column's length) either refuses
+/// outcomes the engine was promised it could store, or accepts records
+/// above what it declared.
+pub async fn declared_record_limit_is_honest<F: StoreFactory>(factory: Arc<F>) {
+    let store = open(&*factory).await;
+    let limit = store
+        .capabilities()
+        .max_record_bytes
+        .expect("the case runs only for backends with a limit");
+    assert!(
+        limit >= codec::RECORD_OVERHEAD,
+        "a declared limit of {limit} bytes is below codec::RECORD_OVERHEAD ({}): not even a claim fits",
+        codec::RECORD_OVERHEAD
+    );
+    let room = limit - codec::RECORD_OVERHEAD;
+    // One buffer for every record (the limit may be tens of MiB).
+    let above = Outcome::new(noise(room + 1, 21));
+    let fits = Outcome::new(above.bytes().slice(..room));
+    let with_outcome = |rev: u64, outcome: &Outcome| {
+        let mut v = completed(rev, 1, T0, 60, &[]);
+        v.record.state = State::Completed {
+            token: FencingToken::from_u128(1),
+            outcome: outcome.clone(),
+        };
+        v
+    };
+    let at_limit = with_outcome(1, &fits);
+    assert_eq!(codec::record_size(&at_limit.record), limit);
+    let mut over = with_outcome(2, &above);
+    assert_eq!(codec::record_size(&over.record), limit + 1);
+
+    // Insert: at the limit accepted, one byte above refused.
+    let k = key("limit-insert");
+    match store.insert_if_absent(&k, &at_limit, T0).await {
+        Ok(Inserted::Inserted) => {}
+        other => panic!(
+            "insert of a record of exactly the declared limit ({limit} bytes by codec::record_size) must be Inserted, got {other:?}"
+        ),
+    }
+    let got = ok(store.get(&k, T0).await, "get").expect("the record at the limit must be stored");
+    assert_eq!(
+        got, at_limit,
+        "the record at the limit must read back exactly"
+    );
+    let k_over = key("limit-insert-over");
+    match store.insert_if_absent(&k_over, &over, T0).await {
+        Err(StoreError::Rejected { .. }) => {}
+        other => panic!(
+            "insert of a record of the declared limit + 1 ({} bytes by codec::record_size) must be Rejected, got {other:?}",
+            limit + 1
+        ),
+    }
+    assert_eq!(
+        ok(store.get(&k_over, T0).await, "get"),
+        None,
+        "a refused insert must write nothing"
+    );
+
+    // CAS: a claim grows to the limit (as a failure, to cover that state
+    // too), then one byte above is refused and changes nothing.
+    let k = key("limit-cas");
+    let small = claim(3, 1, T0, 60);
+    ok(
+        store.insert_if_absent(&k, &small, T0).await,
+        "insert_if_absent",
+    );
+    let mut failed = at_limit.clone();
+    failed.revision = Revision::from_u64(4);
+    failed.record.state = State::Failed {
+        token: FencingToken::from_u128(1),
+        kind: FailureKind::Unknown,
+        outcome: fits.clone(),
+    };
+    assert_eq!(codec::record_size(&failed.record), limit);
+    match store
+        .compare_and_swap(&k, small.revision, &failed, T0)
+        .await
+    {
+        Ok(Swapped::Swapped) => {}
+        other => panic!(
+            "CAS to a record of exactly the declared limit ({limit} bytes) must swap, got {other:?}"
+        ),
+    }
+    assert_eq!(
+        ok(store.get(&k, T0).await, "get"),
+        Some(failed.clone()),
+        "the record at the limit must read back exactly"
+    );
+    over.revision = Revision::from_u64(5);
+    match store.compare_and_swap(&k, failed.revision, &over, T0).await {
+        Err(StoreError::Rejected { .. }) => {}
+        other => panic!(
+            "CAS to a record of the declared limit + 1 ({} bytes) must be Rejected, got {other:?}",
+            limit + 1
+        ),
+    }
+    assert_eq!(
+        ok(store.get(&k, T0).await, "get"),
+        Some(failed),
+        "a refused CAS must change nothing"
+    );
+}
+
 /// A record that cannot be decoded is reported as [`StoreError::Corrupt`] by
 /// `get` and `insert_if_absent`, is never overwritten, and the engine
 /// refuses to run anything over it.
@@ -950,7 +1061,9 @@ pub async fn corrupt_record_is_an_error_not_absent<F: StoreFactory>(factory: Arc
         is_corrupt(&got),
         "the undecodable record must not have been overwritten, got {got:?}"
     );
-    let engine = Engine::with_clock(store.clone(), ManualClock::new(T0)).with_policy(policy());
+    let engine = Engine::with_clock(store.clone(), ManualClock::new(T0))
+        .with_policy(policy())
+        .expect("valid policy");
     let begun = engine
         .begin_key(k.clone(), Fingerprint::of(b"request"))
         .await;

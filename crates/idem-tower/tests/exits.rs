@@ -1,0 +1,252 @@
+//! Exits of the HTTP layer that the service tests do not cover: nested
+//! routers (the fingerprint sees the URI the client sent), a store whose
+//! record limit is below the engine's, durations at their extremes, and the
+//! graceful shutdown. Effects are counted; what a retry gets is checked.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode};
+use axum::routing::post;
+use http_body_util::BodyExt as _;
+use idem_core::{Engine, MemoryStore};
+use idem_sqlite::SqliteStore;
+use idem_tower::{IdempotencyLayer, ProblemType, single_client_scope};
+use tokio::sync::Notify;
+use tower::{ServiceExt, service_fn};
+
+fn post_to(path: &str, key: &str, body: &'static str) -> Request<Body> {
+    Request::post(path)
+        .header("idempotency-key", key)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// Status, problem `type` (if any) and whether the answer is a replay.
+async fn answer(response: Response<Body>) -> (u16, Option<String>, bool) {
+    let status = response.status().as_u16();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let kind = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_owned));
+    (status, kind, replayed)
+}
+
+fn reused() -> Option<String> {
+    Some(ProblemType::KeyReused.uri().to_owned())
+}
+
+/// Situation 5: the layer on a router nested under `/accounts/{id}` sees
+/// the stripped path `/transfers`. The same key and body sent for account B
+/// must not replay account A's answer: the fingerprint covers the URI the
+/// client sent, so it is a different request (422), and the retry for A
+/// still gets A's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_router_fingerprints_the_path_the_client_sent() {
+    let engine = Arc::new(Engine::new(MemoryStore::new()));
+    let transfers = Arc::new(AtomicUsize::new(0));
+    let accounts = Router::new()
+        .route(
+            "/transfers",
+            post({
+                let transfers = transfers.clone();
+                move || async move {
+                    transfers.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, "transferred")
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(engine, single_client_scope));
+    let app: Router = Router::new().nest("/accounts/{id}", accounts);
+    let a = app
+        .clone()
+        .oneshot(post_to("/accounts/A/transfers", "k", "{\"amount\":5}"))
+        .await
+        .unwrap();
+    assert_eq!(answer(a).await, (201, None, false));
+    let b = app
+        .clone()
+        .oneshot(post_to("/accounts/B/transfers", "k", "{\"amount\":5}"))
+        .await
+        .unwrap();
+    assert_eq!(answer(b).await, (422, reused(), false), "B got A's answer");
+    let a_again = app
+        .oneshot(post_to("/accounts/A/transfers", "k", "{\"amount\":5}"))
+        .await
+        .unwrap();
+    assert_eq!(answer(a_again).await, (201, None, true));
+    assert_eq!(transfers.load(Ordering::SeqCst), 1);
+}
+
+/// The same with `nest_service`: one protected service mounted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nest_service_fingerprints_the_path_the_client_sent() {
+    let engine = Arc::new(Engine::new(MemoryStore::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(engine, single_client_scope))
+        .service(service_fn({
+            let calls = calls.clone();
+            move |_: Request<Body>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Response::new(Body::from("done"))) }
+            }
+        }));
+    let app: Router = Router::new()
+        .nest_service("/v1", service.clone())
+        .nest_service("/v2", service);
+    let first = app
+        .clone()
+        .oneshot(post_to("/v1/pay", "k", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(answer(first).await, (200, None, false));
+    let other = app.oneshot(post_to("/v2/pay", "k", "{}")).await.unwrap();
+    assert_eq!(answer(other).await, (422, reused(), false));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Situation 3: a store whose record limit (1 KiB) is below the engine's
+/// `max_outcome_bytes` (8 MiB). A 4 KiB response goes to the first client in
+/// full; the key is completed with the `response-not-stored` marker, so the
+/// retry gets that marker and the handler does not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_too_large_for_the_store_completes_with_the_marker() {
+    let store = SqliteStore::builder()
+        .max_record_bytes(1024)
+        .open_in_memory()
+        .unwrap();
+    let engine = Arc::new(Engine::new(store));
+    assert_eq!(
+        engine.outcome_limit(),
+        1024 - idem_core::codec::RECORD_OVERHEAD
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app: Router = Router::new()
+        .route(
+            "/report",
+            post({
+                let calls = calls.clone();
+                move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    "x".repeat(4096)
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(engine, single_client_scope));
+    let first = app
+        .clone()
+        .oneshot(post_to("/report", "k", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let body = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 4096, "the first client gets the whole response");
+    let retry = app.oneshot(post_to("/report", "k", "{}")).await.unwrap();
+    assert_eq!(
+        answer(retry).await,
+        (
+            500,
+            Some(ProblemType::ResponseNotStored.uri().to_owned()),
+            true
+        )
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// `Retry-After` settings at `Duration::MAX` are capped, not overflowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_retry_after_settings_are_capped() {
+    let engine = Arc::new(Engine::new(MemoryStore::new()));
+    let entered = Arc::new(Notify::new());
+    let go = Arc::new(Notify::new());
+    let app: Router = Router::new()
+        .route(
+            "/slow",
+            post({
+                let (entered, go) = (entered.clone(), go.clone());
+                move || async move {
+                    entered.notify_one();
+                    go.notified().await;
+                    "done"
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::builder(engine, single_client_scope)
+                .max_retry_after(Duration::MAX)
+                .store_retry_after(Duration::MAX)
+                .build(),
+        );
+    let first = tokio::spawn(app.clone().oneshot(post_to("/slow", "k", "{}")));
+    entered.notified().await;
+    let dup = app.oneshot(post_to("/slow", "k", "{}")).await.unwrap();
+    assert_eq!(dup.status(), 409);
+    let retry_after: u64 = dup.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    go.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(idem_tower::MAX_RETRY_AFTER, Duration::from_secs(86_400));
+}
+
+/// Graceful shutdown of the layer: new keyed requests get 503
+/// `shutting-down` and do not run; a running handler finishes and its
+/// answer is stored; the retry gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_running_handlers_and_refuses_new_ones() {
+    let engine = Arc::new(Engine::new(MemoryStore::new()));
+    let effects = Arc::new(AtomicUsize::new(0));
+    let (entered, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let layer = IdempotencyLayer::new(engine, single_client_scope);
+    let app: Router = Router::new()
+        .route(
+            "/pay",
+            post({
+                let (entered, go, effects) = (entered.clone(), go.clone(), effects.clone());
+                move || async move {
+                    effects.fetch_add(1, Ordering::SeqCst);
+                    entered.notify_one();
+                    go.notified().await;
+                    (StatusCode::CREATED, "paid")
+                }
+            }),
+        )
+        .layer(layer.clone());
+    let running = tokio::spawn(app.clone().oneshot(post_to("/pay", "a", "{}")));
+    entered.notified().await;
+    let shutdown = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.shutdown(Duration::from_secs(30)).await }
+    });
+    while !layer.engine().is_shutting_down() {
+        tokio::task::yield_now().await;
+    }
+    let refused = app
+        .clone()
+        .oneshot(post_to("/pay", "b", "{}"))
+        .await
+        .unwrap();
+    let (status, kind, _) = answer(refused).await;
+    assert_eq!(
+        (status, kind),
+        (503, Some(ProblemType::ShuttingDown.uri().to_owned()))
+    );
+    go.notify_one();
+    assert_eq!(running.await.unwrap().unwrap().status(), 201);
+    let report = shutdown.await.unwrap();
+    assert_eq!(
+        (report.running, report.finished, report.marked_unknown),
+        (1, 1, 0)
+    );
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "the refused request ran");
+}
