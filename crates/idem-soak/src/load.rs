@@ -584,7 +584,11 @@ fn created_since(key_samples: &[(f64, u64)], cutoff: f64, total: u64) -> u64 {
 pub(crate) async fn run(opened: &Opened, plan: &Plan) -> Result<Measured, SoakError> {
     let store: Arc<dyn Store> = opened.store.clone();
     let rss_start = rss::resident_bytes()?;
-    let policy = Policy::default().with_ttl(plan.ttl);
+    // A short TTL exercises expiry; the lease may not exceed it
+    // (`Policy::validate`), and the heartbeat keeps slow requests held.
+    let policy = Policy::default()
+        .with_ttl(plan.ttl)
+        .with_lease(plan.ttl.min(Policy::default().lease));
     let engine =
         Arc::new(
             Engine::new(store)
