@@ -127,7 +127,12 @@ fn scope() -> Scope {
 
 /// Waits until someone sleeps on `clock`, then moves it by `d`.
 async fn step(clock: &ManualClock, d: Duration) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while clock.pending_sleepers() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing waits on the clock"
+        );
         tokio::task::yield_now().await;
     }
     clock.advance(d);

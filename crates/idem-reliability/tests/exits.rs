@@ -51,7 +51,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -460,26 +460,33 @@ impl Rig {
         service(engine, &self.app).1
     }
 
-    /// Moves the clock forward `step` at a time (polling in real time in
-    /// between, so that the engine's tasks keep up) until `cond` holds;
-    /// fails naming `what` after moving it by `max`.
+    /// Moves the clock forward `step` at a time, each time one of the
+    /// engine's tasks waits on it, by at most `max` in all, until `cond`
+    /// holds; once the clock has moved `max` (or nothing waits on it), waits
+    /// for `cond` in real time (polling, with a deadline of `WITHIN`) while
+    /// store calls in flight finish.
     async fn drive<F, Fut>(&self, what: &str, step: Duration, max: Duration, mut cond: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
     {
         let mut moved = Duration::ZERO;
+        let mut still_since = Instant::now();
         loop {
             if cond().await {
                 return;
             }
-            assert!(
-                moved <= max,
-                "{what}: still not the case after moving the clock by {moved:?}"
-            );
-            self.clock.advance(step);
-            moved += step;
-            tokio::time::sleep(wait::POLL).await;
+            if moved < max && self.clock.pending_sleepers() > 0 {
+                self.clock.advance(step);
+                moved += step;
+                still_since = Instant::now();
+            } else {
+                assert!(
+                    still_since.elapsed() < WITHIN,
+                    "{what}: not the case after moving the clock by {moved:?} and waiting {WITHIN:?}"
+                );
+            }
+            tokio::task::yield_now().await;
         }
     }
 
@@ -799,10 +806,17 @@ async fn completion_fails_past_lease(backend: Backend) {
 
     // The first run's completion keeps failing until it gives up (one lease
     // after its lease deadline); it never overwrites the second run's.
-    for _ in 0..8 {
-        rig.clock.advance(LEASE / 3);
-        tokio::time::sleep(wait::POLL).await;
-    }
+    let KeyState::InFlight { lease_deadline, .. } = claim.record.state else {
+        panic!("the first run's claim is in flight: {claim:?}")
+    };
+    let gives_up = lease_deadline.plus(LEASE);
+    rig.drive(
+        "the first run's completion to give up",
+        LEASE / 3,
+        3 * LEASE,
+        || async { rig.clock.now() > gives_up },
+    )
+    .await;
     let hits = rig.faults().hits(fault);
     assert!(
         hits >= 3,
