@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use idem_core::{RecordKey, Store};
+use idem_core::RecordKey;
+use idem_core::store::Store;
 
 use crate::{BenchError, Plan, Workload};
 
@@ -82,7 +83,7 @@ pub trait Instance: Send + Sync {
     }
 
     /// Removes everything this instance created (its schema, keys, file).
-    async fn close(&self) -> Result<(), BenchError>;
+    async fn close(self: Box<Self>) -> Result<(), BenchError>;
 }
 
 /// A backend under benchmark.

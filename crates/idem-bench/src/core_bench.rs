@@ -4,10 +4,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use idem_core::{
-    FencingToken, Fingerprint, IdempotencyKey, Outcome, Policy, Record, RecordKey, Scope,
-    Timestamp, codec, decide,
-};
+use idem_core::machine::decide;
+use idem_core::store::{FencingToken, Record, codec};
+use idem_core::{Fingerprint, IdempotencyKey, Outcome, Policy, RecordKey, Scope, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::BenchError;

@@ -1,18 +1,9 @@
 //! CPU time of this process and of local server processes (Linux `/proc`),
 //! to tell where the time of an operation goes: client or server.
 
-/// Nanoseconds of CPU time used so far by every thread of this process.
-pub(crate) fn self_ns() -> Option<u64> {
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-    let mut total = 0;
-    for task in tasks.flatten() {
-        total += read_schedstat(&task.path().join("schedstat")).unwrap_or(0);
-    }
-    Some(total)
-}
-
-/// Nanoseconds of CPU time used so far by every thread of process `pid`.
-pub(crate) fn pid_ns(pid: u32) -> Option<u64> {
+/// Nanoseconds of CPU time used so far by every thread of process `pid`
+/// (`self`: this process).
+pub(crate) fn process_ns(pid: &str) -> Option<u64> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut total = 0;
     for task in tasks.flatten() {
@@ -49,10 +40,10 @@ impl Reading {
     /// Reads now; `pids` are the local server processes to follow.
     pub(crate) fn now(pids: &[u32]) -> Self {
         Self {
-            client: self_ns(),
+            client: process_ns("self"),
             servers: pids
                 .iter()
-                .filter_map(|&p| pid_ns(p).map(|ns| (p, ns)))
+                .filter_map(|&p| process_ns(&p.to_string()).map(|ns| (p, ns)))
                 .collect(),
         }
     }

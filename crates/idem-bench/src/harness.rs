@@ -113,18 +113,23 @@ impl Latencies {
         self.0.len()
     }
 
-    fn us(ns: u64) -> f64 {
-        ns as f64 / 1_000.0
+    /// The `q` quantile in microseconds (0 with nothing recorded).
+    fn quantile_us(&self, q: f64) -> f64 {
+        if self.count() == 0 {
+            return 0.0;
+        }
+        self.0.value_at_quantile(q) as f64 / 1_000.0
     }
 
     pub(crate) fn p50_us(&self) -> f64 {
-        Self::us(self.0.value_at_quantile(0.5))
+        self.quantile_us(0.5)
     }
 
     pub(crate) fn p99_us(&self) -> f64 {
-        Self::us(self.0.value_at_quantile(0.99))
+        self.quantile_us(0.99)
     }
 
+    /// The mean in microseconds (0 with nothing recorded).
     pub(crate) fn mean_us(&self) -> f64 {
         self.0.mean() / 1_000.0
     }
@@ -224,9 +229,9 @@ pub async fn run_concurrent(
         first_error,
         seconds,
         ops_per_sec: ops as f64 / seconds,
-        p50_us: if ops > 0 { all.p50_us() } else { 0.0 },
-        p99_us: if ops > 0 { all.p99_us() } else { 0.0 },
-        mean_us: if ops > 0 { all.mean_us() } else { 0.0 },
+        p50_us: all.p50_us(),
+        p99_us: all.p99_us(),
+        mean_us: all.mean_us(),
         client_cpu_us: None,
         server_cpu_us: None,
     })

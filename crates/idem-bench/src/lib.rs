@@ -14,7 +14,7 @@
 //! ```no_run
 //! # #[tokio::main] async fn main() {
 //! use idem_bench::{BackendKind, Config, Mode};
-//! let config = Config::new(Mode::Tiny).with_backends(vec![BackendKind::Memory]);
+//! let config = Config::new(Mode::Tiny).with_backends(vec![BackendKind::Memory.into()]);
 //! let report = idem_bench::run(&config).await;
 //! println!("{}", report.table());
 //! # }
@@ -32,6 +32,7 @@ mod scenario;
 use std::time::{Duration, Instant};
 
 pub use harness::{Budget, Stats};
+pub use idem_testkit::BackendKind;
 pub use report::Report;
 
 /// Why a measurement could not be made.
@@ -68,62 +69,70 @@ impl Mode {
     }
 }
 
-/// A backend that can be benchmarked.
+/// What a run measures: a store backend ([`BackendKind`], with the servers
+/// the environment names), or a variant of one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    /// [`idem_core::MemoryStore`].
-    Memory,
-    /// `idem-sqlite`, on a temporary file.
-    Sqlite,
-    /// `idem-postgres`, in a schema of its own.
-    Postgres,
+pub enum Target {
+    /// The backend with the store's defaults: memory, sqlite (a temporary
+    /// file), postgres (a schema of its own), redis and redis-cluster (a
+    /// key prefix of its own).
+    Backend(BackendKind),
     /// `idem-postgres` in [`ClaimMode::ReadFirst`](idem_postgres::ClaimMode::ReadFirst)
     /// (fresh, replay and hot key only: the rest does not depend on the mode).
     PostgresReadFirst,
-    /// `idem-redis` on a standalone server, under a key prefix of its own.
-    Redis,
-    /// `idem-redis` on a Redis Cluster (`IDEM_REDIS_CLUSTER_URLS`).
-    RedisCluster,
 }
 
-impl BackendKind {
-    /// Every backend, in report order.
-    pub const ALL: [Self; 6] = [
-        Self::Memory,
-        Self::Sqlite,
-        Self::Postgres,
-        Self::PostgresReadFirst,
-        Self::Redis,
-        Self::RedisCluster,
-    ];
+impl From<BackendKind> for Target {
+    fn from(kind: BackendKind) -> Self {
+        Self::Backend(kind)
+    }
+}
 
-    /// The backend's name (`memory`, `sqlite`, `postgres`,
-    /// `postgres-read-first`, `redis`, `redis-cluster`).
-    pub fn name(self) -> &'static str {
+impl Target {
+    /// Every target, in report order: the backends, `postgres-read-first`
+    /// right after `postgres`.
+    pub fn all() -> Vec<Self> {
+        let mut all = Vec::with_capacity(BackendKind::ALL.len() + 1);
+        for kind in BackendKind::ALL {
+            all.push(Self::Backend(kind));
+            if kind == BackendKind::Postgres {
+                all.push(Self::PostgresReadFirst);
+            }
+        }
+        all
+    }
+
+    /// The backend measured.
+    pub fn kind(self) -> BackendKind {
         match self {
-            Self::Memory => "memory",
-            Self::Sqlite => "sqlite",
-            Self::Postgres => "postgres",
-            Self::PostgresReadFirst => "postgres-read-first",
-            Self::Redis => "redis",
-            Self::RedisCluster => "redis-cluster",
+            Self::Backend(kind) => kind,
+            Self::PostgresReadFirst => BackendKind::Postgres,
         }
     }
 
-    /// The backends a run of `mode` measures unless told otherwise: every
+    /// The name in the report (`memory`, `sqlite`, `postgres`,
+    /// `postgres-read-first`, `redis`, `redis-cluster`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Backend(kind) => kind.name(),
+            Self::PostgresReadFirst => "postgres-read-first",
+        }
+    }
+
+    /// The targets a run of `mode` measures unless told otherwise: every
     /// one in a full run; without the `postgres-read-first` variant in the
     /// quick and tiny runs, which check that nothing broke (the variant's
     /// code path is the conformance suite's, in both claim modes).
     pub fn defaults(mode: Mode) -> Vec<Self> {
-        Self::ALL
+        Self::all()
             .into_iter()
-            .filter(|k| mode == Mode::Full || *k != Self::PostgresReadFirst)
+            .filter(|t| mode == Mode::Full || *t != Self::PostgresReadFirst)
             .collect()
     }
 
-    /// The backend named `name`.
+    /// The target named `name`.
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name.trim())
+        Self::all().into_iter().find(|t| t.name() == name.trim())
     }
 }
 
@@ -240,6 +249,26 @@ impl Plan {
     /// The plan of `mode`.
     pub fn of(mode: Mode) -> Self {
         let secs = |s: f64| Budget::time(Duration::from_secs_f64(s));
+        let quick = Self {
+            budget: secs(0.2),
+            warmup: secs(0.1),
+            reps: 3,
+            concurrencies: vec![1, 8, 32],
+            redis_concurrencies: vec![1, 8, 32, 128],
+            outcome_bytes: 1024,
+            replay_keys: 1_000,
+            hot_tasks: 64,
+            hot_rounds: 20,
+            scaling_records: (10_000, 100_000),
+            scaling_concurrency: 8,
+            purge_records: 10_000,
+            purge_batch: 1_000,
+            memory_records: 1_000,
+            core_iterations: 20_000,
+            core_samples: 5,
+            workloads: Workload::ALL.to_vec(),
+            sides: Sides::Both,
+        };
         match mode {
             Mode::Tiny => Self {
                 budget: secs(10.0).with_max_ops(24),
@@ -247,9 +276,7 @@ impl Plan {
                 reps: 1,
                 concurrencies: vec![1, 4],
                 redis_concurrencies: vec![1, 4],
-                outcome_bytes: 1024,
                 replay_keys: 16,
-                hot_tasks: 64,
                 hot_rounds: 3,
                 scaling_records: (40, 200),
                 scaling_concurrency: 4,
@@ -258,54 +285,28 @@ impl Plan {
                 memory_records: 50,
                 core_iterations: 200,
                 core_samples: 1,
-                workloads: Workload::ALL.to_vec(),
-                sides: Sides::Both,
+                ..quick
             },
-            Mode::Quick => Self {
-                budget: secs(0.2),
-                warmup: secs(0.1),
-                reps: 3,
-                concurrencies: vec![1, 8, 32],
-                redis_concurrencies: vec![1, 8, 32, 128],
-                outcome_bytes: 1024,
-                replay_keys: 1_000,
-                hot_tasks: 64,
-                hot_rounds: 20,
-                scaling_records: (10_000, 100_000),
-                scaling_concurrency: 8,
-                purge_records: 10_000,
-                purge_batch: 1_000,
-                memory_records: 1_000,
-                core_iterations: 20_000,
-                core_samples: 5,
-                workloads: Workload::ALL.to_vec(),
-                sides: Sides::Both,
-            },
+            Mode::Quick => quick,
             Mode::Full => Self {
                 budget: secs(1.0),
                 warmup: secs(0.3),
-                reps: 3,
-                concurrencies: vec![1, 8, 32],
-                redis_concurrencies: vec![1, 8, 32, 128],
-                outcome_bytes: 1024,
                 replay_keys: 10_000,
-                hot_tasks: 64,
                 hot_rounds: 100,
                 scaling_records: (10_000, 1_000_000),
-                scaling_concurrency: 8,
                 purge_records: 100_000,
-                purge_batch: 1_000,
                 memory_records: 10_000,
                 core_iterations: 200_000,
                 core_samples: 7,
-                workloads: Workload::ALL.to_vec(),
-                sides: Sides::Both,
+                ..quick
             },
         }
     }
 }
 
-/// What to run, and where the servers are.
+/// What to run. The servers are the environment's (see
+/// [`idem_testkit::env`]: `IDEM_POSTGRES_URL`, `IDEM_REDIS_URL`,
+/// `IDEM_REDIS_CLUSTER_URLS`, or the local defaults).
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The run's size.
@@ -313,45 +314,26 @@ pub struct Config {
     /// Its parameters (from the mode unless changed).
     pub plan: Plan,
     /// The backends to measure, in order.
-    pub backends: Vec<BackendKind>,
+    pub backends: Vec<Target>,
     /// Whether to run the core micro-benchmark.
     pub core: bool,
-    /// PostgreSQL (`IDEM_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
-    pub postgres_url: String,
-    /// Redis (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`).
-    pub redis_url: String,
-    /// Redis Cluster seed nodes (`IDEM_REDIS_CLUSTER_URLS`, comma-separated), if any.
-    pub redis_cluster_urls: Vec<String>,
 }
 
 impl Config {
-    /// Every backend and the core benchmark in `mode`, servers from the
-    /// environment (`IDEM_POSTGRES_URL`, `IDEM_REDIS_URL`,
-    /// `IDEM_REDIS_CLUSTER_URLS`) or the local defaults.
+    /// Every default target ([`Target::defaults`]) and the core benchmark
+    /// in `mode`.
     pub fn new(mode: Mode) -> Self {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         Self {
             mode,
             plan: Plan::of(mode),
-            backends: BackendKind::defaults(mode),
+            backends: Target::defaults(mode),
             core: true,
-            postgres_url: env("IDEM_POSTGRES_URL")
-                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
-            redis_url: env("IDEM_REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
-            redis_cluster_urls: env("IDEM_REDIS_CLUSTER_URLS")
-                .map(|v| {
-                    v.split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
         }
     }
 
     /// The same configuration measuring only `backends`.
     #[must_use]
-    pub fn with_backends(mut self, backends: Vec<BackendKind>) -> Self {
+    pub fn with_backends(mut self, backends: Vec<Target>) -> Self {
         self.backends = backends;
         self
     }
@@ -439,14 +421,14 @@ pub async fn run(config: &Config) -> Report {
             Err(e) => eprintln!("idem-bench: core: {e}"),
         }
     }
-    for &kind in &config.backends {
-        eprintln!("idem-bench: {} ...", kind.name());
+    for &target in &config.backends {
+        eprintln!("idem-bench: {} ...", target.name());
         let t = Instant::now();
-        let backend = backends::make(kind, config);
+        let backend = backends::make(target);
         let r = scenario::bench_backend(backend.as_ref(), plan).await;
         eprintln!(
             "idem-bench: {} {} in {:.1} s",
-            kind.name(),
+            target.name(),
             match r.status {
                 report::Status::Ok => "done",
                 report::Status::Skipped => "skipped",
@@ -462,19 +444,35 @@ pub async fn run(config: &Config) -> Report {
 
 #[cfg(test)]
 mod tests {
-    use super::{BackendKind, Mode};
+    use super::{BackendKind, Mode, Target};
 
     #[test]
     fn the_read_first_variant_runs_by_default_only_in_full_runs() {
-        assert_eq!(BackendKind::defaults(Mode::Full), BackendKind::ALL.to_vec());
+        assert_eq!(Target::defaults(Mode::Full), Target::all());
+        assert_eq!(Target::all().len(), BackendKind::ALL.len() + 1);
         for mode in [Mode::Quick, Mode::Tiny] {
-            let defaults = BackendKind::defaults(mode);
-            assert!(!defaults.contains(&BackendKind::PostgresReadFirst));
-            assert_eq!(defaults.len(), BackendKind::ALL.len() - 1);
+            let defaults = Target::defaults(mode);
+            assert!(!defaults.contains(&Target::PostgresReadFirst));
+            assert_eq!(defaults.len(), BackendKind::ALL.len());
         }
         assert_eq!(
-            BackendKind::parse("postgres-read-first"),
-            Some(BackendKind::PostgresReadFirst)
+            Target::parse("postgres-read-first"),
+            Some(Target::PostgresReadFirst)
         );
+        let names: Vec<&str> = Target::all().into_iter().map(Target::name).collect();
+        assert_eq!(
+            names,
+            [
+                "memory",
+                "sqlite",
+                "postgres",
+                "postgres-read-first",
+                "redis",
+                "redis-cluster"
+            ]
+        );
+        for target in Target::all() {
+            assert_eq!(Target::parse(target.name()), Some(target));
+        }
     }
 }

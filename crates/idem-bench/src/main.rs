@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use idem_bench::{BackendKind, Config, Mode, Sides, Workload};
+use idem_bench::{Config, Mode, Sides, Target, Workload};
 
 /// Benchmarks idem's backends against their raw store commands.
 #[derive(Debug, Parser)]
@@ -20,12 +20,12 @@ struct Args {
     /// Backends to measure, comma-separated:
     /// memory,sqlite,postgres,postgres-read-first,redis,redis-cluster
     /// (default: all; --quick and --tiny leave out postgres-read-first).
-    #[arg(long, value_delimiter = ',')]
-    backends: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_parser = target)]
+    backends: Vec<Target>,
     /// Workloads to run, comma-separated (default all):
     /// fresh,replay,hot-key,architecture,scaling,purge,memory.
-    #[arg(long, value_delimiter = ',')]
-    workloads: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_parser = workload)]
+    workloads: Vec<Workload>,
     /// Concurrency levels of fresh and replay, comma-separated (default 1,8,32; 128 too on Redis).
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
@@ -46,6 +46,22 @@ struct Args {
     threads: Option<usize>,
 }
 
+/// A `--backends` name (an unknown one exits with status 2, naming them all).
+fn target(name: &str) -> Result<Target, String> {
+    Target::parse(name).ok_or_else(|| {
+        let known: Vec<&str> = Target::all().into_iter().map(Target::name).collect();
+        format!("known: {}", known.join(", "))
+    })
+}
+
+/// A `--workloads` name (an unknown one exits with status 2, naming them all).
+fn workload(name: &str) -> Result<Workload, String> {
+    Workload::parse(name).ok_or_else(|| {
+        let known: Vec<&str> = Workload::ALL.into_iter().map(Workload::name).collect();
+        format!("known: {}", known.join(", "))
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let mode = if args.tiny {
@@ -55,36 +71,12 @@ fn main() -> ExitCode {
     } else {
         Mode::Full
     };
-    let mut backends = Vec::new();
-    for name in &args.backends {
-        match BackendKind::parse(name) {
-            Some(kind) => backends.push(kind),
-            None => {
-                eprintln!(
-                    "idem-bench: unknown backend {name:?}; known: memory, sqlite, postgres, postgres-read-first, redis, redis-cluster"
-                );
-                return ExitCode::from(2);
-            }
-        }
-    }
     let mut config = Config::new(mode).with_core(!args.no_core);
-    if !backends.is_empty() {
-        config = config.with_backends(backends);
+    if !args.backends.is_empty() {
+        config = config.with_backends(args.backends.clone());
     }
     if !args.workloads.is_empty() {
-        let mut workloads = Vec::new();
-        for name in &args.workloads {
-            match Workload::parse(name) {
-                Some(w) => workloads.push(w),
-                None => {
-                    eprintln!(
-                        "idem-bench: unknown workload {name:?}; known: fresh, replay, hot-key, architecture, scaling, purge, memory"
-                    );
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        config = config.with_workloads(workloads);
+        config = config.with_workloads(args.workloads.clone());
     }
     if !args.concurrency.is_empty() {
         config = config.with_concurrencies(args.concurrency.clone());

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use idem_core::store::{FencingToken, Record, Revision, Store, Versioned};
 use idem_core::{
-    Begin, Engine, FencingToken, Fingerprint, IdempotencyKey, Outcome, Policy, Record, RecordKey,
-    Revision, Scope, Store, Timestamp, Versioned,
+    Begin, Engine, Fingerprint, IdempotencyKey, Outcome, Policy, RecordKey, Scope, Timestamp,
 };
 use tokio::sync::Barrier;
 
@@ -30,6 +30,15 @@ pub(crate) const RECORD_TTL: Duration = Duration::from_secs(60 * 60);
 
 /// The raw baselines write their values with this time to live.
 pub(crate) const RAW_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// When a raw value written now expires, in ms since the Unix epoch.
+pub(crate) fn raw_expiry() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    now.saturating_add(RAW_TTL_MS as i64)
+}
 
 /// Size of the raw claim marker (about what an encoded in-flight record takes).
 pub(crate) const RAW_CLAIM_BYTES: usize = 80;
@@ -203,15 +212,9 @@ impl Work {
             }
         });
         for f in [fill_idem, fill_raw] {
-            let ids = Arc::new(AtomicU64::new(0));
-            let budget = crate::Budget::time(Duration::from_secs(3600)).with_max_ops(keys);
-            let stats = run_concurrent(16, budget, &ids, &f).await?;
-            if stats.errors > 0 {
-                return Err(BenchError::Failed(format!(
-                    "filling the replay set: {}",
-                    stats.first_error.unwrap_or_default()
-                )));
-            }
+            run_all(keys, &Arc::new(AtomicU64::new(0)), &f)
+                .await
+                .map_err(|e| BenchError::Failed(format!("filling the replay set: {e}")))?;
         }
         Ok(())
     }
@@ -337,21 +340,9 @@ async fn hot_key(tasks: usize, rounds: u64, attempt: AttemptFn) -> Result<HotKey
         rounds_with_one_execution: counts.iter().filter(|&&c| c == 1).count() as u64,
         errors,
         first_error,
-        winner_p50_us: if winners.count() > 0 {
-            winners.p50_us()
-        } else {
-            0.0
-        },
-        loser_p50_us: if losers.count() > 0 {
-            losers.p50_us()
-        } else {
-            0.0
-        },
-        loser_p99_us: if losers.count() > 0 {
-            losers.p99_us()
-        } else {
-            0.0
-        },
+        winner_p50_us: winners.p50_us(),
+        loser_p50_us: losers.p50_us(),
+        loser_p99_us: losers.p99_us(),
         rounds_per_sec: rounds as f64 / seconds,
     })
 }
@@ -445,38 +436,31 @@ pub(crate) async fn bench_backend(backend: &dyn Backend, plan: &Plan) -> Backend
         }
     };
     report.notes.extend(main.notes());
-    if let Err(e) = main.settle().await {
-        report.errors.push(format!("settle: {e}"));
-    }
+    noted(&mut report.errors, "settle", main.settle().await);
     if let Err(e) = main_measurements(backend, plan, main.as_ref(), &mut report).await {
         report.errors.push(e.to_string());
     }
-    if let Err(e) = main.close().await {
-        report.errors.push(format!("cleanup: {e}"));
-    }
+    noted(&mut report.errors, "cleanup", main.close().await);
     progress(backend, "main workloads done");
     if runs(backend, plan, Workload::Scaling) {
-        match scaling(backend, plan).await {
-            Ok(s) => report.scaling = Some(s),
-            Err(e) => report.errors.push(format!("scaling: {e}")),
-        }
+        report.scaling = noted(&mut report.errors, "scaling", scaling(backend, plan).await);
         progress(backend, "scaling done");
     }
     if runs(backend, plan, Workload::Purge) {
-        match purge(backend, plan).await {
-            Ok(p) => report.purge = Some(p),
-            Err(e) => report.errors.push(format!("purge: {e}")),
-        }
+        report.purge = noted(&mut report.errors, "purge", purge(backend, plan).await);
         progress(backend, "purge done");
     }
     if runs(backend, plan, Workload::Memory) {
-        match memory(backend, plan).await {
-            Ok(m) => report.memory = m,
-            Err(e) => report.errors.push(format!("memory: {e}")),
-        }
+        report.memory = noted(&mut report.errors, "memory", memory(backend, plan).await).flatten();
         progress(backend, "memory done");
     }
     report
+}
+
+/// The figures of a measurement that worked; the error of one that failed,
+/// added to `errors` after `what`.
+fn noted<T>(errors: &mut Vec<String>, what: &str, result: Result<T, BenchError>) -> Option<T> {
+    result.map_err(|e| errors.push(format!("{what}: {e}"))).ok()
 }
 
 async fn main_measurements(
@@ -496,21 +480,16 @@ async fn main_measurements(
     run_concurrent(warm_c, warm, &w.ids, &raw_fresh).await?;
     run_concurrent(warm_c, warm, &w.ids, &idem_fresh).await?;
     if runs(backend, plan, Workload::Fresh) {
-        for c in backend.concurrencies(plan) {
-            report.fresh.push(
-                compare(
-                    plan,
-                    c,
-                    plan.budget,
-                    &w.ids,
-                    &idem_fresh,
-                    &raw_fresh,
-                    &main.server_pids().await,
-                )
-                .await?,
-            );
-            progress(backend, &format!("fresh c={c} done"));
-        }
+        report.fresh = compare_levels(
+            backend,
+            plan,
+            main,
+            &w.ids,
+            "fresh",
+            &idem_fresh,
+            &raw_fresh,
+        )
+        .await?;
     }
     let idem_replay = w.idem_replay(plan.replay_keys);
     let raw_replay = w.raw_replay_with(Arc::clone(&raw), plan.replay_keys);
@@ -520,27 +499,19 @@ async fn main_measurements(
         run_concurrent(warm_c, warm, &w.ids, &idem_replay).await?;
     }
     if runs(backend, plan, Workload::Replay) {
-        for c in backend.concurrencies(plan) {
-            report.replay.push(
-                compare(
-                    plan,
-                    c,
-                    plan.budget,
-                    &w.ids,
-                    &idem_replay,
-                    &raw_replay,
-                    &main.server_pids().await,
-                )
-                .await?,
-            );
-            progress(backend, &format!("replay c={c} done"));
-        }
+        report.replay = compare_levels(
+            backend,
+            plan,
+            main,
+            &w.ids,
+            "replay",
+            &idem_replay,
+            &raw_replay,
+        )
+        .await?;
     }
     if runs(backend, plan, Workload::HotKey) {
-        match hot_key_pair(&w, plan).await {
-            Ok(h) => report.hot_key = Some(h),
-            Err(e) => report.errors.push(format!("hot key: {e}")),
-        }
+        report.hot_key = noted(&mut report.errors, "hot key", hot_key_pair(&w, plan).await);
         progress(backend, "hot key done");
     }
     if !runs(backend, plan, Workload::Architecture) {
@@ -580,6 +551,26 @@ async fn main_measurements(
         progress(backend, "architecture done");
     }
     Ok(())
+}
+
+/// [`compare`] at each of the backend's concurrency levels, with the CPU
+/// time of the instance's server processes.
+async fn compare_levels(
+    backend: &dyn Backend,
+    plan: &Plan,
+    main: &dyn Instance,
+    ids: &Arc<AtomicU64>,
+    what: &str,
+    idem: &OpFn,
+    raw: &OpFn,
+) -> Result<Vec<Compared>, BenchError> {
+    let mut rows = Vec::new();
+    for c in backend.concurrencies(plan) {
+        let pids = main.server_pids().await;
+        rows.push(compare(plan, c, plan.budget, ids, idem, raw, &pids).await?);
+        progress(backend, &format!("{what} c={c} done"));
+    }
+    Ok(rows)
 }
 
 async fn repeat(
@@ -622,13 +613,22 @@ async fn template(
     Ok(RecordKey::new(&scope, &key))
 }
 
+/// `result`, after closing `inst` (whose failure is the error if `result`
+/// is fine).
+async fn closing<T>(
+    inst: Box<dyn Instance>,
+    result: Result<T, BenchError>,
+) -> Result<T, BenchError> {
+    let closed = inst.close().await;
+    let value = result?;
+    closed?;
+    Ok(value)
+}
+
 async fn scaling(backend: &dyn Backend, plan: &Plan) -> Result<Scaling, BenchError> {
     let inst = backend.open().await?;
     let result = scaling_on(plan, inst.as_ref()).await;
-    let closed = inst.close().await;
-    let s = result?;
-    closed?;
-    Ok(s)
+    closing(inst, result).await
 }
 
 async fn scaling_on(plan: &Plan, inst: &dyn Instance) -> Result<Scaling, BenchError> {
@@ -682,10 +682,7 @@ async fn scaling_on(plan: &Plan, inst: &dyn Instance) -> Result<Scaling, BenchEr
 async fn purge(backend: &dyn Backend, plan: &Plan) -> Result<Purge, BenchError> {
     let inst = backend.open().await?;
     let result = purge_on(plan, inst.as_ref()).await;
-    let closed = inst.close().await;
-    let p = result?;
-    closed?;
-    Ok(p)
+    closing(inst, result).await
 }
 
 async fn purge_on(plan: &Plan, inst: &dyn Instance) -> Result<Purge, BenchError> {
@@ -753,37 +750,37 @@ async fn purge_on(plan: &Plan, inst: &dyn Instance) -> Result<Purge, BenchError>
     })
 }
 
+/// Runs `f` `n` times from 16 tasks (no time limit); fails with the first
+/// error if any call failed.
+async fn run_all(n: u64, ids: &Arc<AtomicU64>, f: &OpFn) -> Result<(), BenchError> {
+    let budget = crate::Budget::time(Duration::from_secs(3600)).with_max_ops(n);
+    let stats = run_concurrent(16, budget, ids, f).await?;
+    if stats.errors > 0 {
+        return Err(BenchError::Failed(stats.first_error.unwrap_or_default()));
+    }
+    Ok(())
+}
+
 async fn memory(backend: &dyn Backend, plan: &Plan) -> Result<Option<Memory>, BenchError> {
     // idem records, in an instance of their own.
     let inst = backend.open().await?;
     let result = async {
-        let engine = engine_over(inst.as_ref());
-        let raw = inst.raw().await?;
-        let w = Arc::new(Work::new(engine, raw, plan));
+        let w = Arc::new(Work::new(
+            engine_over(inst.as_ref()),
+            inst.raw().await?,
+            plan,
+        ));
         let Some(before) = inst.data_bytes().await? else {
             return Ok(None);
         };
-        let fill = w.idem_fresh("mem");
-        let stats = run_concurrent(
-            16,
-            crate::Budget::time(Duration::from_secs(3600)).with_max_ops(plan.memory_records),
-            &w.ids,
-            &fill,
-        )
-        .await?;
-        if stats.errors > 0 {
-            return Err(BenchError::Failed(stats.first_error.unwrap_or_default()));
-        }
+        run_all(plan.memory_records, &w.ids, &w.idem_fresh("mem")).await?;
         let after = inst.data_bytes().await?.unwrap_or(before);
         Ok(Some(after.saturating_sub(before)))
     }
     .await;
-    let closed = inst.close().await;
-    let Some(idem_bytes) = result? else {
-        closed?;
+    let Some(idem_bytes) = closing(inst, result).await? else {
         return Ok(None);
     };
-    closed?;
     // Raw values, in another instance.
     let inst = backend.open().await?;
     let result = async {
@@ -792,23 +789,12 @@ async fn memory(backend: &dyn Backend, plan: &Plan) -> Result<Option<Memory>, Be
         let w = Arc::new(Work::new(engine, Arc::clone(&raw), plan));
         let before = raw.data_bytes().await?.unwrap_or(0);
         let fill = w.raw_fresh_with(raw.clone(), KeySpace::Fill);
-        let stats = run_concurrent(
-            16,
-            crate::Budget::time(Duration::from_secs(3600)).with_max_ops(plan.memory_records),
-            &w.ids,
-            &fill,
-        )
-        .await?;
-        if stats.errors > 0 {
-            return Err(BenchError::Failed(stats.first_error.unwrap_or_default()));
-        }
+        run_all(plan.memory_records, &w.ids, &fill).await?;
         let after = raw.data_bytes().await?.unwrap_or(before);
         Ok(after.saturating_sub(before))
     }
     .await;
-    let closed = inst.close().await;
-    let raw_bytes = result?;
-    closed?;
+    let raw_bytes = closing(inst, result).await?;
     let n = plan.memory_records.max(1) as f64;
     let per = |total: u64| total as f64 / n - plan.outcome_bytes as f64;
     Ok(Some(Memory {

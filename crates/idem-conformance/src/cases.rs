@@ -5,7 +5,8 @@
 //! | module | what it checks |
 //! |---|---|
 //! | [`store`] | every clause of the [`Store`] trait's `# Behavior`, one primitive at a time |
-//! | [`race`] | the same clauses under real races: tasks released together by a barrier, exact counts |
+//! | [`transactional`] | completion inside the caller's transaction, for the backends that offer it |
+//! | [`race`](mod@race) | the same clauses under real races: tasks released together by a barrier, exact counts |
 //! | [`engine`] | the engine's guarantees through the store (replay, mismatch, fencing, release, failures, waiting) |
 //! | [`model`] | random operation sequences, engine + store against the pure core model |
 //!
@@ -19,9 +20,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use idem_core::store::{
+    FencingToken, InsertOutcome, Record, Revision, State, Store, StoreError, SwapOutcome, Versioned,
+};
 use idem_core::{
-    Engine, FencingToken, Fingerprint, IdempotencyKey, ManualClock, Outcome, Policy, Record,
-    RecordKey, Revision, Scope, State, Store, StoreError, Timestamp, Versioned,
+    Engine, Fingerprint, IdempotencyKey, ManualClock, Outcome, Policy, RecordKey, Scope, Timestamp,
 };
 
 use crate::{Case, Requires, StoreFactory};
@@ -30,6 +33,7 @@ pub mod engine;
 pub mod model;
 pub mod race;
 pub mod store;
+pub mod transactional;
 
 /// Registers `$module::$name` as a case named `"$module::$name"`.
 macro_rules! case {
@@ -48,6 +52,7 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         // The store primitives, one clause at a time.
         case!(store::insert_on_absent, Always),
         case!(store::insert_on_existing_returns_it, Always),
+        case!(store::reinsert_of_the_live_record_returns_it, Always),
         case!(store::insert_over_expired_replaces_it, Always),
         case!(store::get_absent_is_none, Always),
         case!(store::get_expired_is_none, Always),
@@ -72,6 +77,20 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         case!(store::oversized_record_is_rejected, RecordLimit),
         case!(store::declared_record_limit_is_honest, RecordLimit),
         case!(store::corrupt_record_is_an_error_not_absent, Corruption),
+        // Completion inside the caller's transaction, where offered.
+        case!(
+            transactional::commit_applies_complete_and_fail,
+            Transactional
+        ),
+        case!(transactional::rollback_leaves_the_claim_held, Transactional),
+        case!(
+            transactional::apply_checks_the_token_not_the_revision,
+            Transactional
+        ),
+        case!(
+            transactional::lost_claim_is_refused_and_nothing_changes,
+            Transactional
+        ),
         // Races: tasks released together, exact counts.
         case!(race::insert_if_absent_32_tasks_one_wins, Always),
         case!(race::insert_over_expired_32_tasks_one_wins, Always),
@@ -156,12 +175,19 @@ pub(crate) fn policy() -> Policy {
 /// An engine over `store` with a fresh manual clock at [`T0`].
 pub(crate) fn engine<S: Store>(store: S) -> (Engine<S, ManualClock>, ManualClock) {
     let clock = ManualClock::new(T0);
-    (
-        Engine::with_clock(store, clock.clone())
-            .with_policy(policy())
-            .expect("valid policy"),
-        clock,
-    )
+    (engine_on(store, &clock, policy()), clock)
+}
+
+/// An engine over `store` with `policy`, on `clock` (which engines over
+/// two instances share).
+pub(crate) fn engine_on<S: Store>(
+    store: S,
+    clock: &ManualClock,
+    policy: Policy,
+) -> Engine<S, ManualClock> {
+    Engine::with_clock(store, clock.clone())
+        .with_policy(policy)
+        .expect("valid policy")
 }
 
 /// The scope of the store cases.
@@ -179,12 +205,26 @@ pub(crate) fn key(name: &str) -> RecordKey {
     RecordKey::new(&scope(), &ikey(name))
 }
 
-/// Opens a fresh store, failing the case if the backend went away since the probe.
-pub(crate) async fn open<F: StoreFactory>(factory: &F) -> F::Store {
-    match factory.open().await {
+/// Opens a fresh store (handed to the factory's teardown after the case),
+/// failing the case if the backend went away since the probe.
+pub(crate) async fn open<F: StoreFactory>(factory: &F) -> Arc<F::Store> {
+    match crate::open_store(factory).await {
         Ok(store) => store,
         Err(why) => panic!("factory.open() failed after the probe succeeded: {why}"),
     }
+}
+
+/// Opens a fresh store and writes `rec` under the key `name`, at the
+/// record's `created_at` (the first step of most store cases).
+pub(crate) async fn open_with<F: StoreFactory>(
+    factory: &F,
+    name: &str,
+    rec: &Versioned,
+) -> (Arc<F::Store>, RecordKey) {
+    let store = open(factory).await;
+    let k = key(name);
+    must(&store).insert(&k, rec, rec.record.created_at).await;
+    (store, k)
 }
 
 /// Opens a second instance over `store`'s records (cases that require
@@ -206,22 +246,75 @@ pub(crate) fn ok<T>(result: Result<T, StoreError>, call: &str) -> T {
     }
 }
 
+/// The primitives of `store` with their results unwrapped: a store error
+/// fails the case, naming the call.
+pub(crate) fn must<S: Store + ?Sized>(store: &S) -> Must<'_, S> {
+    Must(store)
+}
+
+/// See [`must`].
+pub(crate) struct Must<'a, S: ?Sized>(&'a S);
+
+impl<S: Store + ?Sized> Must<'_, S> {
+    /// `insert_if_absent`.
+    pub(crate) async fn insert(
+        &self,
+        k: &RecordKey,
+        rec: &Versioned,
+        now: Timestamp,
+    ) -> InsertOutcome {
+        ok(
+            self.0.insert_if_absent(k, rec, now).await,
+            "insert_if_absent",
+        )
+    }
+
+    /// `get`.
+    pub(crate) async fn get(&self, k: &RecordKey, now: Timestamp) -> Option<Versioned> {
+        ok(self.0.get(k, now).await, "get")
+    }
+
+    /// `compare_and_swap`.
+    pub(crate) async fn swap(
+        &self,
+        k: &RecordKey,
+        from: Revision,
+        to: &Versioned,
+        now: Timestamp,
+    ) -> SwapOutcome {
+        ok(
+            self.0.compare_and_swap(k, from, to, now).await,
+            "compare_and_swap",
+        )
+    }
+
+    /// `delete_if`.
+    pub(crate) async fn delete(&self, k: &RecordKey, rev: Revision, now: Timestamp) -> bool {
+        ok(self.0.delete_if(k, rev, now).await, "delete_if")
+    }
+
+    /// `purge_expired`.
+    pub(crate) async fn purge(&self, now: Timestamp, limit: usize) -> u64 {
+        ok(self.0.purge_expired(now, limit).await, "purge_expired")
+    }
+}
+
 /// An in-flight claim under `token`, written at `now`, living `ttl_secs`.
 pub(crate) fn claim(rev: u64, token: u128, now: Timestamp, ttl_secs: u64) -> Versioned {
     let ttl = Duration::from_secs(ttl_secs);
     Versioned {
         revision: Revision::from_u64(rev),
-        record: Record {
-            fingerprint: Fingerprint::of(b"request"),
-            state: State::InFlight {
+        record: Record::from_parts(
+            Fingerprint::of(b"request"),
+            State::InFlight {
                 token: FencingToken::from_u128(token),
                 lease_deadline: now.plus(ttl.min(Duration::from_secs(10))),
             },
-            created_at: now,
-            updated_at: now,
-            expires_at: now.plus(ttl),
-            attempts: 1,
-        },
+            now,
+            now,
+            now.plus(ttl),
+            1,
+        ),
     }
 }
 
@@ -290,11 +383,14 @@ pub(crate) async fn poll_until(mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Spawns `n` tasks running `task(i)`, releases them together with a
-/// barrier, and returns their results in task order.
-pub(crate) async fn race<T, Fut>(
-    n: usize,
-    task: impl Fn(usize) -> Fut + Send + Sync + 'static,
-) -> Vec<T>
+/// barrier, and returns their results in task order (the races of the
+/// suite, and of the backends' own tests).
+///
+/// # Behavior
+/// - No task starts its work before all `n` have been spawned and reached
+///   the barrier, so they contend as much as the runtime allows.
+/// - A task's panic is resumed in the caller, with its payload.
+pub async fn race<T, Fut>(n: usize, task: impl Fn(usize) -> Fut + Send + Sync + 'static) -> Vec<T>
 where
     T: Send + 'static,
     Fut: Future<Output = T> + Send + 'static,
@@ -324,11 +420,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harness_test_support::NoStore;
+    use crate::MemoryFactory;
 
     #[test]
     fn names_are_unique_and_module_qualified() {
-        let names: Vec<String> = all::<NoStore>()
+        let names: Vec<String> = all::<MemoryFactory>()
             .iter()
             .map(|c| c.name().to_string())
             .collect();
@@ -339,7 +435,7 @@ mod tests {
         for name in &names {
             let (module, case) = name.split_once("::").expect("module::case");
             assert!(
-                ["store", "race", "engine", "model"].contains(&module),
+                ["store", "transactional", "race", "engine", "model"].contains(&module),
                 "{name}"
             );
             assert!(

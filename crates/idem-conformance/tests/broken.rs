@@ -13,10 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use idem_conformance::{Report, StoreFactory, Suite, Unavailable, Verdict};
+use idem_conformance::{Report, StoreFactory, Suite, TransactionEnd, Unavailable, Verdict};
+use idem_core::machine::Fenced;
+use idem_core::store::{
+    Capabilities, InsertOutcome, Revision, State, Store, StoreError, SwapOutcome, Versioned,
+};
 use idem_core::{
-    Capabilities, Clock, IdempotencyKey, Inserted, MemoryStore, Outcome, RecordKey, Revision,
-    Scope, State, Store, StoreError, Swapped, SystemClock, Timestamp, Versioned,
+    Clock, Error, IdempotencyKey, MemoryStore, Outcome, RecordKey, Scope, SystemClock, Timestamp,
+    Transition,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -27,6 +31,9 @@ enum Flaw {
     None,
     /// Insert writes over a live record and says it inserted.
     InsertOverwrites,
+    /// Insert answers `Inserted` when the live record has the revision it
+    /// was asked to write ("my own write is already there").
+    InsertOwnRevisionIsInserted,
     /// Insert treats an expired record as live.
     InsertIgnoresExpiry,
     /// Insert checks, then writes, with an await in between (check-then-insert).
@@ -59,6 +66,13 @@ enum Flaw {
     ClampsTimestamps,
     /// Two instances do not share records (a per-instance cache).
     InstancesDoNotShare,
+    /// Transactional apply updates by key only, without checking the token.
+    ApplyIgnoresToken,
+    /// Transactional apply writes the record when the claim is gone.
+    ApplyUpserts,
+    /// The transaction is not rolled back (autocommit): a rolled-back
+    /// apply stays written.
+    RollbackCommits,
     /// Declares a 4 MiB record limit and enforces it (correct).
     LimitEnforced,
     /// Declares a 4 MiB record limit but stores larger records anyway.
@@ -87,6 +101,26 @@ const FLAWS: &[(Flaw, &str, &[&str])] = &[
             "engine::execute_runs_once_and_replays",
             "model::matches_core_model",
         ],
+    ),
+    (
+        Flaw::InsertOwnRevisionIsInserted,
+        "insert_of_its_own_revision_says_inserted",
+        &["store::reinsert_of_the_live_record_returns_it"],
+    ),
+    (
+        Flaw::ApplyIgnoresToken,
+        "transactional_apply_ignores_the_token",
+        &["transactional::lost_claim_is_refused_and_nothing_changes"],
+    ),
+    (
+        Flaw::ApplyUpserts,
+        "transactional_apply_upserts_a_released_key",
+        &["transactional::lost_claim_is_refused_and_nothing_changes"],
+    ),
+    (
+        Flaw::RollbackCommits,
+        "transactional_rollback_still_writes",
+        &["transactional::rollback_leaves_the_claim_held"],
     ),
     (
         Flaw::InsertIgnoresExpiry,
@@ -251,12 +285,29 @@ const FLAWS: &[(Flaw, &str, &[&str])] = &[
 struct Flawed {
     inner: MemoryStore,
     flaw: Flaw,
-    /// `CasNotAtomic`: how many CAS calls have read so far (shared by the
-    /// instances over the same records).
-    cas_reads: Arc<AtomicUsize>,
+    /// `InsertNotAtomic`, `CasNotAtomic`: how many read-then-write calls
+    /// have read so far (shared by the instances over the same records).
+    reads: Arc<AtomicUsize>,
 }
 
 impl Flawed {
+    /// The read-then-write flaws' window, held open deterministically:
+    /// after its read, a call waits (yielding, bounded) until another call
+    /// has read too, so racing calls all read before any writes, as they
+    /// would across a network round trip. A single yield left the window so
+    /// narrow that on a loaded machine (or a runtime shared with other
+    /// cases) the racers sometimes ran one after another and the flaw went
+    /// unseen.
+    async fn hold_the_window(&self) {
+        let mine = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        for _ in 0..10_000 {
+            if self.reads.load(Ordering::SeqCst) > mine {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn now(&self, now: Timestamp) -> Timestamp {
         if self.flaw == Flaw::WallClock {
             SystemClock.now()
@@ -305,15 +356,17 @@ impl Flawed {
     fn check_size(&self, v: &Versioned) -> Result<(), StoreError> {
         let (size, too_large) = match self.flaw {
             Flaw::LimitEnforced => {
-                let size = idem_core::codec::record_size(&v.record);
+                let size = idem_core::store::codec::record_size(&v.record);
                 (size, size > LIMIT)
             }
             Flaw::LimitByEncodedLength => {
-                let size = idem_core::codec::encode_record(&v.record).unwrap().len();
+                let size = idem_core::store::codec::encode_record(&v.record)
+                    .unwrap()
+                    .len();
                 (size, size > LIMIT)
             }
             Flaw::LimitOffByOne => {
-                let size = idem_core::codec::record_size(&v.record);
+                let size = idem_core::store::codec::record_size(&v.record);
                 (size, size >= LIMIT)
             }
             _ => return Ok(()),
@@ -353,7 +406,7 @@ impl Store for Flawed {
         key: &RecordKey,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Inserted, StoreError> {
+    ) -> Result<InsertOutcome, StoreError> {
         self.check_size(record)?;
         let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
         match self.flaw {
@@ -363,19 +416,27 @@ impl Store for Flawed {
                     self.inner
                         .compare_and_swap(&k, current.revision, &record, now)
                         .await?;
-                    return Ok(Inserted::Inserted);
+                    return Ok(InsertOutcome::Inserted);
                 }
                 self.inner.insert_if_absent(&key, &record, now).await
             }
+            Flaw::InsertOwnRevisionIsInserted => {
+                match self.inner.insert_if_absent(&key, &record, now).await? {
+                    InsertOutcome::Exists(live) if live.revision == record.revision => {
+                        Ok(InsertOutcome::Inserted)
+                    }
+                    other => Ok(other),
+                }
+            }
             Flaw::InsertIgnoresExpiry => match self.raw(&key).await {
-                Some(existing) => Ok(Inserted::Exists(existing)),
+                Some(existing) => Ok(InsertOutcome::Exists(existing)),
                 None => self.inner.insert_if_absent(&key, &record, now).await,
             },
             Flaw::InsertNotAtomic => {
                 let seen = self.inner.get(&key, now).await?;
-                tokio::task::yield_now().await;
+                self.hold_the_window().await;
                 match seen {
-                    Some(existing) => Ok(Inserted::Exists(existing)),
+                    Some(existing) => Ok(InsertOutcome::Exists(existing)),
                     None => {
                         // Writes unconditionally, as `SET` without `NX` would.
                         if let Some(current) = self.raw(&key).await {
@@ -384,7 +445,7 @@ impl Store for Flawed {
                                 .await?;
                         }
                         self.inner.insert_if_absent(&key, &record, now).await?;
-                        Ok(Inserted::Inserted)
+                        Ok(InsertOutcome::Inserted)
                     }
                 }
             }
@@ -406,7 +467,7 @@ impl Store for Flawed {
         expected: Revision,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Swapped, StoreError> {
+    ) -> Result<SwapOutcome, StoreError> {
         self.check_size(record)?;
         let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
         let expected = self
@@ -422,12 +483,12 @@ impl Store for Flawed {
                         .compare_and_swap(&key, current.revision, &record, now)
                         .await
                 }
-                None => Ok(Swapped::Conflict(None)),
+                None => Ok(SwapOutcome::Conflict(None)),
             },
             Flaw::CasUpserts => match self.inner.get(&key, now).await? {
                 None => {
                     self.inner.insert_if_absent(&key, &record, now).await?;
-                    Ok(Swapped::Swapped)
+                    Ok(SwapOutcome::Swapped)
                 }
                 Some(_) => {
                     self.inner
@@ -437,19 +498,7 @@ impl Store for Flawed {
             },
             Flaw::CasNotAtomic => {
                 let seen = self.inner.get(&key, now).await?;
-                // The flaw's window, held open deterministically: after its
-                // read, a call waits (yielding, bounded) until another call
-                // has read too, so racing calls all read before any writes,
-                // as they would across a network round trip. A single yield
-                // left the window so narrow that on a loaded machine the
-                // racers sometimes ran one after another.
-                let mine = self.cas_reads.fetch_add(1, Ordering::SeqCst) + 1;
-                for _ in 0..10_000 {
-                    if self.cas_reads.load(Ordering::SeqCst) > mine {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
-                }
+                self.hold_the_window().await;
                 match seen {
                     Some(current) if current.revision == expected => {
                         // Writes whatever is there now, as GET-then-SET would.
@@ -458,9 +507,9 @@ impl Store for Flawed {
                                 .compare_and_swap(&key, now_there.revision, &record, now)
                                 .await?;
                         }
-                        Ok(Swapped::Swapped)
+                        Ok(SwapOutcome::Swapped)
                     }
-                    other => Ok(Swapped::Conflict(other)),
+                    other => Ok(SwapOutcome::Conflict(other)),
                 }
             }
             _ => {
@@ -547,7 +596,7 @@ impl StoreFactory for FlawedFactory {
         Ok(Flawed {
             inner: MemoryStore::new(),
             flaw: self.0,
-            cas_reads: Arc::default(),
+            reads: Arc::default(),
         })
     }
     async fn reopen(&self, store: &Flawed) -> Result<Option<Flawed>, Unavailable> {
@@ -555,10 +604,51 @@ impl StoreFactory for FlawedFactory {
             return Ok(Some(Flawed {
                 inner: MemoryStore::new(),
                 flaw: self.0,
-                cas_reads: Arc::default(),
+                reads: Arc::default(),
             }));
         }
         Ok(Some(store.clone()))
+    }
+    fn can_apply_transition(&self) -> bool {
+        true
+    }
+    /// A "transaction" over the flawed store's own primitives: the cases
+    /// run one call at a time, so check-then-write is enough here.
+    async fn apply_transition(
+        &self,
+        store: &Flawed,
+        transition: &Transition,
+        end: TransactionEnd,
+    ) -> Result<Result<(), Error>, Unavailable> {
+        let fail = |e: StoreError| Unavailable(format!("flawed: {e}"));
+        let (key, now) = (&transition.key, transition.next.record.updated_at);
+        let current = store.get(key, now).await.map_err(fail)?;
+        let held = match (&current, self.0) {
+            (Some(_), Flaw::ApplyIgnoresToken) | (None, Flaw::ApplyUpserts) => Ok(()),
+            (Some(live), _) => live.record.check_holder(transition.token, now),
+            (None, _) => Err(Fenced::Expired),
+        };
+        if let Err(fenced) = held {
+            return Ok(Err(Error::LeaseLost(fenced)));
+        }
+        if end == TransactionEnd::Rollback && self.0 != Flaw::RollbackCommits {
+            return Ok(Ok(()));
+        }
+        match current {
+            Some(live) => {
+                store
+                    .compare_and_swap(key, live.revision, &transition.next, now)
+                    .await
+                    .map_err(fail)?;
+            }
+            None => {
+                store
+                    .insert_if_absent(key, &transition.next, now)
+                    .await
+                    .map_err(fail)?;
+            }
+        }
+        Ok(Ok(()))
     }
 }
 
@@ -577,14 +667,14 @@ impl Store for CorruptAsAbsent {
         key: &RecordKey,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Inserted, StoreError> {
+    ) -> Result<InsertOutcome, StoreError> {
         match self.0.insert_if_absent(key, record, now).await {
             Err(StoreError::Corrupt { .. }) => {
                 self.0.overwrite_blob(
                     key,
-                    idem_core::codec::encode_record(&record.record).unwrap(),
+                    idem_core::store::codec::encode_record(&record.record).unwrap(),
                 );
-                Ok(Inserted::Inserted)
+                Ok(InsertOutcome::Inserted)
             }
             other => other,
         }
@@ -601,7 +691,7 @@ impl Store for CorruptAsAbsent {
         expected: Revision,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Swapped, StoreError> {
+    ) -> Result<SwapOutcome, StoreError> {
         self.0.compare_and_swap(key, expected, record, now).await
     }
     async fn delete_if(

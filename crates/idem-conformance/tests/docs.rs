@@ -15,23 +15,10 @@ fn guide_shows_the_compiled_example_verbatim() {
     );
 }
 
-struct Memory;
-
-#[async_trait::async_trait]
-impl idem_conformance::StoreFactory for Memory {
-    type Store = idem_core::MemoryStore;
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-    async fn open(&self) -> Result<Self::Store, idem_conformance::Unavailable> {
-        Ok(idem_core::MemoryStore::new())
-    }
-}
-
 #[test]
 fn guide_lists_every_case() {
     let guide = include_str!("../../../docs/backend-authors.md");
-    let names = idem_conformance::Suite::new(Memory).names();
+    let names = idem_conformance::Suite::new(idem_conformance::MemoryFactory).names();
     assert!(names.len() > 50);
     for name in names {
         // The regression_* and rule_* families are listed by prefix.

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use idem_conformance::{StoreFactory, Unavailable};
-use idem_core::{
-    Capabilities, Inserted, RecordKey, Revision, Store, StoreError, Swapped, Timestamp, Versioned,
-    codec,
+use idem_core::store::{
+    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned, codec,
 };
+use idem_core::{RecordKey, Timestamp};
 
 /// The backend's name in errors.
 const NAME: &str = "mini";
@@ -95,15 +95,15 @@ impl Store for MiniStore {
         key: &RecordKey,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Inserted, StoreError> {
+    ) -> Result<InsertOutcome, StoreError> {
         let new = encode(record)?;
         // Check and write under one lock: the primitive is atomic.
         let mut rows = self.rows();
         if let Some(existing) = live(&rows, key, now) {
-            return Ok(Inserted::Exists(decode(existing)?));
+            return Ok(InsertOutcome::Exists(decode(existing)?));
         }
         rows.insert(*key.digest(), new); // replaces an expired row, if any
-        Ok(Inserted::Inserted)
+        Ok(InsertOutcome::Inserted)
     }
 
     async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
@@ -116,16 +116,16 @@ impl Store for MiniStore {
         expected: Revision,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Swapped, StoreError> {
+    ) -> Result<SwapOutcome, StoreError> {
         let new = encode(record)?;
         let mut rows = self.rows();
         match live(&rows, key, now) {
             Some(current) if current.revision == expected => {
                 rows.insert(*key.digest(), new);
-                Ok(Swapped::Swapped)
+                Ok(SwapOutcome::Swapped)
             }
-            Some(current) => Ok(Swapped::Conflict(Some(decode(current)?))),
-            None => Ok(Swapped::Conflict(None)), // never an upsert
+            Some(current) => Ok(SwapOutcome::Conflict(Some(decode(current)?))),
+            None => Ok(SwapOutcome::Conflict(None)), // never an upsert
         }
     }
 
@@ -172,9 +172,11 @@ impl StoreFactory for MiniFactory {
     }
 
     async fn open(&self) -> Result<MiniStore, Unavailable> {
-        // A network backend connects here, with its own key prefix or schema
-        // per store, and returns `Unavailable` (naming the env var to set)
-        // when the server cannot be reached.
+        // A network backend connects here (through one pool, created on the
+        // first call and cached in the factory: every case runs on the same
+        // runtime), with its own key prefix or schema per store, and returns
+        // `Unavailable` (naming the env var to set) when the server cannot be
+        // reached. Drop that prefix or schema in `teardown`.
         Ok(MiniStore::new())
     }
 

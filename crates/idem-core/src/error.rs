@@ -2,12 +2,14 @@
 
 use std::time::Duration;
 
-use crate::{CodecError, Fenced, KeyError};
+use crate::KeyError;
+use crate::machine::Fenced;
+use crate::store::codec::CodecError;
 
 /// Any error a store's driver raised, kept as the source.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// An error raised by a [`Store`](crate::Store).
+/// An error raised by a [`Store`](crate::store::Store).
 ///
 /// # Behavior
 /// - [`Unavailable`](Self::Unavailable) is transient: the store could not be
@@ -61,11 +63,50 @@ impl StoreError {
         matches!(self, Self::Unavailable { .. })
     }
 
-    /// A [`Corrupt`](Self::Corrupt) error for a record that failed to decode.
-    pub fn corrupt(store: &'static str, source: CodecError) -> Self {
+    /// An [`Unavailable`](Self::Unavailable) error: `store` (the backend's
+    /// name) could not be reached or timed out; `source` is the driver's error.
+    pub fn unavailable(store: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            store,
+            source: source.into(),
+        }
+    }
+
+    /// A [`Corrupt`](Self::Corrupt) error for a record that failed to decode
+    /// (usually a [`CodecError`]).
+    pub fn corrupt(store: &'static str, source: impl Into<BoxError>) -> Self {
         Self::Corrupt {
             store,
-            source: Box::new(source),
+            source: source.into(),
+        }
+    }
+
+    /// A [`Rejected`](Self::Rejected) error: the store refused the record or
+    /// its configuration, for the reason `source` (an error, or a message:
+    /// `StoreError::rejected("mystore", "record too large")`).
+    pub fn rejected(store: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Rejected {
+            store,
+            source: source.into(),
+        }
+    }
+
+    /// A [`Generic`](Self::Generic) error: any other permanent failure of
+    /// `store`, caused by `source`.
+    pub fn generic(store: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Generic {
+            store,
+            source: source.into(),
+        }
+    }
+
+    /// The name of the backend that raised the error.
+    pub fn store(&self) -> &'static str {
+        match self {
+            Self::Unavailable { store, .. }
+            | Self::Corrupt { store, .. }
+            | Self::Rejected { store, .. }
+            | Self::Generic { store, .. } => store,
         }
     }
 }
@@ -138,5 +179,34 @@ impl Error {
             Self::Store(e) => e.is_transient(),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constructors_make_their_variant_and_keep_the_source() {
+        let cases = [
+            (StoreError::unavailable("a", "down"), true, "a"),
+            (StoreError::corrupt("b", CodecError::Empty), false, "b"),
+            (StoreError::rejected("c", "too large"), false, "c"),
+            (StoreError::generic("d", std::fmt::Error), false, "d"),
+        ];
+        for (error, transient, store) in &cases {
+            assert_eq!(error.is_transient(), *transient, "{error:?}");
+            assert_eq!(error.store(), *store);
+            assert!(std::error::Error::source(error).is_some(), "{error:?}");
+        }
+        assert!(matches!(cases[0].0, StoreError::Unavailable { .. }));
+        assert!(matches!(cases[1].0, StoreError::Corrupt { .. }));
+        assert!(matches!(cases[2].0, StoreError::Rejected { .. }));
+        assert!(matches!(cases[3].0, StoreError::Generic { .. }));
+        assert_eq!(
+            std::error::Error::source(&cases[2].0).unwrap().to_string(),
+            "too large"
+        );
     }
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use event_listener::Event;
 
-use crate::{Error, Fenced, FencingToken, RecordKey, State, Timestamp, Versioned};
+use crate::machine::Fenced;
+use crate::store::{FencingToken, State, Versioned};
+use crate::{Error, RecordKey, Timestamp};
 
 /// The claim on a key held by the request that may run it.
 ///

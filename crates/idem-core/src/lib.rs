@@ -1,13 +1,16 @@
 //! # idem-core
 //!
 //! The pure core of **idem**, a library that makes retried operations take
-//! effect once: keys and scopes ([`IdempotencyKey`], [`Scope`],
-//! [`RecordKey`]), request [`Fingerprint`]s, [`Record`]s and the key state
-//! machine ([`decide`] and the `Record` transitions), the [`codec`], the
-//! [`Store`] trait, the [`Engine`] that drives a store, and [`MemoryStore`].
+//! effect once. Its API comes in three layers:
+//!
+//! | layer | path | for | holds |
+//! |---|---|---|---|
+//! | application | `idem_core::*` (this page) | code that runs work once per key | the [`Engine`] and what its methods take and return, keys and scopes ([`IdempotencyKey`], [`Scope`], [`RecordKey`]), request [`Fingerprint`]s, the [`Policy`], errors ([`Error`]), clocks ([`Clock`]), and [`MemoryStore`] |
+//! | backend | [`idem_core::store`](store) | authors of a store | the [`store::Store`] trait, the versioned [`store::Record`], revisions and tokens, [`store::Capabilities`], the [`store::codec`], [`StoreError`] constructors, the [`store::IdGenerator`] |
+//! | model | [`idem_core::machine`](machine) | the model check, the conformance suite, readers of the rules | the key state machine as pure functions: [`machine::decide`] and the record transitions |
 //!
 //! Nothing here performs I/O or reads a clock of its own: time comes from an
-//! injected [`Clock`], storage from a [`Store`].
+//! injected [`Clock`], storage from a [`store::Store`].
 //!
 //! ```
 //! use idem_core::{Engine, Executed, Fingerprint, IdempotencyKey, MemoryStore, Scope};
@@ -27,20 +30,18 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod codec;
 mod engine;
 mod error;
 mod fingerprint;
 mod key;
 mod lease;
-mod machine;
+pub mod machine;
 mod memory;
+mod outcome;
 mod policy;
-mod record;
-mod store;
+pub mod store;
 mod time;
 
-pub use codec::CodecError;
 pub use engine::{
     Begin, DefaultClock, Ending, Engine, Executed, OnError, Replay, ReplayKind, Shutdown,
 };
@@ -48,11 +49,9 @@ pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{FINGERPRINT_CONTEXT, Fingerprint, FingerprintBuilder};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordKey, Scope};
 pub use lease::{Lease, Transition};
-pub use machine::{Decision, Fenced, ReclaimReason, decide};
 pub use memory::MemoryStore;
+pub use outcome::{FailureKind, Outcome};
 pub use policy::{InFlightPolicy, MAX_DURATION, MAX_WAIT, Policy, PolicyError};
-pub use record::{FailureKind, FencingToken, Outcome, Record, Revision, State, Versioned};
-pub use store::{Capabilities, Inserted, Store, Swapped};
 #[cfg(feature = "tokio")]
 pub use time::SystemClock;
 pub use time::{BoxFuture, Clock, ManualClock, Timestamp};

@@ -1,13 +1,22 @@
 //! The key state machine and its conflict rules, as pure functions.
 //!
-//! [`decide`] says what a request meets; the `Record` transitions below build
-//! the next record. Neither touches a store or a clock: the engine feeds them
-//! what the store returned and the time its clock read. The full table is in
-//! docs/design.md.
+//! [`decide`] says what a request meets at a key; the transitions on
+//! [`Record`] ([`new_claim`](Record::new_claim), [`reclaim`](Record::reclaim),
+//! [`check_holder`](Record::check_holder), [`complete`](Record::complete),
+//! [`fail`](Record::fail), [`extend`](Record::extend)) build the next record,
+//! or refuse with [`Fenced`]. None of them touches a store or a clock: the
+//! engine feeds them what the store returned and the time its clock read, and
+//! the model check (`idem-model`) and the conformance suite replay them as
+//! the reference. The full table is in docs/design.md.
+//!
+//! Applications do not need this module: the [`Engine`](crate::Engine)
+//! applies it. [`Fenced`] reaches them as the source of
+//! [`Error::LeaseLost`](crate::Error::LeaseLost).
 
 use std::time::Duration;
 
-use crate::{FailureKind, FencingToken, Fingerprint, Outcome, Policy, Record, State, Timestamp};
+use crate::store::{FencingToken, Record, State};
+use crate::{FailureKind, Fingerprint, Outcome, Policy, Timestamp};
 
 /// Why a key that exists may be claimed again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 
-use crate::{
-    Capabilities, Inserted, RecordKey, Revision, Store, StoreError, Swapped, Timestamp, Versioned,
+use crate::store::{
+    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
 };
+use crate::{RecordKey, Timestamp};
 
-/// An in-memory [`Store`].
+/// An in-memory [`Store`](crate::store::Store).
 ///
 /// # Behavior
 /// Keeps the full store contract within one process: each primitive runs
@@ -74,13 +75,13 @@ impl Store for MemoryStore {
         key: &RecordKey,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Inserted, StoreError> {
+    ) -> Result<InsertOutcome, StoreError> {
         let mut records = self.lock();
         if let Some(existing) = live(records.get(key.digest()), now) {
-            return Ok(Inserted::Exists(existing.clone()));
+            return Ok(InsertOutcome::Exists(existing.clone()));
         }
         records.insert(*key.digest(), record.clone());
-        Ok(Inserted::Inserted)
+        Ok(InsertOutcome::Inserted)
     }
 
     async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
@@ -93,14 +94,14 @@ impl Store for MemoryStore {
         expected: Revision,
         record: &Versioned,
         now: Timestamp,
-    ) -> Result<Swapped, StoreError> {
+    ) -> Result<SwapOutcome, StoreError> {
         let mut records = self.lock();
         match live(records.get(key.digest()), now) {
             Some(current) if current.revision == expected => {
                 records.insert(*key.digest(), record.clone());
-                Ok(Swapped::Swapped)
+                Ok(SwapOutcome::Swapped)
             }
-            current => Ok(Swapped::Conflict(current.cloned())),
+            current => Ok(SwapOutcome::Conflict(current.cloned())),
         }
     }
 

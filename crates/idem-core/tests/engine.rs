@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use idem_conformance::{Fault, FaultKind, FaultyStore, Op};
+use idem_core::machine::Fenced;
+use idem_core::store::codec::CodecError;
+use idem_core::store::{Store, StoreError, SwapOutcome};
 use idem_core::{
-    Begin, Capabilities, Clock, CodecError, Engine, Error, Executed, Fenced, Fingerprint,
-    IdempotencyKey, InFlightPolicy, Inserted, ManualClock, MemoryStore, OnError, Outcome, Policy,
-    RecordKey, ReplayKind, Revision, Scope, Store, StoreError, Swapped, Timestamp, Versioned,
+    Begin, Clock, Engine, Error, Executed, Fingerprint, IdempotencyKey, InFlightPolicy,
+    ManualClock, MemoryStore, OnError, Outcome, Policy, ReplayKind, Scope, Timestamp,
 };
 
 fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
@@ -198,55 +200,25 @@ async fn wait_mode_returns_the_originals_outcome() {
     assert_eq!(replay.outcome.as_bytes(), b"original");
 }
 
-/// A store whose every record reads back as corrupt.
-struct CorruptStore(MemoryStore);
-
-fn corrupt() -> StoreError {
-    StoreError::corrupt("corrupt-test", CodecError::UnknownFormat(9))
-}
-
-#[async_trait]
-impl Store for CorruptStore {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
+/// A store whose every record reads back as corrupt (every call but the
+/// purge fails with `StoreError::Corrupt`).
+fn corrupt_store() -> FaultyStore<MemoryStore> {
+    let store = FaultyStore::new(MemoryStore::new()).with_name("corrupt-test");
+    for op in [
+        Op::InsertIfAbsent,
+        Op::Get,
+        Op::CompareAndSwap,
+        Op::DeleteIf,
+    ] {
+        store.inject(Fault::new(op, FaultKind::Corrupt));
     }
-    async fn insert_if_absent(
-        &self,
-        _: &RecordKey,
-        _: &Versioned,
-        _: Timestamp,
-    ) -> Result<Inserted, StoreError> {
-        Err(corrupt())
-    }
-    async fn get(&self, _: &RecordKey, _: Timestamp) -> Result<Option<Versioned>, StoreError> {
-        Err(corrupt())
-    }
-    async fn compare_and_swap(
-        &self,
-        _: &RecordKey,
-        _: Revision,
-        _: &Versioned,
-        _: Timestamp,
-    ) -> Result<Swapped, StoreError> {
-        Err(corrupt())
-    }
-    async fn delete_if(
-        &self,
-        _: &RecordKey,
-        _: Revision,
-        _: Timestamp,
-    ) -> Result<bool, StoreError> {
-        Err(corrupt())
-    }
-    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
-        self.0.purge_expired(now, limit).await
-    }
+    store
 }
 
 #[tokio::test]
 async fn corrupt_record_is_a_permanent_error_and_nothing_runs() {
     let clock = ManualClock::new(Timestamp::from_millis(1));
-    let engine = Engine::with_clock(CorruptStore(MemoryStore::new()), clock);
+    let engine = Engine::with_clock(corrupt_store(), clock);
     let runs = AtomicUsize::new(0);
     let got = engine
         .execute(
@@ -265,7 +237,7 @@ async fn corrupt_record_is_a_permanent_error_and_nothing_runs() {
     );
     assert!(!err.is_transient());
     assert_eq!(runs.load(Ordering::SeqCst), 0);
-    assert!(engine.store().0.is_empty());
+    assert!(engine.store().inner().is_empty());
 }
 
 #[tokio::test]
@@ -345,7 +317,7 @@ async fn mark_applied_finishes_the_lease_and_refuses_foreign_transitions() {
         .compare_and_swap(&done.key, lease.record().revision, &done.next, clock.now())
         .await
         .unwrap();
-    assert!(matches!(applied, Swapped::Swapped));
+    assert!(matches!(applied, SwapOutcome::Swapped));
 
     // A transition of another lease is refused and changes nothing.
     assert!(matches!(

@@ -5,103 +5,37 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use idem_conformance::{Fault, FaultKind, FaultyStore, Op};
+use idem_core::store::Store;
 use idem_core::{
-    Begin, Capabilities, Clock, Engine, Error, Executed, Fingerprint, IdempotencyKey,
-    InFlightPolicy, Inserted, ManualClock, MemoryStore, Outcome, Policy, RecordKey, Replay,
-    ReplayKind, Revision, Scope, State, Store, StoreError, Swapped, Timestamp, Versioned,
+    Begin, Clock, Engine, Error, Executed, Fingerprint, IdempotencyKey, InFlightPolicy,
+    ManualClock, MemoryStore, Outcome, Policy, RecordKey, Replay, ReplayKind, Scope, Timestamp,
 };
 use tokio::sync::Notify;
 
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 const LEASE: Duration = Duration::from_secs(12);
 
-/// A `MemoryStore` whose heartbeats (compare-and-swaps writing an in-flight
-/// record) fail while `failing_beats > 0` (one per failure) or while
-/// `beats_down` is set, with a permanent error; and whose declared record
-/// limit can be set (and is enforced honestly).
-#[derive(Clone, Default)]
-struct Faulty {
-    inner: MemoryStore,
-    failing_beats: Arc<AtomicUsize>,
-    beats_down: Arc<AtomicBool>,
-    beats_failed: Arc<AtomicUsize>,
-    max_record_bytes: Option<usize>,
+/// A `MemoryStore` behind the conformance suite's [`FaultyStore`]: the tests
+/// fail its heartbeats (compare-and-swaps writing an in-flight record) with a
+/// permanent error, or declare (and enforce) a record limit.
+type Faulty = FaultyStore<MemoryStore>;
+
+fn faulty() -> Faulty {
+    FaultyStore::new(MemoryStore::new())
 }
 
-impl Faulty {
-    fn check_size(&self, record: &Versioned) -> Result<(), StoreError> {
-        match self.max_record_bytes {
-            Some(max) if idem_core::codec::record_size(&record.record) > max => {
-                Err(StoreError::Rejected {
-                    store: "faulty",
-                    source: "record over the declared limit".into(),
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-#[async_trait]
-impl Store for Faulty {
-    fn capabilities(&self) -> Capabilities {
-        self.inner
-            .capabilities()
-            .with_max_record_bytes(self.max_record_bytes)
-    }
-    async fn insert_if_absent(
-        &self,
-        key: &RecordKey,
-        record: &Versioned,
-        now: Timestamp,
-    ) -> Result<Inserted, StoreError> {
-        self.check_size(record)?;
-        self.inner.insert_if_absent(key, record, now).await
-    }
-    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
-        self.inner.get(key, now).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &RecordKey,
-        expected: Revision,
-        record: &Versioned,
-        now: Timestamp,
-    ) -> Result<Swapped, StoreError> {
-        if matches!(record.record.state, State::InFlight { .. }) {
-            let once = self
-                .failing_beats
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if once || self.beats_down.load(Ordering::SeqCst) {
-                self.beats_failed.fetch_add(1, Ordering::SeqCst);
-                // Permanent by classification (Redis OOM / NOREPLICAS,
-                // PostgreSQL 25006 were once classified so).
-                return Err(StoreError::Generic {
-                    store: "faulty",
-                    source: "OOM command not allowed when used memory > 'maxmemory'".into(),
-                });
-            }
-        }
-        self.check_size(record)?;
-        self.inner
-            .compare_and_swap(key, expected, record, now)
-            .await
-    }
-    async fn delete_if(
-        &self,
-        key: &RecordKey,
-        expected: Revision,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner.delete_if(key, expected, now).await
-    }
-    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
-        self.inner.purge_expired(now, limit).await
+/// Heartbeats fail with a permanent error (Redis OOM / NOREPLICAS and
+/// PostgreSQL 25006 were once classified so): the next `n`, or all of them
+/// until removed.
+fn failing_beats(n: Option<u64>) -> Fault {
+    let fault = Fault::new(Op::CompareAndSwap, FaultKind::Generic).writing_in_flight();
+    match n {
+        Some(n) => fault.next(n),
+        None => fault.always(),
     }
 }
 
@@ -181,8 +115,8 @@ async fn state<S: Store, C: Clock>(engine: &Engine<S, C>, k: &str) -> Option<&'s
 /// deadline still finds the key in progress and never takes it over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_permanent_heartbeat_error_does_not_stop_the_heartbeat() {
-    let store = Faulty::default();
-    store.failing_beats.store(1, Ordering::SeqCst);
+    let store = faulty();
+    let beat = store.inject(failing_beats(Some(1)));
     let (engine, clock) = engine_over(store.clone(), policy());
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("k"), fp).await.unwrap() else {
@@ -214,7 +148,7 @@ async fn one_permanent_heartbeat_error_does_not_stop_the_heartbeat() {
             clock.now().since(T0)
         );
     }
-    assert_eq!(store.beats_failed.load(Ordering::SeqCst), 1);
+    assert_eq!(store.hits(beat), 1);
     assert!(
         !lease.is_lost(),
         "one failed beat within the lease loses nothing"
@@ -234,8 +168,8 @@ async fn one_permanent_heartbeat_error_does_not_stop_the_heartbeat() {
 /// is held again and completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying() {
-    let store = Faulty::default();
-    store.beats_down.store(true, Ordering::SeqCst);
+    let store = faulty();
+    let down = store.inject(failing_beats(None));
     let (engine, clock) = engine_over(store.clone(), policy());
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("k"), fp).await.unwrap() else {
@@ -252,9 +186,9 @@ async fn heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying() {
         clock.now() >= lease.deadline(),
         "lost fired before the deadline"
     );
-    let failed = store.beats_failed.load(Ordering::SeqCst);
+    let failed = store.hits(down);
     assert!(failed >= 3, "the heartbeat gave up after {failed} failures");
-    store.beats_down.store(false, Ordering::SeqCst);
+    store.remove(down);
     step(&clock, LEASE / 12).await;
     eventually("the heartbeat to extend again", || async {
         lease.deadline() > clock.now()
@@ -270,7 +204,7 @@ async fn heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying() {
 /// mismatch: finding the key is not a lost race.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_cas_retries_still_replays_and_reports_in_progress() {
-    let (engine, _clock) = engine_over(Faulty::default(), policy().with_max_cas_retries(0));
+    let (engine, _clock) = engine_over(faulty(), policy().with_max_cas_retries(0));
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("k"), fp).await.unwrap() else {
         panic!("claims")
@@ -326,12 +260,9 @@ async fn zero_cas_retries_still_replays_and_reports_in_progress() {
 /// ends the key as outcome unknown instead of leaving it to run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_record_limit_bounds_outcomes_and_never_leaves_a_key_to_run_again() {
-    let store = Faulty {
-        max_record_bytes: Some(1_000),
-        ..Faulty::default()
-    };
+    let store = faulty().with_max_record_bytes(Some(1_000));
     let (engine, _clock) = engine_over(store, policy());
-    let limit = 1_000 - idem_core::codec::RECORD_OVERHEAD;
+    let limit = 1_000 - idem_core::store::codec::RECORD_OVERHEAD;
     assert_eq!(engine.outcome_limit(), limit);
     let fp = Fingerprint::of(b"big");
     // At the limit: stored.
@@ -370,7 +301,7 @@ async fn the_store_record_limit_bounds_outcomes_and_never_leaves_a_key_to_run_ag
 /// outcome unknown (in the background): the retry does not run it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_execute_ends_the_key_unknown() {
-    let (engine, _clock) = engine_over(Faulty::default(), policy());
+    let (engine, _clock) = engine_over(faulty(), policy());
     let fp = Fingerprint::of(b"pay");
     let entered = Arc::new(Notify::new());
     let runs = Arc::new(AtomicUsize::new(0));
@@ -406,7 +337,7 @@ async fn a_dropped_execute_ends_the_key_unknown() {
 /// A panic in `execute`'s work ends the key as outcome unknown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_execute_ends_the_key_unknown() {
-    let (engine, _clock) = engine_over(Faulty::default(), policy());
+    let (engine, _clock) = engine_over(faulty(), policy());
     let fp = Fingerprint::of(b"pay");
     let runs = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn({
@@ -442,7 +373,7 @@ async fn a_panicking_execute_ends_the_key_unknown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_hold_ends_a_hung_claim_as_unknown() {
     let hold = LEASE * 3;
-    let (engine, clock) = engine_over(Faulty::default(), policy().with_max_hold(Some(hold)));
+    let (engine, clock) = engine_over(faulty(), policy().with_max_hold(Some(hold)));
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("h"), fp).await.unwrap() else {
         panic!("claims")
@@ -474,7 +405,7 @@ async fn max_hold_ends_a_hung_claim_as_unknown() {
 /// those still running after the grace period as outcome unknown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_then_ends_the_rest_unknown() {
-    let (engine, clock) = engine_over(Faulty::default(), policy());
+    let (engine, clock) = engine_over(faulty(), policy());
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(quick) = engine.begin(&scope(), &key("quick"), fp).await.unwrap() else {
         panic!("claims")
@@ -579,7 +510,7 @@ async fn the_longest_wait_does_not_overflow() {
         max: day,
         poll: day,
     });
-    let (engine, clock) = engine_over(Faulty::default(), policy);
+    let (engine, clock) = engine_over(faulty(), policy);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(_held) = engine.begin(&scope(), &key("w"), fp).await.unwrap() else {
         panic!("claims")

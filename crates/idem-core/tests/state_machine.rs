@@ -5,9 +5,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use idem_core::machine::{Decision, decide};
+use idem_core::store::{FencingToken, Record, State};
 use idem_core::{
-    Decision, FailureKind, FencingToken, Fingerprint, IdempotencyKey, Outcome, Policy, Record,
-    RecordKey, Scope, State, Timestamp, decide,
+    FailureKind, Fingerprint, IdempotencyKey, Outcome, Policy, RecordKey, Scope, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -88,7 +89,11 @@ impl Model {
     fn holder_step(
         &mut self,
         token: Option<FencingToken>,
-        step: impl FnOnce(&Record, FencingToken, Timestamp) -> Result<Option<Record>, idem_core::Fenced>,
+        step: impl FnOnce(
+            &Record,
+            FencingToken,
+            Timestamp,
+        ) -> Result<Option<Record>, idem_core::machine::Fenced>,
     ) {
         let (Some(record), Some(token)) = (self.record.clone(), token) else {
             return;
@@ -287,7 +292,7 @@ proptest! {
 
     #[test]
     fn record_decoder_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
-        let _ = idem_core::codec::decode_record(&raw);
+        let _ = idem_core::store::codec::decode_record(&raw);
     }
 }
 

@@ -1,28 +1,38 @@
-//! Choosing the store by URL, and the ledger that goes with it.
+//! Opening the store a URL names (parsed by [`idemkit`]), and the ledger
+//! that goes with it.
 //!
 //! | URL | idempotency records | payments ledger |
 //! |---|---|---|
 //! | `sqlite://PATH` (or `sqlite://` for a temporary directory) | table `idem_records` in PATH | table `payments` in PATH, same transaction |
 //! | `postgres://…` | `<schema>.idempotency_records` | `<schema>.payments`, same transaction |
-//! | `redis://…` | keys `<prefix><digest>` | table `payments` in a separate SQLite file (`--ledger`) |
+//! | `redis://…`, `redis+cluster://…`, `memory://` | keys `<prefix><digest>` (or this process's memory) | table `payments` in a separate SQLite file (`--ledger`) |
+//!
+//! Store options are the URL's query parameters (see [`idemkit`]): for
+//! example `sqlite://payments.db?durability=normal` or
+//! `postgres://…?schema=billing`. `--pg-schema`, `--pg-max-connections`
+//! and `--redis-prefix` apply when the URL does not set `schema`,
+//! `max_connections` or `prefix`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
-use idem_core::{Engine, Policy, Transition};
-use idem_postgres::sqlx::{self, AssertSqlSafe, PgPool, Row};
-use idem_postgres::{PostgresStore, TableName as PgTableName};
-use idem_redis::{RedisConfig, RedisStore};
-use idem_sqlite::rusqlite::{Connection, OptionalExtension, TransactionBehavior};
-use idem_sqlite::{SqliteError, SqliteStore};
+use idem_core::{Engine, Policy};
+use idem_postgres::TableName as PgTableName;
+pub use idemkit::StoreUrl;
+use idemkit::{AnyStore, Opened};
 use tempfile::TempDir;
 
 use crate::DemoError;
-use crate::app::{self, CrashPlan, EffectLog, Ledger, LedgerError, Payment};
+use crate::app::{self, CrashPlan, EffectLog};
+
+mod postgres_ledger;
+mod sqlite_ledger;
+
+use postgres_ledger::PostgresLedger;
+use sqlite_ledger::{FileLedger, SqliteLedger};
 
 /// The default PostgreSQL schema of the demo.
 pub const DEFAULT_PG_SCHEMA: &str = "idem_demo";
@@ -33,90 +43,6 @@ pub const DEFAULT_REDIS_PREFIX: &str = "idem-demo:";
 /// The default idempotency lease.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
-/// Where the idempotency records live, by URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StoreUrl {
-    /// `sqlite://PATH`; `None` (`sqlite://`) for a file in a temporary directory.
-    Sqlite(Option<PathBuf>),
-    /// `postgres://…` or `postgresql://…`.
-    Postgres(String),
-    /// `redis://…` or `rediss://…`.
-    Redis(String),
-}
-
-impl StoreUrl {
-    /// Parses `sqlite://PATH` (`sqlite:///abs/path` for an absolute path,
-    /// `sqlite://` for a temporary directory), `postgres://…`,
-    /// `postgresql://…`, `redis://…`, `rediss://…`.
-    pub fn parse(url: &str) -> Result<Self, DemoError> {
-        let invalid = |reason| DemoError::InvalidStoreUrl {
-            url: redact(url),
-            reason,
-        };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("expected sqlite://PATH, postgres://… or redis://…"))?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "sqlite" if rest.is_empty() => Ok(Self::Sqlite(None)),
-            "sqlite" => Ok(Self::Sqlite(Some(PathBuf::from(rest)))),
-            "postgres" | "postgresql" => Ok(Self::Postgres(url.to_string())),
-            "redis" | "rediss" => Ok(Self::Redis(url.to_string())),
-            _ => Err(invalid(
-                "unknown scheme: expected sqlite://, postgres:// or redis://",
-            )),
-        }
-    }
-
-    /// `sqlite`, `postgres` or `redis`.
-    pub fn backend(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Postgres(_) => "postgres",
-            Self::Redis(_) => "redis",
-        }
-    }
-}
-
-impl Default for StoreUrl {
-    fn default() -> Self {
-        Self::Sqlite(None)
-    }
-}
-
-impl std::str::FromStr for StoreUrl {
-    type Err = DemoError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-    }
-}
-
-impl fmt::Display for StoreUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Sqlite(None) => f.write_str("sqlite:// (temporary directory)"),
-            Self::Sqlite(Some(path)) => write!(f, "sqlite://{}", path.display()),
-            Self::Postgres(url) | Self::Redis(url) => f.write_str(&redact(url)),
-        }
-    }
-}
-
-/// `url` with the password, if any, replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// Everything besides the URL that the backends need.
 #[derive(Clone, Debug)]
 pub struct BackendOptions {
@@ -124,14 +50,16 @@ pub struct BackendOptions {
     /// third of it while the handler runs); after a crash, the time before a
     /// retry can take the key over.
     pub lease: Duration,
-    /// The PostgreSQL schema of the demo's tables (created if absent).
+    /// The PostgreSQL schema of the demo's tables (created if absent), when
+    /// the URL sets no `schema`.
     pub pg_schema: String,
-    /// The largest PostgreSQL pool.
+    /// The largest PostgreSQL pool, when the URL sets no `max_connections`.
     pub pg_max_connections: u32,
-    /// The Redis key prefix of the demo's records.
+    /// The Redis key prefix of the demo's records, when the URL sets no
+    /// `prefix`.
     pub redis_prefix: String,
-    /// With Redis: the SQLite file of the payments ledger (default: a file
-    /// in a temporary directory).
+    /// With Redis (or memory): the SQLite file of the payments ledger
+    /// (default: a file in a temporary directory).
     pub ledger: Option<PathBuf>,
     /// The external effect: the file each charge appends
     /// `<tenant> <key> <payment id>` to before the ledger write (see
@@ -155,12 +83,33 @@ impl Default for BackendOptions {
     }
 }
 
+impl BackendOptions {
+    /// `url` with the demo's defaults filled in where it sets nothing.
+    fn apply(&self, url: &StoreUrl) -> StoreUrl {
+        let mut url = url.clone();
+        match &mut url {
+            StoreUrl::Postgres(pg) => {
+                pg.schema.get_or_insert_with(|| self.pg_schema.clone());
+                let max = pg.max_connections.unwrap_or(self.pg_max_connections);
+                pg.max_connections = Some(max.max(2));
+                pg.migrate = true;
+            }
+            StoreUrl::Redis(r) => {
+                r.prefix.get_or_insert_with(|| self.redis_prefix.clone());
+            }
+            _ => {}
+        }
+        url
+    }
+}
+
 /// An opened store and ledger, ready to serve.
 pub struct Backend {
     router: Router,
     name: &'static str,
     description: Vec<String>,
     exactly_once: bool,
+    _store: Opened,
     _temp: Option<TempDir>,
 }
 
@@ -181,10 +130,11 @@ impl Backend {
     /// - SQLite: one file (created if absent) holds both the idempotency
     ///   records and the ledger; a temporary directory, removed when the
     ///   backend is dropped, for `sqlite://`.
-    /// - PostgreSQL: the schema `options.pg_schema` holds both; nothing
-    ///   outside it is touched.
-    /// - Redis: records under `options.redis_prefix`; the ledger is the
-    ///   SQLite file `options.ledger` (a temporary one by default).
+    /// - PostgreSQL: the schema (the URL's `schema`, else
+    ///   `options.pg_schema`) holds both; nothing outside it is touched.
+    /// - Redis (standalone or cluster) and memory: records under the URL's
+    ///   `prefix` (else `options.redis_prefix`); the ledger is the SQLite
+    ///   file `options.ledger` (a temporary one by default).
     /// - With `options.effect_log`, that file is opened for appending (created
     ///   if absent) and every charge appends its line to it first.
     pub async fn open(url: &StoreUrl, options: &BackendOptions) -> Result<Self, DemoError> {
@@ -199,7 +149,7 @@ impl Backend {
             })?),
             None => None,
         };
-        let mut backend = Self::open_store(url, options, effects.clone()).await?;
+        let mut backend = Self::open_store(&options.apply(url), options, effects.clone()).await?;
         if let Some(effects) = &effects {
             backend.description.push(format!(
                 "external effect: each charge appends `<tenant> <key> <payment id>` to {} before the ledger write (outside the store's transaction: at least once on a crash)",
@@ -215,16 +165,10 @@ impl Backend {
         effects: Option<EffectLog>,
     ) -> Result<Self, DemoError> {
         let policy = Policy::default().with_lease(options.lease);
-        match url {
-            StoreUrl::Sqlite(path) => {
-                let (path, temp) = match path {
-                    Some(path) => (path.clone(), None),
-                    None => {
-                        let dir = tempfile::Builder::new().prefix("idem-demo-").tempdir()?;
-                        (dir.path().join("idem-demo.db"), Some(dir))
-                    }
-                };
-                let store = SqliteStore::open(&path)?;
+        let opened = url.open().await?;
+        match opened.store().clone() {
+            AnyStore::Sqlite(store) => {
+                let path = store.path().map(Path::to_path_buf).unwrap_or_default();
                 let ledger = SqliteLedger::new(store.clone()).await?;
                 let engine = Arc::new(Engine::new(store).with_policy(policy)?);
                 Ok(Self {
@@ -235,23 +179,15 @@ impl Backend {
                         "ledger: table `payments` in the same file; each charge commits in the same transaction as its idempotency record (exactly once)".to_string(),
                     ],
                     exactly_once: true,
-                    _temp: temp,
+                    _store: opened,
+                    _temp: None,
                 })
             }
-            StoreUrl::Postgres(url) => {
-                let pool = PostgresStore::pool_options()
-                    .max_connections(options.pg_max_connections.max(2))
-                    .acquire_timeout(Duration::from_secs(5))
-                    .connect(url)
-                    .await?;
-                let records = PgTableName::new(&options.pg_schema, "idempotency_records")?;
-                let payments = PgTableName::new(&options.pg_schema, "payments")?;
-                let store = PostgresStore::with_table(pool.clone(), records.clone());
-                store.migrate().await.map_err(|source| DemoError::Store {
-                    backend: "postgres",
-                    source,
-                })?;
-                let ledger = PostgresLedger::new(pool, store.clone(), &payments).await?;
+            AnyStore::Postgres(store) => {
+                let records = store.table().clone();
+                let payments = PgTableName::new(records.schema(), "payments")?;
+                let ledger =
+                    PostgresLedger::new(store.pool().clone(), store.clone(), &payments).await?;
                 let engine = Arc::new(Engine::new(store).with_policy(policy)?);
                 Ok(Self {
                     router: app::router(
@@ -263,24 +199,17 @@ impl Backend {
                     ),
                     name: "postgres",
                     description: vec![
-                        format!("store: PostgreSQL {}, table {records}", redact(url)),
+                        format!("store: {url}, table {records}"),
                         format!(
                             "ledger: table {payments} in the same database; each charge commits in the same transaction as its idempotency record (exactly once)"
                         ),
                     ],
                     exactly_once: true,
+                    _store: opened,
                     _temp: None,
                 })
             }
-            StoreUrl::Redis(url) => {
-                let config = RedisConfig::new().with_prefix(options.redis_prefix.clone());
-                let store =
-                    RedisStore::connect(url, config)
-                        .await
-                        .map_err(|source| DemoError::Store {
-                            backend: "redis",
-                            source,
-                        })?;
+            store => {
                 let (path, temp) = match &options.ledger {
                     Some(path) => (path.clone(), None),
                     None => {
@@ -289,22 +218,29 @@ impl Backend {
                     }
                 };
                 let ledger = FileLedger::open(&path).await?;
-                let engine = Arc::new(Engine::new(store).with_policy(policy)?);
+                let (name, records) = match &store {
+                    AnyStore::Redis(r) => (
+                        "redis",
+                        format!("store: {url}, key prefix {:?}", r.prefix()),
+                    ),
+                    _ => (
+                        "memory",
+                        "store: memory://, in this process (gone when it exits)".to_string(),
+                    ),
+                };
+                let engine = Arc::new(Engine::new(opened.erased()).with_policy(policy)?);
                 Ok(Self {
-                    router: app::router(engine, Arc::new(ledger), options.crash, effects, "redis"),
-                    name: "redis",
+                    router: app::router(engine, Arc::new(ledger), options.crash, effects, name),
+                    name,
                     description: vec![
+                        records,
                         format!(
-                            "store: Redis {}, key prefix {:?}",
-                            redact(url),
-                            options.redis_prefix
-                        ),
-                        format!(
-                            "ledger: SQLite file {} (NOT in Redis's transaction: a crash between the charge and the completion of the key charges again once the lease lapses — the at-least-once window)",
+                            "ledger: SQLite file {} (NOT in the store's transaction: a crash between the charge and the completion of the key charges again once the lease lapses — the at-least-once window)",
                             path.display()
                         ),
                     ],
                     exactly_once: false,
+                    _store: opened,
                     _temp: temp,
                 })
             }
@@ -316,7 +252,7 @@ impl Backend {
         self.router.clone()
     }
 
-    /// `sqlite`, `postgres` or `redis`.
+    /// `sqlite`, `postgres`, `redis` or `memory`.
     pub fn name(&self) -> &'static str {
         self.name
     }
@@ -333,320 +269,6 @@ impl Backend {
     }
 }
 
-// ---------------------------------------------------------------------------
-// SQLite ledgers
-
-const SQLITE_LEDGER_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS payments (\
-        seq INTEGER PRIMARY KEY, \
-        id TEXT NOT NULL UNIQUE, \
-        tenant TEXT NOT NULL, \
-        idempotency_key TEXT NOT NULL, \
-        amount INTEGER NOT NULL, \
-        currency TEXT NOT NULL, \
-        customer TEXT NOT NULL, \
-        created_at TEXT NOT NULL); \
-    CREATE INDEX IF NOT EXISTS payments_tenant ON payments (tenant, seq);";
-
-fn sqlite_insert(conn: &Connection, tenant: &str, p: &Payment) -> Result<(), LedgerError> {
-    let amount = i64::try_from(p.amount).map_err(|_| LedgerError::Row("amount".into()))?;
-    conn.execute(
-        "INSERT INTO payments (id, tenant, idempotency_key, amount, currency, customer, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        (
-            &p.id,
-            tenant,
-            &p.idempotency_key,
-            amount,
-            &p.currency,
-            &p.customer,
-            &p.created_at,
-        ),
-    )?;
-    Ok(())
-}
-
-fn sqlite_list(conn: &Connection, tenant: &str) -> Result<Vec<Payment>, LedgerError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT id, amount, currency, customer, idempotency_key, created_at \
-         FROM payments WHERE tenant = ?1 ORDER BY seq",
-    )?;
-    let rows = statement.query_map([tenant], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, i64>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, String>(3)?,
-            row.get::<_, String>(4)?,
-            row.get::<_, String>(5)?,
-        ))
-    })?;
-    let mut payments = Vec::new();
-    for row in rows {
-        let (id, amount, currency, customer, idempotency_key, created_at) = row?;
-        payments.push(Payment {
-            amount: u64::try_from(amount)
-                .map_err(|_| LedgerError::Row(format!("payment {id}: negative amount")))?,
-            id,
-            currency,
-            customer,
-            idempotency_key,
-            created_at,
-        });
-    }
-    Ok(payments)
-}
-
-/// The ledger in the idempotency store's own SQLite file, written through
-/// the store's writer connection, one transaction per charge.
-struct SqliteLedger {
-    store: SqliteStore,
-}
-
-impl SqliteLedger {
-    async fn new(store: SqliteStore) -> Result<Self, LedgerError> {
-        store
-            .transaction(|tx| -> Result<(), SqliteError> {
-                Ok(tx.execute_batch(SQLITE_LEDGER_SCHEMA)?)
-            })
-            .await?;
-        Ok(Self { store })
-    }
-}
-
-#[async_trait]
-impl Ledger for SqliteLedger {
-    fn transactional(&self) -> bool {
-        true
-    }
-
-    async fn charge(
-        &self,
-        tenant: &str,
-        payment: &Payment,
-        completion: Option<&Transition>,
-        delay: Duration,
-        crash: CrashPlan,
-    ) -> Result<(), LedgerError> {
-        // The card network call happens before the transaction: SQLite has
-        // one writer, and a transaction held open for `delay` would hold up
-        // every other request.
-        tokio::time::sleep(delay).await;
-        let (store, tenant, payment, completion) = (
-            self.store.clone(),
-            tenant.to_string(),
-            payment.clone(),
-            completion.cloned(),
-        );
-        self.store
-            .transaction(move |tx| -> Result<(), LedgerError> {
-                sqlite_insert(tx, &tenant, &payment)?;
-                CrashPlan::maybe_crash(crash.in_charge, "inside the charge transaction");
-                if let Some(completion) = &completion {
-                    store.apply_in(tx, completion)?;
-                }
-                Ok(())
-            })
-            .await
-    }
-
-    async fn list(&self, tenant: &str) -> Result<Vec<Payment>, LedgerError> {
-        let tenant = tenant.to_string();
-        self.store
-            .transaction(move |tx| sqlite_list(tx, &tenant))
-            .await
-    }
-}
-
-/// A ledger in a SQLite file of its own (with the Redis store): the charge
-/// commits on its own, before the key is completed in Redis.
-struct FileLedger {
-    conn: Arc<Mutex<Connection>>,
-}
-
-impl FileLedger {
-    async fn open(path: &Path) -> Result<Self, LedgerError> {
-        let path = path.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, LedgerError> {
-            let conn = Connection::open(&path)?;
-            conn.busy_timeout(Duration::from_secs(5))?;
-            let _mode: Option<String> = conn
-                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-                .optional()?;
-            conn.execute_batch("PRAGMA synchronous = FULL;")?;
-            conn.execute_batch(SQLITE_LEDGER_SCHEMA)?;
-            Ok(conn)
-        })
-        .await??;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
-    }
-
-    async fn with_conn<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<R, LedgerError> + Send + 'static,
-    ) -> Result<R, LedgerError> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut conn)
-        })
-        .await?
-    }
-}
-
-#[async_trait]
-impl Ledger for FileLedger {
-    fn transactional(&self) -> bool {
-        false
-    }
-
-    async fn charge(
-        &self,
-        tenant: &str,
-        payment: &Payment,
-        _completion: Option<&Transition>,
-        delay: Duration,
-        crash: CrashPlan,
-    ) -> Result<(), LedgerError> {
-        tokio::time::sleep(delay).await;
-        let (tenant, payment) = (tenant.to_string(), payment.clone());
-        self.with_conn(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            sqlite_insert(&tx, &tenant, &payment)?;
-            CrashPlan::maybe_crash(crash.in_charge, "inside the charge transaction");
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn list(&self, tenant: &str) -> Result<Vec<Payment>, LedgerError> {
-        let tenant = tenant.to_string();
-        self.with_conn(move |conn| sqlite_list(conn, &tenant)).await
-    }
-}
-
-// ---------------------------------------------------------------------------
-// PostgreSQL ledger
-
-/// The ledger in the idempotency store's PostgreSQL schema; each charge and
-/// its idempotency record commit in one transaction.
-struct PostgresLedger {
-    pool: PgPool,
-    store: PostgresStore,
-    insert: String,
-    list: String,
-}
-
-impl PostgresLedger {
-    async fn new(
-        pool: PgPool,
-        store: PostgresStore,
-        table: &PgTableName,
-    ) -> Result<Self, LedgerError> {
-        // Identifiers come from a validated `TableName` (quoted by Display).
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(table.to_string())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {table} (\
-                seq BIGSERIAL PRIMARY KEY, \
-                id TEXT NOT NULL UNIQUE, \
-                tenant TEXT NOT NULL, \
-                idempotency_key TEXT NOT NULL, \
-                amount BIGINT NOT NULL, \
-                currency TEXT NOT NULL, \
-                customer TEXT NOT NULL, \
-                created_at TEXT NOT NULL)"
-        )))
-        .execute(&mut *tx)
-        .await?;
-        let index = format!("\"{}_tenant\"", table.table());
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE INDEX IF NOT EXISTS {index} ON {table} (tenant, seq)"
-        )))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Self {
-            pool,
-            store,
-            insert: format!(
-                "INSERT INTO {table} (id, tenant, idempotency_key, amount, currency, customer, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            ),
-            list: format!(
-                "SELECT id, amount, currency, customer, idempotency_key, created_at \
-                 FROM {table} WHERE tenant = $1 ORDER BY seq"
-            ),
-        })
-    }
-}
-
-#[async_trait]
-impl Ledger for PostgresLedger {
-    fn transactional(&self) -> bool {
-        true
-    }
-
-    async fn charge(
-        &self,
-        tenant: &str,
-        payment: &Payment,
-        completion: Option<&Transition>,
-        delay: Duration,
-        crash: CrashPlan,
-    ) -> Result<(), LedgerError> {
-        let amount =
-            i64::try_from(payment.amount).map_err(|_| LedgerError::Row("amount".into()))?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(AssertSqlSafe(self.insert.clone()))
-            .bind(&payment.id)
-            .bind(tenant)
-            .bind(&payment.idempotency_key)
-            .bind(amount)
-            .bind(&payment.currency)
-            .bind(&payment.customer)
-            .bind(&payment.created_at)
-            .execute(&mut *tx)
-            .await?;
-        // The card network call, while the payment row is written but not
-        // committed: a crash now rolls it back with the transaction.
-        tokio::time::sleep(delay).await;
-        CrashPlan::maybe_crash(crash.in_charge, "inside the charge transaction");
-        if let Some(completion) = completion {
-            self.store.apply_in(&mut tx, completion).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn list(&self, tenant: &str) -> Result<Vec<Payment>, LedgerError> {
-        let rows = sqlx::query(AssertSqlSafe(self.list.clone()))
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter()
-            .map(|row| {
-                let id: String = row.try_get(0)?;
-                let amount: i64 = row.try_get(1)?;
-                Ok(Payment {
-                    amount: u64::try_from(amount)
-                        .map_err(|_| LedgerError::Row(format!("payment {id}: negative amount")))?,
-                    id,
-                    currency: row.try_get(2)?,
-                    customer: row.try_get(3)?,
-                    idempotency_key: row.try_get(4)?,
-                    created_at: row.try_get(5)?,
-                })
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -654,32 +276,31 @@ mod tests {
 
     #[test]
     fn store_urls() {
-        assert_eq!(
-            StoreUrl::parse("sqlite://").unwrap(),
-            StoreUrl::Sqlite(None)
-        );
-        assert_eq!(
-            StoreUrl::parse("sqlite://data/app.db").unwrap(),
-            StoreUrl::Sqlite(Some("data/app.db".into()))
-        );
-        assert_eq!(
-            StoreUrl::parse("sqlite:///tmp/app.db").unwrap(),
-            StoreUrl::Sqlite(Some("/tmp/app.db".into()))
-        );
-        assert_eq!(
-            StoreUrl::parse("postgres://u@h/db").unwrap().backend(),
-            "postgres"
-        );
-        assert_eq!(
-            StoreUrl::parse("redis://127.0.0.1:6379").unwrap().backend(),
-            "redis"
-        );
-        assert!(StoreUrl::parse("mysql://x").is_err());
-        assert!(StoreUrl::parse("payments.db").is_err());
-        let shown = StoreUrl::parse("postgres://bob:secret@h:5432/db")
-            .unwrap()
-            .to_string();
-        assert_eq!(shown, "postgres://bob:***@h:5432/db");
+        let options = BackendOptions::default();
+        // The demo's defaults where the URL sets nothing…
+        let StoreUrl::Postgres(pg) =
+            options.apply(&StoreUrl::parse("postgres://u@h/db?migrate=false").unwrap())
+        else {
+            panic!("not postgres")
+        };
+        assert_eq!(pg.schema.as_deref(), Some(DEFAULT_PG_SCHEMA));
+        assert_eq!(pg.max_connections, Some(16));
+        assert!(pg.migrate, "the demo always creates its tables");
+        let StoreUrl::Redis(r) = options.apply(&StoreUrl::parse("redis://h:6379").unwrap()) else {
+            panic!("not redis")
+        };
+        assert_eq!(r.prefix.as_deref(), Some(DEFAULT_REDIS_PREFIX));
+        // …and the URL's where it does.
+        let StoreUrl::Postgres(pg) = options
+            .apply(&StoreUrl::parse("postgres://u@h/db?schema=billing&max_connections=1").unwrap())
+        else {
+            panic!("not postgres")
+        };
+        assert_eq!(pg.schema.as_deref(), Some("billing"));
+        assert_eq!(pg.max_connections, Some(2), "at least 2 connections");
+        let url = StoreUrl::parse("sqlite://data/app.db").unwrap();
+        assert_eq!(options.apply(&url), url);
+        // A bad URL is refused with its reason, password hidden.
         let err = StoreUrl::parse("ftp://bob:secret@h/")
             .unwrap_err()
             .to_string();

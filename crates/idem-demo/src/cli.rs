@@ -48,10 +48,13 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The store: `sqlite://PATH` (`sqlite://` = a file in a temporary
-    /// directory), `postgres://USER@HOST:PORT/DB`, `redis://HOST:PORT`.
-    /// With SQLite and PostgreSQL the payments ledger is in the same database
-    /// and each charge commits with its idempotency record; with Redis the
-    /// ledger is a separate SQLite file (at-least-once window on crashes).
+    /// directory), `postgres://USER@HOST:PORT/DB`, `redis://HOST:PORT`,
+    /// `redis+cluster://HOST:PORT,HOST:PORT`, `memory://`; store options as
+    /// query parameters (`?durability=normal`, `?schema=billing`, …; see the
+    /// idemkit crate). With SQLite and PostgreSQL the payments ledger is in
+    /// the same database and each charge commits with its idempotency
+    /// record; otherwise the ledger is a separate SQLite file (at-least-once
+    /// window on crashes).
     #[arg(long, value_name = "URL", default_value = "sqlite://")]
     pub store: String,
     /// The idempotency lease: how long a claim holds without a heartbeat
@@ -60,17 +63,19 @@ pub struct StoreArgs {
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub lease_ms: u64,
     /// PostgreSQL: the schema of the demo's tables (created if absent; nothing
-    /// else is touched).
+    /// else is touched), unless the URL sets `schema`.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_PG_SCHEMA)]
     pub pg_schema: String,
-    /// PostgreSQL: the largest connection pool.
+    /// PostgreSQL: the largest connection pool, unless the URL sets
+    /// `max_connections`.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub pg_max_connections: u32,
-    /// Redis: the key prefix of the demo's records.
+    /// Redis: the key prefix of the demo's records, unless the URL sets
+    /// `prefix`.
     #[arg(long, value_name = "PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
     pub redis_prefix: String,
-    /// Redis: the SQLite file of the payments ledger (default: in a temporary
-    /// directory, gone when the process exits).
+    /// Redis and memory: the SQLite file of the payments ledger (default: in
+    /// a temporary directory, gone when the process exits).
     #[arg(long, value_name = "PATH")]
     pub ledger: Option<PathBuf>,
     /// An external effect outside the store's transaction: before each

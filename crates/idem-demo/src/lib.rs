@@ -14,8 +14,8 @@
 //!
 //! - [`app`]: the axum service (`POST /payments`, `GET /payments`,
 //!   `GET /health`) and its ledgers.
-//! - [`backend`]: the store URL (`sqlite://`, `postgres://`, `redis://`) and
-//!   opening the store and the ledger it goes with.
+//! - [`backend`]: opening the store a URL names (`sqlite://`, `postgres://`,
+//!   `redis://`, …, parsed by [`idemkit`]) and the ledger it goes with.
 //! - [`server`]: binding and running the service.
 //! - [`storm`]: the retry storm client.
 //! - [`report`]: what the storm observed, and its table.
@@ -49,13 +49,8 @@ pub use storm::{Scenario, StormConfig};
 #[non_exhaustive]
 pub enum DemoError {
     /// The `--store` URL is not one the demo understands.
-    #[error("invalid store URL {url:?}: {reason}")]
-    InvalidStoreUrl {
-        /// The URL given.
-        url: String,
-        /// Why it was refused.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidStoreUrl(#[from] idemkit::StoreUrlError),
     /// An option is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -63,14 +58,8 @@ pub enum DemoError {
     #[error(transparent)]
     Policy(#[from] idem_core::PolicyError),
     /// The idempotency store could not be opened.
-    #[error("could not open the {backend} store: {source}")]
-    Store {
-        /// `sqlite`, `postgres` or `redis`.
-        backend: &'static str,
-        /// The store's error.
-        #[source]
-        source: idem_core::StoreError,
-    },
+    #[error(transparent)]
+    Store(#[from] idemkit::OpenError),
     /// SQLite failed while opening the store or the ledger.
     #[error("SQLite: {0}")]
     Sqlite(#[from] idem_sqlite::SqliteError),
@@ -79,7 +68,7 @@ pub enum DemoError {
     Postgres(#[from] sqlx::Error),
     /// The PostgreSQL schema name is not a valid identifier.
     #[error("invalid PostgreSQL schema name: {0}")]
-    SchemaName(#[from] idem_postgres::NameError),
+    SchemaName(#[from] idem_core::store::TableNameError),
     /// The ledger failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),

@@ -7,22 +7,24 @@
 //! it meant to pay: a key charged twice is a duplicate, a key never charged
 //! is lost, an answer that differs from another attempt's, or from the
 //! payment charged, is inconsistent.
+//!
+//! The configuration, the scenarios and the run are here; the clients in
+//! `storm/client.rs`; the final count in `storm/tally.rs`.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+mod client;
+mod tally;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use reqwest::StatusCode;
-use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::DemoError;
-use crate::app::Payment;
 use crate::backend::{Backend, BackendOptions, StoreUrl};
-use crate::report::{ScenarioStats, StormReport};
+use crate::report::StormReport;
 use crate::server::RunningServer;
+use client::{Observed, drive};
 
 /// How big a storm to run.
 #[derive(Clone, Copy, Debug)]
@@ -151,27 +153,6 @@ impl Scenario {
     }
 }
 
-/// Per-scenario counters.
-#[derive(Default)]
-struct Counters {
-    attempts: AtomicU64,
-    replays: AtomicU64,
-    conflicts: AtomicU64,
-    mismatches: AtomicU64,
-    unavailable: AtomicU64,
-    timeouts: AtomicU64,
-    inconsistent: AtomicU64,
-}
-
-/// Everything the clients record.
-#[derive(Default)]
-struct Observed {
-    scenarios: [Counters; 5],
-    latencies: Mutex<Vec<Duration>>,
-    /// (tenant, key) → the payment the final answers named.
-    answers: Mutex<HashMap<(String, String), Payment>>,
-}
-
 /// One planned logical payment.
 #[derive(Clone, Debug)]
 struct Plan {
@@ -276,259 +257,5 @@ pub async fn run(base: &str, config: StormConfig) -> Result<StormReport, DemoErr
     }
     progress.finish_and_clear();
     let elapsed = started.elapsed();
-
-    // What the server charged, per tenant and key.
-    let mut charged: HashMap<(String, String), Vec<Payment>> = HashMap::new();
-    let tenants: BTreeSet<&str> = plans.iter().map(|p| p.tenant.as_str()).collect();
-    for tenant in tenants {
-        let response = client
-            .get(format!("{base}/payments"))
-            .bearer_auth(tenant)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            return Err(DemoError::Storm(format!(
-                "GET /payments answered {}",
-                response.status()
-            )));
-        }
-        let payments: Vec<Payment> = response.json().await?;
-        for p in payments {
-            charged
-                .entry((tenant.to_string(), p.idempotency_key.clone()))
-                .or_default()
-                .push(p);
-        }
-    }
-
-    let answers = std::mem::take(
-        &mut *observed
-            .answers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
-    let mut stats: [ScenarioStats; 5] = Default::default();
-    for plan in &plans {
-        let s = &mut stats[plan.scenario.index()];
-        s.logical_payments += 1;
-        let id = (plan.tenant.clone(), plan.key.clone());
-        let rows = charged.remove(&id).unwrap_or_default();
-        s.charges += rows.len() as u64;
-        s.duplicates += rows.len().saturating_sub(1) as u64;
-        if rows.is_empty() {
-            s.lost += 1;
-        }
-        // The answer the client got is the payment charged, with the
-        // original payload (never the changed one).
-        let matches = match (rows.as_slice(), answers.get(&id)) {
-            ([row], Some(answer)) => {
-                row == answer && row.amount == plan.amount && row.customer == plan.customer
-            }
-            _ => false,
-        };
-        if !matches {
-            s.inconsistent += 1;
-        }
-    }
-    let unexpected = charged.values().map(|rows| rows.len() as u64).sum();
-
-    for scenario in Scenario::ALL {
-        let c = &observed.scenarios[scenario.index()];
-        let s = &mut stats[scenario.index()];
-        s.attempts = c.attempts.load(Ordering::SeqCst);
-        s.replays = c.replays.load(Ordering::SeqCst);
-        s.conflicts = c.conflicts.load(Ordering::SeqCst);
-        s.mismatches = c.mismatches.load(Ordering::SeqCst);
-        s.unavailable = c.unavailable.load(Ordering::SeqCst);
-        s.timeouts = c.timeouts.load(Ordering::SeqCst);
-        s.inconsistent += c.inconsistent.load(Ordering::SeqCst);
-    }
-
-    let mut latencies = std::mem::take(
-        &mut *observed
-            .latencies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
-    latencies.sort();
-    let pick = |q: f64| {
-        let last = latencies.len().saturating_sub(1) as f64;
-        latencies
-            .get((last * q).round() as usize)
-            .copied()
-            .unwrap_or_default()
-    };
-    Ok(StormReport {
-        scenarios: Scenario::ALL
-            .iter()
-            .map(|s| (*s, stats[s.index()].clone()))
-            .collect(),
-        unexpected,
-        p50: pick(0.5),
-        p99: pick(0.99),
-        elapsed,
-    })
-}
-
-/// An answer the client got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Answer {
-    status: StatusCode,
-    body: String,
-}
-
-/// Sends one request; `None` on a client timeout or a connection error.
-async fn send(
-    client: &reqwest::Client,
-    base: &str,
-    plan: &Plan,
-    body: &serde_json::Value,
-    timeout: Option<Duration>,
-    observed: &Observed,
-) -> Option<Answer> {
-    let counters = &observed.scenarios[plan.scenario.index()];
-    counters.attempts.fetch_add(1, Ordering::SeqCst);
-    let mut request = client
-        .post(format!("{base}/payments"))
-        .bearer_auth(&plan.tenant)
-        .header("Idempotency-Key", format!("\"{}\"", plan.key))
-        .json(body);
-    if let Some(timeout) = timeout {
-        request = request.timeout(timeout);
-    }
-    let started = Instant::now();
-    let result = async {
-        let response = request.send().await?;
-        let replayed = response.headers().get("idempotent-replayed").is_some();
-        let status = response.status();
-        let body = response.text().await?;
-        Ok::<_, reqwest::Error>((status, replayed, body))
-    }
-    .await;
-    observed
-        .latencies
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(started.elapsed());
-    let (status, replayed, body) = match result {
-        Ok(r) => r,
-        Err(_) => {
-            counters.timeouts.fetch_add(1, Ordering::SeqCst);
-            return None;
-        }
-    };
-    if replayed {
-        counters.replays.fetch_add(1, Ordering::SeqCst);
-    }
-    let counter = match status {
-        StatusCode::CONFLICT => Some(&counters.conflicts),
-        StatusCode::UNPROCESSABLE_ENTITY => Some(&counters.mismatches),
-        StatusCode::SERVICE_UNAVAILABLE => Some(&counters.unavailable),
-        _ => None,
-    };
-    if let Some(counter) = counter {
-        counter.fetch_add(1, Ordering::SeqCst);
-    }
-    Some(Answer { status, body })
-}
-
-/// Retries (same key, same body) until a final answer: 2xx, or 4xx other
-/// than 409 and 429. `None` if none came.
-async fn until_final(
-    client: &reqwest::Client,
-    base: &str,
-    plan: &Plan,
-    body: &serde_json::Value,
-    observed: &Observed,
-) -> Option<Answer> {
-    for attempt in 0..400u64 {
-        match send(client, base, plan, body, None, observed).await {
-            Some(a) if a.status.is_success() => return Some(a),
-            Some(a)
-                if a.status.is_client_error()
-                    && a.status != StatusCode::CONFLICT
-                    && a.status != StatusCode::TOO_MANY_REQUESTS =>
-            {
-                return Some(a);
-            }
-            // 409, 5xx, or a lost connection: back off a little and retry.
-            _ => tokio::time::sleep(Duration::from_millis(5 + attempt.min(20) * 5)).await,
-        }
-    }
-    None
-}
-
-async fn drive(
-    client: &reqwest::Client,
-    base: &str,
-    plan: &Plan,
-    observed: &Observed,
-    config: StormConfig,
-) {
-    let counters = &observed.scenarios[plan.scenario.index()];
-    let body = json!({"amount": plan.amount, "currency": "EUR", "customer": plan.customer});
-    let mut answers = Vec::new();
-    match plan.scenario {
-        Scenario::DoubleClick | Scenario::TwoTenants => {
-            let clicks =
-                (0..config.double_clicks).map(|_| until_final(client, base, plan, &body, observed));
-            answers.extend(futures_util::future::join_all(clicks).await);
-        }
-        Scenario::TimeoutThenRetry => {
-            let slow = json!({
-                "amount": plan.amount, "currency": "EUR", "customer": plan.customer,
-                "delay_ms": config.slow_charge.as_millis() as u64,
-            });
-            // The client gives up early; the charge goes on server-side.
-            if let Some(answer) = send(
-                client,
-                base,
-                plan,
-                &slow,
-                Some(config.client_timeout),
-                observed,
-            )
-            .await
-            {
-                // Answered within the timeout after all: it counts.
-                if answer.status.is_success() {
-                    answers.push(Some(answer));
-                }
-            }
-            answers.push(until_final(client, base, plan, &slow, observed).await);
-            answers.push(until_final(client, base, plan, &slow, observed).await);
-        }
-        Scenario::TransientFailure => {
-            let flaky = json!({
-                "amount": plan.amount, "currency": "EUR", "customer": plan.customer,
-                "fail": "transient",
-            });
-            answers.push(until_final(client, base, plan, &flaky, observed).await);
-            answers.push(until_final(client, base, plan, &flaky, observed).await);
-        }
-        Scenario::PayloadChanged => {
-            answers.push(until_final(client, base, plan, &body, observed).await);
-            let changed =
-                json!({"amount": plan.amount + 1, "currency": "EUR", "customer": plan.customer});
-            let reuse = until_final(client, base, plan, &changed, observed).await;
-            if reuse.as_ref().map(|a| a.status) != Some(StatusCode::UNPROCESSABLE_ENTITY) {
-                counters.inconsistent.fetch_add(1, Ordering::SeqCst);
-            }
-            answers.push(until_final(client, base, plan, &body, observed).await);
-        }
-    }
-    // Every attempt of one logical payment must end with the same 201.
-    let first = answers.first().cloned().flatten();
-    let consistent = first.as_ref().is_some_and(|f| f.status.is_success())
-        && answers.iter().all(|a| a.as_ref() == first.as_ref());
-    let payment = first.and_then(|a| serde_json::from_str::<Payment>(&a.body).ok());
-    // Without a consistent answer nothing is recorded, and the final count
-    // finds the payment inconsistent.
-    if let Some(payment) = payment.filter(|_| consistent) {
-        observed
-            .answers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert((plan.tenant.clone(), plan.key.clone()), payment);
-    }
+    tally::count(&client, &base, &plans, &observed, elapsed).await
 }

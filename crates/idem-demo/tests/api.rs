@@ -16,7 +16,7 @@ struct Demo {
 impl Demo {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let url = StoreUrl::Sqlite(Some(dir.path().join("api.db")));
+        let url = StoreUrl::sqlite(dir.path().join("api.db"));
         let backend = Backend::open(&url, &BackendOptions::default())
             .await
             .unwrap();
@@ -46,6 +46,14 @@ impl Demo {
         request
     }
 
+    /// A payment request of `tenant` under `key`, sent.
+    async fn pay(&self, tenant: &str, key: &str, body: &str) -> reqwest::Response {
+        self.post(Some(tenant), Some(key), body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn list(&self, tenant: &str) -> Vec<Payment> {
         let response = self
             .client
@@ -73,6 +81,17 @@ impl Demo {
 
 const BODY: &str = r#"{"amount": 1250, "currency": "EUR", "customer": "c1"}"#;
 
+/// Asserts a 201 answer, replayed or not, and returns its payment.
+async fn created(response: reqwest::Response, replayed: bool) -> Payment {
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let header = response.headers().get("idempotent-replayed");
+    assert_eq!(
+        header.map(|v| v.to_str().unwrap()),
+        replayed.then_some("true")
+    );
+    response.json().await.unwrap()
+}
+
 async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);
     assert_eq!(
@@ -88,14 +107,7 @@ async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
 #[tokio::test]
 async fn create_replay_and_list() {
     let demo = Demo::start().await;
-    let first = demo
-        .post(Some("acme"), Some("\"k-1\""), BODY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(first.status(), StatusCode::CREATED);
-    assert!(first.headers().get("idempotent-replayed").is_none());
-    let paid: Payment = first.json().await.unwrap();
+    let paid = created(demo.pay("acme", "\"k-1\"", BODY).await, false).await;
     assert!(paid.id.starts_with("pay_"));
     assert_eq!((paid.amount, paid.currency.as_str()), (1250, "EUR"));
     assert_eq!(paid.customer, "c1");
@@ -103,37 +115,22 @@ async fn create_replay_and_list() {
     assert!(paid.created_at.ends_with('Z'));
 
     // The bare token is the same key as the quoted string.
-    let retry = demo
-        .post(Some("acme"), Some("k-1"), BODY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(retry.status(), StatusCode::CREATED);
-    assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    assert_eq!(retry.json::<Payment>().await.unwrap(), paid);
+    let retry = demo.pay("acme", "k-1", BODY).await;
+    assert_eq!(created(retry, true).await, paid);
 
     // Another payload with the key: 422, nothing charged.
     let other = demo
-        .post(
-            Some("acme"),
-            Some("k-1"),
+        .pay(
+            "acme",
+            "k-1",
             r#"{"amount": 9999, "currency": "EUR", "customer": "c1"}"#,
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     problem(other, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(demo.list("acme").await, vec![paid.clone()]);
 
     // Another tenant, same key: a payment of its own.
-    let theirs = demo
-        .post(Some("globex"), Some("k-1"), BODY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(theirs.status(), StatusCode::CREATED);
-    assert!(theirs.headers().get("idempotent-replayed").is_none());
-    let theirs: Payment = theirs.json().await.unwrap();
+    let theirs = created(demo.pay("globex", "k-1", BODY).await, false).await;
     assert_ne!(theirs.id, paid.id);
     assert_eq!(demo.list("globex").await, vec![theirs]);
     assert_eq!(demo.list("acme").await, vec![paid]);
@@ -169,11 +166,7 @@ async fn authentication_and_key_are_required() {
     let missing = demo.post(Some("acme"), None, BODY).send().await.unwrap();
     let body = problem(missing, StatusCode::BAD_REQUEST).await;
     assert!(body["type"].as_str().unwrap().ends_with("missing-key"));
-    let empty = demo
-        .post(Some("acme"), Some("\"\""), BODY)
-        .send()
-        .await
-        .unwrap();
+    let empty = demo.pay("acme", "\"\"", BODY).await;
     problem(empty, StatusCode::BAD_REQUEST).await;
     assert!(demo.list("acme").await.is_empty());
     demo.healthy().await;
@@ -182,77 +175,34 @@ async fn authentication_and_key_are_required() {
 #[tokio::test]
 async fn invalid_bodies_are_problems_never_panics() {
     let demo = Demo::start().await;
-    let cases: &[(&str, StatusCode)] = &[
-        ("", StatusCode::BAD_REQUEST),
-        ("{", StatusCode::BAD_REQUEST),
-        ("\u{0}\u{1}binary", StatusCode::BAD_REQUEST),
-        ("[1, 2]", StatusCode::BAD_REQUEST),
-        ("\"amount\"", StatusCode::BAD_REQUEST),
-        (
-            r#"{"amount": 0, "currency": "EUR", "customer": "c1"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": -5, "currency": "EUR", "customer": "c1"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 1e300, "currency": "EUR", "customer": "c1"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 18446744073709551616, "currency": "EUR", "customer": "c1"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 5, "currency": "euro", "customer": "c1"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 5, "currency": "EUR", "customer": "a\u0000b"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 5, "currency": "EUR"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 5, "currency": "EUR", "customer": "c1", "delay_ms": 30001}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 5, "currency": "EUR", "customer": "c1", "fail": "permanent"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            r#"{"amount": 5, "currency": "EUR", "customer": "c1", "amout": 5}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
+    let unreadable = ["", "{", "\u{0}\u{1}binary", "[1, 2]", "\"amount\""];
+    let invalid = [
+        r#"{"amount": 0, "currency": "EUR", "customer": "c1"}"#,
+        r#"{"amount": -5, "currency": "EUR", "customer": "c1"}"#,
+        r#"{"amount": 1e300, "currency": "EUR", "customer": "c1"}"#,
+        r#"{"amount": 18446744073709551616, "currency": "EUR", "customer": "c1"}"#,
+        r#"{"amount": 5, "currency": "euro", "customer": "c1"}"#,
+        r#"{"amount": 5, "currency": "EUR", "customer": "a\u0000b"}"#,
+        r#"{"amount": 5, "currency": "EUR"}"#,
+        r#"{"amount": 5, "currency": "EUR", "customer": "c1", "delay_ms": 30001}"#,
+        r#"{"amount": 5, "currency": "EUR", "customer": "c1", "fail": "permanent"}"#,
+        r#"{"amount": 5, "currency": "EUR", "customer": "c1", "amout": 5}"#,
     ];
-    for (i, (body, status)) in cases.iter().enumerate() {
+    let unreadable = unreadable.map(|body| (body, StatusCode::BAD_REQUEST));
+    let invalid = invalid.map(|body| (body, StatusCode::UNPROCESSABLE_ENTITY));
+    let cases = unreadable.into_iter().chain(invalid);
+    for (i, (body, status)) in cases.enumerate() {
         let key = format!("bad-{i}");
-        let response = demo
-            .post(Some("acme"), Some(&key), body)
-            .send()
-            .await
-            .unwrap();
-        let problem = problem(response, *status).await;
+        let response = demo.pay("acme", &key, body).await;
+        let problem = problem(response, status).await;
         assert!(problem["detail"].is_string(), "{body}: {problem}");
         // A 4xx is the request's final answer: replayed, still not charged.
-        let again = demo
-            .post(Some("acme"), Some(&key), body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(again.status(), *status, "{body}");
+        let again = demo.pay("acme", &key, body).await;
+        assert_eq!(again.status(), status, "{body}");
         assert_eq!(again.headers()["idempotent-replayed"], "true");
     }
     let huge = "x".repeat(idem_demo::app::MAX_BODY_BYTES + 1);
-    let response = demo
-        .post(Some("acme"), Some("huge"), &huge)
-        .send()
-        .await
-        .unwrap();
+    let response = demo.pay("acme", "huge", &huge).await;
     problem(response, StatusCode::PAYLOAD_TOO_LARGE).await;
     assert!(demo.list("acme").await.is_empty());
     demo.healthy().await;
@@ -263,29 +213,13 @@ async fn transient_failure_charges_on_the_retry_only() {
     let demo = Demo::start().await;
     let body =
         json!({"amount": 10, "currency": "EUR", "customer": "c9", "fail": "transient"}).to_string();
-    let first = demo
-        .post(Some("acme"), Some("t-1"), &body)
-        .send()
-        .await
-        .unwrap();
+    let first = demo.pay("acme", "t-1", &body).await;
     assert!(first.headers().contains_key("retry-after"));
     problem(first, StatusCode::SERVICE_UNAVAILABLE).await;
     assert!(demo.list("acme").await.is_empty(), "a 503 charged nothing");
-    let retry = demo
-        .post(Some("acme"), Some("t-1"), &body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(retry.status(), StatusCode::CREATED);
-    assert!(retry.headers().get("idempotent-replayed").is_none());
-    let paid: Payment = retry.json().await.unwrap();
-    let again = demo
-        .post(Some("acme"), Some("t-1"), &body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(again.json::<Payment>().await.unwrap(), paid);
+    let paid = created(demo.pay("acme", "t-1", &body).await, false).await;
+    let again = demo.pay("acme", "t-1", &body).await;
+    assert_eq!(created(again, true).await, paid);
     assert_eq!(demo.list("acme").await, vec![paid]);
 }
 
@@ -301,23 +235,14 @@ async fn a_slow_charge_survives_its_client_and_answers_409_then_the_replay() {
         .await;
     assert!(timed_out.unwrap_err().is_timeout());
     // The charge goes on server-side: the retry hears 409 until it is done.
-    let retry = demo
-        .post(Some("acme"), Some("s-1"), &body)
-        .send()
-        .await
-        .unwrap();
+    let retry = demo.pay("acme", "s-1", &body).await;
     assert!(retry.headers().contains_key("retry-after"));
     problem(retry, StatusCode::CONFLICT).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let paid = loop {
-        let response = demo
-            .post(Some("acme"), Some("s-1"), &body)
-            .send()
-            .await
-            .unwrap();
+        let response = demo.pay("acme", "s-1", &body).await;
         if response.status() == StatusCode::CREATED {
-            assert_eq!(response.headers()["idempotent-replayed"], "true");
-            break response.json::<Payment>().await.unwrap();
+            break created(response, true).await;
         }
         assert_eq!(response.status(), StatusCode::CONFLICT);
         assert!(std::time::Instant::now() < deadline, "never completed");

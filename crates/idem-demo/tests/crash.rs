@@ -28,14 +28,15 @@
 //! crash, which never finishes a key.
 //!
 //! PostgreSQL and Redis are IGNORED with a banner when unreachable and FAIL
-//! under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`. Each run uses its own temp
-//! dir / schema / key prefix, removed at the end.
+//! under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`. Each run's store is
+//! idem-testkit's isolated one (its own file / schema / key prefix, removed
+//! at the end), with a temporary directory for the logs.
 //!
 //! Knobs (environment): `IDEM_CRASH_KILLS` (SIGKILLs per SQL backend,
 //! default 200, never below 200 under CI), `IDEM_CRASH_REDIS_KILLS` (default 60).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -43,14 +44,16 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use idem_core::{IdempotencyKey, RecordKey, State, Store, Timestamp};
+use idem_core::store::{State, Store};
+use idem_core::{Clock, IdempotencyKey, RecordKey, SystemClock, Timestamp};
 use idem_demo::{Payment, scope_for};
-use idem_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
-use idem_redis::{RedisConfig, RedisStore};
+use idem_postgres::sqlx::{self, AssertSqlSafe};
+use idem_testkit::runner::{self, Suite};
+use idem_testkit::{AnyStore, BackendKind, Isolated};
 use idem_tower::ProblemType;
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::Failed;
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -72,112 +75,54 @@ const PAYMENT_DEADLINE: Duration = Duration::from_secs(90);
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
 fn main() -> std::process::ExitCode {
-    let args = Arguments::from_args();
-    let kills = env_usize("IDEM_CRASH_KILLS", 200);
-    let kills = if idem_conformance::backends_required() {
-        kills.max(200)
-    } else {
-        kills
-    };
+    // Never below 200 under CI.
+    let at_least = if runner::backends_required() { 200 } else { 0 };
+    let kills = env_usize("IDEM_CRASH_KILLS", 200).max(at_least);
     let redis_kills = env_usize("IDEM_CRASH_REDIS_KILLS", 60);
-    let trials = vec![
-        Trial::test("crash::sqlite", move || {
-            common::runtime().block_on(async move {
-                let dir = tempfile::tempdir().unwrap();
-                let db = dir.path().join("payments.db");
-                let target = Target {
-                    backend: Backend::Sqlite { db: db.clone() },
-                    args: vec!["--store".into(), format!("sqlite://{}", db.display())],
-                    dir: dir.path().to_path_buf(),
-                };
-                let figures = run(&target, &Plan::with_aborts(kills)).await?;
-                println!("{figures}");
-                println!("{}", figures.summary());
-                figures.require_exactly_once(kills)
-            })
-        }),
-        Trial::ignorable_test("crash::postgres", move || {
-            common::runtime().block_on(async move {
-                let url = common::postgres_url();
-                if let Err(why) = common::postgres_reachable(&url).await {
-                    return common::unreachable("crash::postgres", &why);
-                }
-                let dir = tempfile::tempdir().unwrap();
-                let schema = common::unique("idem_demo_crash");
-                let target = Target {
-                    backend: Backend::Postgres {
-                        url: url.clone(),
-                        schema: schema.clone(),
-                    },
-                    args: vec![
-                        "--store".into(),
-                        url.clone(),
-                        "--pg-schema".into(),
-                        schema.clone(),
-                        "--pg-max-connections".into(),
-                        "8".into(),
-                    ],
-                    dir: dir.path().to_path_buf(),
-                };
-                let result = run(&target, &Plan::with_aborts(kills)).await;
-                common::drop_postgres_schema(&url, &schema).await;
-                let figures = result?;
-                println!("{figures}");
-                println!("{}", figures.summary());
-                figures.require_exactly_once(kills)?;
-                Ok(Completion::Completed)
-            })
-        }),
-        Trial::ignorable_test("crash::redis", move || {
-            common::runtime().block_on(async move {
-                let url = common::redis_url();
-                if let Err(why) = common::redis_reachable(&url).await {
-                    return common::unreachable("crash::redis", &why);
-                }
-                let mut all = Vec::new();
-                for plan in [Plan::kills_only(redis_kills), Plan::with_aborts(redis_kills / 2)] {
-                    let dir = tempfile::tempdir().unwrap();
-                    let prefix = format!("{}:", common::unique("idem-demo-crash"));
-                    let ledger = dir.path().join("ledger.db");
-                    let target = Target {
-                        backend: Backend::Redis {
-                            url: url.clone(),
-                            prefix: prefix.clone(),
-                        },
-                        args: vec![
-                            "--store".into(),
-                            url.clone(),
-                            "--redis-prefix".into(),
-                            prefix.clone(),
-                            "--ledger".into(),
-                            ledger.display().to_string(),
-                        ],
-                        dir: dir.path().to_path_buf(),
-                    };
-                    let result = run(&target, &plan).await;
-                    common::delete_redis_prefix(&url, &prefix).await;
-                    let figures = result?;
-                    println!("{figures}");
-                    figures.require_at_least_once()?;
-                    all.push(figures);
-                }
-                println!(
-                    "crash[redis]: MEASURED double charges (at-least-once window, not a failure): \
-                     {} after {} SIGKILLs alone; {} after {} SIGKILLs + {} aborts right after the ledger commit",
-                    all[0].extra_charges,
-                    all[0].kills,
-                    all[1].extra_charges,
-                    all[1].kills,
-                    all[1].aborts_after_charge
-                );
-                for figures in &all {
-                    println!("{}", figures.summary());
-                }
-                Ok(Completion::Completed)
-            })
-        }),
-    ];
-    libtest_mimic::run(&args, trials).exit_code()
+    Suite::new("idem-demo (crash)")
+        .with_default_test_threads(support::cores())
+        .each(&support::BACKENDS[..2], "crash", move |kind| async move {
+            support::passed(crash_sql(kind, kills).await);
+        })
+        .on(BackendKind::Redis, "crash", move |_| async move {
+            support::passed(crash_redis(redis_kills).await);
+        })
+        .run()
+}
+
+/// SQLite and PostgreSQL: exactly once through every crash.
+async fn crash_sql(kind: BackendKind, kills: usize) -> Result<(), Failed> {
+    let target = Target::new(kind).await;
+    let figures = run(&target, &Plan::with_aborts(kills)).await?;
+    println!("{figures}");
+    println!("{}", figures.summary());
+    figures.require_exactly_once(kills)
+}
+
+async fn crash_redis(redis_kills: usize) -> Result<(), Failed> {
+    let mut all = Vec::new();
+    for plan in [
+        Plan::kills_only(redis_kills),
+        Plan::with_aborts(redis_kills / 2),
+    ] {
+        let figures = run(&Target::new(BackendKind::Redis).await, &plan).await?;
+        println!("{figures}");
+        figures.require_at_least_once()?;
+        all.push(figures);
+    }
+    println!(
+        "crash[redis]: MEASURED double charges (at-least-once window, not a failure): \
+         {} after {} SIGKILLs alone; {} after {} SIGKILLs + {} aborts right after the ledger commit",
+        all[0].extra_charges,
+        all[0].kills,
+        all[1].extra_charges,
+        all[1].kills,
+        all[1].aborts_after_charge
+    );
+    for figures in &all {
+        println!("{}", figures.summary());
+    }
+    Ok(())
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -187,29 +132,39 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-enum Backend {
-    Sqlite { db: PathBuf },
-    Postgres { url: String, schema: String },
-    Redis { url: String, prefix: String },
-}
-
-impl Backend {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Sqlite { .. } => "sqlite",
-            Self::Postgres { .. } => "postgres",
-            Self::Redis { .. } => "redis",
-        }
-    }
-}
-
 /// One server configuration under test.
 struct Target {
-    backend: Backend,
+    /// The store whose place (file, schema, key prefix) the servers use.
+    isolated: Isolated,
     /// `--store …` and the backend's options.
     args: Vec<String>,
-    /// Temp dir for the server's log.
-    dir: PathBuf,
+    /// The servers' logs (and the Redis ledger).
+    dir: tempfile::TempDir,
+}
+
+impl Target {
+    async fn new(kind: BackendKind) -> Self {
+        let isolated = Isolated::fresh(kind).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, options) = support::demo_store(&isolated, &dir.path().join("ledger.db"));
+        let args = vec![
+            "--store".into(),
+            store,
+            "--pg-schema".into(),
+            options.pg_schema,
+            "--pg-max-connections".into(),
+            "8".into(),
+            "--redis-prefix".into(),
+            options.redis_prefix,
+            "--ledger".into(),
+            options.ledger.unwrap_or_default().display().to_string(),
+        ];
+        Self {
+            isolated,
+            args,
+            dir,
+        }
+    }
 }
 
 /// The fault schedule.
@@ -374,16 +329,15 @@ impl Figures {
         if self.kills < kills as u64 {
             errors.push(format!("only {} kills", self.kills));
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{}: {}", self.backend, errors.join("; ")).into())
-        }
+        self.verdict(errors)
     }
 
     /// Redis: nothing lost or stuck; double charges are measured only.
     fn require_at_least_once(&self) -> Result<(), Failed> {
-        let errors = self.at_least_once_errors();
+        self.verdict(self.at_least_once_errors())
+    }
+
+    fn verdict(&self, errors: Vec<String>) -> Result<(), Failed> {
         if errors.is_empty() {
             Ok(())
         } else {
@@ -392,69 +346,51 @@ impl Figures {
     }
 
     fn at_least_once_errors(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        let mut check = |bad: bool, what: String| {
-            if bad {
-                errors.push(what);
-            }
-        };
-        check(self.lost != 0, format!("lost = {}", self.lost));
-        check(
-            self.unanswered != 0,
-            format!("unanswered = {}", self.unanswered),
-        );
-        check(
-            self.outcome_unknown != 0,
-            format!(
-                "outcome-unknown = {} (a crash alone must never finish a key as outcome-unknown)",
-                self.outcome_unknown
+        // (what, counted): each must be 0.
+        let zero = [
+            ("lost", self.lost),
+            ("unanswered", self.unanswered),
+            (
+                "outcome-unknown (a crash alone must never finish a key as outcome-unknown)",
+                self.outcome_unknown,
             ),
-        );
-        check(
-            self.external_missing != 0,
-            format!(
-                "charges without their external call = {}",
-                self.external_missing
+            ("charges without their external call", self.external_missing),
+            ("unexpected external calls", self.external_unexpected),
+            (
+                "external calls never charged, by a server that did not die",
+                self.external_unexplained,
             ),
-        );
-        check(
-            self.external_unexpected != 0,
-            format!("unexpected external calls = {}", self.external_unexpected),
-        );
-        check(
-            self.external_unexplained != 0,
-            format!(
-                "external calls never charged, by a server that did not die = {}",
-                self.external_unexplained
-            ),
-        );
+            ("unexpected charges", self.unexpected),
+            ("stuck in flight", self.stuck),
+            ("in flight at the end", self.in_flight_left),
+        ];
+        let mut errors: Vec<String> = zero
+            .iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(what, n)| format!("{what} = {n}"))
+            .collect();
         // Every extra external call is a ledger duplicate (Redis) or a call
         // that never charged, and each of those is explained by a death.
-        check(
-            self.external_duplicates > self.extra_charges + self.external_orphans,
-            format!(
+        if self.external_duplicates > self.extra_charges + self.external_orphans {
+            errors.push(format!(
                 "external duplicates = {} > ledger duplicates {} + calls never charged {}",
                 self.external_duplicates, self.extra_charges, self.external_orphans
-            ),
-        );
-        check(
-            self.external_orphans_per_death > CLIENTS as u64,
-            format!(
+            ));
+        }
+        if self.external_orphans_per_death > CLIENTS as u64 {
+            errors.push(format!(
                 "{} external calls never charged left by one server death (at most {CLIENTS} clients)",
                 self.external_orphans_per_death
-            ),
-        );
-        check(
-            self.unexpected != 0,
-            format!("unexpected charges = {}", self.unexpected),
-        );
-        check(self.stuck != 0, format!("stuck in flight = {}", self.stuck));
-        check(
-            self.in_flight_left != 0,
-            format!("in flight at the end = {}", self.in_flight_left),
-        );
-        check(self.logical == 0, "no payment was made".to_string());
-        check(self.kills == 0, "no kill was delivered".to_string());
+            ));
+        }
+        for (none, what) in [
+            (self.logical, "no payment was made"),
+            (self.kills, "no kill was delivered"),
+        ] {
+            if none == 0 {
+                errors.push(what.to_string());
+            }
+        }
         errors
     }
 }
@@ -484,8 +420,8 @@ struct Outcome {
 async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     let started = Instant::now();
     let run_id = format!("{:08x}", fastrand::u32(..));
-    let log = target.dir.join(format!("server-{run_id}.log"));
-    let effect_log = target.dir.join(format!("effects-{run_id}.log"));
+    let log = target.dir.path().join(format!("server-{run_id}.log"));
+    let effect_log = target.dir.path().join(format!("effects-{run_id}.log"));
     let mut args = vec![
         "serve".to_string(),
         "--addr".into(),
@@ -525,7 +461,7 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     let mut clients_done = tokio::spawn(futures_util::future::join_all(clients));
 
     let mut figures = Figures {
-        backend: target.backend.name(),
+        backend: target.isolated.kind().name(),
         label: plan.label,
         ..Figures::default()
     };
@@ -623,7 +559,7 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     }
     figures.unexpected = charged.values().map(|rows| rows.len() as u64).sum();
 
-    let (stuck, left) = in_flight_records(&target.backend, &outcomes).await?;
+    let (stuck, left) = in_flight_records(&target.isolated, &outcomes).await?;
     figures.stuck = stuck;
     figures.in_flight_left = left;
 
@@ -848,86 +784,60 @@ fn is_outcome_unknown(body: &str) -> bool {
 }
 
 async fn list(http: &reqwest::Client, base: &str, tenant: &str) -> Result<Vec<Payment>, Failed> {
-    let response = http
-        .get(format!("{base}/payments"))
-        .bearer_auth(tenant)
-        .send()
+    let request = http.get(format!("{base}/payments")).bearer_auth(tenant);
+    let listed = async { request.send().await?.error_for_status()?.json().await };
+    Ok(listed
         .await
-        .map_err(|e| format!("GET /payments: {e}"))?;
-    if response.status() != StatusCode::OK {
-        return Err(format!("GET /payments: {}", response.status()).into());
-    }
-    Ok(response
-        .json()
-        .await
-        .map_err(|e| format!("GET /payments: {e}"))?)
+        .map_err(|e: reqwest::Error| format!("GET /payments: {e}"))?)
 }
 
 fn now_ms() -> i64 {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    i64::try_from(ms).unwrap()
+    i64::try_from(SystemClock.now().as_millis()).unwrap()
 }
 
 /// (records in flight whose lease has lapsed, records in flight at all),
-/// read from the store itself.
-async fn in_flight_records(backend: &Backend, outcomes: &[Outcome]) -> Result<(u64, u64), Failed> {
-    match backend {
-        Backend::Sqlite { db } => {
-            let db = db.clone();
+/// read from the store itself: every row of the SQL tables, and every key
+/// the clients used in Redis.
+async fn in_flight_records(
+    isolated: &Isolated,
+    outcomes: &[Outcome],
+) -> Result<(u64, u64), Failed> {
+    // (in flight past the lease at `now`, in flight) in `table`.
+    let sql = |table: String, now: &str| {
+        format!(
+            "SELECT COALESCE(SUM(CASE WHEN lease_deadline < {now} THEN 1 ELSE 0 END), 0), \
+             COUNT(*) FROM {table} WHERE state = 'in_flight'"
+        )
+    };
+    let failed = |e: &dyn fmt::Display| format!("reading the records: {e}");
+    let now = now_ms();
+    let counts: (i64, i64) = match isolated.handle() {
+        AnyStore::Sqlite(store) => {
+            let store = store.clone();
+            let sql = sql(format!("\"{}\"", store.table()), "?1");
             tokio::task::spawn_blocking(move || {
-                let conn = idem_sqlite::rusqlite::Connection::open(&db)?;
-                let now = now_ms();
-                let stuck: i64 = conn.query_row(
-                    "SELECT count(*) FROM idem_records WHERE state = 'in_flight' AND lease_deadline < ?1",
-                    [now],
-                    |r| r.get(0),
-                )?;
-                let left: i64 = conn.query_row(
-                    "SELECT count(*) FROM idem_records WHERE state = 'in_flight'",
-                    [],
-                    |r| r.get(0),
-                )?;
-                Ok::<_, idem_sqlite::rusqlite::Error>((stuck as u64, left as u64))
+                let conn = store.connect().map_err(|e| failed(&e))?;
+                conn.query_row(&sql, [now], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(|e| failed(&e))
             })
             .await
-            .map_err(|e| format!("{e}"))?
-            .map_err(|e| format!("reading idem_records: {e}").into())
+            .map_err(|e| format!("{e}"))??
         }
-        Backend::Postgres { url, schema } => {
-            let mut conn = PgConnection::connect(url)
+        AnyStore::Postgres(store) => {
+            sqlx::query_as(AssertSqlSafe(sql(store.table().to_string(), "$1")))
+                .bind(now)
+                .fetch_one(store.pool())
                 .await
-                .map_err(|e| format!("{e}"))?;
-            let table = format!("\"{schema}\".idempotency_records");
-            let stuck: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT count(*) FROM {table} WHERE state = 'in_flight' AND lease_deadline < $1"
-            )))
-            .bind(now_ms())
-            .fetch_one(&mut conn)
-            .await
-            .map_err(|e| format!("{e}"))?;
-            let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT count(*) FROM {table} WHERE state = 'in_flight'"
-            )))
-            .fetch_one(&mut conn)
-            .await
-            .map_err(|e| format!("{e}"))?;
-            let _ = conn.close().await;
-            Ok((stuck as u64, left as u64))
+                .map_err(|e| failed(&e))?
         }
-        Backend::Redis { url, prefix } => {
-            // Every key the clients used, read through the store.
-            let store = RedisStore::connect(url, RedisConfig::new().with_prefix(prefix.clone()))
-                .await
-                .map_err(|e| format!("{e}"))?;
-            let now = Timestamp::from_millis(now_ms() as u64);
+        _ => {
+            let now = Timestamp::from_millis(now as u64);
             let (mut stuck, mut left) = (0, 0);
             for o in outcomes {
                 let key = IdempotencyKey::parse(&o.key).map_err(|e| format!("{e}"))?;
                 let record_key = RecordKey::new(&scope_for(&o.tenant), &key);
-                let record = store
+                let record = isolated
+                    .store()
                     .get(&record_key, now)
                     .await
                     .map_err(|e| format!("{e}"))?;
@@ -935,10 +845,11 @@ async fn in_flight_records(backend: &Backend, outcomes: &[Outcome]) -> Result<(u
                     && let State::InFlight { lease_deadline, .. } = v.record.state
                 {
                     left += 1;
-                    stuck += u64::from(lease_deadline < now);
+                    stuck += i64::from(lease_deadline < now);
                 }
             }
-            Ok((stuck, left))
+            (stuck, left)
         }
-    }
+    };
+    Ok((counts.0 as u64, counts.1 as u64))
 }

@@ -3,63 +3,31 @@
 //! every scenario really produced its signal (replays, 409s, 422s, 503s,
 //! client timeouts, two payments per shared key).
 //!
-//! SQLite always runs (temporary directory). PostgreSQL (`IDEM_POSTGRES_URL`,
-//! a schema of its own, dropped at the end) and Redis (`IDEM_REDIS_URL`, a
-//! key prefix of its own, deleted at the end) are IGNORED with a banner when
-//! unreachable, and FAIL under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`.
+//! Each store is idem-testkit's isolated one: SQLite always runs (a temporary
+//! file), PostgreSQL (`IDEM_POSTGRES_URL`, a schema of its own) and Redis
+//! (`IDEM_REDIS_URL`, a key prefix of its own) are IGNORED with a banner when
+//! unreachable, and FAIL under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`; all is
+//! removed at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+mod support;
 
 use idem_demo::{BackendOptions, Scenario, StoreUrl, StormConfig, StormReport};
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use idem_testkit::Isolated;
+use idem_testkit::runner::Suite;
+use libtest_mimic::Failed;
 
 fn main() -> std::process::ExitCode {
-    let args = Arguments::from_args();
-    let trials = vec![
-        Trial::test("storm::sqlite", || {
-            common::runtime().block_on(async {
-                let dir = tempfile::tempdir().unwrap();
-                let url = StoreUrl::Sqlite(Some(dir.path().join("storm.db")));
-                storm(&url, &BackendOptions::default()).await
-            })
-        }),
-        Trial::ignorable_test("storm::postgres", || {
-            common::runtime().block_on(async {
-                let url = common::postgres_url();
-                if let Err(why) = common::postgres_reachable(&url).await {
-                    return common::unreachable("storm::postgres", &why);
-                }
-                let schema = common::unique("idem_demo_test");
-                let options = BackendOptions {
-                    pg_schema: schema.clone(),
-                    ..BackendOptions::default()
-                };
-                let result = storm(&StoreUrl::Postgres(url.clone()), &options).await;
-                common::drop_postgres_schema(&url, &schema).await;
-                result.map(|()| Completion::Completed)
-            })
-        }),
-        Trial::ignorable_test("storm::redis", || {
-            common::runtime().block_on(async {
-                let url = common::redis_url();
-                if let Err(why) = common::redis_reachable(&url).await {
-                    return common::unreachable("storm::redis", &why);
-                }
-                let prefix = format!("{}:", common::unique("idem-demo-test"));
-                let dir = tempfile::tempdir().unwrap();
-                let options = BackendOptions {
-                    redis_prefix: prefix.clone(),
-                    ledger: Some(dir.path().join("ledger.db")),
-                    ..BackendOptions::default()
-                };
-                let result = storm(&StoreUrl::Redis(url.clone()), &options).await;
-                common::delete_redis_prefix(&url, &prefix).await;
-                result.map(|()| Completion::Completed)
-            })
-        }),
-    ];
-    libtest_mimic::run(&args, trials).exit_code()
+    Suite::new("idem-demo (storm)")
+        .with_default_test_threads(support::cores())
+        .each(&support::BACKENDS, "storm", |kind| async move {
+            let isolated = Isolated::fresh(kind).await;
+            let dir = tempfile::tempdir().unwrap();
+            let (url, options) = support::demo_store(&isolated, &dir.path().join("ledger.db"));
+            let url = StoreUrl::parse(&url).unwrap();
+            support::passed(storm(&url, &options).await);
+        })
+        .run()
 }
 
 async fn storm(url: &StoreUrl, options: &BackendOptions) -> Result<(), Failed> {
@@ -76,121 +44,75 @@ fn check(report: &StormReport, config: StormConfig) -> Result<(), String> {
     let total = report.totals();
     let p = config.payments_per_scenario as u64;
     let clicks = config.double_clicks as u64;
-    let mut errors = Vec::new();
-    let mut expect = |ok: bool, what: String| {
-        if !ok {
-            errors.push(what);
-        }
-    };
-    expect(
-        total.duplicates == 0,
-        format!("duplicates = {}", total.duplicates),
-    );
-    expect(total.lost == 0, format!("lost = {}", total.lost));
-    expect(
-        total.inconsistent == 0,
-        format!("inconsistent = {}", total.inconsistent),
-    );
-    expect(
-        report.unexpected == 0,
-        format!("unexpected charges = {}", report.unexpected),
-    );
-    expect(report.is_clean(), "the report is not clean".to_string());
-    expect(
-        total.logical_payments == 6 * p,
-        format!("logical payments = {}", total.logical_payments),
-    );
-    expect(
-        total.charges == total.logical_payments,
-        format!("charges = {}", total.charges),
-    );
-
-    // Double clicks: one charge per key, every other click gets the replay
-    // (possibly after 409s while the first runs).
-    let s = report.scenario(Scenario::DoubleClick);
-    expect(
-        s.charges == p,
-        format!("double-click: charges = {}", s.charges),
-    );
-    expect(
-        s.replays == p * (clicks - 1),
-        format!(
-            "double-click: replays = {} (want {})",
-            s.replays,
-            p * (clicks - 1)
+    let double_click = report.scenario(Scenario::DoubleClick);
+    let timeout = report.scenario(Scenario::TimeoutThenRetry);
+    let transient = report.scenario(Scenario::TransientFailure);
+    let changed = report.scenario(Scenario::PayloadChanged);
+    let tenants = report.scenario(Scenario::TwoTenants);
+    // (what, counted, wanted)
+    let exact = [
+        ("duplicates", total.duplicates, 0),
+        ("lost", total.lost, 0),
+        ("inconsistent", total.inconsistent, 0),
+        ("unexpected charges", report.unexpected, 0),
+        ("logical payments", total.logical_payments, 6 * p),
+        ("charges", total.charges, total.logical_payments),
+        // Double clicks: one charge per key, every other click gets the
+        // replay (possibly after 409s while the first runs), and every
+        // attempt that did not end a click was a 409 (or a 503/timeout).
+        ("double-click: charges", double_click.charges, p),
+        (
+            "double-click: replays",
+            double_click.replays,
+            p * (clicks - 1),
         ),
-    );
-    // Every attempt that did not end a click was a 409 (or a 503/timeout).
-    expect(
-        s.attempts == p * clicks + s.conflicts + s.unavailable + s.timeouts,
-        format!(
-            "double-click: attempts = {}, conflicts = {}",
-            s.attempts, s.conflicts
+        (
+            "double-click: attempts (clicks + 409s + 503s + timeouts)",
+            double_click.attempts,
+            p * clicks + double_click.conflicts + double_click.unavailable + double_click.timeouts,
         ),
-    );
-
-    // Timeouts: every first attempt times out; the two retries end with the
-    // replay (the first retry may run the charge itself if it overtook the
-    // original).
-    let s = report.scenario(Scenario::TimeoutThenRetry);
-    expect(
-        s.timeouts == p,
-        format!("timeout + retry: timeouts = {}", s.timeouts),
-    );
-    expect(
-        s.charges == p,
-        format!("timeout + retry: charges = {}", s.charges),
-    );
-    expect(
-        (p..=2 * p).contains(&s.replays),
-        format!("timeout + retry: replays = {}", s.replays),
-    );
-
-    // Transient failures: exactly one 503 per key, nothing charged by it;
-    // the retry charges, the next request replays.
-    let s = report.scenario(Scenario::TransientFailure);
-    expect(
-        s.unavailable == p,
-        format!("transient failure: 503s = {}", s.unavailable),
-    );
-    expect(
-        s.charges == p,
-        format!("transient failure: charges = {}", s.charges),
-    );
-    expect(
-        s.replays == p,
-        format!("transient failure: replays = {}", s.replays),
-    );
-
-    // Key reuse with another amount: one 422 per key, never a charge.
-    let s = report.scenario(Scenario::PayloadChanged);
-    expect(
-        s.mismatches == p,
-        format!("payload changed: 422s = {}", s.mismatches),
-    );
-    expect(
-        s.charges == p,
-        format!("payload changed: charges = {}", s.charges),
-    );
-    expect(
-        s.replays == p,
-        format!("payload changed: replays = {}", s.replays),
-    );
-
-    // Two tenants, same keys: two payments per key, replays within each.
-    let s = report.scenario(Scenario::TwoTenants);
-    expect(
-        s.logical_payments == 2 * p && s.charges == 2 * p,
-        format!(
-            "two tenants: logical = {}, charges = {}",
-            s.logical_payments, s.charges
+        // Timeouts: every first attempt times out; the two retries end with
+        // the replay (bounds below).
+        ("timeout + retry: timeouts", timeout.timeouts, p),
+        ("timeout + retry: charges", timeout.charges, p),
+        // Transient failures: exactly one 503 per key, nothing charged by
+        // it; the retry charges, the next request replays.
+        ("transient failure: 503s", transient.unavailable, p),
+        ("transient failure: charges", transient.charges, p),
+        ("transient failure: replays", transient.replays, p),
+        // Key reuse with another amount: one 422 per key, never a charge.
+        ("payload changed: 422s", changed.mismatches, p),
+        ("payload changed: charges", changed.charges, p),
+        ("payload changed: replays", changed.replays, p),
+        // Two tenants, same keys: two payments per key, replays within each.
+        (
+            "two tenants: logical payments",
+            tenants.logical_payments,
+            2 * p,
         ),
-    );
-    expect(
-        s.replays == 2 * p * (clicks - 1),
-        format!("two tenants: replays = {}", s.replays),
-    );
-
+        ("two tenants: charges", tenants.charges, 2 * p),
+        (
+            "two tenants: replays",
+            tenants.replays,
+            2 * p * (clicks - 1),
+        ),
+    ];
+    let mut errors: Vec<String> = exact
+        .iter()
+        .filter(|(_, got, want)| got != want)
+        .map(|(what, got, want)| format!("{what} = {got} (want {want})"))
+        .collect();
+    if !report.is_clean() {
+        errors.push("the report is not clean".to_string());
+    }
+    // The first retry may run the charge itself if it overtook the original.
+    if !(p..=2 * p).contains(&timeout.replays) {
+        errors.push(format!(
+            "timeout + retry: replays = {} (want {p} to {})",
+            timeout.replays,
+            2 * p
+        ));
+    }
     if errors.is_empty() {
         Ok(())
     } else {

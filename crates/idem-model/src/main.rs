@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use idem_model::check::{Verdict, check_with_threads};
-use idem_model::{check, scenarios};
+use idem_model::{Config, check, scenarios};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,58 +50,21 @@ fn main() -> ExitCode {
     }
     if broken {
         println!("\nidem-model: broken variants (each must yield a counterexample)");
-        for (config, property) in scenarios::broken()
+        let cases = scenarios::broken()
             .into_iter()
-            .filter(|(c, _)| wanted(c.name))
-        {
-            let report = check(&config, Some(property));
-            let caught = report
-                .verdict(property)
-                .is_some_and(Verdict::is_counterexample);
-            ok &= caught;
-            println!(
-                "-- {} in {}: \"{property}\" {} ({} states, {:.2?})",
-                config.variant,
-                config.name,
-                if caught {
-                    "COUNTEREXAMPLE found"
-                } else {
-                    "NOT CAUGHT"
-                },
-                report.safety_states + report.liveness_states.unwrap_or(0),
-                report.safety_time + report.liveness_time
-            );
-            if let Some(Verdict::Fails(trace)) = report.verdict(property) {
-                println!("{trace}");
-            }
-        }
-    }
-    if broken {
+            .filter(|(c, _)| wanted(c.name));
+        ok &= all_fail(cases, ("COUNTEREXAMPLE found", "NOT CAUGHT"), |c| {
+            format!("{} in {}", c.variant, c.name)
+        });
         println!("\nidem-model: outside the protocol's assumptions (each must fail)");
-        for (config, property) in scenarios::assumptions()
+        let cases = scenarios::assumptions()
             .into_iter()
-            .filter(|(c, _)| wanted(c.name))
-        {
-            let report = check(&config, Some(property));
-            let caught = report
-                .verdict(property)
-                .is_some_and(Verdict::is_counterexample);
-            ok &= caught;
-            println!(
-                "-- {}: \"{property}\" {} ({} states, {:.2?})",
-                config.bound(),
-                if caught {
-                    "fails, as documented"
-                } else {
-                    "HOLDS (limit not tight)"
-                },
-                report.safety_states,
-                report.safety_time
-            );
-            if let Some(Verdict::Fails(trace)) = report.verdict(property) {
-                println!("{trace}");
-            }
-        }
+            .filter(|(c, _)| wanted(c.name));
+        ok &= all_fail(
+            cases,
+            ("fails, as documented", "HOLDS (limit not tight)"),
+            |c| c.bound(),
+        );
     }
     println!(
         "idem-model: {} in {:.1?}",
@@ -113,4 +76,33 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Checks each configuration's property, which must fail: prints a line per
+/// case (named by `name`, with `verdicts`' first word when it failed and the
+/// second when it held) and every counterexample; whether all failed.
+fn all_fail(
+    cases: impl Iterator<Item = (Config, &'static str)>,
+    verdicts: (&str, &str),
+    name: impl Fn(&Config) -> String,
+) -> bool {
+    let mut ok = true;
+    for (config, property) in cases {
+        let report = check(&config, Some(property));
+        let caught = report
+            .verdict(property)
+            .is_some_and(Verdict::is_counterexample);
+        ok &= caught;
+        println!(
+            "-- {}: \"{property}\" {} ({} states, {:.2?})",
+            name(&config),
+            if caught { verdicts.0 } else { verdicts.1 },
+            report.safety_states + report.liveness_states.unwrap_or(0),
+            report.safety_time + report.liveness_time
+        );
+        if let Some(Verdict::Fails(trace)) = report.verdict(property) {
+            println!("{trace}");
+        }
+    }
+    ok
 }

@@ -30,44 +30,42 @@ fn holds(config: Config) {
     );
 }
 
-#[test]
-fn intended_crash() {
-    holds(scenarios::crash());
+/// One test per scenario: every property holds for the intended protocol.
+macro_rules! intended {
+    ($($test:ident: $scenario:ident),* $(,)?) => {$(
+        #[test]
+        fn $test() {
+            holds(scenarios::$scenario());
+        }
+    )*};
 }
 
-#[test]
-fn intended_engines() {
-    holds(scenarios::engines());
+intended! {
+    intended_crash: crash,
+    intended_engines: engines,
+    intended_zombie: zombie,
+    intended_outage: outage,
+    intended_bodies: bodies,
+    intended_scopes: scopes,
+    intended_expiry: expiry,
+    intended_liveness: liveness,
 }
 
-#[test]
-fn intended_zombie() {
-    holds(scenarios::zombie());
-}
-
-#[test]
-fn intended_outage() {
-    holds(scenarios::outage());
-}
-
-#[test]
-fn intended_bodies() {
-    holds(scenarios::bodies());
-}
-
-#[test]
-fn intended_scopes() {
-    holds(scenarios::scopes());
-}
-
-#[test]
-fn intended_expiry() {
-    holds(scenarios::expiry());
-}
-
-#[test]
-fn intended_liveness() {
-    holds(scenarios::liveness());
+/// Checks `property` in `config`, which must fail: prints the
+/// counterexample's trace, or fails the test.
+fn fails(config: &Config, property: &'static str, what: &str) {
+    match check(config, Some(property)).verdict(property) {
+        Some(Verdict::Fails(trace)) => {
+            println!(
+                "{what} in {}: counterexample to \"{property}\":\n{trace}",
+                config.name
+            );
+        }
+        other => panic!(
+            "{what} in {}: no counterexample to \"{property}\" ({other:?})",
+            config.name
+        ),
+    }
 }
 
 fn caught(variant: Variant) {
@@ -77,80 +75,37 @@ fn caught(variant: Variant) {
         .collect();
     assert!(!cases.is_empty(), "{variant} has no broken case");
     for (config, property) in cases {
-        let report = check(&config, Some(property));
-        match report.verdict(property) {
-            Some(Verdict::Fails(trace)) => {
-                println!(
-                    "{variant} in {}: counterexample to \"{property}\":\n{trace}",
-                    config.name
-                );
-            }
-            other => panic!(
-                "{variant} in {}: no counterexample to \"{property}\" ({other:?})",
-                config.name
-            ),
-        }
+        fails(&config, property, &variant.to_string());
     }
 }
 
-#[test]
-fn broken_release_on_cancel() {
-    caught(Variant::ReleaseOnCancel);
+/// One test per deliberately broken variant: the checker finds a
+/// counterexample.
+macro_rules! broken {
+    ($($test:ident: $variant:ident),* $(,)?) => {$(
+        #[test]
+        fn $test() {
+            caught(Variant::$variant);
+        }
+    )*};
 }
 
-#[test]
-fn broken_no_fencing_on_completion() {
-    caught(Variant::NoFencingOnCompletion);
-}
-
-#[test]
-fn broken_heartbeat_stops_on_error() {
-    caught(Variant::HeartbeatStopsOnError);
-}
-
-#[test]
-fn broken_exists_counts_as_race() {
-    caught(Variant::ExistsCountsAsRace);
-}
-
-#[test]
-fn broken_server_clock_expiry() {
-    caught(Variant::ServerClockExpiry);
-}
-
-#[test]
-fn broken_completion_tried_once() {
-    caught(Variant::CompletionTriedOnce);
-}
-
-#[test]
-fn broken_fingerprint_ignores_body() {
-    caught(Variant::FingerprintIgnoresBody);
-}
-
-#[test]
-fn broken_key_ignores_scope() {
-    caught(Variant::KeyIgnoresScope);
-}
-
-#[test]
-fn broken_no_hold_ceiling() {
-    caught(Variant::NoHoldCeiling);
+broken! {
+    broken_release_on_cancel: ReleaseOnCancel,
+    broken_no_fencing_on_completion: NoFencingOnCompletion,
+    broken_heartbeat_stops_on_error: HeartbeatStopsOnError,
+    broken_exists_counts_as_race: ExistsCountsAsRace,
+    broken_server_clock_expiry: ServerClockExpiry,
+    broken_completion_tried_once: CompletionTriedOnce,
+    broken_fingerprint_ignores_body: FingerprintIgnoresBody,
+    broken_key_ignores_scope: KeyIgnoresScope,
+    broken_no_hold_ceiling: NoHoldCeiling,
 }
 
 #[test]
 fn outside_the_assumptions_the_checker_fails() {
     for (config, property) in scenarios::assumptions() {
-        let report = check(&config, Some(property));
-        match report.verdict(property) {
-            Some(Verdict::Fails(trace)) => {
-                println!("{}: \"{property}\" fails:\n{trace}", config.name)
-            }
-            other => panic!(
-                "{}: \"{property}\" was expected to fail ({other:?})",
-                config.name
-            ),
-        }
+        fails(&config, property, "outside the assumptions");
     }
 }
 

@@ -133,10 +133,9 @@ async fn main() -> Result<(), BoxError> {
         .connect(&url)
         .await?;
     let schema = format!("idem_example_{}", std::process::id());
-    let store = PostgresStore::with_table(
-        pool.clone(),
-        TableName::new(&schema, "idempotency_records")?,
-    );
+    let store = PostgresStore::builder()
+        .with_table(TableName::new(&schema, "idempotency_records")?)
+        .open(pool.clone());
     store.migrate().await?; // creates the schema, the table and its index
     let table = format!("\"{schema}\".payments");
     sqlx::query(AssertSqlSafe(format!(

@@ -1,19 +1,41 @@
-//! sqlx errors to [`StoreError`]s.
+//! The crate's error type, [`PostgresError`], and its mapping to
+//! [`StoreError`].
 
 use std::time::Duration;
 
-use idem_core::StoreError;
+use idem_core::{BoxError, StoreError};
 use sqlx::migrate::MigrateError;
 
 use crate::{STORE, TableName};
 
-/// The store's own reasons, kept as the source of a [`StoreError`].
+/// An error of the PostgreSQL store: connecting, migrating, or running a
+/// statement.
+///
+/// # Behavior
+/// - [`is_transient`](Self::is_transient) tells the errors worth retrying
+///   later (an unreachable server, a broken connection, a closed or exhausted
+///   pool, a timeout, the transient SQLSTATEs of failover, shutdown, resources
+///   and lock or serialization conflicts) from permanent ones (a missing
+///   table, a record too large, a schema migrated by a newer version, …).
+/// - Converted to [`StoreError`] (and from there to [`idem_core::Error`]):
+///   transient errors become [`StoreError::Unavailable`], undecodable rows and
+///   damaged table files [`StoreError::Corrupt`], values the server refuses,
+///   records above the limit and newer schemas [`StoreError::Rejected`],
+///   anything else [`StoreError::Generic`]. The driver's error is kept as the
+///   source. The classification of every driver error and SQLSTATE is the
+///   table in the crate docs, "Error classification".
+/// - [`Driver`](Self::Driver) shows the driver's message as its own.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Why {
-    /// No answer in time; the connection was closed.
+#[non_exhaustive]
+pub enum PostgresError {
+    /// The driver failed (server error, I/O, pool, protocol, …); classified
+    /// by its kind and, for server errors, its SQLSTATE.
+    #[error(transparent)]
+    Driver(sqlx::Error),
+    /// No answer within the store's timeout; the connection was closed.
     #[error("PostgreSQL did not answer within {0:?} (the connection was closed)")]
     Timeout(Duration),
-    /// The table (or its schema) is missing.
+    /// The table (or its schema, or a column) is missing.
     #[error("table {table} does not exist: run PostgresStore::migrate() first")]
     NotMigrated {
         /// The table.
@@ -22,7 +44,7 @@ pub(crate) enum Why {
         #[source]
         source: sqlx::Error,
     },
-    /// A record above the size limit.
+    /// A record above the store's size limit.
     #[error("record of about {size} bytes exceeds the store's limit of {limit} bytes")]
     TooLarge {
         /// The record's size.
@@ -31,9 +53,23 @@ pub(crate) enum Why {
         limit: usize,
     },
     /// Concurrent writers kept changing the row between snapshot and write.
-    #[error("the row kept changing under {0} attempts of {1}; retry later")]
-    Unsettled(usize, &'static str),
-    /// The migration found a newer or modified schema.
+    #[error("the row kept changing under {attempts} attempts of {operation}; retry later")]
+    Unsettled {
+        /// How many times the statement ran.
+        attempts: usize,
+        /// The primitive.
+        operation: &'static str,
+    },
+    /// A stored row does not make a record (a value of the wrong type or
+    /// length, an unknown state, …).
+    #[error("row of {table} is not a valid record: {why}")]
+    CorruptRow {
+        /// The table.
+        table: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The migration found a newer or modified schema, or could not run.
     #[error("table {table} cannot be migrated by this version of idem-postgres")]
     Migration {
         /// The table.
@@ -42,6 +78,78 @@ pub(crate) enum Why {
         #[source]
         source: MigrateError,
     },
+}
+
+impl PostgresError {
+    /// Whether retrying later may succeed (the table is in the crate docs,
+    /// "Error classification").
+    pub fn is_transient(&self) -> bool {
+        self.class() == Class::Unavailable
+    }
+
+    /// A driver error of a statement on `table`: a missing table, schema or
+    /// column becomes [`NotMigrated`](Self::NotMigrated).
+    pub(crate) fn driver(e: sqlx::Error, table: &TableName) -> Self {
+        match classify(&e) {
+            Class::NotMigrated => Self::NotMigrated {
+                table: table.to_string(),
+                source: e,
+            },
+            _ => Self::Driver(e),
+        }
+    }
+
+    /// A migration error on `table`: the driver errors of its statements as
+    /// [`driver`](Self::driver), anything else [`Migration`](Self::Migration).
+    pub(crate) fn migration(e: MigrateError, table: &TableName) -> Self {
+        match e {
+            MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
+                Self::driver(e, table)
+            }
+            e => Self::Migration {
+                table: table.to_string(),
+                source: e,
+            },
+        }
+    }
+
+    /// The [`StoreError`] variant this error becomes.
+    pub(crate) fn class(&self) -> Class {
+        match self {
+            Self::Driver(e) => match classify(e) {
+                // Only `driver` builds these, with the table's name.
+                Class::NotMigrated => Class::Generic,
+                class => class,
+            },
+            Self::Timeout(_) | Self::Unsettled { .. } => Class::Unavailable,
+            Self::NotMigrated { .. } => Class::NotMigrated,
+            Self::TooLarge { .. } => Class::Rejected,
+            Self::CorruptRow { .. } => Class::Corrupt,
+            // A table migrated by a newer version, or whose migrations were
+            // modified: the schema is not this version's.
+            Self::Migration { source, .. } => match source {
+                MigrateError::VersionMissing(_)
+                | MigrateError::VersionMismatch(_)
+                | MigrateError::VersionNotPresent(_)
+                | MigrateError::VersionTooOld(..)
+                | MigrateError::VersionTooNew(..)
+                | MigrateError::Dirty(_) => Class::Rejected,
+                _ => Class::Generic,
+            },
+        }
+    }
+}
+
+impl From<PostgresError> for StoreError {
+    fn from(e: PostgresError) -> Self {
+        e.class().error(STORE, e)
+    }
+}
+
+impl From<PostgresError> for idem_core::Error {
+    fn from(e: PostgresError) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 /// What a driver error means for the caller: the [`StoreError`] variant it
@@ -59,6 +167,20 @@ pub(crate) enum Class {
     Rejected,
     /// Any other permanent error: [`StoreError::Generic`].
     Generic,
+}
+
+impl Class {
+    /// The [`StoreError`] of this class, of the store `store`, caused by
+    /// `source`.
+    pub(crate) fn error(self, store: &'static str, source: impl Into<BoxError>) -> StoreError {
+        let error = match self {
+            Self::Unavailable => StoreError::unavailable,
+            Self::Corrupt => StoreError::corrupt,
+            Self::Rejected => StoreError::rejected,
+            Self::NotMigrated | Self::Generic => StoreError::generic,
+        };
+        error(store, source.into())
+    }
 }
 
 /// The class of a SQLSTATE (the table is in the crate docs, "Error
@@ -127,78 +249,6 @@ pub(crate) fn classify(e: &sqlx::Error) -> Class {
     }
 }
 
-fn unavailable(source: impl Into<idem_core::BoxError>) -> StoreError {
-    StoreError::Unavailable {
-        store: STORE,
-        source: source.into(),
-    }
-}
-
-pub(crate) fn generic(source: impl Into<idem_core::BoxError>) -> StoreError {
-    StoreError::Generic {
-        store: STORE,
-        source: source.into(),
-    }
-}
-
-pub(crate) fn rejected(source: impl Into<idem_core::BoxError>) -> StoreError {
-    StoreError::Rejected {
-        store: STORE,
-        source: source.into(),
-    }
-}
-
-pub(crate) fn timeout(after: Duration) -> StoreError {
-    unavailable(Why::Timeout(after))
-}
-
-pub(crate) fn unsettled(attempts: usize, what: &'static str) -> StoreError {
-    unavailable(Why::Unsettled(attempts, what))
-}
-
-/// Maps a driver error to the [`StoreError`] of its [`classify`] class; the
-/// driver's error is always kept as the source.
-pub(crate) fn map(e: sqlx::Error, table: &TableName) -> StoreError {
-    match classify(&e) {
-        Class::Unavailable => unavailable(e),
-        Class::NotMigrated => generic(Why::NotMigrated {
-            table: table.to_string(),
-            source: e,
-        }),
-        Class::Corrupt => StoreError::Corrupt {
-            store: STORE,
-            source: Box::new(e),
-        },
-        Class::Rejected => rejected(e),
-        Class::Generic => generic(e),
-    }
-}
-
-/// Maps a migration error: a newer or modified schema is
-/// [`StoreError::Rejected`]; driver errors as [`map`].
-pub(crate) fn map_migrate(e: MigrateError, table: &TableName) -> StoreError {
-    match e {
-        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => map(e, table),
-        e @ (MigrateError::VersionMissing(_)
-        | MigrateError::VersionMismatch(_)
-        | MigrateError::VersionNotPresent(_)
-        | MigrateError::VersionTooOld(..)
-        | MigrateError::VersionTooNew(..)
-        | MigrateError::Dirty(_)) => rejected(Why::Migration {
-            table: table.to_string(),
-            source: e,
-        }),
-        e => generic(Why::Migration {
-            table: table.to_string(),
-            source: e,
-        }),
-    }
-}
-
-pub(crate) fn too_large(size: usize, limit: usize) -> StoreError {
-    rejected(Why::TooLarge { size, limit })
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -237,6 +287,11 @@ mod tests {
 
     fn db(code: &'static str) -> sqlx::Error {
         sqlx::Error::Database(Box::new(Db(code)))
+    }
+
+    /// The [`StoreError`] of a driver error on `table`.
+    fn map(e: sqlx::Error, table: &TableName) -> StoreError {
+        PostgresError::driver(e, table).into()
     }
 
     #[test]
@@ -397,8 +452,30 @@ mod tests {
         // The driver's error stays the source.
         let source = unique.source().expect("a source").to_string();
         assert!(source.contains("23505"), "{source}");
-        assert!(timeout(Duration::from_secs(1)).is_transient());
-        assert!(unsettled(3, "get").is_transient());
-        assert!(matches!(too_large(2, 1), StoreError::Rejected { .. }));
+        assert!(PostgresError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(StoreError::from(PostgresError::Timeout(Duration::from_secs(1))).is_transient());
+        let unsettled = PostgresError::Unsettled {
+            attempts: 3,
+            operation: "get",
+        };
+        assert!(StoreError::from(unsettled).is_transient());
+        let too_large = PostgresError::TooLarge { size: 2, limit: 1 };
+        assert!(!too_large.is_transient());
+        assert!(matches!(
+            StoreError::from(too_large),
+            StoreError::Rejected { .. }
+        ));
+        let corrupt = PostgresError::CorruptRow {
+            table: "t".into(),
+            why: "x".into(),
+        };
+        assert!(matches!(
+            StoreError::from(corrupt),
+            StoreError::Corrupt { .. }
+        ));
+        assert!(matches!(
+            idem_core::Error::from(PostgresError::driver(db("23505"), &t)),
+            idem_core::Error::Store(StoreError::Generic { .. })
+        ));
     }
 }

@@ -1,6 +1,6 @@
 //! # idem-postgres
 //!
-//! A PostgreSQL [`Store`](idem_core::Store) for **idem**, on sqlx, with
+//! A PostgreSQL [`Store`](idem_core::store::Store) for **idem**, on sqlx, with
 //! completion **inside the caller's transaction**: the business write and the
 //! idempotency record commit together, or not at all.
 //!
@@ -12,7 +12,7 @@
 //! let pool = PostgresStore::pool_options()
 //!     .connect("postgres://postgres@127.0.0.1:5432/app")
 //!     .await?;
-//! let store = PostgresStore::new(pool.clone()); // shares the application's pool
+//! let store = PostgresStore::builder().open(pool.clone()); // shares the application's pool
 //! store.migrate().await?;
 //! let engine = Engine::new(store);
 //!
@@ -50,7 +50,7 @@
 //! |---|---|---|
 //! | `digest` | `BYTEA PRIMARY KEY` | [`RecordKey::digest`](idem_core::RecordKey::digest) |
 //! | `tenant`, `principal`, `operation`, `key` | `TEXT` | the scope and the client's key, for operators |
-//! | `state` | `TEXT` + `CHECK` | [`State::name`](idem_core::State::name) |
+//! | `state` | `TEXT` + `CHECK` | [`State::name`](idem_core::store::State::name) |
 //! | `fingerprint`, `token` | `BYTEA` | 32 and 16 bytes |
 //! | `lease_deadline` / `outcome` | `BIGINT` / `BYTEA`, nullable | in flight / finished |
 //! | `created_at`, `updated_at`, `expires_at` | `BIGINT` | ms of the engine's clock; index on `expires_at` |
@@ -176,20 +176,28 @@
 //! ## Errors
 //!
 //! An unreachable server, a closed or exhausted pool, a broken connection, a
-//! store call over its timeout ([`PostgresStore::with_timeout`], default
+//! store call over its timeout ([`PostgresStoreBuilder::with_timeout`], default
 //! 10 s), and the transient SQLSTATEs (failover, shutdown, resources, lock
 //! and serialization conflicts) are [`StoreError::Unavailable`](idem_core::StoreError::Unavailable),
 //! with the driver's error as the source. A missing table says to run
 //! `migrate()`. A record above the size limit
-//! ([`PostgresStore::with_max_record_bytes`], default 64 MiB) is
+//! ([`PostgresStoreBuilder::with_max_record_bytes`], default 64 MiB) is
 //! [`StoreError::Rejected`](idem_core::StoreError::Rejected). The full table
 //! follows.
+//!
+//! Every error of this crate is one type, [`PostgresError`]: the store's
+//! primitives return it converted to a [`StoreError`](idem_core::StoreError)
+//! (it stays the source), while [`PostgresStore::connect`] and
+//! [`PostgresStore::migrate`] return it as it is;
+//! [`PostgresError::is_transient`] tells whether a retry can help, and `?`
+//! converts it into a `StoreError` or an [`idem_core::Error`]. A bad schema or
+//! table name is an [`idem_core::store::TableNameError`], as in every SQL store.
 //!
 //! ## Error classification
 //!
 //! Every sqlx error goes through one pure function (`error::classify`, and
-//! `error::classify_sqlstate` for server errors, unit-tested per code) and
-//! becomes [`StoreError::Unavailable`](idem_core::StoreError::Unavailable)
+//! `error::classify_sqlstate` for server errors, unit-tested per code) and,
+//! as a [`PostgresError`], becomes [`StoreError::Unavailable`](idem_core::StoreError::Unavailable)
 //! (transient: retrying later may succeed) or a permanent variant, with the
 //! driver's error kept as the source. Server errors are classified by their
 //! SQLSTATE.
@@ -197,7 +205,7 @@
 //! | driver error / SQLSTATE | meaning | class | why |
 //! |---|---|---|---|
 //! | `Io` | server unreachable, connection reset or closed | transient `Unavailable` | the connection is closed and the pool dials a new one |
-//! | store timeout ([`PostgresStore::with_timeout`]) | no answer in time | transient `Unavailable` | the connection is closed; the statement's effect is unknown, and every primitive is conditional |
+//! | store timeout ([`PostgresStoreBuilder::with_timeout`]) | no answer in time | transient `Unavailable` | the connection is closed; the statement's effect is unknown, and every primitive is conditional |
 //! | `PoolTimedOut` | every connection busy, or none could be opened | transient `Unavailable` | connections free up |
 //! | `PoolClosed` | the application closed the pool | transient `Unavailable` | it closes its pool when it shuts down: the request ran nothing, and a retry elsewhere or after the restart succeeds, so 503 + `Retry-After` is the right answer, not 500 |
 //! | `Protocol` | unexpected bytes: a connection desynchronised or cut by a proxy | transient `Unavailable` | the connection is closed and replaced; its effect is unknown, as for a lost reply. (An authentication method sqlx does not support is also `Protocol`; it shows when the pool first connects) |
@@ -245,19 +253,23 @@
 
 #![forbid(unsafe_code)]
 
+mod builder;
 mod error;
 mod names;
 mod row;
 mod sql;
 mod store;
 
-pub use names::{MAX_TABLE_LEN, NameError, TableName};
+pub use builder::{
+    ClaimMode, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TIMEOUT, MAX_RECORD_BYTES_CEILING,
+    PostgresStoreBuilder,
+};
+pub use error::PostgresError;
+pub use names::{MAX_TABLE_LEN, TableName};
 /// The sqlx this crate is built on (its [`PgPool`](sqlx::PgPool),
 /// [`PgConnection`](sqlx::PgConnection) and `Transaction`).
 pub use sqlx;
-pub use store::{
-    ClaimMode, DEFAULT_MAX_RECORD_BYTES, DEFAULT_TIMEOUT, MAX_RECORD_BYTES_CEILING, PostgresStore,
-};
+pub use store::PostgresStore;
 
 /// The store's name in errors.
 pub(crate) const STORE: &str = "postgres";

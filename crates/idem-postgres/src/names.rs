@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use idem_core::store::{TableNameError, check_table_name};
+
 /// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`).
 const MAX_IDENTIFIER: usize = 63;
 
@@ -12,53 +14,15 @@ pub const MAX_TABLE_LEN: usize = MAX_IDENTIFIER - INDEX_SUFFIX.len();
 const INDEX_SUFFIX: &str = "_expires_at_idx";
 const MIGRATIONS_SUFFIX: &str = "_migrations";
 
-/// Why a schema or table name was refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum NameError {
-    /// The name is empty.
-    #[error("{what} name is empty")]
-    Empty {
-        /// `"schema"` or `"table"`.
-        what: &'static str,
-    },
-    /// The name is longer than allowed.
-    #[error("{what} name `{name}` is {len} bytes long; at most {max} are allowed")]
-    TooLong {
-        /// `"schema"` or `"table"`.
-        what: &'static str,
-        /// The refused name.
-        name: String,
-        /// Its length in bytes.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The name holds a character outside `[a-z0-9_]`, or starts with a digit.
-    #[error(
-        "{what} name `{name}` is not a plain identifier: use lowercase ASCII letters, digits and `_`, not starting with a digit"
-    )]
-    NotPlain {
-        /// `"schema"` or `"table"`.
-        what: &'static str,
-        /// The refused name.
-        name: String,
-    },
-    /// The schema name is reserved by PostgreSQL (`pg_*`, `information_schema`).
-    #[error("schema name `{name}` is reserved by PostgreSQL")]
-    Reserved {
-        /// The refused name.
-        name: String,
-    },
-}
-
 /// The schema and table that hold the records.
 ///
 /// # Behavior
 /// - Both parts are plain identifiers: lowercase ASCII letters, digits and
 ///   `_`, not starting with a digit; the schema at most 63 bytes, the table at
 ///   most [`MAX_TABLE_LEN`] (so the derived index and migrations-table names
-///   fit PostgreSQL's 63-byte limit). Anything else is a [`NameError`]: these
+///   fit PostgreSQL's 63-byte limit). Anything else is an
+///   [`idem_core::store::TableNameError`] (the same error as every SQL store's),
+///   naming `schema.table` and the rule broken: these
 ///   names are the only text ever interpolated into SQL (always quoted);
 ///   every value is a bind parameter.
 /// - The default is `idem.idempotency_records`.
@@ -71,7 +35,7 @@ pub enum NameError {
 /// let t = TableName::new("billing", "idempotency")?;
 /// assert_eq!(t.to_string(), "\"billing\".\"idempotency\"");
 /// assert!(TableName::new("billing", "Robert'); DROP TABLE students;--").is_err());
-/// # Ok::<(), idem_postgres::NameError>(())
+/// # Ok::<(), idem_core::store::TableNameError>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TableName {
@@ -81,14 +45,26 @@ pub struct TableName {
 
 impl TableName {
     /// Validates `schema` and `table`.
-    pub fn new(schema: impl Into<String>, table: impl Into<String>) -> Result<Self, NameError> {
+    pub fn new(
+        schema: impl Into<String>,
+        table: impl Into<String>,
+    ) -> Result<Self, TableNameError> {
         let schema = schema.into();
         let table = table.into();
-        check("schema", &schema, MAX_IDENTIFIER)?;
+        let refuse = |what: &str, e: TableNameError| {
+            TableNameError::new(
+                format!("{schema}.{table}"),
+                format!("the {what} name: {}", e.reason()),
+            )
+        };
+        check(&schema, MAX_IDENTIFIER).map_err(|e| refuse("schema", e))?;
         if schema.starts_with("pg_") || schema == "information_schema" {
-            return Err(NameError::Reserved { name: schema });
+            return Err(refuse(
+                "schema",
+                TableNameError::new(&*schema, "it is reserved by PostgreSQL"),
+            ));
         }
-        check("table", &table, MAX_TABLE_LEN)?;
+        check(&table, MAX_TABLE_LEN).map_err(|e| refuse("table", e))?;
         Ok(Self { schema, table })
     }
 
@@ -134,27 +110,16 @@ impl fmt::Display for TableName {
     }
 }
 
-fn check(what: &'static str, name: &str, max: usize) -> Result<(), NameError> {
-    if name.is_empty() {
-        return Err(NameError::Empty { what });
-    }
-    if name.len() > max {
-        return Err(NameError::TooLong {
-            what,
-            name: name.to_string(),
-            len: name.len(),
-            max,
-        });
-    }
-    let plain = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes()[0].is_ascii_digit();
-    if !plain {
-        return Err(NameError::NotPlain {
-            what,
-            name: name.to_string(),
-        });
+/// A plain identifier ([`check_table_name`]) in lowercase: PostgreSQL folds
+/// unquoted names to lowercase, so a mixed-case name would be a different
+/// object to anyone typing it unquoted.
+fn check(name: &str, max: usize) -> Result<(), TableNameError> {
+    check_table_name(name, max)?;
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(TableNameError::new(
+            name,
+            "it holds uppercase letters: use lowercase (PostgreSQL folds unquoted names to lowercase)",
+        ));
     }
     Ok(())
 }
@@ -200,13 +165,22 @@ mod tests {
                 "{schema:?}.{table:?} must be refused"
             );
         }
-        assert!(matches!(
-            TableName::new("a".repeat(64), "t"),
-            Err(NameError::TooLong { max: 63, .. })
-        ));
-        assert!(matches!(
-            TableName::new("s", "t".repeat(MAX_TABLE_LEN + 1)),
-            Err(NameError::TooLong { .. })
-        ));
+        let long_schema = TableName::new("a".repeat(64), "t").unwrap_err();
+        assert!(
+            long_schema.reason().contains("schema name")
+                && long_schema.reason().contains("at most 63"),
+            "{long_schema}"
+        );
+        let long_table = TableName::new("s", "t".repeat(MAX_TABLE_LEN + 1)).unwrap_err();
+        assert!(
+            long_table.reason().contains("table name")
+                && long_table
+                    .reason()
+                    .contains(&format!("at most {MAX_TABLE_LEN}")),
+            "{long_table}"
+        );
+        let reserved = TableName::new("pg_catalog", "t").unwrap_err();
+        assert_eq!(reserved.name(), "pg_catalog.t");
+        assert!(reserved.to_string().contains("reserved"), "{reserved}");
     }
 }

@@ -2,14 +2,12 @@
 
 use std::borrow::Cow;
 
-use idem_core::{
-    FailureKind, FencingToken, Fingerprint, Outcome, Record, Revision, State, StoreError,
-    Timestamp, Versioned,
-};
+use idem_core::store::{FencingToken, Record, Revision, State, StoreError, Versioned};
+use idem_core::{FailureKind, Fingerprint, Outcome, Timestamp};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use crate::STORE;
+use crate::PostgresError;
 
 /// A u64 stored bit for bit as `BIGINT`.
 pub(crate) const fn to_i64(value: u64) -> i64 {
@@ -35,14 +33,6 @@ pub(crate) fn text(value: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(value)
     }
-}
-
-/// Why a stored row is not a record.
-#[derive(Debug, thiserror::Error)]
-#[error("row of {table} is not a valid record: {why}")]
-pub(crate) struct CorruptRow {
-    table: String,
-    why: String,
 }
 
 /// The record columns of a record, ready to bind.
@@ -83,9 +73,9 @@ impl<'a> Columns<'a> {
     }
 
     /// The record's size as the core measures it for the record size limit
-    /// ([`idem_core::codec::record_size`]: the outcome plus a fixed overhead).
+    /// ([`idem_core::store::codec::record_size`]: the outcome plus a fixed overhead).
     pub(crate) fn size(&self) -> usize {
-        idem_core::codec::RECORD_OVERHEAD.saturating_add(self.outcome.map_or(0, <[u8]>::len))
+        idem_core::store::codec::RECORD_OVERHEAD.saturating_add(self.outcome.map_or(0, <[u8]>::len))
     }
 }
 
@@ -96,12 +86,11 @@ impl<'a> Columns<'a> {
 /// where the state has none, a fingerprint or token of the wrong length, an
 /// unknown state or attempts outside u32 are each [`StoreError::Corrupt`].
 pub(crate) fn decode(row: &PgRow, first: usize, table: &str) -> Result<Versioned, StoreError> {
-    let corrupt = |why: String| StoreError::Corrupt {
-        store: STORE,
-        source: Box::new(CorruptRow {
+    let corrupt = |why: String| {
+        StoreError::from(PostgresError::CorruptRow {
             table: table.to_string(),
             why,
-        }),
+        })
     };
     let col = |i: usize| first + i;
     macro_rules! get {
@@ -169,14 +158,14 @@ pub(crate) fn decode(row: &PgRow, first: usize, table: &str) -> Result<Versioned
     };
     Ok(Versioned {
         revision: Revision::from_i64(revision),
-        record: Record {
-            fingerprint: Fingerprint::from_bytes(fingerprint),
+        record: Record::from_parts(
+            Fingerprint::from_bytes(fingerprint),
             state,
-            created_at: at(created_at),
-            updated_at: at(updated_at),
-            expires_at: at(expires_at),
+            at(created_at),
+            at(updated_at),
+            at(expires_at),
             attempts,
-        },
+        ),
     })
 }
 

@@ -7,4 +7,4 @@
 
 mod support;
 
-idem_conformance::conformance_main!(support::Factory::read_first());
+idem_conformance::conformance_main!(support::read_first());

@@ -4,227 +4,141 @@
 //! `idem-faults` proxy).
 //!
 //! Same rules as the conformance target: server at `IDEM_POSTGRES_URL`
-//! (default `postgres://postgres@127.0.0.1:5432/test`), a schema per store,
-//! IGNORED with a banner when unreachable, FAILED under `CI=true` /
-//! `IDEM_REQUIRE_BACKENDS=1`.
+//! (default `postgres://postgres@127.0.0.1:5432/test`), a schema per store
+//! (idem-testkit), IGNORED with a banner when unreachable, FAILED under
+//! `CI=true` / `IDEM_REQUIRE_BACKENDS=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
-use std::str::FromStr;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use idem_conformance::{Requires, Suite};
+use idem_conformance::{StoreFactory, Suite, open_store};
+use idem_core::machine::Fenced;
+use idem_core::store::{InsertOutcome, Revision, State, Store, StoreError, SwapOutcome, Versioned};
 use idem_core::{
-    Begin, Clock, Engine, Error, FailureKind, Fenced, FencingToken, Fingerprint, IdempotencyKey,
-    Inserted, Lease, ManualClock, Outcome, Policy, Record, RecordKey, ReplayKind, Revision, Scope,
-    State, Store, StoreError, Swapped, Timestamp, Versioned,
+    Begin, Clock, Engine, Error, FailureKind, Fingerprint, Lease, ManualClock, Outcome, RecordKey,
+    ReplayKind, Scope, Timestamp,
 };
 use idem_faults::{Fault, FaultProxy};
 use idem_postgres::sqlx::postgres::PgConnectOptions;
 use idem_postgres::sqlx::{self, AssertSqlSafe, Row};
 use idem_postgres::{ClaimMode, PostgresStore, TableName};
-use support::{Factory, count};
+use idem_testkit::fixtures::{
+    LEASE, T0, assert_replays, assert_transient, begin, completed, engine, fp, ikey, in_progress,
+    prepared, proceed, race, replays, rkey, scope, stored,
+};
+use idem_testkit::{StoreUrl, env, postgres as kit};
+use support::{Factory, with_mode};
 
 fn main() -> std::process::ExitCode {
     statements::install();
-    Suite::empty(Factory::new())
-        .case(
-            "store::one_statement_per_step",
-            Requires::Always,
-            one_statement_per_step,
-        )
-        .case(
-            "store::read_first_statements_per_step",
-            Requires::Always,
-            read_first_statements_per_step,
-        )
-        .case(
-            "tx::commit_stores_record_and_business_row",
-            Requires::Always,
-            tx_commit,
-        )
-        .case(
-            "tx::rollback_then_release_runs_once",
-            Requires::Always,
-            tx_rollback_then_release,
-        )
-        .case(
-            "tx::rollback_then_lease_expiry_runs_once",
-            Requires::Always,
-            tx_rollback_then_expiry,
-        )
-        .case(
-            "tx::lost_lease_is_refused_and_changes_nothing",
-            Requires::Always,
-            tx_lost_lease,
-        )
-        .case(
-            "tx::heartbeat_before_apply_is_fine",
-            Requires::Always,
-            tx_heartbeat_before_apply,
-        )
-        .case(
-            "tx::permanent_failure_in_transaction_is_replayed",
-            Requires::Always,
-            tx_fail,
-        )
-        .case(
-            "tx::duplicates_do_not_block_on_an_open_transaction",
-            Requires::Always,
-            tx_duplicates_do_not_block,
-        )
-        .case(
-            "race::two_pools_64_tasks_pay_once",
-            Requires::Always,
-            race_two_pools_pay_once,
-        )
-        .case(
-            "race::two_pools_insert_over_expired_one_wins",
-            Requires::Always,
-            race_insert_over_expired,
-        )
-        .case(
-            "race::two_pools_cas_losers_see_the_winner",
-            Requires::Always,
-            race_cas_losers_see_winner,
-        )
-        .case(
-            "race::cas_behind_a_concurrent_commit_rereads",
-            Requires::Always,
-            cas_behind_a_concurrent_commit,
-        )
-        .case(
-            "race::insert_behind_a_concurrent_insert_rereads",
-            Requires::Always,
-            insert_behind_a_concurrent_insert,
-        )
-        .case(
-            "race::insert_over_expired_behind_a_concurrent_claim_rereads",
-            Requires::Always,
+    idem_testkit::cases!(Suite::empty(support::factory());
+        "store::one_statement_per_step" => one_statement_per_step,
+        "store::read_first_statements_per_step" => read_first_statements_per_step,
+        "tx::commit_stores_record_and_business_row" => tx_commit,
+        "tx::rollback_then_release_runs_once" => tx_rollback_then_release,
+        "tx::rollback_then_lease_expiry_runs_once" => tx_rollback_then_expiry,
+        "tx::lost_lease_is_refused_and_changes_nothing" => tx_lost_lease,
+        "tx::heartbeat_before_apply_is_fine" => tx_heartbeat_before_apply,
+        "tx::permanent_failure_in_transaction_is_replayed" => tx_fail,
+        "tx::duplicates_do_not_block_on_an_open_transaction" => tx_duplicates_do_not_block,
+        "race::two_pools_64_tasks_pay_once" => race_two_pools_pay_once,
+        "race::two_pools_insert_over_expired_one_wins" => race_insert_over_expired,
+        "race::two_pools_cas_losers_see_the_winner" => race_cas_losers_see_winner,
+        "race::cas_behind_a_concurrent_commit_rereads" => cas_behind_a_concurrent_commit,
+        "race::insert_behind_a_concurrent_insert_rereads" => insert_behind_a_concurrent_insert,
+        "race::insert_over_expired_behind_a_concurrent_claim_rereads" =>
             insert_over_expired_behind_a_concurrent_claim,
-        )
-        .case(
-            "race::read_first_insert_behind_a_concurrent_insert_rereads",
-            Requires::Always,
+        "race::read_first_insert_behind_a_concurrent_insert_rereads" =>
             read_first_insert_behind_a_concurrent_insert,
-        )
-        .case(
-            "race::read_first_insert_over_expired_behind_a_concurrent_claim_rereads",
-            Requires::Always,
+        "race::read_first_insert_over_expired_behind_a_concurrent_claim_rereads" =>
             read_first_insert_over_expired_behind_a_concurrent_claim,
-        )
-        .case(
-            "race::concurrent_purges_remove_each_record_once",
-            Requires::Always,
-            race_concurrent_purges,
-        )
-        .case(
-            "store::replay_path_writes_nothing",
-            Requires::Always,
-            replay_path_writes_nothing,
-        )
-        .case(
-            "store::scope_columns_are_readable",
-            Requires::Always,
-            scope_columns_are_readable,
-        )
-        .case(
-            "store::corrupt_rows_of_every_kind",
-            Requires::Always,
-            corrupt_rows_of_every_kind,
-        )
-        .case(
-            "store::missing_table_says_migrate",
-            Requires::Always,
-            missing_table_says_migrate,
-        )
-        .case(
-            "migrate::idempotent_and_concurrent",
-            Requires::Always,
-            migrate_idempotent,
-        )
-        .case(
-            "migrate::newer_schema_is_rejected_and_lock_released",
-            Requires::Always,
-            migrate_newer_rejected,
-        )
-        .case(
-            "pool::unreachable_server_is_transient",
-            Requires::Always,
-            unreachable_is_transient,
-        )
-        .case(
-            "pool::closed_pool_is_transient",
-            Requires::Always,
-            closed_pool_is_transient,
-        )
-        .case(
-            "pool::exhausted_pool_times_out_as_transient",
-            Requires::Always,
-            exhausted_pool,
-        )
-        .case(
-            "faults::cut_connections_are_transient_then_recover",
-            Requires::Always,
-            cut_connections,
-        )
-        .case(
-            "faults::black_hole_times_out_then_recovers",
-            Requires::Always,
-            black_hole,
-        )
-        .case(
-            "faults::lost_reply_on_complete_then_retry_succeeds",
-            Requires::Always,
-            lost_reply_on_complete,
-        )
-        .run()
+        "race::concurrent_purges_remove_each_record_once" => race_concurrent_purges,
+        "store::replay_path_writes_nothing" => replay_path_writes_nothing,
+        "store::scope_columns_are_readable" => scope_columns_are_readable,
+        "store::corrupt_rows_of_every_kind" => corrupt_rows_of_every_kind,
+        "store::missing_table_says_migrate" => missing_table_says_migrate,
+        "migrate::idempotent_and_concurrent" => migrate_idempotent,
+        "migrate::newer_schema_is_rejected_and_lock_released" => migrate_newer_rejected,
+        "pool::unreachable_server_is_transient" => unreachable_is_transient,
+        "pool::closed_pool_is_transient" => closed_pool_is_transient,
+        "pool::exhausted_pool_times_out_as_transient" => exhausted_pool,
+        "faults::cut_connections_are_transient_then_recover" => cut_connections,
+        "faults::black_hole_times_out_then_recovers" => black_hole,
+        "faults::lost_reply_on_complete_then_retry_succeeds" => lost_reply_on_complete,
+    )
+    .run()
 }
 
 // ---------------------------------------------------------------------------
-// Helpers.
+// Helpers (the backend-neutral ones are idem_testkit::fixtures).
 // ---------------------------------------------------------------------------
 
-const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
-const LEASE: Duration = Duration::from_secs(10);
+type Eng = Engine<PostgresStore, ManualClock>;
 
-fn policy() -> Policy {
-    Policy::default()
-        .with_lease(LEASE)
-        .with_ttl(Duration::from_secs(60))
-}
-
-fn engine(store: PostgresStore, clock: &ManualClock) -> Engine<PostgresStore, ManualClock> {
-    Engine::with_clock(store, clock.clone())
-        .with_policy(policy())
-        .expect("valid policy")
-}
-
+/// A fresh store of the case (its schema is dropped after the case).
 async fn open(factory: &Factory) -> PostgresStore {
-    factory.store().await.expect("open a store")
+    (*open_store(factory).await.expect("open a store")).clone()
 }
 
-fn scope() -> Scope {
-    Scope::tenant("acme").with_operation("payments.create")
+/// A fresh store, a manual clock at [`T0`] and an engine over both.
+async fn setup(factory: &Factory) -> (PostgresStore, ManualClock, Eng) {
+    let store = open(factory).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    (store, clock, engine)
 }
 
-fn ikey(s: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(s).unwrap()
+/// A fresh store and a second instance over its table with a pool of its
+/// own (two application servers).
+async fn two_pools(factory: &Factory) -> (Arc<PostgresStore>, Arc<PostgresStore>) {
+    let a = open(factory).await;
+    let b = factory
+        .reopen(&a)
+        .await
+        .unwrap()
+        .expect("a second instance");
+    (Arc::new(a), Arc::new(b))
 }
 
-fn rkey(s: &str) -> RecordKey {
-    RecordKey::new(&scope(), &ikey(s))
+/// `n` tasks released together, even ones on `a`, odd ones on `b`.
+async fn on_two_pools<T, Fut>(
+    (a, b): &(Arc<PostgresStore>, Arc<PostgresStore>),
+    n: usize,
+    op: impl Fn(usize, Arc<PostgresStore>) -> Fut + Send + Sync + 'static,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let (a, b) = (a.clone(), b.clone());
+    race(n, move |i| {
+        op(i, if i % 2 == 0 { a.clone() } else { b.clone() })
+    })
+    .await
 }
 
-const REQUEST: &[u8] = br#"{"amount_cents":1000,"to":"bob"}"#;
-
-fn fp() -> Fingerprint {
-    Fingerprint::of(REQUEST)
+/// A store on a table named `table` that was never migrated, in a schema
+/// of its own that does not exist yet (dropped at the end of the run).
+async fn unmigrated(factory: &Factory, table: &str) -> PostgresStore {
+    let edit = |url: &mut StoreUrl| {
+        if let StoreUrl::Postgres(pg) = url {
+            pg.table = Some(table.to_string());
+            pg.migrate = false;
+        }
+    };
+    factory.open_with(edit).await.expect("open a store")
 }
 
+/// How many rows `schema.table` holds.
+async fn rows(store: &PostgresStore, schema: &str, table: &str) -> u64 {
+    let table = TableName::new(schema, table).unwrap();
+    kit::count(store.pool(), &table).await.expect("count rows")
+}
 /// `"schema".payments`, the business table of a test, created in the store's schema.
 async fn payments(store: &PostgresStore) -> String {
     let name = format!("\"{}\".payments", store.table().schema());
@@ -239,13 +153,15 @@ async fn payments(store: &PostgresStore) -> String {
     name
 }
 
-async fn payment_rows(store: &PostgresStore, table: &str, key: &str) -> i64 {
+/// Asserts that `key` has `n` rows in the business table `table`.
+async fn assert_payments(store: &PostgresStore, table: &str, key: &str, n: i64, why: &str) {
     let sql = format!("SELECT count(*) FROM {table} WHERE idem_key = $1");
-    sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+    let rows = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
         .bind(key)
         .fetch_one(store.pool())
         .await
-        .expect("count payments")
+        .expect("count payments");
+    assert_eq!(rows, n, "{why}");
 }
 
 /// The business write and the completion in one transaction, committed if
@@ -276,86 +192,28 @@ async fn pay(
     Ok(())
 }
 
-async fn proceed(engine: &Engine<PostgresStore, ManualClock>, key: &str) -> Lease {
-    match engine
-        .begin(&scope(), &ikey(key), fp())
-        .await
-        .expect("begin")
-    {
-        Begin::Proceed(lease) => lease,
-        other => panic!("expected Proceed for {key}, got {other:?}"),
-    }
-}
-
-fn assert_replays(begun: Begin, want: &[u8], kind: ReplayKind) {
-    match begun {
-        Begin::Replay(replay) => {
-            assert_eq!(replay.outcome.as_bytes(), want, "replayed outcome");
-            assert_eq!(replay.kind, kind);
-        }
-        other => panic!("expected a replay, got {other:?}"),
-    }
-}
-
-fn assert_transient(result: Result<impl std::fmt::Debug, StoreError>, what: &str) {
-    match result {
-        Err(e @ StoreError::Unavailable { .. }) => assert!(e.is_transient(), "{what}"),
-        other => panic!("{what}: expected StoreError::Unavailable, got {other:?}"),
-    }
-}
-
 /// A loopback port nothing listens on.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
 
-fn options(factory: &Factory) -> PgConnectOptions {
-    PgConnectOptions::from_str(factory.url()).unwrap()
+/// The test server's connection options.
+fn options() -> PgConnectOptions {
+    kit::options(&env::postgres_url()).unwrap()
 }
 
-/// A proxy in front of the test server (resolved from its URL).
-async fn proxy(factory: &Factory) -> FaultProxy {
-    let opts = options(factory);
-    let addr = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
-        .await
-        .expect("resolve the server")
-        .next()
-        .expect("an address");
-    FaultProxy::start(addr).await.expect("start proxy")
-}
-
-/// A store over `table` through `proxy`, bounded by `timeout`.
-fn store_via(
+/// A fresh store, a proxy in front of the test server, and a store over
+/// the same table through the proxy with one connection, each call bounded
+/// by `timeout`.
+async fn proxied(
     factory: &Factory,
-    proxy: &FaultProxy,
-    table: &TableName,
     timeout: Duration,
-) -> PostgresStore {
-    let opts = options(factory)
-        .host(&proxy.addr().ip().to_string())
-        .port(proxy.addr().port());
-    let pool = PostgresStore::pool_options()
-        // One connection: the statements a test warms up are prepared on it.
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(opts);
-    PostgresStore::with_table(pool, table.clone()).with_timeout(Some(timeout))
-}
-
-/// Waits until every connection of `store`'s pool is back and idle. sqlx
-/// pings a connection when it returns to the pool, in a background task;
-/// a fault switched on during that ping would hit the ping, not the call
-/// under test.
-async fn settled(store: &PostgresStore) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.pool().num_idle() < store.pool().size() as usize {
-        assert!(
-            Instant::now() < deadline,
-            "the pool's connections must come back"
-        );
-        tokio::task::yield_now().await;
-    }
+) -> (PostgresStore, FaultProxy, PostgresStore) {
+    let base = open(factory).await;
+    let proxy = kit::proxy().await;
+    let store = kit::store_via(&proxy, base.table(), timeout);
+    (base, proxy, store)
 }
 
 /// Polls `op` until it succeeds or 20 s pass; every failure must be transient.
@@ -375,52 +233,6 @@ where
     }
 }
 
-fn completed(rev: u64, token: u128, now: Timestamp, ttl_secs: u64, outcome: &[u8]) -> Versioned {
-    Versioned {
-        revision: Revision::from_u64(rev),
-        record: Record {
-            fingerprint: fp(),
-            state: State::Completed {
-                token: FencingToken::from_u128(token),
-                outcome: Outcome::new(outcome.to_vec()),
-            },
-            created_at: now,
-            updated_at: now,
-            expires_at: now.plus(Duration::from_secs(ttl_secs)),
-            attempts: 1,
-        },
-    }
-}
-
-/// Spawns `n` tasks, releases them together with a barrier, returns results in order.
-async fn race<T: Send + 'static, Fut>(
-    n: usize,
-    task: impl Fn(usize) -> Fut + Send + Sync + 'static,
-) -> Vec<T>
-where
-    Fut: std::future::Future<Output = T> + Send + 'static,
-{
-    let barrier = Arc::new(tokio::sync::Barrier::new(n));
-    let task = Arc::new(task);
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let (barrier, task) = (barrier.clone(), task.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                task(i).await
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    for h in handles {
-        out.push(
-            h.await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
-        );
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------
 // Completion inside the caller's transaction.
 // ---------------------------------------------------------------------------
@@ -428,93 +240,57 @@ where
 /// Commit: the payment row and the completed record are both there, and a
 /// retry replays the outcome without paying again.
 async fn tx_commit(factory: Arc<Factory>) {
-    let store = open(&factory).await;
+    let (store, clock, engine) = setup(&factory).await;
     let table = payments(&store).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
     let lease = proceed(&engine, "pay-1").await;
     pay(&engine, &lease, &table, "pay-1", true)
         .await
         .expect("pay");
-    assert_eq!(payment_rows(&store, &table, "pay-1").await, 1);
-    let stored = store
-        .get(&rkey("pay-1"), clock.now())
-        .await
-        .unwrap()
-        .expect("record");
+    assert_payments(&store, &table, "pay-1", 1, "paid").await;
+    let stored = stored(&store, &rkey("pay-1"), clock.now()).await;
     assert!(
         matches!(&stored.record.state, State::Completed { token, outcome }
             if *token == lease.token() && outcome.as_bytes() == b"paid pay-1"),
         "the record must be completed by the holder: {stored:?}"
     );
-    let again = engine.begin(&scope(), &ikey("pay-1"), fp()).await.unwrap();
-    assert_replays(again, b"paid pay-1", ReplayKind::Completed);
-    assert_eq!(
-        payment_rows(&store, &table, "pay-1").await,
-        1,
-        "a replay pays nothing"
-    );
+    replays(&engine, "pay-1", b"paid pay-1").await;
+    assert_payments(&store, &table, "pay-1", 1, "a replay pays nothing").await;
 }
 
 /// Rollback: no payment, the key stays claimed by the same lease (retries
 /// get "in progress"); after the holder releases it, a retry pays, and
 /// there is exactly one payment in the end.
 async fn tx_rollback_then_release(factory: Arc<Factory>) {
-    let store = open(&factory).await;
+    let (store, clock, engine) = setup(&factory).await;
     let table = payments(&store).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
     let first = proceed(&engine, "pay-2").await;
     pay(&engine, &first, &table, "pay-2", false)
         .await
         .expect("apply before rollback");
-    assert_eq!(
-        payment_rows(&store, &table, "pay-2").await,
-        0,
-        "rolled back"
-    );
-    let stored = store
-        .get(&rkey("pay-2"), clock.now())
-        .await
-        .unwrap()
-        .expect("record");
+    assert_payments(&store, &table, "pay-2", 0, "rolled back").await;
+    let stored = stored(&store, &rkey("pay-2"), clock.now()).await;
     assert!(
         matches!(stored.record.state, State::InFlight { token, .. } if token == first.token()),
         "after a rollback the key stays claimed by the same lease: {stored:?}"
     );
-    assert!(
-        matches!(
-            engine.begin(&scope(), &ikey("pay-2"), fp()).await.unwrap(),
-            Begin::InProgress { .. }
-        ),
-        "a retry meanwhile is told the key is in progress"
-    );
+    // A retry meanwhile is told the key is in progress.
+    in_progress(&engine, "pay-2").await;
     engine.release(&first).await.expect("release");
     let second = proceed(&engine, "pay-2").await;
     assert_ne!(second.token(), first.token());
     pay(&engine, &second, &table, "pay-2", true)
         .await
         .expect("pay");
-    assert_eq!(
-        payment_rows(&store, &table, "pay-2").await,
-        1,
-        "exactly one payment"
-    );
-    assert_replays(
-        engine.begin(&scope(), &ikey("pay-2"), fp()).await.unwrap(),
-        b"paid pay-2",
-        ReplayKind::Completed,
-    );
+    assert_payments(&store, &table, "pay-2", 1, "exactly one payment").await;
+    replays(&engine, "pay-2", b"paid pay-2").await;
 }
 
 /// Rollback, then the holder vanishes: once the lease lapses a retry takes
 /// over and pays; the first holder's transition is refused afterwards.
 /// Exactly one payment.
 async fn tx_rollback_then_expiry(factory: Arc<Factory>) {
-    let store = open(&factory).await;
+    let (store, clock, engine) = setup(&factory).await;
     let table = payments(&store).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
     let first = proceed(&engine, "pay-3").await;
     pay(&engine, &first, &table, "pay-3", false)
         .await
@@ -545,29 +321,16 @@ async fn tx_rollback_then_expiry(factory: Arc<Factory>) {
         }
     }
     drop(tx); // rolled back, as the caller must on LeaseLost
-    assert_eq!(
-        payment_rows(&store, &table, "pay-3").await,
-        1,
-        "exactly one payment"
-    );
-    assert_replays(
-        engine.begin(&scope(), &ikey("pay-3"), fp()).await.unwrap(),
-        b"paid pay-3",
-        ReplayKind::Completed,
-    );
+    assert_payments(&store, &table, "pay-3", 1, "exactly one payment").await;
+    replays(&engine, "pay-3", b"paid pay-3").await;
 }
 
 /// A transition whose lease was taken over or whose record is gone is
 /// refused with the right reason and writes nothing.
 async fn tx_lost_lease(factory: Arc<Factory>) {
-    let store = open(&factory).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (store, clock, engine) = setup(&factory).await;
     // Taken over while still in flight.
-    let first = proceed(&engine, "lost-1").await;
-    let stale = engine
-        .prepare_complete(&first, Outcome::new(&b"old"[..]))
-        .unwrap();
+    let (_first, stale) = prepared(&engine, "lost-1", b"old").await;
     clock.advance(LEASE + Duration::from_millis(1));
     let second = proceed(&engine, "lost-1").await;
     let before = store.get(&rkey("lost-1"), clock.now()).await.unwrap();
@@ -593,37 +356,31 @@ async fn tx_lost_lease(factory: Arc<Factory>) {
     assert_eq!(store.get(&rkey("lost-1"), clock.now()).await.unwrap(), None);
 }
 
+/// Applies `transition` in a transaction of its own and commits.
+async fn apply_and_commit(store: &PostgresStore, transition: &idem_core::Transition) {
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .apply_in(&mut tx, transition)
+        .await
+        .expect("apply in the transaction");
+    tx.commit().await.unwrap();
+}
+
 /// The transition checks the fencing token, not the revision: a heartbeat
 /// between prepare and apply does not make it fail.
 async fn tx_heartbeat_before_apply(factory: Arc<Factory>) {
-    let store = open(&factory).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
-    let lease = proceed(&engine, "beat").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"ok"[..]))
-        .unwrap();
+    let (store, clock, engine) = setup(&factory).await;
+    let (lease, done) = prepared(&engine, "beat", b"ok").await;
     clock.advance(Duration::from_secs(3));
     engine.extend(&lease).await.expect("heartbeat");
     assert_ne!(lease.record().revision, done.next.revision);
-    let mut tx = store.pool().begin().await.unwrap();
-    store
-        .apply_in(&mut tx, &done)
-        .await
-        .expect("apply after a heartbeat");
-    tx.commit().await.unwrap();
-    assert_replays(
-        engine.begin(&scope(), &ikey("beat"), fp()).await.unwrap(),
-        b"ok",
-        ReplayKind::Completed,
-    );
+    apply_and_commit(&store, &done).await;
+    replays(&engine, "beat", b"ok").await;
 }
 
 /// A permanent failure stored in the caller's transaction is replayed.
 async fn tx_fail(factory: Arc<Factory>) {
-    let store = open(&factory).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (store, _clock, engine) = setup(&factory).await;
     let lease = proceed(&engine, "declined").await;
     let failed = engine
         .prepare_fail(
@@ -632,14 +389,9 @@ async fn tx_fail(factory: Arc<Factory>) {
             Outcome::new(&b"card declined"[..]),
         )
         .unwrap();
-    let mut tx = store.pool().begin().await.unwrap();
-    store.apply_in(&mut tx, &failed).await.unwrap();
-    tx.commit().await.unwrap();
+    apply_and_commit(&store, &failed).await;
     assert_replays(
-        engine
-            .begin(&scope(), &ikey("declined"), fp())
-            .await
-            .unwrap(),
+        begin(&engine, "declined").await,
         b"card declined",
         ReplayKind::Failed,
     );
@@ -649,32 +401,15 @@ async fn tx_fail(factory: Arc<Factory>) {
 /// duplicates are answered at once ("in progress": the completion is not
 /// committed), not blocked; after the commit they replay.
 async fn tx_duplicates_do_not_block(factory: Arc<Factory>) {
-    let store = open(&factory).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
-    let lease = proceed(&engine, "open-tx").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"done"[..]))
-        .unwrap();
+    let (store, _clock, engine) = setup(&factory).await;
+    let (_lease, done) = prepared(&engine, "open-tx", b"done").await;
     let mut tx = store.pool().begin().await.unwrap();
     store.apply_in(&mut tx, &done).await.unwrap();
-    let dup = tokio::time::timeout(
-        Duration::from_secs(5),
-        engine.begin(&scope(), &ikey("open-tx"), fp()),
-    )
-    .await
-    .expect("a duplicate must not wait for the open transaction")
-    .unwrap();
-    assert!(matches!(dup, Begin::InProgress { .. }), "got {dup:?}");
+    tokio::time::timeout(Duration::from_secs(5), in_progress(&engine, "open-tx"))
+        .await
+        .expect("a duplicate must not wait for the open transaction");
     tx.commit().await.unwrap();
-    assert_replays(
-        engine
-            .begin(&scope(), &ikey("open-tx"), fp())
-            .await
-            .unwrap(),
-        b"done",
-        ReplayKind::Completed,
-    );
+    replays(&engine, "open-tx", b"done").await;
 }
 
 // ---------------------------------------------------------------------------
@@ -685,13 +420,12 @@ async fn tx_duplicates_do_not_block(factory: Arc<Factory>) {
 /// race to pay with one key: exactly one pays, in one transaction with its
 /// record; every other task is told "in progress" or gets the replay.
 async fn race_two_pools_pay_once(factory: Arc<Factory>) {
-    let a = open(&factory).await;
-    let b = factory.second(&a).await.unwrap();
+    let (a, b) = two_pools(&factory).await;
     let table = Arc::new(payments(&a).await);
     let clock = ManualClock::new(T0);
     let engines = Arc::new([
-        Arc::new(engine(a.clone(), &clock)),
-        Arc::new(engine(b, &clock)),
+        Arc::new(engine((*a).clone(), &clock)),
+        Arc::new(engine((*b).clone(), &clock)),
     ]);
     let paid = Arc::new(AtomicUsize::new(0));
     let results = {
@@ -700,7 +434,7 @@ async fn race_two_pools_pay_once(factory: Arc<Factory>) {
             let engine = engines[i % 2].clone();
             let (paid, table) = (paid.clone(), table.clone());
             async move {
-                match engine.begin(&scope(), &ikey("storm"), fp()).await.unwrap() {
+                match begin(&engine, "storm").await {
                     Begin::Proceed(lease) => {
                         pay(&engine, &lease, &table, "storm", true).await.unwrap();
                         paid.fetch_add(1, Ordering::SeqCst);
@@ -723,79 +457,80 @@ async fn race_two_pools_pay_once(factory: Arc<Factory>) {
         "exactly one task pays: {results:?}"
     );
     assert_eq!(results.iter().filter(|r| **r == "paid").count(), 1);
-    assert_eq!(
-        payment_rows(&a, &table, "storm").await,
-        1,
-        "exactly one payment row"
-    );
-    assert_replays(
-        engines[1]
-            .begin(&scope(), &ikey("storm"), fp())
-            .await
-            .unwrap(),
-        b"paid storm",
-        ReplayKind::Completed,
-    );
+    assert_payments(&a, &table, "storm", 1, "exactly one payment row").await;
+    replays(&engines[1], "storm", b"paid storm").await;
+}
+
+/// The one candidate whose result `won`; every other result must have
+/// `seen` that winner.
+fn one_winner<'c, R: std::fmt::Debug>(
+    results: &[R],
+    candidates: &'c [Versioned],
+    won: impl Fn(&R) -> bool,
+    seen: impl Fn(&R) -> Option<&Versioned>,
+) -> &'c Versioned {
+    let winners: Vec<usize> = (0..results.len()).filter(|i| won(&results[*i])).collect();
+    assert_eq!(winners.len(), 1, "exactly one winner: {winners:?}");
+    let winner = &candidates[winners[0]];
+    for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != winners[0]) {
+        assert_eq!(
+            seen(r),
+            Some(winner),
+            "loser {i} must see the winner: {r:?}"
+        );
+    }
+    winner
 }
 
 /// 32 tasks over two pools claim a key whose record expired: exactly one
 /// replaces it; every loser sees the winner's record (never the expired
 /// one), even when the winner committed after the loser's snapshot.
 async fn race_insert_over_expired(factory: Arc<Factory>) {
-    let a = Arc::new(open(&factory).await);
-    let b = Arc::new(factory.second(&a).await.unwrap());
+    let pools = two_pools(&factory).await;
     let k = rkey("expired-race");
     let old = completed(1, 1, T0, 1, b"old");
     assert_eq!(
-        a.insert_if_absent(&k, &old, T0).await.unwrap(),
-        Inserted::Inserted
+        pools.0.insert_if_absent(&k, &old, T0).await.unwrap(),
+        InsertOutcome::Inserted
     );
     let now = T0.plus(Duration::from_secs(5));
     let candidates: Vec<Versioned> = (0..32)
         .map(|i| completed(100 + i, 100 + u128::from(i), now, 60, b"new"))
         .collect();
     let results = {
-        let (a, b, k, candidates) = (a.clone(), b.clone(), k.clone(), candidates.clone());
-        race(32, move |i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (k, candidates) = (k.clone(), candidates.clone());
+        on_two_pools(&pools, 32, move |i, store| {
             let (k, rec) = (k.clone(), candidates[i].clone());
             async move { store.insert_if_absent(&k, &rec, now).await.unwrap() }
         })
         .await
     };
-    let winners: Vec<usize> = (0..32)
-        .filter(|i| results[*i] == Inserted::Inserted)
-        .collect();
-    assert_eq!(
-        winners.len(),
-        1,
-        "exactly one claim over the expired record: {winners:?}"
+    let winner = one_winner(
+        &results,
+        &candidates,
+        |r| *r == InsertOutcome::Inserted,
+        |r| match r {
+            InsertOutcome::Exists(seen) => Some(seen),
+            InsertOutcome::Inserted => None,
+        },
     );
-    let winner = &candidates[winners[0]];
-    for (i, r) in results.iter().enumerate() {
-        if let Inserted::Exists(seen) = r {
-            assert_eq!(seen, winner, "loser {i} must see the winner's record");
-        }
-    }
-    assert_eq!(a.get(&k, now).await.unwrap().as_ref(), Some(winner));
+    assert_eq!(pools.0.get(&k, now).await.unwrap().as_ref(), Some(winner));
 }
 
 /// 32 tasks over two pools swap the same expected revision: exactly one
 /// wins; every loser's conflict carries the winner's record, never the
 /// revision it expected (the stale-snapshot case is re-read).
 async fn race_cas_losers_see_winner(factory: Arc<Factory>) {
-    let a = Arc::new(open(&factory).await);
-    let b = Arc::new(factory.second(&a).await.unwrap());
+    let pools = two_pools(&factory).await;
     let k = rkey("cas-race");
     let base = completed(7, 7, T0, 60, b"base");
-    a.insert_if_absent(&k, &base, T0).await.unwrap();
+    pools.0.insert_if_absent(&k, &base, T0).await.unwrap();
     let candidates: Vec<Versioned> = (0..32)
         .map(|i| completed(1000 + i, 7, T0, 60, format!("v{i}").as_bytes()))
         .collect();
     let results = {
-        let (a, b, k, candidates) = (a.clone(), b.clone(), k.clone(), candidates.clone());
-        race(32, move |i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (k, candidates) = (k.clone(), candidates.clone());
+        on_two_pools(&pools, 32, move |i, store| {
             let (k, rec) = (k.clone(), candidates[i].clone());
             async move {
                 store
@@ -806,16 +541,15 @@ async fn race_cas_losers_see_winner(factory: Arc<Factory>) {
         })
         .await
     };
-    let winners: Vec<usize> = (0..32)
-        .filter(|i| results[*i] == Swapped::Swapped)
-        .collect();
-    assert_eq!(winners.len(), 1, "exactly one swap: {winners:?}");
-    let winner = &candidates[winners[0]];
-    for (i, r) in results.iter().enumerate() {
-        if let Swapped::Conflict(seen) = r {
-            assert_eq!(seen.as_ref(), Some(winner), "loser {i} must see the winner");
-        }
-    }
+    one_winner(
+        &results,
+        &candidates,
+        |r| *r == SwapOutcome::Swapped,
+        |r| match r {
+            SwapOutcome::Conflict(seen) => seen.as_ref(),
+            SwapOutcome::Swapped => None,
+        },
+    );
 }
 
 /// Waits until a statement on `store`'s table is blocked on a row lock.
@@ -839,20 +573,37 @@ async fn blocked_on_lock(store: &PostgresStore) {
     }
 }
 
-/// Runs `sql` (binding `digest`) in a new transaction and returns it, open.
+/// Runs `sql` (binding the digests of `keys`) in a new transaction that
+/// changes one row, and returns it, open.
 async fn open_write(
     store: &PostgresStore,
     sql: String,
-    digest: &RecordKey,
+    keys: &[&RecordKey],
 ) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = store.pool().begin().await.unwrap();
-    let done = sqlx::query(AssertSqlSafe(sql))
-        .bind(&digest.digest()[..])
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let query = keys.iter().fold(sqlx::query(AssertSqlSafe(sql)), |q, k| {
+        q.bind(k.digest().to_vec())
+    });
+    let done = query.execute(&mut *tx).await.unwrap();
     assert_eq!(done.rows_affected(), 1);
     tx
+}
+
+/// Runs `op` on `store` while `writer` holds a row lock: once `op` is
+/// blocked on it, commits `writer`; returns what `op` answered.
+async fn behind<T, Fut>(
+    store: &Arc<PostgresStore>,
+    writer: sqlx::Transaction<'static, sqlx::Postgres>,
+    op: impl FnOnce(Arc<PostgresStore>) -> Fut,
+) -> T
+where
+    T: Send + 'static,
+    Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let op = tokio::spawn(op(store.clone()));
+    blocked_on_lock(store).await;
+    writer.commit().await.unwrap();
+    op.await.unwrap().unwrap()
 }
 
 /// Deterministic stale snapshot for compare-and-swap: another transaction
@@ -871,24 +622,20 @@ async fn cas_behind_a_concurrent_commit(factory: Arc<Factory>) {
     let writer = open_write(
         &store,
         format!("UPDATE {t} SET revision = 8, outcome = '\\x08'::bytea WHERE digest = $1"),
-        &k,
+        &[&k],
     )
     .await;
-    let swap = {
-        let (store, k) = (store.clone(), k.clone());
-        tokio::spawn(async move {
-            let next = completed(9, 7, T0, 60, b"mine");
-            store
-                .compare_and_swap(&k, Revision::from_u64(7), &next, T0)
-                .await
-        })
-    };
-    blocked_on_lock(&store).await;
-    writer.commit().await.unwrap();
+    let next = completed(9, 7, T0, 60, b"mine");
+    let swapped = behind(&store, writer, |store| async move {
+        store
+            .compare_and_swap(&k, Revision::from_u64(7), &next, T0)
+            .await
+    })
+    .await;
     let want = completed(8, 7, T0, 60, &[8]);
     assert_eq!(
-        swap.await.unwrap().unwrap(),
-        Swapped::Conflict(Some(want)),
+        swapped,
+        SwapOutcome::Conflict(Some(want)),
         "the conflict must carry the committed record"
     );
 }
@@ -904,7 +651,7 @@ async fn insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
 /// The same in [`ClaimMode::ReadFirst`]: the read finds nothing, the insert
 /// waits, then meets the committed record; the store reads again.
 async fn read_first_insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
-    let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
+    let store = with_mode(&open(&factory).await, ClaimMode::ReadFirst);
     insert_behind_a_concurrent_insert_in(store).await;
 }
 
@@ -917,29 +664,21 @@ async fn insert_behind_a_concurrent_insert_in(store: PostgresStore) {
         .await
         .unwrap();
     let t = store.table();
-    let mut writer = store.pool().begin().await.unwrap();
-    let moved = sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {t} SET digest = $1 WHERE digest = $2"
-    )))
-    .bind(&k.digest()[..])
-    .bind(&elsewhere.digest()[..])
-    .execute(&mut *writer)
-    .await
-    .unwrap();
-    assert_eq!(moved.rows_affected(), 1);
-    let claim = {
-        let (store, k) = (store.clone(), k.clone());
-        tokio::spawn(async move {
-            store
-                .insert_if_absent(&k, &completed(6, 6, T0, 60, b"mine"), T0)
-                .await
-        })
-    };
-    blocked_on_lock(&store).await;
-    writer.commit().await.unwrap();
+    let writer = open_write(
+        &store,
+        format!("UPDATE {t} SET digest = $1 WHERE digest = $2"),
+        &[&k, &elsewhere],
+    )
+    .await;
+    let claimed = behind(&store, writer, |store| async move {
+        store
+            .insert_if_absent(&k, &completed(6, 6, T0, 60, b"mine"), T0)
+            .await
+    })
+    .await;
     assert_eq!(
-        claim.await.unwrap().unwrap(),
-        Inserted::Exists(theirs),
+        claimed,
+        InsertOutcome::Exists(theirs),
         "the claim must lose to the committed record and return it"
     );
 }
@@ -955,7 +694,7 @@ async fn insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
 /// The same in [`ClaimMode::ReadFirst`]: the read sees the record expired,
 /// the insert's `ON CONFLICT` waits and then finds it live.
 async fn read_first_insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
-    let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
+    let store = with_mode(&open(&factory).await, ClaimMode::ReadFirst);
     insert_over_expired_behind_a_concurrent_claim_in(store).await;
 }
 
@@ -972,24 +711,20 @@ async fn insert_over_expired_behind_a_concurrent_claim_in(store: PostgresStore) 
     let writer = open_write(
         &store,
         format!("UPDATE {t} SET revision = 4, expires_at = {live_until} WHERE digest = $1"),
-        &k,
+        &[&k],
     )
     .await;
-    let claim = {
-        let (store, k) = (store.clone(), k.clone());
-        tokio::spawn(async move {
-            store
-                .insert_if_absent(&k, &completed(6, 6, now, 60, b"mine"), now)
-                .await
-        })
-    };
-    blocked_on_lock(&store).await;
-    writer.commit().await.unwrap();
+    let claimed = behind(&store, writer, |store| async move {
+        store
+            .insert_if_absent(&k, &completed(6, 6, now, 60, b"mine"), now)
+            .await
+    })
+    .await;
     let mut revived = completed(4, 3, T0, 60, b"old");
     revived.record.expires_at = Timestamp::from_millis(live_until);
     assert_eq!(
-        claim.await.unwrap().unwrap(),
-        Inserted::Exists(revived),
+        claimed,
+        InsertOutcome::Exists(revived),
         "the claim must not replace a record revived after its snapshot"
     );
 }
@@ -998,8 +733,8 @@ async fn insert_over_expired_behind_a_concurrent_claim_in(store: PostgresStore) 
 /// beside expired ones: each expired record is removed exactly once (the
 /// counts add up) and no live record is touched.
 async fn race_concurrent_purges(factory: Arc<Factory>) {
-    let a = Arc::new(open(&factory).await);
-    let b = Arc::new(factory.second(&a).await.unwrap());
+    let pools = two_pools(&factory).await;
+    let a = pools.0.clone();
     for i in 0..200u64 {
         let rec = completed(i + 1, 1, T0, 1 + i % 5, b"x");
         a.insert_if_absent(&rkey(&format!("dead-{i}")), &rec, T0)
@@ -1013,24 +748,18 @@ async fn race_concurrent_purges(factory: Arc<Factory>) {
             .unwrap();
     }
     let now = T0.plus(Duration::from_secs(10));
-    let removed = {
-        let (a, b) = (a.clone(), b.clone());
-        race(16, move |i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            async move {
-                let mut total = 0;
-                loop {
-                    let n = store.purge_expired(now, 7).await.unwrap();
-                    assert!(n <= 7, "a batch never exceeds its limit");
-                    total += n;
-                    if n == 0 {
-                        return total;
-                    }
-                }
+    let removed = on_two_pools(&pools, 16, move |_, store| async move {
+        let mut total = 0;
+        loop {
+            let n = store.purge_expired(now, 7).await.unwrap();
+            assert!(n <= 7, "a batch never exceeds its limit");
+            total += n;
+            if n == 0 {
+                return total;
             }
-        })
-        .await
-    };
+        }
+    })
+    .await;
     // Rows locked by another purger are skipped, so a purger may stop early;
     // a final pass takes whatever is left.
     let rest = a.purge_expired(now, 1000).await.unwrap();
@@ -1039,9 +768,9 @@ async fn race_concurrent_purges(factory: Arc<Factory>) {
         200,
         "each expired record removed once"
     );
-    let table = a.table().to_string();
+    let t = a.table();
     assert_eq!(
-        count(&a, &table).await,
+        rows(&a, t.schema(), t.table()).await,
         50,
         "only the live records are left"
     );
@@ -1128,7 +857,7 @@ async fn one_statement_per_step(factory: Arc<Factory>) {
 /// `SELECT` that finds nothing plus a plain insert; everything else, replays
 /// and "in progress" included, is one statement.
 async fn read_first_statements_per_step(factory: Arc<Factory>) {
-    let store = open(&factory).await.with_claim_mode(ClaimMode::ReadFirst);
+    let store = with_mode(&open(&factory).await, ClaimMode::ReadFirst);
     assert_eq!(store.claim_mode(), ClaimMode::ReadFirst);
     statements_per_step(store, 2).await;
 }
@@ -1147,8 +876,7 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
     };
     let lease = proceed(&engine, "steps").await;
     step("claim of a new key", new_claim);
-    let dup = engine.begin(&scope(), &ikey("steps"), fp()).await.unwrap();
-    assert!(matches!(dup, Begin::InProgress { .. }));
+    in_progress(&engine, "steps").await;
     step("duplicate while in flight", 1);
     engine.extend(&lease).await.unwrap();
     step("heartbeat", 1);
@@ -1157,8 +885,7 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
         .await
         .unwrap();
     step("completion", 1);
-    let replay = engine.begin(&scope(), &ikey("steps"), fp()).await.unwrap();
-    assert_replays(replay, b"ok", ReplayKind::Completed);
+    replays(&engine, "steps", b"ok").await;
     step("replay", 1);
     store.get(&rkey("steps"), clock.now()).await.unwrap();
     step("get", 1);
@@ -1175,9 +902,7 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
     let done = engine
         .prepare_complete(&taker, Outcome::new(&b"tx"[..]))
         .unwrap();
-    let mut tx = store.pool().begin().await.unwrap();
-    store.apply_in(&mut tx, &done).await.unwrap();
-    tx.commit().await.unwrap();
+    apply_and_commit(&store, &done).await;
     step("completion in the caller's transaction", 1);
     store
         .purge_expired(clock.now().plus(Duration::from_secs(3600)), 100)
@@ -1203,15 +928,10 @@ async fn row_version(store: &PostgresStore, k: &RecordKey) -> (String, String, S
 /// tuple (ctid, xmin) and gets no lock (xmax stays 0), so no WAL and no
 /// commit flush per duplicate.
 async fn replay_path_writes_nothing(factory: Arc<Factory>) {
-    let store = open(&factory).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (store, _clock, engine) = setup(&factory).await;
     let lease = proceed(&engine, "quiet").await;
     let in_flight = row_version(&store, &rkey("quiet")).await;
-    assert!(matches!(
-        engine.begin(&scope(), &ikey("quiet"), fp()).await.unwrap(),
-        Begin::InProgress { .. }
-    ));
+    in_progress(&engine, "quiet").await;
     assert_eq!(row_version(&store, &rkey("quiet")).await, in_flight);
     engine
         .complete(&lease, Outcome::new(&b"done"[..]))
@@ -1220,11 +940,7 @@ async fn replay_path_writes_nothing(factory: Arc<Factory>) {
     let done = row_version(&store, &rkey("quiet")).await;
     assert_eq!(done.2, "0", "a completed row carries no lock");
     for _ in 0..3 {
-        assert_replays(
-            engine.begin(&scope(), &ikey("quiet"), fp()).await.unwrap(),
-            b"done",
-            ReplayKind::Completed,
-        );
+        replays(&engine, "quiet", b"done").await;
         assert!(matches!(
             engine
                 .begin(&scope(), &ikey("quiet"), Fingerprint::of(b"other"))
@@ -1243,9 +959,7 @@ async fn replay_path_writes_nothing(factory: Arc<Factory>) {
 /// The scope and key are kept in readable columns (NUL, which PostgreSQL
 /// text cannot hold, becomes U+FFFD); the digest alone identifies the record.
 async fn scope_columns_are_readable(factory: Arc<Factory>) {
-    let store = open(&factory).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (store, _clock, engine) = setup(&factory).await;
     let scope = Scope::tenant("acme")
         .with_principal("user\0one")
         .with_operation("payments.create");
@@ -1351,9 +1065,7 @@ async fn corrupt_rows_of_every_kind(factory: Arc<Factory>) {
 
 /// A store on a table that was never migrated says so.
 async fn missing_table_says_migrate(factory: Arc<Factory>) {
-    let pool = factory.pool(2).await.unwrap();
-    let table = TableName::new(factory.fresh_schema(), "never_migrated").unwrap();
-    let store = PostgresStore::with_table(pool, table);
+    let store = unmigrated(&factory, "never_migrated").await;
     match store.get(&rkey("k"), T0).await {
         Err(e @ StoreError::Generic { .. }) => {
             let text = std::error::Error::source(&e)
@@ -1376,9 +1088,8 @@ async fn missing_table_says_migrate(factory: Arc<Factory>) {
 /// Eight instances migrating one fresh schema at once all succeed, as does
 /// migrating again; one migration is recorded and the expiry index exists.
 async fn migrate_idempotent(factory: Arc<Factory>) {
-    let pool = factory.pool(8).await.unwrap();
-    let table = TableName::new(factory.fresh_schema(), "custom_records").unwrap();
-    let store = PostgresStore::with_table(pool, table.clone());
+    let store = unmigrated(&factory, "custom_records").await;
+    let table = store.table().clone();
     let results = {
         let store = store.clone();
         race(8, move |_| {
@@ -1391,9 +1102,11 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
         r.expect("concurrent migrate");
     }
     store.migrate().await.expect("migrate again");
-    let migrations = format!("\"{}\".custom_records_migrations", table.schema());
     // One row per migration shipped (1: the table, 2: the failed_unknown state).
-    assert_eq!(count(&store, &migrations).await, 2);
+    assert_eq!(
+        rows(&store, table.schema(), "custom_records_migrations").await,
+        2
+    );
     let indexes = sqlx::query_scalar::<_, String>(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'custom_records'",
     )
@@ -1410,12 +1123,12 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
     let rec = completed(1, 1, T0, 60, b"works");
     assert_eq!(
         store.insert_if_absent(&rkey("k"), &rec, T0).await.unwrap(),
-        Inserted::Inserted
+        InsertOutcome::Inserted
     );
     // Migration 2 admits the outcome-unknown state.
     let mut unknown = rec.clone();
     unknown.revision = Revision::from_u64(2);
-    unknown.record.state = idem_core::State::Failed {
+    unknown.record.state = idem_core::store::State::Failed {
         token: unknown.record.state.token(),
         kind: idem_core::FailureKind::Unknown,
         outcome: Outcome::default(),
@@ -1425,7 +1138,7 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
             .insert_if_absent(&rkey("u"), &unknown, T0)
             .await
             .unwrap(),
-        Inserted::Inserted
+        InsertOutcome::Inserted
     );
     assert_eq!(store.get(&rkey("u"), T0).await.unwrap(), Some(unknown));
 }
@@ -1434,7 +1147,8 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
 /// leaves no advisory lock behind (another migration proceeds at once).
 async fn migrate_newer_rejected(factory: Arc<Factory>) {
     let store = open(&factory).await;
-    let migrations = format!("\"{}\".records_migrations", store.table().schema());
+    let t = store.table();
+    let migrations = format!("\"{}\".{}_migrations", t.schema(), t.table());
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {migrations} (version, description, success, checksum, execution_time) \
          VALUES (9999, 'from the future', true, '\\x00'::bytea, 0)"
@@ -1442,11 +1156,11 @@ async fn migrate_newer_rejected(factory: Arc<Factory>) {
     .execute(store.pool())
     .await
     .unwrap();
-    match store.migrate().await {
+    match store.migrate().await.map_err(StoreError::from) {
         Err(e @ StoreError::Rejected { .. }) => assert!(!e.is_transient()),
         other => panic!("a newer schema must be Rejected, got {other:?}"),
     }
-    let other = tokio::time::timeout(Duration::from_secs(30), factory.store())
+    let other = tokio::time::timeout(Duration::from_secs(30), open_store(&*factory))
         .await
         .expect("another migration must not wait for a leaked advisory lock");
     other.expect("another store migrates");
@@ -1458,12 +1172,12 @@ async fn migrate_newer_rejected(factory: Arc<Factory>) {
 
 /// A pool pointed at a port nothing listens on: every call, migrate and the
 /// engine report a transient `Unavailable`, keeping the driver's error.
-async fn unreachable_is_transient(factory: Arc<Factory>) {
-    let opts = options(&factory).host("127.0.0.1").port(closed_port());
+async fn unreachable_is_transient(_factory: Arc<Factory>) {
+    let opts = options().host("127.0.0.1").port(closed_port());
     let pool = PostgresStore::pool_options()
         .acquire_timeout(Duration::from_millis(500))
         .connect_lazy_with(opts.clone());
-    let store = PostgresStore::with_table(pool, TableName::default());
+    let store = PostgresStore::builder().open(pool);
     let k = rkey("k");
     assert_transient(store.get(&k, T0).await, "get");
     assert_transient(
@@ -1473,7 +1187,7 @@ async fn unreachable_is_transient(factory: Arc<Factory>) {
         "insert_if_absent",
     );
     assert_transient(store.purge_expired(T0, 10).await, "purge_expired");
-    assert_transient(store.migrate().await, "migrate");
+    assert_transient(store.migrate().await.map_err(StoreError::from), "migrate");
     let clock = ManualClock::new(T0);
     match engine(store, &clock)
         .begin(&scope(), &ikey("k"), fp())
@@ -1486,7 +1200,10 @@ async fn unreachable_is_transient(factory: Arc<Factory>) {
     let connected = tokio::time::timeout(Duration::from_secs(30), PostgresStore::connect(&url))
         .await
         .expect("connect gives up within its acquire timeout");
-    assert_transient(connected.map(|_| ()), "PostgresStore::connect");
+    assert_transient(
+        connected.map(|_| ()).map_err(StoreError::from),
+        "PostgresStore::connect",
+    );
 }
 
 /// A pool closed by the application: transient `Unavailable`.
@@ -1504,11 +1221,13 @@ async fn exhausted_pool(factory: Arc<Factory>) {
     let pool = PostgresStore::pool_options()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options(&factory))
+        .connect_with(options())
         .await
         .unwrap();
-    let store = PostgresStore::with_table(pool.clone(), table)
-        .with_timeout(Some(Duration::from_millis(300)));
+    let store = PostgresStore::builder()
+        .with_table(table)
+        .with_timeout(Some(Duration::from_millis(300)))
+        .open(pool.clone());
     let held = pool.acquire().await.unwrap();
     let started = Instant::now();
     assert_transient(store.get(&rkey("k"), T0).await, "get on an exhausted pool");
@@ -1527,14 +1246,12 @@ async fn exhausted_pool(factory: Arc<Factory>) {
 /// Connections cut under the store: the next call fails as transient, the
 /// pool reconnects, and the engine carries on.
 async fn cut_connections(factory: Arc<Factory>) {
-    let base = open(&factory).await;
-    let proxy = proxy(&factory).await;
-    let store = store_via(&factory, &proxy, base.table(), Duration::from_secs(10));
+    let (_base, proxy, store) = proxied(&factory, Duration::from_secs(10)).await;
     let clock = ManualClock::new(T0);
     let engine = engine(store.clone(), &clock);
     let lease = proceed(&engine, "cut").await;
     assert!(proxy.open_connections() > 0);
-    settled(&store).await;
+    kit::settled(&store).await;
     proxy.cut_all();
     let deadline = Instant::now() + Duration::from_secs(10);
     while proxy.open_connections() > 0 {
@@ -1552,22 +1269,16 @@ async fn cut_connections(factory: Arc<Factory>) {
         .complete(&lease, Outcome::new(&b"done"[..]))
         .await
         .unwrap();
-    assert_replays(
-        engine.begin(&scope(), &ikey("cut"), fp()).await.unwrap(),
-        b"done",
-        ReplayKind::Completed,
-    );
+    replays(&engine, "cut", b"done").await;
 }
 
 /// A server that stops answering: the call times out as transient instead
 /// of hanging, and the store recovers once traffic flows again.
 async fn black_hole(factory: Arc<Factory>) {
-    let base = open(&factory).await;
-    let proxy = proxy(&factory).await;
-    let store = store_via(&factory, &proxy, base.table(), Duration::from_millis(500));
+    let (_base, proxy, store) = proxied(&factory, Duration::from_millis(500)).await;
     let k = rkey("hole");
     until_ok("warm up", || store.get(&k, T0)).await;
-    settled(&store).await;
+    kit::settled(&store).await;
     proxy.set(Fault::BlackHole);
     let started = Instant::now();
     assert_transient(store.get(&k, T0).await, "get into a black hole");
@@ -1585,9 +1296,7 @@ async fn black_hole(factory: Arc<Factory>) {
 /// reports a transient error; retrying the completion succeeds (the store
 /// shows the holder's own write) and retries replay the outcome.
 async fn lost_reply_on_complete(factory: Arc<Factory>) {
-    let base = open(&factory).await;
-    let proxy = proxy(&factory).await;
-    let store = store_via(&factory, &proxy, base.table(), Duration::from_millis(500));
+    let (base, proxy, store) = proxied(&factory, Duration::from_millis(500)).await;
     let clock = ManualClock::new(T0);
     let engine = engine(store.clone(), &clock);
     let lease = proceed(&engine, "lost-reply").await;
@@ -1595,7 +1304,7 @@ async fn lost_reply_on_complete(factory: Arc<Factory>) {
     // connection, so that the completion below is one message the server
     // executes although its reply is lost.
     engine.extend(&lease).await.unwrap();
-    settled(&store).await;
+    kit::settled(&store).await;
     proxy.set(Fault::DropReplies);
     match engine.complete(&lease, Outcome::new(&b"done"[..])).await {
         Err(e) if e.is_transient() => {}
@@ -1620,12 +1329,5 @@ async fn lost_reply_on_complete(factory: Arc<Factory>) {
             Err(e) => panic!("retrying the completion must succeed: {e}"),
         }
     }
-    assert_replays(
-        engine
-            .begin(&scope(), &ikey("lost-reply"), fp())
-            .await
-            .unwrap(),
-        b"done",
-        ReplayKind::Completed,
-    );
+    replays(&engine, "lost-reply", b"done").await;
 }

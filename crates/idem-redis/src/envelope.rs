@@ -6,14 +6,18 @@
 //!      1     8  expires_at, ms since the Unix epoch, u64 big-endian
 //!      9     8  revision, u64 big-endian
 //!     17     8  write id of the call that wrote the value, u64 big-endian
-//!     25     …  the record, idem_core::codec::encode_record
+//!     25     …  the record, idem_core::store::codec::encode_record
 //! ```
 //!
 //! The scripts read only the fixed-size header; the record itself is decoded
 //! here. The header's `expires_at` must equal the record's: a mismatch is a
 //! corrupt value.
 
-use idem_core::{CodecError, Revision, Timestamp, Versioned, codec};
+use idem_core::Timestamp;
+use idem_core::store::{
+    Revision, Versioned,
+    codec::{self, CodecError},
+};
 
 /// The layout tag of the current value layout.
 pub(crate) const LAYOUT_V1: u8 = 1;
@@ -103,7 +107,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Versioned, Unreadable> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idem_core::{FencingToken, Fingerprint, Policy, Record};
+    use idem_core::store::{FencingToken, Record};
+    use idem_core::{Fingerprint, Policy};
 
     fn sample() -> Versioned {
         Versioned {

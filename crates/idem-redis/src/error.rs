@@ -1,11 +1,137 @@
-//! Which `redis` errors are transient: the classification behind every
-//! [`StoreError`] this store returns for a driver error (the table is in the
-//! crate docs, "Error classification").
+//! The crate's error type, [`RedisError`], and which `redis` driver errors
+//! are transient: the classification behind every [`StoreError`] this store
+//! returns (the table is in the crate docs, "Error classification").
 
-use idem_core::StoreError;
-use redis::{ErrorKind, RedisError};
+use idem_core::store::{BoxError, StoreError, codec::CodecError};
+use redis::ErrorKind;
 
 use crate::Topology;
+
+/// The store's name in errors, for one server.
+pub(crate) const STANDALONE: &str = "redis";
+
+/// The store's name in errors, for a Redis Cluster.
+pub(crate) const CLUSTER: &str = "redis-cluster";
+
+/// An error of the Redis store: connecting, a driver error, or a value,
+/// configuration or reply it refuses.
+///
+/// # Behavior
+/// - [`is_transient`](Self::is_transient) tells the errors worth retrying
+///   later (connection lost, refused or timed out, and the passing server
+///   states: `OOM`, `NOREPLICAS`, `READONLY`, `LOADING`, `CLUSTERDOWN`, …)
+///   from permanent ones (credentials, a foreign value at a record key, a
+///   prefix with a hash tag, …).
+/// - Converted to [`StoreError`] (and from there to [`idem_core::Error`]):
+///   transient errors become [`StoreError::Unavailable`], unreadable values
+///   and other Redis types at a record key [`StoreError::Corrupt`], values
+///   above the server's limit, unencodable records and refused
+///   configurations [`StoreError::Rejected`], anything else
+///   [`StoreError::Generic`], with this error as the source. The
+///   classification of every driver error is the table in the crate docs,
+///   "Error classification".
+/// - [`Driver`](Self::Driver) and [`ClusterDriver`](Self::ClusterDriver) show
+///   the driver's message as their own; they differ in how a redirection
+///   (`MOVED`, `ASK`) is classified, and in the store's name in the
+///   [`StoreError`] (`"redis"` or `"redis-cluster"`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisError {
+    /// The driver failed on a connection to one server.
+    #[error(transparent)]
+    Driver(redis::RedisError),
+    /// The driver failed on a Redis Cluster connection.
+    #[error(transparent)]
+    ClusterDriver(redis::RedisError),
+    /// The value at `key` is not a record this version can read.
+    #[error("the value at `{key}` is not a readable idem record: {reason}")]
+    Unreadable {
+        /// The Redis key, as `redis-cli` prints it.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The decoding error, if the record bytes failed to decode.
+        #[source]
+        source: Option<CodecError>,
+    },
+    /// A record could not be encoded.
+    #[error(transparent)]
+    Unencodable(CodecError),
+    /// The key prefix holds a Redis Cluster hash tag.
+    #[error(
+        "key prefix {prefix:?} contains a Redis Cluster hash tag: every record would land in one slot"
+    )]
+    HashTagInPrefix {
+        /// The refused prefix.
+        prefix: String,
+    },
+    /// No cluster node was given.
+    #[error("no Redis Cluster node URL was given")]
+    NoClusterNodes,
+    /// Redis answered something the store does not expect (a foreign script
+    /// under the same SHA, a proxy rewriting replies).
+    #[error("unexpected reply to {command}: {reply}")]
+    UnexpectedReply {
+        /// The command or script.
+        command: &'static str,
+        /// The reply, abbreviated.
+        reply: String,
+    },
+}
+
+impl RedisError {
+    /// Whether retrying later may succeed (the table is in the crate docs,
+    /// "Error classification").
+    pub fn is_transient(&self) -> bool {
+        self.class() == Class::Unavailable
+    }
+
+    /// A driver error on a connection of `topology`.
+    pub(crate) fn driver(e: redis::RedisError, topology: Topology) -> Self {
+        match topology {
+            Topology::Standalone => Self::Driver(e),
+            Topology::Cluster => Self::ClusterDriver(e),
+        }
+    }
+
+    /// The [`StoreError`] variant this error becomes.
+    pub(crate) fn class(&self) -> Class {
+        match self {
+            Self::Driver(e) => classify(e, Topology::Standalone),
+            Self::ClusterDriver(e) => classify(e, Topology::Cluster),
+            Self::Unreadable { .. } => Class::Corrupt,
+            Self::Unencodable(_) | Self::HashTagInPrefix { .. } | Self::NoClusterNodes => {
+                Class::Rejected
+            }
+            Self::UnexpectedReply { .. } => Class::Generic,
+        }
+    }
+
+    /// The [`StoreError`] of this error, naming the store `store`.
+    pub(crate) fn into_store_error(self, store: &'static str) -> StoreError {
+        self.class().error(store, self)
+    }
+}
+
+/// The store's name is `"redis-cluster"` for the errors only a cluster
+/// raises ([`RedisError::ClusterDriver`], [`RedisError::NoClusterNodes`]),
+/// `"redis"` otherwise. (The store itself names every error of a cluster
+/// store `"redis-cluster"`.)
+impl From<RedisError> for StoreError {
+    fn from(e: RedisError) -> Self {
+        let store = match e {
+            RedisError::ClusterDriver(_) | RedisError::NoClusterNodes => CLUSTER,
+            _ => STANDALONE,
+        };
+        e.into_store_error(store)
+    }
+}
+
+impl From<RedisError> for idem_core::Error {
+    fn from(e: RedisError) -> Self {
+        Self::Store(e.into())
+    }
+}
 
 /// What a driver error means for the caller: the [`StoreError`] variant it
 /// becomes.
@@ -19,6 +145,20 @@ pub(crate) enum Class {
     Rejected,
     /// Any other permanent error: [`StoreError::Generic`].
     Generic,
+}
+
+impl Class {
+    /// The [`StoreError`] of this class, of the store `store`, caused by
+    /// `source`.
+    pub(crate) fn error(self, store: &'static str, source: impl Into<BoxError>) -> StoreError {
+        let error = match self {
+            Self::Unavailable => StoreError::unavailable,
+            Self::Corrupt => StoreError::corrupt,
+            Self::Rejected => StoreError::rejected,
+            Self::Generic => StoreError::generic,
+        };
+        error(store, source.into())
+    }
 }
 
 /// The class of an error reply, by its code (the first word: `OOM`,
@@ -101,7 +241,7 @@ fn script_error_code(detail: &str) -> Option<&str> {
 /// replaced and the call's effect is unknown, as for a lost reply), and the
 /// transient error replies ([`classify_reply`]). Permanent: authentication
 /// failures, invalid client configuration, client-side errors.
-pub(crate) fn classify(e: &RedisError, topology: Topology) -> Class {
+pub(crate) fn classify(e: &redis::RedisError, topology: Topology) -> Class {
     if let Some(code) = e.code() {
         return classify_reply(code, e.detail().unwrap_or(""), topology);
     }
@@ -118,21 +258,15 @@ pub(crate) fn classify(e: &RedisError, topology: Topology) -> Class {
 }
 
 /// Maps a driver error to the [`StoreError`] of its [`classify`] class,
-/// the driver error kept as the source.
-pub(crate) fn map_err(store: &'static str, topology: Topology, e: RedisError) -> StoreError {
-    let source = Box::new(e);
-    match classify(&source, topology) {
-        Class::Unavailable => StoreError::Unavailable { store, source },
-        Class::Corrupt => StoreError::Corrupt { store, source },
-        Class::Rejected => StoreError::Rejected { store, source },
-        Class::Generic => StoreError::Generic { store, source },
-    }
+/// the driver error kept as the (transparent) source.
+pub(crate) fn map_err(store: &'static str, topology: Topology, e: redis::RedisError) -> StoreError {
+    RedisError::driver(e, topology).into_store_error(store)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
-    use redis::ServerErrorKind;
+    use redis::{RedisError as DriverError, ServerErrorKind};
 
     use super::*;
 
@@ -141,7 +275,7 @@ mod tests {
 
     /// The error the driver makes of `reply`, a RESP error line as a server
     /// sends it (without `-` and CRLF).
-    fn reply(reply: &str) -> RedisError {
+    fn reply(reply: &str) -> DriverError {
         let wire = format!("-{reply}\r\n");
         redis::parse_redis_value(wire.as_bytes())
             .expect("a RESP error line")
@@ -149,7 +283,7 @@ mod tests {
             .expect_err("an error reply")
     }
 
-    fn io(kind: std::io::ErrorKind) -> RedisError {
+    fn io(kind: std::io::ErrorKind) -> DriverError {
         std::io::Error::from(kind).into()
     }
 
@@ -297,7 +431,7 @@ mod tests {
         ] {
             assert_eq!(classify(&io(kind), S), Class::Unavailable, "{kind:?}");
         }
-        let transient: [RedisError; 4] = [
+        let transient: [DriverError; 4] = [
             (ErrorKind::Io, "connection dropped").into(),
             (ErrorKind::ClusterConnectionNotFound, "No connections found").into(),
             (ErrorKind::Parse, "invalid reply").into(),
@@ -306,7 +440,7 @@ mod tests {
         for e in transient {
             assert_eq!(classify(&e, C), Class::Unavailable, "{e}");
         }
-        let permanent: [RedisError; 5] = [
+        let permanent: [DriverError; 5] = [
             (
                 ErrorKind::AuthenticationFailed,
                 "Password authentication failed",

@@ -1,22 +1,21 @@
 //! # idem-redis
 //!
 //! The Redis store of **idem**: [`RedisStore`] implements
-//! [`idem_core::Store`] over one Redis server or a Redis Cluster, with the
+//! [`idem_core::store::Store`] over one Redis server or a Redis Cluster, with the
 //! `redis` crate (1.x, tokio).
 //!
 //! ```no_run
 //! use idem_core::Engine;
-//! use idem_redis::{RedisConfig, RedisStore};
+//! use idem_redis::RedisStore;
 //!
-//! # #[tokio::main] async fn main() -> Result<(), idem_core::StoreError> {
-//! // One server (a reconnecting multiplexed connection):
-//! let store = RedisStore::connect("redis://127.0.0.1:6379", RedisConfig::new()).await?;
+//! # #[tokio::main] async fn main() -> Result<(), idem_redis::RedisError> {
+//! // One server (a reconnecting multiplexed connection), default options:
+//! let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
 //! // Or a cluster, through any of its nodes:
-//! let cluster = RedisStore::connect_cluster(
-//!     ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"],
-//!     RedisConfig::new().with_prefix("payments:idem:"),
-//! )
-//! .await?;
+//! let cluster = RedisStore::builder()
+//!     .with_prefix("payments:idem:")
+//!     .connect_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+//!     .await?;
 //! let engine = Engine::new(store);
 //! # let _ = (engine, cluster); Ok(()) }
 //! ```
@@ -38,17 +37,15 @@
 //!      1     8  expires_at (ms since the Unix epoch, u64 big-endian)
 //!      9     8  revision (u64 big-endian)
 //!     17     8  write id of the call that wrote it (u64 big-endian)
-//!     25     …  the record, idem_core::codec::encode_record (its own format tag)
+//!     25     …  the record, idem_core::store::codec::encode_record (its own format tag)
 //! ```
 //!
-//! Why this shape: memory. Measured on Redis 7.0 (jemalloc, 64-bit) for a
-//! completed record with an empty outcome (a 105-byte value), `MEMORY USAGE`
-//! is 200 B with the binary digest and 232 B with a 64-character hex digest;
-//! the server's `used_memory` grows by about 272 B and 308 B per record
-//! (both include the expiry entry). A hash per record is larger still: a
-//! field over 64 bytes leaves the compact listpack encoding (496 B). Larger
-//! outcomes add their length, rounded up to the allocator's size class.
-//! The `redis::layout_and_memory_per_record` test prints the figures.
+//! Why this shape: memory. A binary digest takes less than a hex one, and a
+//! string per record less than a hash (a field over 64 bytes leaves the
+//! compact listpack encoding); larger outcomes add their length, rounded up
+//! to the allocator's size class. docs/benchmarks.md ("Memory per record")
+//! has the measured figures; the `redis::layout_and_memory_per_record` test
+//! prints them for the server at hand.
 //!
 //! Because the digest is binary it may contain `{` and `}`; Redis Cluster
 //! then hashes the bytes between them. Those bytes are random too, so records
@@ -101,7 +98,7 @@
 //! what every primitive sees. Physical expiry lets Redis reclaim memory: each
 //! write sets `PX = max(expires_at − now, 0) + grace` (at least 1 ms), where
 //! `now` is the engine's timestamp of that write and `grace` is
-//! [`RedisConfig::with_expiry_grace`] (default 60 s). Because the TTL is
+//! [`RedisStoreBuilder::with_expiry_grace`] (default 60 s). Because the TTL is
 //! relative, clock offsets between the application and Redis do not matter:
 //! a record stays in Redis for its remaining logical lifetime plus the grace,
 //! measured by Redis's clock from the write. Consequences:
@@ -117,12 +114,12 @@
 //!
 //! ## Redis Cluster
 //!
-//! [`RedisStore::connect_cluster`] uses the `redis` crate's async cluster
+//! [`RedisStoreBuilder::connect_cluster`] uses the `redis` crate's async cluster
 //! client: it discovers the topology, routes each call to the master owning
 //! the key's slot, follows `MOVED`/`ASK` during resharding and retries on
 //! `TRYAGAIN`/`CLUSTERDOWN`. Do not put a hash tag (`{…}`) in the prefix: it
 //! would put every record in one slot (refused with
-//! [`StoreError::Rejected`](idem_core::StoreError::Rejected)).
+//! [`RedisError::HashTagInPrefix`]).
 //!
 //! ## Connections, failures and recovery
 //!
@@ -141,18 +138,17 @@
 //!   new primary. Write ids make the re-sends exact.
 //!   Only then is the error returned; nothing needs restarting when Redis
 //!   comes back.
-//! - The fresh connection also gets the store out of a client that wedged
-//!   itself: the `redis` 1.8 cluster client can stall in its recovery when
-//!   every node connection breaks at once under load (observed with
-//!   `CLIENT KILL` of all its connections); the stalled call times out and
-//!   the re-sent one succeeds.
+//! - The fresh connection also gets the store out of a client that stopped
+//!   making progress: the stalled call times out and the re-sent one, on
+//!   the fresh connection, succeeds (docs/benchmarks.md, "Redis: driver
+//!   notes", has the case seen with the cluster client).
 //! - The rare cost of re-sending after a timeout: if the first attempt was
 //!   only delayed, not lost, and the key was released in between, the late
 //!   insert can leave a claim nobody holds. It errs on the safe side: retries
 //!   get `InProgress` until its lease lapses, then take it over; nothing runs
 //!   twice.
-//! - Timeouts: [`RedisConfig::with_connection_timeout`] (1 s) and
-//!   [`RedisConfig::with_response_timeout`] (3 s): a dead server yields an
+//! - Timeouts: [`RedisStoreBuilder::with_connection_timeout`] (1 s) and
+//!   [`RedisStoreBuilder::with_response_timeout`] (3 s): a dead server yields an
 //!   error, never a hang.
 //!
 //! ## What the guarantees need from Redis
@@ -175,6 +171,13 @@
 //!   forgetting.
 //!
 //! ## Error classification
+//!
+//! Every error of this crate is one type, [`RedisError`]: the store's
+//! primitives return it converted to a [`StoreError`](idem_core::StoreError)
+//! (it stays the source), while connecting ([`RedisStoreBuilder::connect`],
+//! …) and [`RedisStore::ping`] return it as it is; [`RedisError::is_transient`]
+//! tells whether a retry can help, and `?` converts it into a `StoreError` or
+//! an [`idem_core::Error`].
 //!
 //! Every driver error goes through one pure function (`error::classify`,
 //! unit-tested per code with replies captured from Redis 7.0) and becomes
@@ -227,48 +230,14 @@
 //! records keeps answering 503 until an operator raises it.
 #![forbid(unsafe_code)]
 
-mod config;
+mod builder;
+mod connection;
 mod envelope;
 mod error;
+mod scripts;
 mod store;
 
-pub use config::RedisConfig;
-pub use store::{RedisStore, Topology};
-
-/// Why a Redis value, a configuration or a reply was refused; the source of
-/// the [`idem_core::StoreError`] this store returns.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RedisStoreError {
-    /// The value at `key` is not a record this version can read.
-    #[error("the value at `{key}` is not a readable idem record: {reason}")]
-    Unreadable {
-        /// The Redis key.
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-        /// The decoding error, if the record bytes failed to decode.
-        #[source]
-        source: Option<idem_core::CodecError>,
-    },
-    /// The key prefix holds a Redis Cluster hash tag.
-    #[error(
-        "key prefix {prefix:?} contains a Redis Cluster hash tag: every record would land in one slot"
-    )]
-    HashTagInPrefix {
-        /// The refused prefix.
-        prefix: String,
-    },
-    /// No cluster node was given.
-    #[error("no Redis Cluster node URL was given")]
-    NoClusterNodes,
-    /// Redis answered something the store does not expect (a foreign script
-    /// under the same SHA, a proxy rewriting replies).
-    #[error("unexpected reply to {command}: {reply}")]
-    UnexpectedReply {
-        /// The command or script.
-        command: &'static str,
-        /// The reply, abbreviated.
-        reply: String,
-    },
-}
+pub use builder::RedisStoreBuilder;
+pub use connection::Topology;
+pub use error::RedisError;
+pub use store::RedisStore;

@@ -7,53 +7,19 @@
 
 mod support;
 
-use idem_conformance::{Requires, Suite};
-use support::{Factory, Target, cases};
+use idem_testkit::BackendKind;
+use support::cases::*;
 
 fn main() -> std::process::ExitCode {
-    let target = Target::cluster_from_env();
-    let factory = Factory::new(target.clone());
-    let run_prefix = factory.run_prefix().to_string();
-    let suite = Suite::new(factory)
-        .case(
-            "cluster::keys_spread_over_all_masters",
-            Requires::Always,
-            cases::keys_spread_over_all_masters,
-        )
-        .case(
-            "cluster::script_flush_mid_run",
-            Requires::Always,
-            cases::script_flush_mid_run,
-        )
-        .case(
-            "cluster::client_kill_reconnects",
-            Requires::Always,
-            cases::client_kill_reconnects,
-        )
-        .case(
-            "cluster::corrupt_values_are_reported_and_kept",
-            Requires::Always,
-            cases::corrupt_values_are_reported_and_kept,
-        )
-        .case(
-            "cluster::physical_expiry_follows_logical_expiry",
-            Requires::Always,
-            cases::physical_expiry_follows_logical_expiry,
-        )
-        .case(
-            "cluster::layout_and_memory_per_record",
-            Requires::Always,
-            cases::layout_and_memory_per_record,
-        )
-        .case(
-            "cluster::resent_write_is_recognised",
-            Requires::Always,
-            cases::resent_write_is_recognised,
-        )
-        .case(
-            "cluster::hash_tag_prefix_is_rejected",
-            Requires::Always,
-            cases::hash_tag_prefix_is_rejected,
-        );
-    support::run_and_clean_up(suite, target, run_prefix)
+    idem_testkit::cases!(support::suite(BackendKind::RedisCluster);
+        "cluster::keys_spread_over_all_masters" => keys_spread_over_all_masters,
+        "cluster::script_flush_mid_run" => script_flush_mid_run,
+        "cluster::client_kill_reconnects" => client_kill_reconnects,
+        "cluster::corrupt_values_are_reported_and_kept" => corrupt_values_are_reported_and_kept,
+        "cluster::physical_expiry_follows_logical_expiry" => physical_expiry_follows_logical_expiry,
+        "cluster::layout_and_memory_per_record" => layout_and_memory_per_record,
+        "cluster::resent_write_is_recognised" => resent_write_is_recognised,
+        "cluster::hash_tag_prefix_is_rejected" => hash_tag_prefix_is_rejected,
+    )
+    .run()
 }

@@ -4,16 +4,10 @@
 //! # The handler (`POST /charge`)
 //! Counts its executions ([`Service::executions`]) and answers `201` with a
 //! JSON body `{"execution": n, "tenant": …, "principal": …, "attempt": …,
-//! "echo": <request body>}` and the header `x-execution: n`. Request headers
-//! change what it does (they are not part of the request fingerprint, so a
-//! retry may carry other ones):
-//!
-//! | request header | effect |
-//! |---|---|
-//! | `x-stall: 1` | after counting, waits until [`Service::open_gate`] (see [`Service::wait_stalled`]) |
-//! | `x-status: NNN` | answers with that status instead of 201 |
-//! | `x-response-bytes: N` | the body is `N` bytes of `x` instead of the JSON |
-//! | `x-response-header-bytes: N` | adds a header `x-padding` of `N` bytes |
+//! "echo": <request body>}` and the header `x-execution: n`. With the
+//! request header `x-stall: 1` (not part of the fingerprint, so a retry may
+//! leave it out) it waits, after counting, until [`Service::open_gate`] (see
+//! [`Service::wait_stalled`]).
 //!
 //! # Scope
 //! [`bearer_scope`]: `Authorization: Bearer <tenant>` is the tenant, the
@@ -21,20 +15,26 @@
 //! same scope in a test, for [`idem_core::RecordKey`]s). No `Authorization`:
 //! 401, nothing claimed. (A real service takes the authenticated principal.)
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Bytes, HttpBody};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use bytes::Buf as _;
 use http::request::Parts;
-use idem_core::{Clock, Engine, IdempotencyKey, RecordKey, Scope, Store};
-use idem_tower::{IdempotencyClaim, IdempotencyLayer, IdempotencyLayerBuilder, ProblemType};
+use http_body_util::BodyExt as _;
+use idem_core::store::Store;
+use idem_core::{Clock, Engine, IdempotencyKey, RecordKey, Scope};
+use idem_tower::{IdempotencyClaim, IdempotencyLayer, ProblemType};
 use idem_tower::{PROBLEM_JSON, Rejection};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -75,11 +75,24 @@ impl Service {
         self.inner.executions.load(Ordering::SeqCst)
     }
 
-    /// Waits until at least `n` requests with `x-stall` are inside the
-    /// handler (10 s at most).
+    /// Counts one execution (of this handler or a test's own); its number,
+    /// from 1.
+    pub fn execute(&self) -> u64 {
+        self.inner.executions.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Counts the caller as stalled and waits until [`open_gate`](Self::open_gate).
+    pub async fn stall(&self) {
+        self.inner.stalled.send_modify(|seen| *seen += 1);
+        let mut gate = self.inner.gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+    }
+
+    /// Waits until at least `n` requests with `x-stall` (or callers of
+    /// [`stall`](Self::stall)) are stalled (20 s at most).
     pub async fn wait_stalled(&self, n: u64) {
         let mut rx = self.inner.stalled.subscribe();
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|seen| *seen >= n))
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|seen| *seen >= n))
             .await
             .unwrap_or_else(|_| panic!("{n} stalled request(s) never reached the handler"))
             .expect("the service is alive");
@@ -98,64 +111,32 @@ impl Service {
     }
 }
 
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
 async fn charge(
     State(service): State<Service>,
     claim: Option<axum::Extension<IdempotencyClaim>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let n = service.inner.executions.fetch_add(1, Ordering::SeqCst) + 1;
+    let n = service.execute();
     if headers.contains_key("x-stall") {
-        service.inner.stalled.send_modify(|seen| *seen += 1);
-        let mut gate = service.inner.gate.subscribe();
-        let _ = gate.wait_for(|open| *open).await;
+        service.stall().await;
     }
-    let status = header_u64(&headers, "x-status")
-        .and_then(|s| u16::try_from(s).ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::CREATED);
-    let mut out = HeaderMap::new();
-    out.insert("x-execution", HeaderValue::from(n));
-    if let Some(len) = header_u64(&headers, "x-response-header-bytes") {
-        let padding = "p".repeat(usize::try_from(len).unwrap_or(0));
-        out.insert(
-            "x-padding",
-            HeaderValue::from_str(&padding).expect("ASCII padding"),
-        );
-    }
-    let body = match header_u64(&headers, "x-response-bytes") {
-        Some(len) => {
-            out.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            "x".repeat(usize::try_from(len).unwrap_or(0))
-        }
-        None => {
-            out.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            let (tenant, principal, attempt) = match &claim {
-                Some(claim) => (
-                    Some(claim.scope().tenant_id().to_string()),
-                    claim.scope().principal().map(str::to_string),
-                    Some(claim.attempt()),
-                ),
-                None => (None, None, None),
-            };
-            serde_json::json!({
-                "execution": n,
-                "tenant": tenant,
-                "principal": principal,
-                "attempt": attempt,
-                "echo": String::from_utf8_lossy(&body),
-            })
-            .to_string()
-        }
-    };
-    (status, out, body).into_response()
+    let scope = claim.as_ref().map(|c| c.scope());
+    let body = serde_json::json!({
+        "execution": n,
+        "tenant": scope.map(|s| s.tenant_id()),
+        "principal": scope.and_then(|s| s.principal()),
+        "attempt": claim.as_ref().map(|c| c.attempt()),
+        "echo": String::from_utf8_lossy(&body),
+    });
+    let headers = [
+        ("x-execution", HeaderValue::from(n)),
+        (
+            header::CONTENT_TYPE.as_str(),
+            HeaderValue::from_static("application/json"),
+        ),
+    ];
+    (StatusCode::CREATED, headers, body.to_string()).into_response()
 }
 
 /// The scope of a test request: `Authorization: Bearer <tenant>`, and the
@@ -191,20 +172,10 @@ pub fn record_key(tenant: &str, key: &str) -> RecordKey {
     )
 }
 
-/// The service's routes behind an idempotency layer over `engine` (scope:
-/// [`bearer_scope`]), configured by `configure`.
-pub fn app<S: Store, C: Clock>(
-    engine: Arc<Engine<S, C>>,
-    service: &Service,
-    configure: impl FnOnce(IdempotencyLayerBuilder<S, C>) -> IdempotencyLayerBuilder<S, C>,
-) -> Router {
-    let layer = configure(IdempotencyLayer::builder(engine, bearer_scope)).build();
-    service.router().layer(layer)
-}
-
 /// An HTTP server on `127.0.0.1:<ephemeral>`; stops when dropped.
 #[derive(Debug)]
 pub struct Server {
+    addr: SocketAddr,
     base: String,
     client: reqwest::Client,
     task: JoinHandle<()>,
@@ -226,6 +197,7 @@ pub async fn serve(router: Router) -> Server {
         let _ = axum::serve(listener, router).await;
     });
     Server {
+        addr,
         base: format!("http://{addr}"),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -235,16 +207,21 @@ pub async fn serve(router: Router) -> Server {
     }
 }
 
-/// Serves `service` behind a layer over `engine` (see [`app`]).
-pub async fn start<S: Store, C: Clock>(
-    engine: Arc<Engine<S, C>>,
-    service: &Service,
-    configure: impl FnOnce(IdempotencyLayerBuilder<S, C>) -> IdempotencyLayerBuilder<S, C>,
-) -> Server {
-    serve(app(engine, service, configure)).await
+/// Serves `service`'s routes behind an idempotency layer over `engine`
+/// (scope: [`bearer_scope`]; a key is required).
+pub async fn start<S: Store, C: Clock>(engine: Arc<Engine<S, C>>, service: &Service) -> Server {
+    let layer = IdempotencyLayer::builder(engine, bearer_scope)
+        .required(true)
+        .build();
+    serve(service.router().layer(layer)).await
 }
 
 impl Server {
+    /// The loopback address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn base(&self) -> &str {
         &self.base
@@ -284,6 +261,20 @@ impl Server {
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
         Reply::of(req.send().await.expect("the HTTP request")).await
     }
+
+    /// Opens a connection and writes `bytes` on it (a request, or its
+    /// start: the test sends the rest, or stalls).
+    pub async fn connect_raw(&self, bytes: &[u8]) -> TcpStream {
+        let mut conn = TcpStream::connect(self.addr).await.expect("connect");
+        conn.write_all(bytes).await.expect("write the request");
+        conn
+    }
+
+    /// Sends `bytes` (a whole request, with `Connection: close`) on a
+    /// connection of its own and reads the answer ([`Reply::read`]).
+    pub async fn raw(&self, bytes: &[u8]) -> Reply {
+        Reply::read(&mut self.connect_raw(bytes).await).await
+    }
 }
 
 /// A response read in full.
@@ -293,8 +284,11 @@ pub struct Reply {
     pub status: u16,
     /// The headers.
     pub headers: reqwest::header::HeaderMap,
-    /// The body.
+    /// The body (up to its error, if it failed).
     pub body: Vec<u8>,
+    /// Whether the body failed part-way ([`of_response`](Self::of_response)
+    /// only: the other readers fail the test).
+    pub body_error: bool,
 }
 
 impl Reply {
@@ -307,6 +301,79 @@ impl Reply {
             status,
             headers,
             body,
+            body_error: false,
+        }
+    }
+
+    /// Reads a response of a service driven in the test (with `oneshot`, no
+    /// socket) in full, or up to its body's error.
+    pub async fn of_response<B: HttpBody + Unpin>(response: http::Response<B>) -> Self {
+        let (parts, mut body) = response.into_parts();
+        let mut bytes = Vec::new();
+        let mut body_error = false;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    bytes.extend_from_slice(frame.data_ref().map_or(&[][..], |d| d.chunk()))
+                }
+                Err(_) => {
+                    body_error = true;
+                    break;
+                }
+            }
+        }
+        Self {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: bytes,
+            body_error,
+        }
+    }
+
+    /// Reads an HTTP/1.1 response from `conn` until the server closes the
+    /// connection (10 s at most; the request said `Connection: close`). A
+    /// read error after the answer (a reset: the server may answer before
+    /// it read everything it was sent) ends the reading.
+    pub async fn read(conn: &mut TcpStream) -> Self {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "no response within 10 s");
+        Self::parse(&buf)
+    }
+
+    /// Parses an HTTP/1.1 response (`Content-Length` or close-delimited body).
+    pub fn parse(buf: &[u8]) -> Self {
+        let end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete response: {:?}", String::from_utf8_lossy(buf)));
+        let head = String::from_utf8_lossy(&buf[..end]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {status_line:?}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+            headers.append(
+                HeaderName::from_bytes(name.trim().as_bytes()).expect("a header name"),
+                HeaderValue::from_str(value.trim()).expect("a header value"),
+            );
+        }
+        let mut body = buf[end + 4..].to_vec();
+        if let Some(len) = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            body.truncate(len);
+        }
+        Self {
+            status,
+            headers,
+            body,
+            body_error: false,
         }
     }
 
@@ -334,13 +401,6 @@ impl Reply {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// The problem `type` of a problem+json body, `None` for any other body.
-    pub fn problem_type(&self) -> Option<String> {
-        (self.header("content-type") == Some(PROBLEM_JSON))
-            .then(|| self.json()["type"].as_str().map(str::to_string))
-            .flatten()
     }
 
     /// Asserts that this is the layer's `kind` problem: its status,
@@ -374,6 +434,3 @@ impl std::fmt::Display for Reply {
         write!(f, "{} {:?} {body}", self.status, self.headers)
     }
 }
-
-/// The name of the header carrying the handler's execution number.
-pub const EXECUTION_HEADER: HeaderName = HeaderName::from_static("x-execution");

@@ -2,81 +2,60 @@
 //!
 //! This crate holds no library code of its own: it is where the tests that
 //! cross crates live (store faults through the engine and the HTTP layer,
-//! zombie workers, bad input, corrupted data, tenant isolation). The modules
-//! here are the fixtures those test targets share:
+//! zombie workers, bad input, corrupted data, tenant isolation). The
+//! backends, isolated stores and the runner come from [`idem_testkit`];
+//! the modules here are what only these tests need:
 //!
 //! | module | what |
 //! |---|---|
-//! | [`harness`] | a libtest-mimic runner: probes each backend once; an unreachable one is IGNORED with a banner, or FAILS under `CI=true` / `IDEM_REQUIRE_BACKENDS=1`; each test runs in a runtime of its own; test schemas and keys are cleaned up at the end |
-//! | [`Backend`], [`Fixture`] | a fresh, isolated store of each backend (memory, SQLite in a temp dir, PostgreSQL in a schema of its own, Redis under a prefix of its own, Redis Cluster), plus typed access for raw reads and writes |
-//! | [`postgres`], [`redis`], [`sqlite`] | per-backend details: URLs from the environment, unique names, stores behind an [`idem_faults::FaultProxy`] with short timeouts |
-//! | [`http`] | an axum app behind the `idem-tower` layer on a real loopback port, with a handler that counts its executions, can stall on a gate, and answers large bodies on demand; a reqwest client and a [`Reply`](http::Reply) with problem+json helpers |
+//! | [`redis`] | an [`idem_faults::FaultProxy`] in front of the standalone Redis server, and stores reached through it with short timeouts (PostgreSQL's are in [`idem_testkit::postgres`]) |
+//! | [`engine`] | an engine with a test policy, test keys, the lease of a `begin` that must proceed |
+//! | [`http`] | an axum app behind the `idem-tower` layer on a real loopback port, with a handler that counts its executions and can stall on a gate; a reqwest client, raw HTTP/1.1 requests, and a [`Reply`](http::Reply) with problem+json helpers |
+//! | [`pay`] | a payment app with a fixed scope for raw HTTP/1.1 tests: a JSON handler, large answers, a handler that waits on a gate; counters of executions, of requests reaching the router and of body bytes read |
 //! | [`wait`] | polling with a deadline (never a bare sleep for a condition) |
 //!
-//! A test target uses them like this (with `harness = false` in Cargo.toml):
+//! A test target uses them like this (with `harness = false` in Cargo.toml;
+//! [`each!`] adds a test per backend for each named test):
 //!
 //! ```no_run
-//! use idem_reliability::{Backend, Fixture, harness::Suite};
+//! use idem_testkit::{BackendKind, Isolated, runner::Suite};
+//!
+//! async fn store_opens(kind: BackendKind) {
+//!     let fixture = Isolated::fresh(kind).await;
+//!     assert_eq!(fixture.kind(), kind);
+//! }
 //!
 //! fn main() -> std::process::ExitCode {
-//!     Suite::new("example")
-//!         .each(&Backend::ALL, "store_opens", |backend| async move {
-//!             let fixture = Fixture::open(backend).await;
-//!             assert_eq!(fixture.backend(), backend);
-//!         })
-//!         .run()
+//!     idem_reliability::each!(Suite::new("idem-reliability (example)"), &BackendKind::ALL, {
+//!         "store::opens" => store_opens,
+//!         "store::opens_again" => |kind| store_opens(kind),
+//!     })
+//!     .run()
 //! }
 //! ```
 //!
-//! Environment: `IDEM_POSTGRES_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/test`), `IDEM_REDIS_URL` (default
-//! `redis://127.0.0.1:6379`), `IDEM_REDIS_CLUSTER_URLS` (comma-separated;
-//! unset: the cluster tests are ignored), `CI` / `IDEM_REQUIRE_BACKENDS`
-//! (unreachable backends fail), `IDEM_CASE_TIMEOUT_SECS` (hang guard per
-//! test, default 120).
+//! Environment: see [`idem_testkit`] (`IDEM_POSTGRES_URL`,
+//! `IDEM_REDIS_URL`, `IDEM_REDIS_CLUSTER_URLS`, `CI` /
+//! `IDEM_REQUIRE_BACKENDS`, `IDEM_CASE_TIMEOUT_SECS`).
 #![forbid(unsafe_code)]
 // Test support: a failed expectation here is a failed test, reported with
 // its message, exactly as in the test files themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod fixture;
-pub mod harness;
+pub mod engine;
 pub mod http;
-pub mod postgres;
+pub mod pay;
 pub mod redis;
-pub mod sqlite;
 pub mod wait;
 
-pub use fixture::{Backend, Fixture, Handle};
-
-use std::hash::BuildHasher;
-use std::sync::LazyLock;
-
-/// A tag unique to this test process (pid and a random number), part of
-/// every schema name and key prefix the fixtures create.
-pub fn run_id() -> &'static str {
-    static RUN: LazyLock<String> = LazyLock::new(|| {
-        let random = std::collections::hash_map::RandomState::new()
-            .hash_one((std::process::id(), std::time::SystemTime::now()));
-        format!("{}_{:08x}", std::process::id(), random & 0xffff_ffff)
-    });
-    &RUN
-}
-
-/// Whether an unreachable backend must fail the run (`CI=true` or
-/// `IDEM_REQUIRE_BACKENDS=1`) instead of being ignored.
-pub fn backends_required() -> bool {
-    idem_conformance::backends_required()
-}
-
-/// An error and its sources, on one line (for assertion messages).
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        out.push_str(": ");
-        out.push_str(&source.to_string());
-        next = source.source();
-    }
-    out
+/// Adds one test per backend of `$backends` for each `"name" => test` to
+/// `$suite` (an [`idem_testkit::runner::Suite`]), in order: the
+/// `Suite::each` calls of a whole target, one line each (see the
+/// [crate docs](crate) for an example). The names stay string literals, so
+/// a test that reads the target's source finds them.
+#[macro_export]
+macro_rules! each {
+    ($suite:expr, $backends:expr, { $($name:literal => $test:expr),* $(,)? }) => {
+        $suite$(.each($backends, $name, $test))*
+    };
 }

@@ -9,32 +9,24 @@
 //! file to a few seconds). HTTP tests run on a real loopback port, over the
 //! in-memory store and SQLite (no server needed).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderValue, Request, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use http_body_util::BodyExt as _;
-use idem_core::codec::{self, CodecError, DECODE_LIMIT, FORMAT_V1};
+use axum::http::{HeaderValue, Request};
+use idem_core::store::codec::{self, CodecError, DECODE_LIMIT, FORMAT_V1};
+use idem_core::store::{FencingToken, Record, State as KeyState, Versioned};
 use idem_core::{
-    Clock, Engine, FailureKind, FencingToken, Fingerprint, IdempotencyKey, KeyError, MAX_KEY_LEN,
-    MemoryStore, Outcome, Policy, Record, RecordKey, Scope, State as KeyState, Store, Timestamp,
-    Versioned,
+    FailureKind, Fingerprint, IdempotencyKey, KeyError, MAX_KEY_LEN, MemoryStore, Outcome, Policy,
+    Scope, Timestamp,
 };
-use idem_sqlite::SqliteStore;
+use idem_reliability::http::{Reply, Server as HttpServer, serve};
+use idem_reliability::pay::PayApp;
+use idem_testkit::{BackendKind, Isolated};
 use idem_tower::{
-    IdempotencyLayer, KeyHeaderError, PROBLEM_JSON, ProblemType, QuotingError, parse_key_header,
-    parse_key_value,
+    KeyHeaderError, PROBLEM_JSON, ProblemType, QuotingError, parse_key_header, parse_key_value,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tower::ServiceExt as _;
 
 // ---------------------------------------------------------------------------
@@ -274,10 +266,6 @@ fn scope() -> Scope {
     Scope::tenant("bad-input")
 }
 
-fn record_key(key: &str) -> RecordKey {
-    RecordKey::new(&scope(), &IdempotencyKey::parse(key).unwrap())
-}
-
 /// The layer itself, driven with arbitrary header bytes (everything
 /// `http::HeaderValue` lets through): a key the parser accepts runs the
 /// handler once and is stored; any other value is a 400 `invalid-key`
@@ -296,39 +284,28 @@ fn layer_on_arbitrary_key_headers() {
         };
         rt.block_on(async {
             let store = MemoryStore::new();
-            let app = App::new(Arc::new(store.clone()), Policy::default(), 1024);
+            let app = PayApp::new(Arc::new(store.clone()), scope(), Policy::default(), 1024);
             let request = Request::post("/pay")
                 .header("idempotency-key", value)
                 .header("content-type", "application/json")
                 .body(Body::from(r#"{"amount":1,"currency":"EUR"}"#))
                 .unwrap();
-            let response = app.router().oneshot(request).await.unwrap();
-            let status = response.status();
-            let content_type = response.headers().get("content-type").cloned();
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            prop_assert!(!status.is_server_error(), "{status} for {raw:?}");
+            let r = Reply::of_response(app.router().oneshot(request).await.unwrap()).await;
+            prop_assert!(r.status < 500, "{r} for {raw:?}");
             match parse_key_value(&raw) {
                 Ok(key) => {
-                    prop_assert_eq!(status, StatusCode::CREATED);
+                    prop_assert_eq!(r.status, 201);
                     prop_assert_eq!(app.executions(), 1);
-                    let rk = RecordKey::new(&scope(), &key);
-                    let now = app.engine.clock().now();
-                    let stored = app.engine.store().get(&rk, now).await.unwrap();
+                    let stored = app.stored(key.as_str()).await.map(|v| v.record.state);
                     prop_assert!(
-                        matches!(
-                            stored.map(|v| v.record.state),
-                            Some(KeyState::Completed { .. })
-                        ),
+                        matches!(stored, Some(KeyState::Completed { .. })),
                         "accepted key not completed"
                     );
                 }
                 Err(e) => {
-                    prop_assert_eq!(status, StatusCode::BAD_REQUEST, "{:?}", raw);
-                    prop_assert_eq!(
-                        content_type.as_ref().map(|v| v.as_bytes()),
-                        Some(PROBLEM_JSON.as_bytes())
-                    );
-                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    prop_assert_eq!(r.status, 400, "{:?}", raw);
+                    prop_assert_eq!(r.header("content-type"), Some(PROBLEM_JSON));
+                    let json = r.json();
                     prop_assert_eq!(json["type"].as_str(), Some(ProblemType::InvalidKey.uri()));
                     prop_assert_eq!(json["status"].as_u64(), Some(400));
                     let detail = e.to_string();
@@ -382,13 +359,15 @@ fn arb_record() -> impl Strategy<Value = Record> {
         any::<[u64; 3]>(),
         any::<u32>(),
     )
-        .prop_map(|(fp, state, [c, u, e], attempts)| Record {
-            fingerprint: Fingerprint::of(&fp),
-            state,
-            created_at: Timestamp::from_millis(c),
-            updated_at: Timestamp::from_millis(u),
-            expires_at: Timestamp::from_millis(e),
-            attempts,
+        .prop_map(|(fp, state, [c, u, e], attempts)| {
+            Record::from_parts(
+                Fingerprint::of(&fp),
+                state,
+                Timestamp::from_millis(c),
+                Timestamp::from_millis(u),
+                Timestamp::from_millis(e),
+                attempts,
+            )
         })
 }
 
@@ -556,17 +535,17 @@ fn huge_length_prefixes_are_refused_without_touching_memory() {
         assert!(codec::decode::<Vec<String>>(&raw).is_err(), "len {len}");
         // Inside a record: a fingerprint (32 bytes), then the state's variant,
         // token, then the outcome's length.
-        let record = Record {
-            fingerprint: Fingerprint::of(b"x"),
-            state: KeyState::Completed {
+        let record = Record::from_parts(
+            Fingerprint::of(b"x"),
+            KeyState::Completed {
                 token: FencingToken::from_u128(1),
                 outcome: Outcome::new(vec![7u8; 3]),
             },
-            created_at: Timestamp::from_millis(1),
-            updated_at: Timestamp::from_millis(1),
-            expires_at: Timestamp::from_millis(1),
-            attempts: 1,
-        };
+            Timestamp::from_millis(1),
+            Timestamp::from_millis(1),
+            Timestamp::from_millis(1),
+            1,
+        );
         let good = codec::encode_record(&record).unwrap();
         // Find the outcome: its 3-byte length prefix followed by 7 7 7.
         let at = good.windows(4).position(|w| w == [3, 7, 7, 7]).unwrap();
@@ -606,224 +585,35 @@ fn nested_and_oversized_containers() {
 // HTTP: the app
 // ---------------------------------------------------------------------------
 
-/// A payment request body.
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct Payment {
-    amount: u64,
-    currency: String,
-}
+const BACKENDS: [BackendKind; 2] = [BackendKind::Memory, BackendKind::Sqlite];
 
-#[derive(Clone)]
-struct App {
-    engine: Arc<Engine<Arc<dyn Store>>>,
-    max_body: usize,
-    /// Requests that reached the inner service (router) at all.
-    inner: Arc<AtomicUsize>,
-    /// Business executions: handler bodies that ran.
-    executed: Arc<AtomicUsize>,
-}
-
-async fn pay(State(app): State<App>, axum::Json(p): axum::Json<Payment>) -> Response {
-    let n = app.executed.fetch_add(1, Ordering::SeqCst) + 1;
-    (
-        StatusCode::CREATED,
-        axum::Json(serde_json::json!({"execution": n, "amount": p.amount})),
-    )
-        .into_response()
-}
-
-/// A 201 with `n` bytes of body.
-async fn big(State(app): State<App>, Path(n): Path<usize>) -> Response {
-    app.executed.fetch_add(1, Ordering::SeqCst);
-    (StatusCode::CREATED, vec![b'x'; n]).into_response()
-}
-
-impl App {
-    fn new(store: Arc<dyn Store>, policy: Policy, max_body: usize) -> Self {
-        Self {
-            engine: Arc::new(
-                Engine::new(store)
-                    .with_policy(policy)
-                    .expect("valid policy"),
-            ),
-            max_body,
-            inner: Arc::new(AtomicUsize::new(0)),
-            executed: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    fn executions(&self) -> usize {
-        self.executed.load(Ordering::SeqCst)
-    }
-
-    fn inner_calls(&self) -> usize {
-        self.inner.load(Ordering::SeqCst)
-    }
-
-    fn router(&self) -> Router {
-        let inner = self.inner.clone();
-        let count = middleware::from_fn(move |req: Request<Body>, next: Next| {
-            let inner = inner.clone();
-            async move {
-                inner.fetch_add(1, Ordering::SeqCst);
-                next.run(req).await
-            }
-        });
-        let layer =
-            IdempotencyLayer::builder(self.engine.clone(), |_: &http::request::Parts| Ok(scope()))
-                .max_body_bytes(self.max_body)
-                .build();
-        Router::new()
-            .route("/pay", post(pay))
-            .route("/big/{n}", post(big))
-            .with_state(self.clone())
-            .layer(count)
-            .layer(layer)
-    }
-
-    async fn stored(&self, key: &str) -> Option<Versioned> {
-        let now = self.engine.clock().now();
-        self.engine
-            .store()
-            .get(&record_key(key), now)
-            .await
-            .unwrap()
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Memory,
-    Sqlite,
-}
-
-const BACKENDS: [Backend; 2] = [Backend::Memory, Backend::Sqlite];
-
-/// A server on 127.0.0.1:0 over `backend`.
+/// The app on a loopback port over `backend`.
 struct Server {
-    app: App,
-    addr: SocketAddr,
-    http: reqwest::Client,
-    _dir: Option<tempfile::TempDir>,
+    app: PayApp,
+    http: HttpServer,
+    _store: Isolated,
 }
 
-async fn start(backend: Backend, policy: Policy, max_body: usize) -> Server {
-    let (store, dir): (Arc<dyn Store>, _) = match backend {
-        Backend::Memory => (Arc::new(MemoryStore::new()), None),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            let store = SqliteStore::open(dir.path().join("bad_input.db")).unwrap();
-            (Arc::new(store), Some(dir))
-        }
-    };
-    let app = App::new(store, policy, max_body);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+async fn start(backend: BackendKind, policy: Policy, max_body: usize) -> Server {
+    let isolated = Isolated::fresh(backend).await;
+    let app = PayApp::new(isolated.store(), scope(), policy, max_body);
     Server {
+        http: serve(app.router()).await,
         app,
-        addr,
-        http: reqwest::Client::new(),
-        _dir: dir,
-    }
-}
-
-/// A response read in full.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
-    fn problem(&self) -> String {
-        assert_eq!(self.header("content-type"), Some(PROBLEM_JSON), "{self:?}");
-        let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
-        json["type"].as_str().unwrap().to_owned()
+        _store: isolated,
     }
 }
 
 impl Server {
     async fn post(&self, path: &str, key: &str, body: impl Into<reqwest::Body>) -> Reply {
-        let r = self
+        let req = self
             .http
-            .post(format!("http://{}{path}", self.addr))
+            .client()
+            .post(format!("{}{path}", self.http.base()));
+        let req = req
             .header("idempotency-key", key)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let headers = r
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = r.bytes().await.unwrap().to_vec();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    /// Sends `raw` bytes on a new connection and reads the answer until the
-    /// server closes it (send `Connection: close`).
-    async fn raw(&self, raw: &[u8]) -> Reply {
-        let mut conn = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        conn.write_all(raw).await.unwrap();
-        let mut buf = Vec::new();
-        // The server may answer (and close) before it read everything we
-        // sent; a reset after the answer arrived is fine.
-        let _ = conn.read_to_end(&mut buf).await;
-        parse_reply(&buf)
-    }
-}
-
-/// Parses an HTTP/1.1 response (`Content-Length` or close-delimited body).
-fn parse_reply(buf: &[u8]) -> Reply {
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete response: {:?}", String::from_utf8_lossy(buf)));
-    let head = String::from_utf8_lossy(&buf[..end]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let mut body = buf[end + 4..].to_vec();
-    if let Some(len) = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-    {
-        body.truncate(len);
-    }
-    Reply {
-        status,
-        headers,
-        body,
+            .header("content-type", "application/json");
+        self.http.send(req.body(body)).await
     }
 }
 
@@ -863,9 +653,8 @@ async fn body_over_the_limit_by_content_length_is_413() {
                  Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
                  Content-Length: {len}\r\n\r\n"
             );
-            let r = server.raw(head.as_bytes()).await;
-            assert_eq!(r.status, 413, "{backend:?} {len}: {r:?}");
-            assert_eq!(r.problem(), ProblemType::BodyTooLarge.uri());
+            let r = server.http.raw(head.as_bytes()).await;
+            r.assert_problem(ProblemType::BodyTooLarge);
             assert!(
                 server.app.stored(&key).await.is_none(),
                 "{backend:?}: stored"
@@ -898,9 +687,8 @@ async fn chunked_body_over_the_limit_is_413() {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"0\r\n\r\n");
-        let r = server.raw(&req).await;
-        assert_eq!(r.status, 413, "{backend:?}: {r:?}");
-        assert_eq!(r.problem(), ProblemType::BodyTooLarge.uri());
+        let r = server.http.raw(&req).await;
+        r.assert_problem(ProblemType::BodyTooLarge);
         assert_eq!(server.app.inner_calls(), 0);
         assert!(server.app.stored("chunked-1").await.is_none());
         let ok = server.post("/pay", "chunked-1", payment_of_len(100)).await;
@@ -945,9 +733,8 @@ async fn outcome_over_the_limit_is_returned_once_and_never_re_executed() {
             );
             for _ in 0..2 {
                 let retry = server.post(&format!("/big/{n}"), key, "{}").await;
-                assert_eq!(retry.status, 500, "{backend:?}: {retry:?}");
-                assert!(retry.replayed());
-                assert_eq!(retry.problem(), ProblemType::ResponseNotStored.uri());
+                retry.assert_problem(ProblemType::ResponseNotStored);
+                assert!(retry.replayed(), "{backend:?}: {retry}");
             }
             assert_eq!(
                 server.app.executions(),
@@ -1002,8 +789,7 @@ async fn garbage_json_bodies_get_a_stored_4xx_and_never_execute() {
             let fixed = server
                 .post("/pay", &key, r#"{"amount":1,"currency":"EUR"}"#)
                 .await;
-            assert_eq!(fixed.status, 422, "{backend:?} body {i}");
-            assert_eq!(fixed.problem(), ProblemType::KeyReused.uri());
+            fixed.assert_problem(ProblemType::KeyReused);
         }
         assert_eq!(server.app.executions(), 0, "{backend:?}");
         // The router ran once per key (the first request), never for replays.
@@ -1059,7 +845,7 @@ async fn nasty_key_headers_over_the_wire() {
             req.extend_from_slice(header);
             req.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
             req.extend_from_slice(body);
-            let r = server.raw(&req).await;
+            let r = server.http.raw(&req).await;
             assert!(
                 (400..500).contains(&r.status),
                 "{backend:?} {name}: {} {}",
@@ -1068,7 +854,7 @@ async fn nasty_key_headers_over_the_wire() {
             );
             if r.header("content-type") == Some(PROBLEM_JSON) {
                 // Answered by the layer (not by hyper, which answers bare 400/431).
-                assert_eq!(r.problem(), ProblemType::InvalidKey.uri(), "{name}");
+                r.assert_problem(ProblemType::InvalidKey);
             }
         }
         assert_eq!(server.app.inner_calls(), 0, "{backend:?}");
@@ -1079,7 +865,7 @@ async fn nasty_key_headers_over_the_wire() {
 /// The layer's own problem answers carry a detail that names the rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_key_details_name_the_rule() {
-    let server = start(Backend::Memory, Policy::default(), LIMIT).await;
+    let server = start(BackendKind::Memory, Policy::default(), LIMIT).await;
     let long = "k".repeat(MAX_KEY_LEN + 1);
     for (key, needle) in [
         (&b"a\xe9b"[..], "0xe9 at position 1"),
@@ -1091,16 +877,16 @@ async fn invalid_key_details_name_the_rule() {
     ] {
         let value = HeaderValue::from_bytes(key).unwrap();
         let key = String::from_utf8_lossy(key);
+        let req = server
+            .http
+            .client()
+            .post(format!("{}/pay", server.http.base()));
         let r = server
             .http
-            .post(format!("http://{}/pay", server.addr))
-            .header("idempotency-key", value)
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 400, "{key}");
-        let json: serde_json::Value = r.json().await.unwrap();
+            .send(req.header("idempotency-key", value).body("{}"))
+            .await;
+        assert_eq!(r.status, 400, "{key}");
+        let json = r.json();
         let detail = json["detail"].as_str().unwrap();
         assert!(detail.contains(needle), "{key}: {detail}");
     }

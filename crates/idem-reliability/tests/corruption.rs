@@ -47,17 +47,20 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use idem_core::codec::{self, CodecError, FORMAT_V1};
+use idem_core::store::codec::{self, CodecError, FORMAT_V1};
+use idem_core::store::{
+    FencingToken, Record, Revision, State, Store, StoreError, SwapOutcome, Versioned,
+};
 use idem_core::{
-    Begin, Clock, Engine, Error, Executed, FencingToken, Fingerprint, IdempotencyKey, Inserted,
-    Outcome, Policy, Record, RecordKey, Revision, Scope, State, Store, StoreError, Swapped,
-    SystemClock, Versioned,
+    Begin, Clock, Engine, Error, Executed, Fingerprint, Outcome, Policy, RecordKey, Scope,
+    SystemClock,
 };
 use idem_postgres::sqlx::{self, AssertSqlSafe};
-use idem_reliability::harness::Suite;
+use idem_reliability::engine::key;
 use idem_reliability::http::{self, Service};
-use idem_reliability::redis::Admin;
-use idem_reliability::{Backend, Fixture, chain, sqlite};
+use idem_testkit::redis::Keyed;
+use idem_testkit::runner::Suite;
+use idem_testkit::{BackendKind, Isolated, chain};
 use idem_tower::ProblemType;
 
 const BODY: &str = r#"{"amount":1000,"currency":"EUR"}"#;
@@ -92,61 +95,43 @@ enum Damage {
     OutcomeEmpty,
 }
 
-const SQL: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
-const REDIS: [Backend; 2] = [Backend::Redis, Backend::RedisCluster];
+const SQL: [BackendKind; 2] = [BackendKind::Sqlite, BackendKind::Postgres];
+const REDIS: [BackendKind; 2] = [BackendKind::Redis, BackendKind::RedisCluster];
 
 impl Damage {
-    const ALL: [Self; 20] = [
-        Self::TruncatedFingerprint,
-        Self::ShortToken,
-        Self::CompletedWithoutOutcome,
-        Self::InFlightWithoutDeadline,
-        Self::NegativeAttempts,
-        Self::AttemptsAboveU32,
-        Self::UnknownState,
-        Self::Garbage,
-        Self::EmptyValue,
-        Self::WrongType,
-        Self::UnknownLayoutTag,
-        Self::UnknownCodecTag,
-        Self::TruncatedRecord,
-        Self::TruncatedHeader,
-        Self::ExpiryMismatch,
-        Self::TrailingBytes,
-        Self::OutcomeUnknownTag,
-        Self::OutcomeTruncated,
-        Self::OutcomeForeign,
-        Self::OutcomeEmpty,
+    /// Every damage, with its name in the test names.
+    const ALL: [(Self, &'static str); 20] = [
+        (Self::TruncatedFingerprint, "row_truncated_fingerprint"),
+        (Self::ShortToken, "row_short_token"),
+        (
+            Self::CompletedWithoutOutcome,
+            "row_completed_without_outcome",
+        ),
+        (
+            Self::InFlightWithoutDeadline,
+            "row_in_flight_without_deadline",
+        ),
+        (Self::NegativeAttempts, "row_negative_attempts"),
+        (Self::AttemptsAboveU32, "row_attempts_above_u32"),
+        (Self::UnknownState, "row_unknown_state"),
+        (Self::Garbage, "value_garbage"),
+        (Self::EmptyValue, "value_empty"),
+        (Self::WrongType, "value_wrong_type_list"),
+        (Self::UnknownLayoutTag, "value_unknown_layout_tag"),
+        (Self::UnknownCodecTag, "value_unknown_codec_tag"),
+        (Self::TruncatedRecord, "value_truncated_record"),
+        (Self::TruncatedHeader, "value_truncated_header"),
+        (Self::ExpiryMismatch, "value_expiry_mismatch"),
+        (Self::TrailingBytes, "value_trailing_bytes"),
+        (Self::OutcomeUnknownTag, "outcome_unknown_codec_tag"),
+        (Self::OutcomeTruncated, "outcome_truncated"),
+        (Self::OutcomeForeign, "outcome_foreign_json"),
+        (Self::OutcomeEmpty, "outcome_empty"),
     ];
 
-    fn name(self) -> &'static str {
+    fn backends(self) -> &'static [BackendKind] {
         match self {
-            Self::TruncatedFingerprint => "row_truncated_fingerprint",
-            Self::ShortToken => "row_short_token",
-            Self::CompletedWithoutOutcome => "row_completed_without_outcome",
-            Self::InFlightWithoutDeadline => "row_in_flight_without_deadline",
-            Self::NegativeAttempts => "row_negative_attempts",
-            Self::AttemptsAboveU32 => "row_attempts_above_u32",
-            Self::UnknownState => "row_unknown_state",
-            Self::Garbage => "value_garbage",
-            Self::EmptyValue => "value_empty",
-            Self::WrongType => "value_wrong_type_list",
-            Self::UnknownLayoutTag => "value_unknown_layout_tag",
-            Self::UnknownCodecTag => "value_unknown_codec_tag",
-            Self::TruncatedRecord => "value_truncated_record",
-            Self::TruncatedHeader => "value_truncated_header",
-            Self::ExpiryMismatch => "value_expiry_mismatch",
-            Self::TrailingBytes => "value_trailing_bytes",
-            Self::OutcomeUnknownTag => "outcome_unknown_codec_tag",
-            Self::OutcomeTruncated => "outcome_truncated",
-            Self::OutcomeForeign => "outcome_foreign_json",
-            Self::OutcomeEmpty => "outcome_empty",
-        }
-    }
-
-    fn backends(self) -> &'static [Backend] {
-        match self {
-            Self::UnknownState => &[Backend::Sqlite],
+            Self::UnknownState => &[BackendKind::Sqlite],
             Self::TruncatedFingerprint
             | Self::ShortToken
             | Self::CompletedWithoutOutcome
@@ -165,7 +150,7 @@ impl Damage {
             Self::OutcomeUnknownTag
             | Self::OutcomeTruncated
             | Self::OutcomeForeign
-            | Self::OutcomeEmpty => &Backend::ALL,
+            | Self::OutcomeEmpty => &BackendKind::ALL,
         }
     }
 
@@ -196,6 +181,19 @@ impl Damage {
         }
     }
 
+    /// `record` (completed) with its outcome replaced by [`outcome`](Self::outcome).
+    fn foreign_outcome(self, record: &Record) -> Record {
+        let State::Completed { token, outcome } = &record.state else {
+            panic!("not completed: {record:?}");
+        };
+        let mut record = record.clone();
+        record.state = State::Completed {
+            token: *token,
+            outcome: Outcome::new(self.outcome(outcome.as_bytes())),
+        };
+        record
+    }
+
     /// What decoding the damaged outcome must report.
     #[track_caller]
     fn assert_outcome_error(self, e: &CodecError) {
@@ -210,13 +208,13 @@ impl Damage {
     }
 
     /// The `SET` clause of the raw `UPDATE` (SQLite, PostgreSQL).
-    fn sql_set(self, backend: Backend) -> &'static str {
+    fn sql_set(self, backend: BackendKind) -> &'static str {
         match (self, backend) {
-            (Self::TruncatedFingerprint, Backend::Sqlite) => {
+            (Self::TruncatedFingerprint, BackendKind::Sqlite) => {
                 "fingerprint = substr(fingerprint, 1, 31)"
             }
             (Self::TruncatedFingerprint, _) => "fingerprint = substring(fingerprint from 1 for 31)",
-            (Self::ShortToken, Backend::Sqlite) => "token = x'0102'",
+            (Self::ShortToken, BackendKind::Sqlite) => "token = x'0102'",
             (Self::ShortToken, _) => r"token = '\x0102'::bytea",
             (Self::CompletedWithoutOutcome, _) => "outcome = NULL",
             (Self::InFlightWithoutDeadline, _) => "state = 'in_flight'",
@@ -249,21 +247,28 @@ enum RawValue {
 
 /// Typed raw access to one fixture's data, behind the store's back.
 struct Raw<'a> {
-    fixture: &'a Fixture,
-    admin: Option<Admin>,
+    fixture: &'a Isolated,
+    admin: Option<Keyed>,
 }
 
 const SQLITE_COLUMNS: &str = "digest, tenant, principal, operation, \"key\", state, fingerprint, \
      token, lease_deadline, outcome, created_at, updated_at, expires_at, attempts, revision";
 
 impl<'a> Raw<'a> {
-    async fn new(fixture: &'a Fixture) -> Self {
-        let admin = match fixture.backend() {
-            Backend::Redis => Some(Admin::standalone().await),
-            Backend::RedisCluster => Some(Admin::cluster().await),
-            _ => None,
+    async fn new(fixture: &'a Isolated) -> Self {
+        let admin = match fixture.redis_deployment() {
+            Some(redis) => Some(redis.keyed().await.expect("an admin connection to Redis")),
+            None => None,
         };
         Self { fixture, admin }
+    }
+
+    /// A second connection to the SQLite file.
+    fn sqlite(&self) -> rusqlite::Connection {
+        self.fixture
+            .sqlite()
+            .connect()
+            .expect("a second connection")
     }
 
     fn sqlite_table(&self) -> String {
@@ -277,16 +282,16 @@ impl<'a> Raw<'a> {
     }
 
     async fn read(&mut self, rk: &RecordKey) -> RawValue {
-        match self.fixture.backend() {
-            Backend::Memory => RawValue::Memory(
+        match self.fixture.kind() {
+            BackendKind::Memory => RawValue::Memory(
                 self.fixture
                     .store()
                     .get(rk, SystemClock.now())
                     .await
                     .unwrap(),
             ),
-            Backend::Sqlite => {
-                let conn = sqlite::raw(self.fixture.sqlite());
+            BackendKind::Sqlite => {
+                let conn = self.sqlite();
                 let sql = format!(
                     "SELECT {SQLITE_COLUMNS} FROM {} WHERE digest = ?1",
                     self.sqlite_table()
@@ -300,7 +305,7 @@ impl<'a> Raw<'a> {
                     .unwrap();
                 RawValue::Sqlite(row)
             }
-            Backend::Postgres => {
+            BackendKind::Postgres => {
                 let sql = format!(
                     "SELECT (t.*)::text FROM {} AS t WHERE digest = $1",
                     self.pg_table()
@@ -312,7 +317,7 @@ impl<'a> Raw<'a> {
                     .unwrap();
                 RawValue::Postgres(row)
             }
-            Backend::Redis | Backend::RedisCluster => {
+            BackendKind::Redis | BackendKind::RedisCluster => {
                 let key = self.fixture.redis().redis_key(rk);
                 let admin = self.admin.as_mut().unwrap();
                 let kind: String = admin.query(redis::cmd("TYPE").arg(&key)).await.unwrap();
@@ -344,35 +349,15 @@ impl<'a> Raw<'a> {
 
     /// Writes `damage` over the completed record under `rk`.
     async fn damage(&mut self, rk: &RecordKey, damage: Damage) {
-        let backend = self.fixture.backend();
-        let digest = &rk.digest()[..];
+        let backend = self.fixture.kind();
         if !damage.breaks_record() {
             return self.damage_outcome(rk, damage).await;
         }
         match backend {
-            Backend::Sqlite => {
-                let conn = sqlite::raw(self.fixture.sqlite());
-                let sql = format!(
-                    "UPDATE {} SET {} WHERE digest = ?1",
-                    self.sqlite_table(),
-                    damage.sql_set(backend)
-                );
-                assert_eq!(conn.execute(&sql, [digest]).unwrap(), 1, "{sql}");
+            BackendKind::Sqlite | BackendKind::Postgres => {
+                self.sql_update(rk, damage.sql_set(backend), None).await;
             }
-            Backend::Postgres => {
-                let sql = format!(
-                    "UPDATE {} SET {} WHERE digest = $1",
-                    self.pg_table(),
-                    damage.sql_set(backend)
-                );
-                let done = sqlx::query(AssertSqlSafe(sql.clone()))
-                    .bind(digest)
-                    .execute(self.fixture.postgres().pool())
-                    .await
-                    .unwrap();
-                assert_eq!(done.rows_affected(), 1, "{sql}");
-            }
-            Backend::Redis | Backend::RedisCluster => {
+            BackendKind::Redis | BackendKind::RedisCluster => {
                 let key = self.fixture.redis().redis_key(rk);
                 let good = self.redis_get(&key).await;
                 assert!(good.len() > 26, "a layout v1 value");
@@ -419,92 +404,81 @@ impl<'a> Raw<'a> {
                 };
                 self.redis_set(&key, &bad).await;
             }
-            Backend::Memory => panic!("{damage:?}: the memory store has no bytes to damage"),
+            BackendKind::Memory => panic!("{damage:?}: the memory store has no bytes to damage"),
         }
+    }
+
+    /// `UPDATE … SET <set> WHERE digest = <rk>` on the SQL row (`value`, if
+    /// any, bound as the second parameter): exactly one row.
+    async fn sql_update(&self, rk: &RecordKey, set: &str, value: Option<Vec<u8>>) {
+        let digest = rk.digest().to_vec();
+        let updated = if self.fixture.kind() == BackendKind::Sqlite {
+            let sql = format!("UPDATE {} SET {set} WHERE digest = ?1", self.sqlite_table());
+            let params = std::iter::once(digest).chain(value);
+            let params = rusqlite::params_from_iter(params.map(rusqlite::types::Value::Blob));
+            self.sqlite().execute(&sql, params).unwrap() as u64
+        } else {
+            let sql = format!("UPDATE {} SET {set} WHERE digest = $1", self.pg_table());
+            let query = sqlx::query(AssertSqlSafe(sql)).bind(digest);
+            let query = match value {
+                Some(v) => query.bind(v),
+                None => query,
+            };
+            let pool = self.fixture.postgres().pool();
+            query.execute(pool).await.unwrap().rows_affected()
+        };
+        assert_eq!(updated, 1, "{set}");
     }
 
     async fn damage_outcome(&mut self, rk: &RecordKey, damage: Damage) {
         let digest = &rk.digest()[..];
-        match self.fixture.backend() {
-            Backend::Memory => {
+        match self.fixture.kind() {
+            BackendKind::Memory => {
                 // No bytes behind this store: write the foreign outcome
                 // through its API.
                 let store = self.fixture.store();
                 let now = SystemClock.now();
                 let current = store.get(rk, now).await.unwrap().unwrap();
-                let State::Completed { token, outcome } = &current.record.state else {
-                    panic!("{current:?}");
-                };
-                let mut record = current.record.clone();
-                record.state = State::Completed {
-                    token: *token,
-                    outcome: Outcome::new(damage.outcome(outcome.as_bytes())),
-                };
                 let next = Versioned {
                     revision: Revision::from_u64(0x0bad_0bad),
-                    record,
+                    record: damage.foreign_outcome(&current.record),
                 };
                 assert_eq!(
                     store
                         .compare_and_swap(rk, current.revision, &next, now)
                         .await
                         .unwrap(),
-                    Swapped::Swapped
+                    SwapOutcome::Swapped
                 );
             }
-            Backend::Sqlite => {
-                let conn = sqlite::raw(self.fixture.sqlite());
-                let t = self.sqlite_table();
-                let outcome: Vec<u8> = conn
-                    .query_row(
-                        &format!("SELECT outcome FROM {t} WHERE digest = ?1"),
-                        [digest],
-                        |r| r.get(0),
-                    )
+            BackendKind::Sqlite => {
+                let sql = format!(
+                    "SELECT outcome FROM {} WHERE digest = ?1",
+                    self.sqlite_table()
+                );
+                let outcome: Vec<u8> = self
+                    .sqlite()
+                    .query_row(&sql, [digest], |r| r.get(0))
                     .unwrap();
                 let bad = damage.outcome(&outcome);
-                let n = conn
-                    .execute(
-                        &format!("UPDATE {t} SET outcome = ?2 WHERE digest = ?1"),
-                        rusqlite::params![digest, bad],
-                    )
+                self.sql_update(rk, "outcome = ?2", Some(bad)).await;
+            }
+            BackendKind::Postgres => {
+                let sql = format!("SELECT outcome FROM {} WHERE digest = $1", self.pg_table());
+                let outcome: Vec<u8> = sqlx::query_scalar(AssertSqlSafe(sql))
+                    .bind(digest)
+                    .fetch_one(self.fixture.postgres().pool())
+                    .await
                     .unwrap();
-                assert_eq!(n, 1);
-            }
-            Backend::Postgres => {
-                let t = self.pg_table();
-                let pool = self.fixture.postgres().pool();
-                let outcome: Vec<u8> = sqlx::query_scalar(AssertSqlSafe(format!(
-                    "SELECT outcome FROM {t} WHERE digest = $1"
-                )))
-                .bind(digest)
-                .fetch_one(pool)
-                .await
-                .unwrap();
                 let bad = damage.outcome(&outcome);
-                let done = sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {t} SET outcome = $2 WHERE digest = $1"
-                )))
-                .bind(digest)
-                .bind(bad)
-                .execute(pool)
-                .await
-                .unwrap();
-                assert_eq!(done.rows_affected(), 1);
+                self.sql_update(rk, "outcome = $2", Some(bad)).await;
             }
-            Backend::Redis | Backend::RedisCluster => {
+            BackendKind::Redis | BackendKind::RedisCluster => {
                 // A well-formed value (same header) whose record carries the
                 // foreign outcome.
                 let key = self.fixture.redis().redis_key(rk);
                 let good = self.redis_get(&key).await;
-                let mut record: Record = codec::decode_record(&good[25..]).unwrap();
-                let State::Completed { token, outcome } = &record.state else {
-                    panic!("{record:?}");
-                };
-                record.state = State::Completed {
-                    token: *token,
-                    outcome: Outcome::new(damage.outcome(outcome.as_bytes())),
-                };
+                let record = damage.foreign_outcome(&codec::decode_record(&good[25..]).unwrap());
                 let mut bad = good[..25].to_vec();
                 bad.extend_from_slice(&codec::encode_record(&record).unwrap());
                 self.redis_set(&key, &bad).await;
@@ -517,17 +491,13 @@ fn scope() -> Scope {
     Scope::tenant("corruption").with_operation("charge")
 }
 
-fn key(name: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(name).unwrap()
-}
-
 #[track_caller]
-fn assert_corrupt(e: &StoreError, backend: Backend, what: &str) {
+fn assert_corrupt(e: &StoreError, backend: BackendKind, what: &str) {
     match e {
         StoreError::Corrupt { store, .. } => {
             let want = match backend {
-                Backend::Sqlite => "sqlite",
-                Backend::Postgres => "postgres",
+                BackendKind::Sqlite => "sqlite",
+                BackendKind::Postgres => "postgres",
                 _ => "redis",
             };
             assert!(store.starts_with(want), "{what}: store `{store}`");
@@ -539,9 +509,21 @@ fn assert_corrupt(e: &StoreError, backend: Backend, what: &str) {
     }
 }
 
+#[track_caller]
+fn assert_engine_corrupt<T: std::fmt::Debug>(
+    result: Result<T, Error>,
+    backend: BackendKind,
+    what: &str,
+) {
+    match result {
+        Err(Error::Store(e)) => assert_corrupt(&e, backend, what),
+        other => panic!("{what}: expected a corrupt-record error, got {other:?}"),
+    }
+}
+
 /// Engine level.
-async fn engine_case(backend: Backend, damage: Damage) {
-    let fixture = Fixture::open(backend).await;
+async fn engine_case(backend: BackendKind, damage: Damage) {
+    let fixture = Isolated::fresh(backend).await;
     let mut raw = Raw::new(&fixture).await;
     let engine = Engine::new(fixture.store())
         .with_policy(Policy::default())
@@ -576,41 +558,29 @@ async fn engine_case(backend: Backend, damage: Damage) {
 
     if damage.breaks_record() {
         for round in 0..2 {
-            match engine.begin(&scope(), &k, fp).await {
-                Err(Error::Store(e)) => assert_corrupt(&e, backend, "begin"),
-                other => {
-                    panic!("begin, round {round}: expected a corrupt-record error, got {other:?}")
-                }
-            }
+            let begin = engine.begin(&scope(), &k, fp).await;
+            assert_engine_corrupt(begin, backend, &format!("begin, round {round}"));
         }
         // A different request with the key: the same error, not a mismatch.
-        match engine
-            .begin(&scope(), &k, Fingerprint::of(OTHER_BODY.as_bytes()))
-            .await
-        {
-            Err(Error::Store(e)) => assert_corrupt(&e, backend, "begin (other request)"),
-            other => {
-                panic!("begin (other request): expected a corrupt-record error, got {other:?}")
-            }
-        }
-        match engine.execute(&scope(), &k, fp, work(&runs)).await {
-            Err(Error::Store(e)) => assert_corrupt(&e, backend, "execute"),
-            other => panic!("execute: expected a corrupt-record error, got {other:?}"),
-        }
+        let other = Fingerprint::of(OTHER_BODY.as_bytes());
+        let begin = engine.begin(&scope(), &k, other).await;
+        assert_engine_corrupt(begin, backend, "begin (other request)");
+        let execute = engine.execute(&scope(), &k, fp, work(&runs)).await;
+        assert_engine_corrupt(execute, backend, "execute");
         let store = fixture.store();
-        match store.get(&rk, now).await {
-            Err(e) => assert_corrupt(&e, backend, "get"),
-            Ok(v) => panic!("get must report corruption, not {v:?}"),
-        }
+        let get = store.get(&rk, now).await;
+        assert_corrupt(
+            &get.expect_err("get must report corruption"),
+            backend,
+            "get",
+        );
         let claim = Versioned {
             revision: Revision::from_u64(42),
             record: Record::new_claim(fp, FencingToken::from_u128(42), now, &Policy::default()),
         };
-        match store.insert_if_absent(&rk, &claim, now).await {
-            Err(e) => assert_corrupt(&e, backend, "insert_if_absent"),
-            Ok(Inserted::Inserted) => panic!("insert_if_absent overwrote the corrupt record"),
-            Ok(other) => panic!("insert_if_absent must report corruption, not {other:?}"),
-        }
+        let inserted = store.insert_if_absent(&rk, &claim, now).await;
+        let e = inserted.expect_err("insert_if_absent must report corruption, never overwrite");
+        assert_corrupt(&e, backend, "insert_if_absent");
     } else {
         // The record reads (the store reports what it holds), its outcome
         // does not decode.
@@ -660,12 +630,12 @@ async fn engine_case(backend: Backend, damage: Damage) {
 }
 
 /// HTTP level.
-async fn http_case(backend: Backend, damage: Damage) {
-    let fixture = Fixture::open(backend).await;
+async fn http_case(backend: BackendKind, damage: Damage) {
+    let fixture = Isolated::fresh(backend).await;
     let mut raw = Raw::new(&fixture).await;
     let engine = Arc::new(Engine::new(fixture.store()));
     let service = Service::new();
-    let server = http::start(engine, &service, |b| b.required(true)).await;
+    let server = http::start(engine, &service).await;
     let first = server.charge("acme", "order-1", BODY).await;
     assert_eq!(first.status, 201, "{first}");
     let neighbour = server.charge("acme", "order-2", BODY).await;
@@ -709,18 +679,15 @@ async fn http_case(backend: Backend, damage: Damage) {
 
 fn main() -> std::process::ExitCode {
     let mut suite = Suite::new("corruption");
-    for damage in Damage::ALL {
+    for (damage, name) in Damage::ALL {
+        let backends = damage.backends();
         suite = suite
-            .each(
-                damage.backends(),
-                &format!("engine::{}", damage.name()),
-                move |b| engine_case(b, damage),
-            )
-            .each(
-                damage.backends(),
-                &format!("http::{}", damage.name()),
-                move |b| http_case(b, damage),
-            );
+            .each(backends, &format!("engine::{name}"), move |b| {
+                engine_case(b, damage)
+            })
+            .each(backends, &format!("http::{name}"), move |b| {
+                http_case(b, damage)
+            });
     }
     suite.run()
 }

@@ -49,7 +49,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,20 +59,16 @@ use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use futures_util::FutureExt as _;
-use http_body_util::BodyExt as _;
 use idem_conformance::{Fault, FaultKind, FaultyStore, Op};
-use idem_core::codec::RECORD_OVERHEAD;
-use idem_core::{
-    BoxError, Clock, Engine, ManualClock, Policy, Shutdown, State as KeyState, Store, SystemClock,
-    Versioned,
-};
-use idem_reliability::harness::Suite;
-use idem_reliability::http::{bearer_scope, record_key};
-use idem_reliability::{Backend, Fixture, wait};
-use idem_tower::{
-    IdempotencyClaim, IdempotencyLayer, NoEffect, PROBLEM_JSON, ProblemType, ResponseBody,
-};
-use tokio::sync::watch;
+use idem_core::store::codec::RECORD_OVERHEAD;
+use idem_core::store::{BoxError, State as KeyState, Store, Versioned};
+use idem_core::{Clock, Engine, ManualClock, Policy, Shutdown, SystemClock};
+use idem_reliability::engine::engine;
+use idem_reliability::http::{Reply, Service, bearer_scope, record_key};
+use idem_reliability::wait;
+use idem_testkit::runner::Suite;
+use idem_testkit::{BackendKind, Isolated};
+use idem_tower::{IdempotencyClaim, IdempotencyLayer, NoEffect, ProblemType, ResponseBody};
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
@@ -99,51 +94,32 @@ type Svc = BoxCloneSyncService<Request<Body>, Response<ResponseBody<Body>>, BoxE
 // The handler and its external effect.
 // ---------------------------------------------------------------------------
 
-/// What the handler shares with the test. Clones share it.
-#[derive(Clone)]
-struct App(Arc<AppInner>);
-
-struct AppInner {
-    /// The external effect: how many times it ran.
-    effects: AtomicU64,
-    /// How many `x-mode: gate` requests are inside the handler.
-    entered: watch::Sender<u64>,
-    /// Opens every gated handler.
-    gate: watch::Sender<bool>,
-    /// The claims of the gated handlers, in order.
-    claims: Mutex<Vec<IdempotencyClaim>>,
+/// What the handler shares with the test: the count of its external
+/// effect and the gate (an [`idem_reliability::http::Service`]), and the
+/// claims of the gated handlers, in order. Clones share them.
+#[derive(Clone, Default)]
+struct App {
+    effects: Service,
+    claims: Arc<Mutex<Vec<IdempotencyClaim>>>,
 }
 
 impl App {
-    fn new() -> Self {
-        Self(Arc::new(AppInner {
-            effects: AtomicU64::new(0),
-            entered: watch::channel(0).0,
-            gate: watch::channel(false).0,
-            claims: Mutex::new(Vec::new()),
-        }))
-    }
-
     fn effects(&self) -> u64 {
-        self.0.effects.load(Ordering::SeqCst)
+        self.effects.executions()
     }
 
     /// Waits until `n` gated handlers are inside (after their effect).
     async fn wait_entered(&self, n: u64) {
-        let mut rx = self.0.entered.subscribe();
-        tokio::time::timeout(WITHIN, rx.wait_for(|seen| *seen >= n))
-            .await
-            .unwrap_or_else(|_| panic!("{n} gated handler(s) never ran"))
-            .unwrap();
+        self.effects.wait_stalled(n).await;
     }
 
     fn open_gate(&self) {
-        self.0.gate.send_replace(true);
+        self.effects.open_gate();
     }
 
     /// The claim of the `i`-th gated handler.
     fn claim(&self, i: usize) -> IdempotencyClaim {
-        self.0.claims.lock().unwrap()[i].clone()
+        self.claims.lock().unwrap()[i].clone()
     }
 }
 
@@ -181,19 +157,14 @@ async fn charge(
         _ => {}
     }
     // The external effect.
-    let n = app.0.effects.fetch_add(1, Ordering::SeqCst) + 1;
+    let n = app.effects.execute();
     if mode == "panic" {
         panic!("{PANIC_MARKER}: the handler panicked after its effect");
     }
     if mode == "gate" {
-        app.0
-            .claims
-            .lock()
-            .unwrap()
-            .push(claim.clone().expect("a claim"));
-        app.0.entered.send_modify(|seen| *seen += 1);
-        let mut gate = app.0.gate.subscribe();
-        let _ = gate.wait_for(|open| *open).await;
+        let claim = claim.clone().expect("a claim");
+        app.claims.lock().unwrap().push(claim);
+        app.effects.stall().await;
     }
     let status = mode
         .strip_prefix("status:")
@@ -251,72 +222,21 @@ fn request(key: &str, mode: &str) -> Request<Body> {
 // Answers.
 // ---------------------------------------------------------------------------
 
-/// A response read in full (or up to its body's error).
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-    body_error: bool,
+/// What the matrix asserts of an answer.
+trait Answer {
+    /// The effect number of the handler run that produced it (`x-effect`).
+    fn effect(&self) -> Option<u64>;
+    /// A fresh answer of the handler's run number `effect`.
+    fn assert_fresh(&self, status: u16, effect: u64);
+    /// A replay of `first`, byte for byte.
+    fn assert_replay_of(&self, first: &Self);
 }
 
-impl Answer {
-    async fn of(response: Response<ResponseBody<Body>>) -> Self {
-        let (parts, mut body) = response.into_parts();
-        let mut bytes = Vec::new();
-        let mut body_error = false;
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(frame) => {
-                    if let Some(data) = frame.data_ref() {
-                        bytes.extend_from_slice(data);
-                    }
-                }
-                Err(_) => {
-                    body_error = true;
-                    break;
-                }
-            }
-        }
-        Self {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: bytes,
-            body_error,
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
-
-    /// The effect number of the handler run that produced it.
+impl Answer for Reply {
     fn effect(&self) -> Option<u64> {
         self.header("x-effect")?.parse().ok()
     }
 
-    fn problem(&self) -> Option<String> {
-        if self.header("content-type") != Some(PROBLEM_JSON) {
-            return None;
-        }
-        let json: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        json["type"].as_str().map(str::to_owned)
-    }
-
-    #[track_caller]
-    fn assert_problem(&self, kind: ProblemType) {
-        assert_eq!(
-            (self.status, self.problem().as_deref()),
-            (kind.status().as_u16(), Some(kind.uri())),
-            "expected the {kind:?} problem, got {self}"
-        );
-    }
-
-    /// A fresh answer of the handler's run number `effect`.
     #[track_caller]
     fn assert_fresh(&self, status: u16, effect: u64) {
         assert_eq!(self.status, status, "{self}");
@@ -325,7 +245,6 @@ impl Answer {
         assert!(!self.body_error, "{self}");
     }
 
-    /// A replay of `first`, byte for byte.
     #[track_caller]
     fn assert_replay_of(&self, first: &Self) {
         assert!(self.replayed(), "expected a replay, got {self}");
@@ -335,27 +254,12 @@ impl Answer {
     }
 }
 
-impl std::fmt::Display for Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = String::from_utf8_lossy(&self.body);
-        let body: String = text.chars().take(200).collect();
-        write!(
-            f,
-            "{} (x-effect {:?}, replayed {}, body error {}) {body}",
-            self.status,
-            self.effect(),
-            self.replayed(),
-            self.body_error
-        )
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The rig: a backend's store, wrapped; an engine on a manual clock; the layer.
 // ---------------------------------------------------------------------------
 
 struct Rig {
-    fixture: Fixture,
+    fixture: Isolated,
     clock: ManualClock,
     policy: Policy,
     engine: Arc<Engine<Faulty, ManualClock>>,
@@ -382,24 +286,21 @@ fn service(
 }
 
 impl Rig {
-    async fn open(backend: Backend) -> Self {
+    async fn open(backend: BackendKind) -> Self {
         Self::with(backend, |s| s, |p| p).await
     }
 
     async fn with(
-        backend: Backend,
+        backend: BackendKind,
         store: impl FnOnce(Faulty) -> Faulty,
         policy_of: impl FnOnce(Policy) -> Policy,
     ) -> Self {
-        let fixture = Fixture::open(backend).await;
+        let fixture = Isolated::fresh(backend).await;
         let clock = ManualClock::new(SystemClock.now());
         let policy = policy_of(policy());
-        let engine = Arc::new(
-            Engine::with_clock(store(FaultyStore::new(fixture.store())), clock.clone())
-                .with_policy(policy.clone())
-                .expect("a valid policy"),
-        );
-        let app = App::new();
+        let store = store(FaultyStore::new(fixture.store()));
+        let engine = Arc::new(engine(store, clock.clone(), policy.clone()));
+        let app = App::default();
         let (layer, svc) = service(engine.clone(), &app);
         Self {
             fixture,
@@ -418,19 +319,19 @@ impl Rig {
     }
 
     /// Sends a request and reads its answer.
-    async fn send(&self, key: &str, mode: &str) -> Answer {
+    async fn send(&self, key: &str, mode: &str) -> Reply {
         self.send_req(request(key, mode)).await
     }
 
-    async fn send_req(&self, req: Request<Body>) -> Answer {
+    async fn send_req(&self, req: Request<Body>) -> Reply {
         let response = self.svc.clone().oneshot(req).await.expect("no inner error");
-        Answer::of(response).await
+        Reply::of_response(response).await
     }
 
     /// Sends a request in a task of its own (to stall, drop or race it).
-    fn spawn(&self, key: &str, mode: &str) -> tokio::task::JoinHandle<Answer> {
+    fn spawn(&self, key: &str, mode: &str) -> tokio::task::JoinHandle<Reply> {
         let call = self.svc.clone().oneshot(request(key, mode));
-        tokio::spawn(async move { Answer::of(call.await.expect("no inner error")).await })
+        tokio::spawn(async move { Reply::of_response(call.await.expect("no inner error")).await })
     }
 
     /// What the store holds for `key`, read directly (not through the faults).
@@ -449,14 +350,9 @@ impl Rig {
     /// A second application instance over the same records (its own store
     /// connections, engine and layer; the same clock and handler).
     async fn second(&self) -> Svc {
-        let engine = Arc::new(
-            Engine::with_clock(
-                FaultyStore::new(self.fixture.second_instance().await),
-                self.clock.clone(),
-            )
-            .with_policy(self.policy.clone())
-            .expect("a valid policy"),
-        );
+        let store = self.fixture.reopen().await.expect("a second instance");
+        let store = FaultyStore::new(store.erased());
+        let engine = Arc::new(engine(store, self.clock.clone(), self.policy.clone()));
         service(engine, &self.app).1
     }
 
@@ -490,6 +386,40 @@ impl Rig {
         }
     }
 
+    /// Sends `mode: gate` with key `k` in a task of its own and waits until
+    /// its handler is inside (after its effect).
+    async fn spawn_gated(&self) -> tokio::task::JoinHandle<Reply> {
+        let running = self.spawn("k", "gate");
+        self.app.wait_entered(1).await;
+        running
+    }
+
+    /// `key` ended `failed_unknown`: a retry gets `outcome-unknown` and runs
+    /// nothing (`effects` in all).
+    async fn assert_unknown(&self, key: &str, effects: u64) {
+        assert_eq!(self.state(key).await, Some("failed_unknown"), "{key}");
+        self.send(key, "ok")
+            .await
+            .assert_problem(ProblemType::OutcomeUnknown);
+        assert_eq!(
+            self.app.effects(),
+            effects,
+            "{key}: the retry ran the handler"
+        );
+    }
+
+    /// Starts a graceful shutdown of the layer (grace [`GRACE`]) and waits
+    /// until the engine has begun it.
+    async fn shutdown(&self) -> tokio::task::JoinHandle<Shutdown> {
+        let layer = self.layer.clone();
+        let shutdown = tokio::spawn(async move { layer.shutdown(GRACE).await });
+        wait::until_true("the shutdown to begin", WITHIN, || async {
+            self.engine.is_shutting_down()
+        })
+        .await;
+        shutdown
+    }
+
     /// Waits in real time (the clock standing still) until `key` is in `state`.
     async fn wait_state(&self, key: &str, state: &'static str) {
         wait::until_true(&format!("key {key} to be {state}"), WITHIN, || async {
@@ -499,30 +429,20 @@ impl Rig {
     }
 }
 
-async fn replay_on(svc: &Svc, key: &str) -> Answer {
-    Answer::of(svc.clone().oneshot(request(key, "ok")).await.unwrap()).await
+async fn replay_on(svc: &Svc, key: &str) -> Reply {
+    Reply::of_response(svc.clone().oneshot(request(key, "ok")).await.unwrap()).await
 }
 
 // ---------------------------------------------------------------------------
 // The rows.
 // ---------------------------------------------------------------------------
 
-/// 2xx: stored; the retry replays it; one effect.
-async fn ok_2xx(backend: Backend) {
+/// 2xx and 4xx (`mode` answers `status`): stored like a success (the
+/// request was processed); the retry replays it; one effect.
+async fn stored_and_replayed(backend: BackendKind, mode: &str, status: u16) {
     let rig = Rig::open(backend).await;
-    let first = rig.send("k", "ok").await;
-    first.assert_fresh(201, 1);
-    assert_eq!(rig.state("k").await, Some("completed"));
-    let retry = rig.send("k", "ok").await;
-    retry.assert_replay_of(&first);
-    assert_eq!(rig.app.effects(), 1);
-}
-
-/// 4xx: stored like a success (the request was processed); replayed; one effect.
-async fn client_error_4xx(backend: Backend) {
-    let rig = Rig::open(backend).await;
-    let first = rig.send("k", "status:400").await;
-    first.assert_fresh(400, 1);
+    let first = rig.send("k", mode).await;
+    first.assert_fresh(status, 1);
     assert_eq!(rig.state("k").await, Some("completed"));
     let retry = rig.send("k", "ok").await;
     retry.assert_replay_of(&first);
@@ -531,20 +451,17 @@ async fn client_error_4xx(backend: Backend) {
 
 /// 5xx without a declaration: ambiguous, so the key ends `failed_unknown`;
 /// the client gets its 500, the retry `outcome-unknown`; one effect.
-async fn server_error_5xx(backend: Backend) {
+async fn server_error_5xx(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     let first = rig.send("k", "status:500").await;
     first.assert_fresh(500, 1);
-    assert_eq!(rig.state("k").await, Some("failed_unknown"));
-    let retry = rig.send("k", "ok").await;
-    retry.assert_problem(ProblemType::OutcomeUnknown);
-    assert_eq!(rig.app.effects(), 1, "the retry ran the handler again");
+    rig.assert_unknown("k", 1).await;
 }
 
 /// 5xx that declared "no effect" (a `NoEffect` response extension, or the
 /// claim's `declare_no_effect`): released; the retry runs afresh (the
 /// effect happens then, once), and its answer is replayed.
-async fn server_error_5xx_no_effect(backend: Backend) {
+async fn server_error_5xx_no_effect(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     for (key, mode, status) in [
         ("ext", "no-effect-503", 503),
@@ -566,23 +483,19 @@ async fn server_error_5xx_no_effect(backend: Backend) {
 
 /// The inner service fails after the handler ran: the error is returned,
 /// the key ends `failed_unknown`, the retry gets `outcome-unknown`.
-async fn inner_error(backend: Backend) {
+async fn inner_error(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     let mut req = request("k", "ok");
     req.headers_mut()
         .insert("x-inner-error", HeaderValue::from_static("1"));
     let err = rig.svc.clone().oneshot(req).await.unwrap_err();
     assert!(err.to_string().contains("middleware"), "{err}");
-    assert_eq!(rig.state("k").await, Some("failed_unknown"));
-    rig.send("k", "ok")
-        .await
-        .assert_problem(ProblemType::OutcomeUnknown);
-    assert_eq!(rig.app.effects(), 1);
+    rig.assert_unknown("k", 1).await;
 }
 
 /// The handler panics after its effect: the panic goes on, the key ends
 /// `failed_unknown`, the retry gets `outcome-unknown`.
-async fn panic_row(backend: Backend) {
+async fn panic_row(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     let outcome = AssertUnwindSafe(rig.svc.clone().oneshot(request("k", "panic")))
         .catch_unwind()
@@ -593,20 +506,15 @@ async fn panic_row(backend: Backend) {
         .cloned()
         .unwrap_or_default();
     assert!(message.contains(PANIC_MARKER), "{message:?}");
-    assert_eq!(rig.state("k").await, Some("failed_unknown"));
-    rig.send("k", "ok")
-        .await
-        .assert_problem(ProblemType::OutcomeUnknown);
-    assert_eq!(rig.app.effects(), 1);
+    rig.assert_unknown("k", 1).await;
 }
 
 /// The request's future is dropped after the handler's effect: the handler
 /// runs to completion, its response is stored; a retry meanwhile gets 409,
 /// afterwards the stored 201.
-async fn dropped_future(backend: Backend) {
+async fn dropped_future(backend: BackendKind) {
     let rig = Rig::open(backend).await;
-    let task = rig.spawn("k", "gate");
-    rig.app.wait_entered(1).await;
+    let task = rig.spawn_gated().await;
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     assert_eq!(rig.state("k").await, Some("in_flight"));
@@ -623,7 +531,7 @@ async fn dropped_future(backend: Backend) {
 
 /// The response body fails after a chunk: the client sees the chunk and the
 /// error; the key ends `failed_unknown`; the retry gets `outcome-unknown`.
-async fn body_error_mid_stream(backend: Backend) {
+async fn body_error_mid_stream(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     let first = rig.send("k", "body-error").await;
     assert_eq!(first.status, 201, "{first}");
@@ -632,11 +540,7 @@ async fn body_error_mid_stream(backend: Backend) {
         first.body_error,
         "the body's error must reach the client: {first}"
     );
-    assert_eq!(rig.state("k").await, Some("failed_unknown"));
-    rig.send("k", "ok")
-        .await
-        .assert_problem(ProblemType::OutcomeUnknown);
-    assert_eq!(rig.app.effects(), 1);
+    rig.assert_unknown("k", 1).await;
 }
 
 /// Shared by the two `too_large_*` rows: the first client gets the whole
@@ -654,14 +558,14 @@ async fn too_large(rig: &Rig) {
     assert_eq!(rig.app.effects(), 1);
 }
 
-async fn too_large_for_engine(backend: Backend) {
+async fn too_large_for_engine(backend: BackendKind) {
     let rig = Rig::with(backend, |s| s, |p| p.with_max_outcome_bytes(SMALL_LIMIT)).await;
     too_large(&rig).await;
 }
 
 /// The store declares a record limit below the engine's: the engine honours
 /// it (it never even tries to write a record the store would refuse).
-async fn too_large_for_store(backend: Backend) {
+async fn too_large_for_store(backend: BackendKind) {
     let rig = Rig::with(
         backend,
         |s| s.with_max_record_bytes(Some(RECORD_OVERHEAD + SMALL_LIMIT)),
@@ -679,16 +583,21 @@ async fn too_large_for_store(backend: Backend) {
     }
 }
 
-/// The completion's first write fails transiently before it reaches the
-/// store: the client still gets its 201, the completion is retried and
-/// stored, the retry replays it.
-async fn completion_fails_transient_once(backend: Backend) {
+/// The completion's first write fails transiently, before it reaches the
+/// store (`once`) or after it was written with its reply lost
+/// (`after_apply`): the client still gets its 201, the completion is
+/// retried (and finds the holder's own record when it was written), the
+/// retry replays it.
+async fn completion_fails_transient(backend: BackendKind, after_apply: bool) {
     let rig = Rig::open(backend).await;
-    let fault = rig.faults().inject(
-        Fault::new(Op::CompareAndSwap, FaultKind::Unavailable)
-            .writing_finished()
-            .next(1),
-    );
+    let fault = Fault::new(Op::CompareAndSwap, FaultKind::Unavailable)
+        .writing_finished()
+        .next(1);
+    let fault = rig.faults().inject(if after_apply {
+        fault.after_apply()
+    } else {
+        fault
+    });
     let first = rig.send("k", "ok").await;
     first.assert_fresh(201, 1);
     assert_eq!(rig.faults().hits(fault), 1);
@@ -703,34 +612,9 @@ async fn completion_fails_transient_once(backend: Backend) {
     assert_eq!(rig.app.effects(), 1);
 }
 
-/// The completion is written but its reply is lost: the retry of the write
-/// finds the holder's own record; the retry replays it.
-async fn completion_fails_transient_after_apply(backend: Backend) {
-    let rig = Rig::open(backend).await;
-    let fault = rig.faults().inject(
-        Fault::new(Op::CompareAndSwap, FaultKind::Unavailable)
-            .writing_finished()
-            .after_apply()
-            .next(1),
-    );
-    let first = rig.send("k", "ok").await;
-    first.assert_fresh(201, 1);
-    assert_eq!(rig.faults().hits(fault), 1);
-    rig.drive(
-        "the completion to be confirmed",
-        LEASE / 50,
-        LEASE / 2,
-        || async { rig.state("k").await == Some("completed") },
-    )
-    .await;
-    let retry = rig.send("k", "ok").await;
-    retry.assert_replay_of(&first);
-    assert_eq!(rig.app.effects(), 1);
-}
-
 /// The completion fails permanently (`Generic`, `Rejected`): the response
 /// cannot be stored, so the key ends `failed_unknown` (never run again).
-async fn completion_fails_permanent(backend: Backend) {
+async fn completion_fails_permanent(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     for (n, (key, kind)) in [
         ("generic", FaultKind::Generic),
@@ -748,15 +632,7 @@ async fn completion_fails_permanent(backend: Backend) {
         let first = rig.send(key, "ok").await;
         first.assert_fresh(201, n);
         assert_eq!(rig.faults().hits(fault), 1, "{key}");
-        assert_eq!(rig.state(key).await, Some("failed_unknown"), "{key}");
-        rig.send(key, "ok")
-            .await
-            .assert_problem(ProblemType::OutcomeUnknown);
-        assert_eq!(
-            rig.app.effects(),
-            n,
-            "{key}: the retry ran the handler again"
-        );
+        rig.assert_unknown(key, n).await;
     }
     // The same permanent error after the completion was written (its reply
     // lost): the switch to "unknown" finds the holder's own completion, which
@@ -779,7 +655,7 @@ async fn completion_fails_permanent(backend: Backend) {
 /// longer than the lease plus a lease. The key stays in flight (409) until
 /// the lease lapses; then a retry takes it over and runs the handler again:
 /// exactly 2 effects, and the record is the second run's.
-async fn completion_fails_past_lease(backend: Backend) {
+async fn completion_fails_past_lease(backend: BackendKind) {
     let rig = Rig::open(backend).await;
     // Only the first claim's completions (attempt 1) fail.
     let fault = rig.faults().inject(
@@ -832,10 +708,9 @@ async fn completion_fails_past_lease(backend: Backend) {
 
 /// One heartbeat fails (either kind): the heartbeat goes on, so a duplicate
 /// sent after the original lease deadline gets 409 and never takes over.
-async fn heartbeat_fails_once(backend: Backend, kind: FaultKind) {
+async fn heartbeat_fails_once(backend: BackendKind, kind: FaultKind) {
     let rig = Rig::open(backend).await;
-    let running = rig.spawn("k", "gate");
-    rig.app.wait_entered(1).await;
+    let running = rig.spawn_gated().await;
     let claim = rig.record("k").await.expect("the claim");
     let KeyState::InFlight {
         lease_deadline: original,
@@ -882,10 +757,9 @@ async fn heartbeat_fails_once(backend: Backend, kind: FaultKind) {
 /// The named window: every heartbeat of the holder fails past its lease.
 /// `Lease::lost` fires, a duplicate takes over and runs (2 effects), and the
 /// original's response becomes the 409 "superseded" answer.
-async fn heartbeat_fails_past_lease(backend: Backend) {
+async fn heartbeat_fails_past_lease(backend: BackendKind) {
     let rig = Rig::open(backend).await;
-    let running = rig.spawn("k", "gate");
-    rig.app.wait_entered(1).await;
+    let running = rig.spawn_gated().await;
     let claim = rig.record("k").await.expect("the claim");
     // Only the first claim's heartbeats (attempt 1) fail.
     rig.faults().inject(
@@ -924,10 +798,9 @@ async fn heartbeat_fails_past_lease(backend: Backend) {
 
 /// The handler hangs after its effect past `Policy::max_hold`: the key ends
 /// `failed_unknown`, `Lease::lost` fires, a duplicate gets `outcome-unknown`.
-async fn max_hold_exceeded(backend: Backend) {
+async fn max_hold_exceeded(backend: BackendKind) {
     let rig = Rig::with(backend, |s| s, |p| p.with_max_hold(Some(2 * LEASE))).await;
-    let running = rig.spawn("k", "gate");
-    rig.app.wait_entered(1).await;
+    let running = rig.spawn_gated().await;
     rig.drive(
         "the hold ceiling to end the key",
         LEASE / 12,
@@ -942,44 +815,42 @@ async fn max_hold_exceeded(backend: Backend) {
     )
     .await;
     assert!(rig.app.claim(0).lease().is_lost(), "Lease::lost fired");
-    rig.send("k", "ok")
-        .await
-        .assert_problem(ProblemType::OutcomeUnknown);
-    assert_eq!(rig.app.effects(), 1);
+    rig.assert_unknown("k", 1).await;
 
     // The hung handler finally returns: nothing changes for the key.
     rig.app.open_gate();
-    let original = running.await.unwrap();
-    assert_original_after_unknown(&original);
-    assert_eq!(rig.state("k").await, Some("failed_unknown"));
-    rig.send("k", "ok")
-        .await
-        .assert_problem(ProblemType::OutcomeUnknown);
-    assert_eq!(rig.app.effects(), 1);
+    assert_original_after_unknown(&running.await.unwrap());
+    rig.assert_unknown("k", 1).await;
 }
 
 /// What the client of a handler whose key was already ended as unknown (by
 /// `max_hold` or a shutdown) gets when the handler finally returns: its own
 /// response (it did finish), never another request's.
 #[track_caller]
-fn assert_original_after_unknown(original: &Answer) {
+fn assert_original_after_unknown(original: &Reply) {
     original.assert_fresh(201, 1);
+}
+
+/// The shutdown's report: running, finished, marked unknown, left in flight.
+#[track_caller]
+fn assert_report(report: &Shutdown, want: [usize; 4]) {
+    let got = [
+        report.running,
+        report.finished,
+        report.marked_unknown,
+        report.left_in_flight,
+    ];
+    assert_eq!(got, want, "{report:?}");
 }
 
 /// A graceful shutdown while a handler runs: new keyed requests get 503
 /// `shutting-down` and run nothing; the running handler finishes within the
 /// grace period and its response is stored (a retry on another instance
 /// replays it).
-async fn shutdown_within_grace(backend: Backend) {
+async fn shutdown_within_grace(backend: BackendKind) {
     let rig = Rig::open(backend).await;
-    let running = rig.spawn("k", "gate");
-    rig.app.wait_entered(1).await;
-    let layer = rig.layer.clone();
-    let shutdown = tokio::spawn(async move { layer.shutdown(GRACE).await });
-    wait::until_true("the shutdown to begin", WITHIN, || async {
-        rig.engine.is_shutting_down()
-    })
-    .await;
+    let running = rig.spawn_gated().await;
+    let shutdown = rig.shutdown().await;
     let refused = rig.send("new", "ok").await;
     refused.assert_problem(ProblemType::ShuttingDown);
     assert!(refused.header("retry-after").is_some(), "{refused}");
@@ -989,17 +860,7 @@ async fn shutdown_within_grace(backend: Backend) {
     rig.app.open_gate();
     let first = running.await.unwrap();
     first.assert_fresh(201, 1);
-    let report: Shutdown = shutdown.await.unwrap();
-    assert_eq!(
-        (
-            report.running,
-            report.finished,
-            report.marked_unknown,
-            report.left_in_flight
-        ),
-        (1, 1, 0, 0),
-        "{report:?}"
-    );
+    assert_report(&shutdown.await.unwrap(), [1, 1, 0, 0]);
     assert_eq!(rig.state("k").await, Some("completed"));
     let other = rig.second().await;
     replay_on(&other, "k").await.assert_replay_of(&first);
@@ -1009,16 +870,10 @@ async fn shutdown_within_grace(backend: Backend) {
 /// The handler outlives the grace period: its key ends `failed_unknown`
 /// (nothing that ran is released), `Lease::lost` fires, and a retry on
 /// another instance gets `outcome-unknown`.
-async fn shutdown_past_grace(backend: Backend) {
+async fn shutdown_past_grace(backend: BackendKind) {
     let rig = Rig::open(backend).await;
-    let running = rig.spawn("k", "gate");
-    rig.app.wait_entered(1).await;
-    let layer = rig.layer.clone();
-    let shutdown = tokio::spawn(async move { layer.shutdown(GRACE).await });
-    wait::until_true("the shutdown to begin", WITHIN, || async {
-        rig.engine.is_shutting_down()
-    })
-    .await;
+    let running = rig.spawn_gated().await;
+    let shutdown = rig.shutdown().await;
     rig.drive(
         "the grace period to run out",
         GRACE / 4,
@@ -1026,17 +881,7 @@ async fn shutdown_past_grace(backend: Backend) {
         || async { shutdown.is_finished() },
     )
     .await;
-    let report: Shutdown = shutdown.await.unwrap();
-    assert_eq!(
-        (
-            report.running,
-            report.finished,
-            report.marked_unknown,
-            report.left_in_flight
-        ),
-        (1, 0, 1, 0),
-        "{report:?}"
-    );
+    assert_report(&shutdown.await.unwrap(), [1, 0, 1, 0]);
     assert_eq!(rig.state("k").await, Some("failed_unknown"));
     assert!(rig.app.claim(0).lease().is_lost(), "Lease::lost fired");
     let other = rig.second().await;
@@ -1045,8 +890,7 @@ async fn shutdown_past_grace(backend: Backend) {
         .assert_problem(ProblemType::OutcomeUnknown);
 
     rig.app.open_gate();
-    let original = running.await.unwrap();
-    assert_original_after_unknown(&original);
+    assert_original_after_unknown(&running.await.unwrap());
     assert_eq!(rig.state("k").await, Some("failed_unknown"));
     assert_eq!(rig.app.effects(), 1);
 }
@@ -1065,78 +909,27 @@ fn main() -> std::process::ExitCode {
             default_hook(info);
         }
     }));
-    Suite::new("exits")
-        .each(&Backend::ALL, "exits::ok_2xx", ok_2xx)
-        .each(&Backend::ALL, "exits::client_error_4xx", client_error_4xx)
-        .each(&Backend::ALL, "exits::server_error_5xx", server_error_5xx)
-        .each(
-            &Backend::ALL,
-            "exits::server_error_5xx_no_effect",
-            server_error_5xx_no_effect,
-        )
-        .each(&Backend::ALL, "exits::inner_error", inner_error)
-        .each(&Backend::ALL, "exits::panic", panic_row)
-        .each(&Backend::ALL, "exits::dropped_future", dropped_future)
-        .each(
-            &Backend::ALL,
-            "exits::body_error_mid_stream",
-            body_error_mid_stream,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::too_large_for_engine",
-            too_large_for_engine,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::too_large_for_store",
-            too_large_for_store,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::completion_fails_transient_once",
-            completion_fails_transient_once,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::completion_fails_transient_after_apply",
-            completion_fails_transient_after_apply,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::completion_fails_permanent",
-            completion_fails_permanent,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::completion_fails_past_lease",
-            completion_fails_past_lease,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::heartbeat_fails_once_transient",
-            |b| heartbeat_fails_once(b, FaultKind::Unavailable),
-        )
-        .each(
-            &Backend::ALL,
-            "exits::heartbeat_fails_once_permanent",
-            |b| heartbeat_fails_once(b, FaultKind::Generic),
-        )
-        .each(
-            &Backend::ALL,
-            "exits::heartbeat_fails_past_lease",
-            heartbeat_fails_past_lease,
-        )
-        .each(&Backend::ALL, "exits::max_hold_exceeded", max_hold_exceeded)
-        .each(
-            &Backend::ALL,
-            "exits::shutdown_within_grace",
-            shutdown_within_grace,
-        )
-        .each(
-            &Backend::ALL,
-            "exits::shutdown_past_grace",
-            shutdown_past_grace,
-        )
-        .run()
+    idem_reliability::each!(Suite::new("exits"), &BackendKind::ALL, {
+        "exits::ok_2xx" => |b| stored_and_replayed(b, "ok", 201),
+        "exits::client_error_4xx" => |b| stored_and_replayed(b, "status:400", 400),
+        "exits::server_error_5xx" => server_error_5xx,
+        "exits::server_error_5xx_no_effect" => server_error_5xx_no_effect,
+        "exits::inner_error" => inner_error,
+        "exits::panic" => panic_row,
+        "exits::dropped_future" => dropped_future,
+        "exits::body_error_mid_stream" => body_error_mid_stream,
+        "exits::too_large_for_engine" => too_large_for_engine,
+        "exits::too_large_for_store" => too_large_for_store,
+        "exits::completion_fails_transient_once" => |b| completion_fails_transient(b, false),
+        "exits::completion_fails_transient_after_apply" => |b| completion_fails_transient(b, true),
+        "exits::completion_fails_permanent" => completion_fails_permanent,
+        "exits::completion_fails_past_lease" => completion_fails_past_lease,
+        "exits::heartbeat_fails_once_transient" => |b| heartbeat_fails_once(b, FaultKind::Unavailable),
+        "exits::heartbeat_fails_once_permanent" => |b| heartbeat_fails_once(b, FaultKind::Generic),
+        "exits::heartbeat_fails_past_lease" => heartbeat_fails_past_lease,
+        "exits::max_hold_exceeded" => max_hold_exceeded,
+        "exits::shutdown_within_grace" => shutdown_within_grace,
+        "exits::shutdown_past_grace" => shutdown_past_grace,
+    })
+    .run()
 }

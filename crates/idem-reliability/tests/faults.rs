@@ -33,15 +33,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use idem_core::store::{State, Store, Versioned};
 use idem_core::{
     Begin, Clock, Engine, Error, Fingerprint, IdempotencyKey, Lease, ManualClock, Outcome, Policy,
-    RecordKey, ReplayKind, Scope, State, Store, SystemClock, Versioned,
+    RecordKey, ReplayKind, Scope, SystemClock,
 };
 use idem_faults::{Fault as ProxyFault, FaultProxy};
 use idem_postgres::PostgresStore;
-use idem_reliability::harness::Suite;
+use idem_reliability::engine::{engine, key, proceed};
 use idem_reliability::http::{self, Reply, Service};
-use idem_reliability::{Backend, Fixture, postgres, redis, wait};
+use idem_reliability::{redis, wait};
+use idem_testkit::postgres;
+use idem_testkit::runner::Suite;
+use idem_testkit::{BackendKind, Isolated};
 use idem_tower::ProblemType;
 
 /// The store's own bound on one call through the proxy.
@@ -93,6 +97,16 @@ impl Fault {
         }
     }
 
+    /// What the proxy does first (a cut mid-command starts as a black hole).
+    fn proxy_fault(self) -> ProxyFault {
+        match self {
+            Self::Delay => ProxyFault::Delay(DELAY),
+            Self::BlackHole | Self::CutMidCommand => ProxyFault::BlackHole,
+            Self::Refuse => ProxyFault::Refuse,
+            Self::DropReplies => ProxyFault::DropReplies,
+        }
+    }
+
     /// Whether the command sent under the fault still takes effect on the
     /// server (late, or with its reply lost).
     fn lands(self) -> bool {
@@ -107,35 +121,30 @@ struct Net {
     faulty: Arc<dyn Store>,
     direct: Arc<dyn Store>,
     pg: Option<PostgresStore>,
-    _fixture: Fixture,
+    _fixture: Isolated,
 }
 
-async fn net(backend: Backend) -> Net {
-    let fixture = Fixture::open(backend).await;
-    match backend {
-        Backend::Postgres => {
+async fn net(backend: BackendKind) -> Net {
+    let fixture = Isolated::fresh(backend).await;
+    let (proxy, faulty, pg): (_, Arc<dyn Store>, _) = match backend {
+        BackendKind::Postgres => {
             let proxy = postgres::proxy().await;
             let store = postgres::store_via(&proxy, fixture.postgres().table(), TIMEOUT);
-            Net {
-                faulty: Arc::new(store.clone()),
-                direct: fixture.store(),
-                pg: Some(store),
-                proxy,
-                _fixture: fixture,
-            }
+            (proxy, Arc::new(store.clone()), Some(store))
         }
-        Backend::Redis => {
+        BackendKind::Redis => {
             let proxy = redis::proxy().await;
             let store = redis::store_via(&proxy, fixture.redis().prefix(), TIMEOUT).await;
-            Net {
-                faulty: Arc::new(store),
-                direct: fixture.store(),
-                pg: None,
-                proxy,
-                _fixture: fixture,
-            }
+            (proxy, Arc::new(store), None)
         }
         other => panic!("{other} is not reached through a proxy"),
+    };
+    Net {
+        proxy,
+        faulty,
+        direct: fixture.store(),
+        pg,
+        _fixture: fixture,
     }
 }
 
@@ -152,21 +161,9 @@ impl Net {
     /// heals the proxy once `op` is done.
     async fn under<T>(&self, fault: Fault, op: impl Future<Output = T>) -> T {
         self.settle().await;
+        self.proxy.set(fault.proxy_fault());
         let result = match fault {
-            Fault::Delay => {
-                self.proxy.set(ProxyFault::Delay(DELAY));
-                op.await
-            }
-            Fault::BlackHole => {
-                self.proxy.set(ProxyFault::BlackHole);
-                op.await
-            }
-            Fault::DropReplies => {
-                self.proxy.set(ProxyFault::DropReplies);
-                op.await
-            }
             Fault::Refuse => {
-                self.proxy.set(ProxyFault::Refuse);
                 self.proxy.cut_all();
                 wait::until_true("the proxy to close its connections", RECOVERY, || async {
                     self.proxy.open_connections() == 0
@@ -175,7 +172,6 @@ impl Net {
                 op.await
             }
             Fault::CutMidCommand => {
-                self.proxy.set(ProxyFault::BlackHole);
                 let before = self.proxy.swallowed_bytes();
                 let cut = async {
                     wait::until_true("the command to be in flight", RECOVERY, || async {
@@ -188,6 +184,7 @@ impl Net {
                 let (result, ()) = tokio::join!(op, cut);
                 result
             }
+            Fault::Delay | Fault::BlackHole | Fault::DropReplies => op.await,
         };
         self.proxy.heal();
         result
@@ -204,10 +201,6 @@ impl Net {
         .await
         .unwrap()
     }
-}
-
-fn key(name: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(name).unwrap()
 }
 
 fn scope() -> Scope {
@@ -233,7 +226,7 @@ fn assert_transient<T: std::fmt::Debug>(result: Result<T, Error>, what: &str, fa
     }
 }
 
-fn in_flight_token(v: &Versioned) -> Option<idem_core::FencingToken> {
+fn in_flight_token(v: &Versioned) -> Option<idem_core::store::FencingToken> {
     match v.record.state {
         State::InFlight { token, .. } => Some(token),
         _ => None,
@@ -250,24 +243,15 @@ async fn begin<S: Store, C: Clock>(engine: &Engine<S, C>, k: &IdempotencyKey) ->
     .unwrap_or_else(|e| panic!("begin after heal: {e:?}"))
 }
 
-#[track_caller]
-fn proceed(begin: Begin, attempt: u32, what: &str) -> Lease {
-    match begin {
-        Begin::Proceed(lease) => {
-            assert_eq!(lease.attempt(), attempt, "{what}: attempt");
-            lease
-        }
-        other => panic!("{what}: expected Proceed (attempt {attempt}), got {other:?}"),
-    }
-}
-
 /// Engine level: `begin` and `complete` under `fault`.
-async fn engine_case(backend: Backend, fault: Fault) {
+async fn engine_case(backend: BackendKind, fault: Fault) {
     let net = net(backend).await;
     let clock = ManualClock::new(SystemClock.now());
-    let engine = Engine::with_clock(net.faulty.clone(), clock.clone())
-        .with_policy(Policy::default().with_lease(LEASE))
-        .expect("valid policy");
+    let engine = engine(
+        net.faulty.clone(),
+        clock.clone(),
+        Policy::default().with_lease(LEASE),
+    );
     let runs = AtomicU64::new(0);
     let run = |lease: &Lease| {
         assert!(!lease.is_finished(), "work runs only under a live claim");
@@ -397,20 +381,26 @@ async fn engine_case(backend: Backend, fault: Fault) {
 
 const BODY: &str = r#"{"amount":1000,"currency":"EUR"}"#;
 
-/// A full request on a throwaway key: prepares the claim and completion
-/// statements on the proxied connection; retried while the store recovers.
-async fn warm_up(server: &http::Server, name: &str) {
-    let deadline = Instant::now() + RECOVERY;
-    loop {
-        let reply = server.charge("acme", name, BODY).await;
+/// The HTTP service over `net`'s faulty store (lease [`HTTP_LEASE`]),
+/// warmed up: a full request on a throwaway key prepares the claim and
+/// completion statements on the proxied connection (retried while the store
+/// recovers). Returns the executions so far too.
+async fn serve(net: &Net) -> (Service, http::Server, u64) {
+    let policy = Policy::default().with_lease(HTTP_LEASE);
+    let service = Service::new();
+    let engine = Arc::new(engine(net.faulty.clone(), SystemClock, policy));
+    let server = http::start(engine, &service).await;
+    wait::until("the warm-up request to succeed", RECOVERY, || async {
+        let reply = server.charge("acme", "warm-up", BODY).await;
         match reply.status {
-            201 => return,
-            503 if Instant::now() < deadline => {
-                tokio::time::sleep(wait::POLL).await;
-            }
+            201 => Some(()),
+            503 => None,
             _ => panic!("warm-up: {reply}"),
         }
-    }
+    })
+    .await;
+    let before = service.executions();
+    (service, server, before)
 }
 
 /// Retries `key` as a client would until a final answer; returns it and
@@ -443,17 +433,9 @@ async fn retry_until_final(server: &http::Server, key: &str, conflict_ok: bool) 
 
 /// HTTP level: the request that meets the fault is answered 503 without
 /// running the handler; the retries end in exactly one execution.
-async fn http_case(backend: Backend, fault: Fault) {
+async fn http_case(backend: BackendKind, fault: Fault) {
     let net = net(backend).await;
-    let engine = Arc::new(
-        Engine::new(net.faulty.clone())
-            .with_policy(Policy::default().with_lease(HTTP_LEASE))
-            .expect("valid policy"),
-    );
-    let service = Service::new();
-    let server = http::start(engine, &service, |b| b.required(true)).await;
-    warm_up(&server, "warm-up").await;
-    let before = service.executions();
+    let (service, server, before) = serve(&net).await;
 
     let reply = net
         .under(fault, server.charge("acme", "order-1", BODY))
@@ -520,17 +502,9 @@ async fn http_case(backend: Backend, fault: Fault) {
 /// background, so once the store is back the retry gets the replay: one
 /// execution. (An outage longer than the lease is window W1 of
 /// docs/reliability.md: `exits::completion_fails_past_lease`.)
-async fn completion_lost(backend: Backend) {
+async fn completion_lost(backend: BackendKind) {
     let net = net(backend).await;
-    let engine = Arc::new(
-        Engine::new(net.faulty.clone())
-            .with_policy(Policy::default().with_lease(HTTP_LEASE))
-            .expect("valid policy"),
-    );
-    let service = Service::new();
-    let server = http::start(engine, &service, |b| b.required(true)).await;
-    warm_up(&server, "warm-up").await;
-    let before = service.executions();
+    let (service, server, before) = serve(&net).await;
 
     let req = server
         .charge_request("acme", Some("order-2"), BODY)
@@ -569,25 +543,17 @@ async fn completion_lost(backend: Backend) {
 }
 
 fn main() -> std::process::ExitCode {
+    let net = &BackendKind::NETWORKED;
     let mut suite = Suite::new("faults");
     for fault in Fault::ALL {
+        let name = fault.name();
         suite = suite
-            .each(
-                &Backend::NETWORKED,
-                &format!("engine::{}", fault.name()),
-                move |b| engine_case(b, fault),
-            )
-            .each(
-                &Backend::NETWORKED,
-                &format!("http::{}", fault.name()),
-                move |b| http_case(b, fault),
-            );
+            .each(net, &format!("engine::{name}"), move |b| {
+                engine_case(b, fault)
+            })
+            .each(net, &format!("http::{name}"), move |b| http_case(b, fault));
     }
     suite
-        .each(
-            &Backend::NETWORKED,
-            "http::completion_lost",
-            completion_lost,
-        )
+        .each(net, "http::completion_lost", completion_lost)
         .run()
 }

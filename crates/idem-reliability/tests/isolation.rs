@@ -35,18 +35,18 @@
 //! `IDEM_REQUIRE_BACKENDS=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use idem_core::store::{State, Store, Versioned};
 use idem_core::{
-    Begin, Clock, Engine, Fingerprint, IdempotencyKey, Lease, Outcome, RecordKey, ReplayKind,
-    Scope, State, Store, Versioned,
+    Begin, Clock, Engine, Fingerprint, IdempotencyKey, Lease, Outcome, RecordKey, ReplayKind, Scope,
 };
 use idem_postgres::sqlx::{self, AssertSqlSafe};
-use idem_reliability::harness::Suite;
+use idem_reliability::engine::proceed;
 use idem_reliability::http::{self, Reply, Service};
-use idem_reliability::redis::Admin;
-use idem_reliability::{Backend, Fixture, Handle, sqlite};
+use idem_testkit::runner::Suite;
+use idem_testkit::{AnyStore, BackendKind, Isolated};
 use tokio::sync::Barrier;
 
 const BODY: &str = r#"{"amount":1000,"currency":"EUR"}"#;
@@ -55,9 +55,12 @@ const BODY: &str = r#"{"amount":1000,"currency":"EUR"}"#;
 // HTTP
 // ---------------------------------------------------------------------------
 
-async fn http_server(fixture: &Fixture, service: &Service) -> http::Server {
-    let engine = Arc::new(Engine::new(fixture.store()));
-    http::start(engine, service, |b| b.required(true)).await
+/// The HTTP service over a fresh store of `backend`.
+async fn http_server(backend: BackendKind) -> (Isolated, Service, http::Server) {
+    let fixture = Isolated::fresh(backend).await;
+    let service = Service::new();
+    let server = http::start(Arc::new(Engine::new(fixture.store())), &service).await;
+    (fixture, service, server)
 }
 
 fn request(
@@ -80,10 +83,16 @@ fn assert_scope(reply: &Reply, tenant: &str, principal: Option<&str>) {
     assert_eq!(json["principal"].as_str(), principal, "{reply}");
 }
 
-async fn http_same_key_two_tenants(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
-    let service = Service::new();
-    let server = http_server(&fixture, &service).await;
+/// A first answer: 201, run for this scope, not another scope's replay.
+#[track_caller]
+fn assert_first(reply: &Reply, tenant: &str, principal: Option<&str>, what: &str) {
+    assert_eq!(reply.status, 201, "{what}: {reply}");
+    assert!(!reply.replayed(), "{what} got another's replay: {reply}");
+    assert_scope(reply, tenant, principal);
+}
+
+async fn http_same_key_two_tenants(backend: BackendKind) {
+    let (_fixture, service, server) = http_server(backend).await;
 
     // Two tenants, one key, at the same instant.
     let barrier = Arc::new(Barrier::new(2));
@@ -101,12 +110,7 @@ async fn http_same_key_two_tenants(backend: Backend) {
     let mut firsts = HashMap::new();
     for (tenant, racer) in ["acme", "globex"].into_iter().zip(racers) {
         let reply = racer.await.unwrap();
-        assert_eq!(reply.status, 201, "{tenant}: {reply}");
-        assert!(
-            !reply.replayed(),
-            "{tenant} got another scope's replay: {reply}"
-        );
-        assert_scope(&reply, tenant, None);
+        assert_first(&reply, tenant, None, tenant);
         firsts.insert((tenant, None), reply);
     }
     assert_eq!(service.executions(), 2, "one execution per tenant");
@@ -119,12 +123,7 @@ async fn http_same_key_two_tenants(backend: Backend) {
         let reply = server
             .send(request(&server, "acme", Some(principal), "order-1"))
             .await;
-        assert_eq!(reply.status, 201, "{reply}");
-        assert!(
-            !reply.replayed(),
-            "{principal} got another scope's replay: {reply}"
-        );
-        assert_scope(&reply, "acme", Some(principal));
+        assert_first(&reply, "acme", Some(principal), principal);
         firsts.insert(("acme", Some(principal)), reply);
     }
     assert_eq!(service.executions(), 4);
@@ -147,10 +146,8 @@ async fn http_same_key_two_tenants(backend: Backend) {
     assert_eq!(bodies.len(), 4, "four distinct stored responses");
 }
 
-async fn http_separator_pairs(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
-    let service = Service::new();
-    let server = http_server(&fixture, &service).await;
+async fn http_separator_pairs(backend: BackendKind) {
+    let (_fixture, service, server) = http_server(backend).await;
     let triples: [(&str, Option<&str>, &str); 10] = [
         ("a:b", None, "c"),
         ("a", None, "b:c"),
@@ -166,16 +163,9 @@ async fn http_separator_pairs(backend: Backend) {
     let mut firsts = Vec::new();
     for (i, (tenant, principal, key)) in triples.iter().enumerate() {
         let reply = server.send(request(&server, tenant, *principal, key)).await;
-        assert_eq!(
-            reply.status, 201,
-            "{tenant:?}/{principal:?}/{key:?}: {reply}"
-        );
-        assert!(
-            !reply.replayed(),
-            "{tenant:?}/{principal:?}/{key:?} replayed another triple's response: {reply}"
-        );
+        let what = format!("{tenant:?}/{principal:?}/{key:?}");
+        assert_first(&reply, tenant, *principal, &what);
         assert_eq!(reply.execution(), Some(i as u64 + 1), "{reply}");
-        assert_scope(&reply, tenant, *principal);
         firsts.push(reply);
     }
     for ((tenant, principal, key), first) in triples.iter().zip(&firsts) {
@@ -283,108 +273,62 @@ fn crafted_pairs() -> Vec<Pair> {
     ]
 }
 
-/// A handle on one fixture's records for counting and raw column reads.
-struct Records<'a> {
-    fixture: &'a Fixture,
+/// How many records the store holds (`None`: not countable here, the
+/// cluster's keys are spread over nodes).
+async fn count(fixture: &Isolated) -> Option<u64> {
+    match fixture.kind() {
+        BackendKind::RedisCluster => None,
+        _ => Some(fixture.records().await.unwrap()),
+    }
 }
 
-impl Records<'_> {
-    /// How many records the store holds (`None`: not countable here, the
-    /// cluster's keys are spread over nodes).
-    async fn count(&self) -> Option<u64> {
-        match self.fixture.handle() {
-            Handle::Memory(m) => Some(m.len() as u64),
-            Handle::Sqlite(s) => {
-                let conn = sqlite::raw(s);
-                let sql = format!("SELECT count(*) FROM \"{}\"", s.table().as_str());
-                Some(conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64)
-            }
-            Handle::Postgres(s) => {
-                let sql = format!("SELECT count(*) FROM {}", s.table());
-                let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+/// The informational columns (tenant, principal, operation, key) as
+/// stored, for the SQL backends.
+async fn columns(fixture: &Isolated, rk: &RecordKey) -> Option<[Option<String>; 4]> {
+    match fixture.handle() {
+        AnyStore::Sqlite(s) => {
+            let conn = s.connect().expect("a second connection to the SQLite file");
+            let sql = format!(
+                "SELECT tenant, principal, operation, \"key\" FROM \"{}\" WHERE digest = ?1",
+                s.table().as_str()
+            );
+            Some(
+                conn.query_row(&sql, [&rk.digest()[..]], |r| {
+                    Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?])
+                })
+                .unwrap(),
+            )
+        }
+        AnyStore::Postgres(s) => {
+            let sql = format!(
+                "SELECT tenant, principal, operation, \"key\" FROM {} WHERE digest = $1",
+                s.table()
+            );
+            let row: (String, Option<String>, Option<String>, String) =
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(&rk.digest()[..])
                     .fetch_one(s.pool())
                     .await
                     .unwrap();
-                Some(n as u64)
-            }
-            Handle::Redis(s) if self.fixture.backend() == Backend::Redis => {
-                let mut admin = Admin::standalone().await;
-                let mut cursor = 0u64;
-                let mut keys = BTreeSet::new();
-                loop {
-                    let (next, batch): (u64, Vec<Vec<u8>>) = admin
-                        .query(
-                            ::redis::cmd("SCAN")
-                                .arg(cursor)
-                                .arg("MATCH")
-                                .arg(format!("{}*", s.prefix()))
-                                .arg("COUNT")
-                                .arg(1000),
-                        )
-                        .await
-                        .unwrap();
-                    keys.extend(batch);
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-                Some(keys.len() as u64)
-            }
-            Handle::Redis(_) => None,
+            Some([Some(row.0), row.1, row.2, Some(row.3)])
         }
-    }
-
-    /// The informational columns (tenant, principal, operation, key) as
-    /// stored, for the SQL backends.
-    async fn columns(&self, rk: &RecordKey) -> Option<[Option<String>; 4]> {
-        match self.fixture.handle() {
-            Handle::Sqlite(s) => {
-                let conn = sqlite::raw(s);
-                let sql = format!(
-                    "SELECT tenant, principal, operation, \"key\" FROM \"{}\" WHERE digest = ?1",
-                    s.table().as_str()
-                );
-                Some(
-                    conn.query_row(&sql, [&rk.digest()[..]], |r| {
-                        Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?])
-                    })
-                    .unwrap(),
-                )
-            }
-            Handle::Postgres(s) => {
-                let sql = format!(
-                    "SELECT tenant, principal, operation, \"key\" FROM {} WHERE digest = $1",
-                    s.table()
-                );
-                let row: (String, Option<String>, Option<String>, String) =
-                    sqlx::query_as(AssertSqlSafe(sql))
-                        .bind(&rk.digest()[..])
-                        .fetch_one(s.pool())
-                        .await
-                        .unwrap();
-                Some([Some(row.0), row.1, row.2, Some(row.3)])
-            }
-            _ => None,
-        }
+        _ => None,
     }
 }
 
+/// A fresh claim, as attempt 1 (anything else: a collision with another
+/// pair).
 #[track_caller]
-fn proceed(begin: Begin, what: &str) -> Lease {
-    match begin {
-        Begin::Proceed(lease) => {
-            assert_eq!(lease.attempt(), 1, "{what}");
-            lease
-        }
-        other => {
-            panic!("{what}: must be a fresh claim (a collision with another pair?), got {other:?}")
-        }
-    }
+fn fresh_claim(begin: Begin, what: &str) -> Lease {
+    proceed(
+        begin,
+        1,
+        &format!("{what} (a collision with another pair?)"),
+    )
 }
 
 /// Claims, completes and replays every pair; each must be its own record.
-async fn round_trip(fixture: &Fixture, pairs: &[Pair]) {
+async fn round_trip(fixture: &Isolated, pairs: &[Pair]) {
     // Digests are pairwise distinct (the encoding is injective).
     let mut digests = HashMap::new();
     for pair in pairs {
@@ -393,10 +337,9 @@ async fn round_trip(fixture: &Fixture, pairs: &[Pair]) {
         }
     }
     let engine = Engine::new(fixture.store());
-    let records = Records { fixture };
     // A sentinel that nothing below may touch.
     let sentinel = Pair::new("sentinel", None, None, "sentinel");
-    let lease = proceed(
+    let lease = fresh_claim(
         engine
             .begin(&sentinel.scope, &sentinel.key, sentinel.fingerprint())
             .await
@@ -410,11 +353,11 @@ async fn round_trip(fixture: &Fixture, pairs: &[Pair]) {
         .await
         .unwrap()
         .unwrap();
-    let before = records.count().await;
+    let before = count(fixture).await;
 
     let mut executions = 0;
     for (i, pair) in pairs.iter().enumerate() {
-        let lease = proceed(
+        let lease = fresh_claim(
             engine
                 .begin(&pair.scope, &pair.key, pair.fingerprint())
                 .await
@@ -457,11 +400,11 @@ async fn round_trip(fixture: &Fixture, pairs: &[Pair]) {
             "{}: {stored:?}",
             pair.label()
         );
-        if let Some(columns) = records.columns(&pair.record_key()).await {
+        if let Some(columns) = columns(fixture, &pair.record_key()).await {
             // PostgreSQL text cannot hold NUL: its informational columns
             // store U+FFFD instead (documented; the digest is exact).
-            let text = |s: &str| match fixture.backend() {
-                Backend::Postgres => s.replace('\0', "\u{FFFD}"),
+            let text = |s: &str| match fixture.kind() {
+                BackendKind::Postgres => s.replace('\0', "\u{FFFD}"),
                 _ => s.to_string(),
             };
             let want = [
@@ -483,7 +426,7 @@ async fn round_trip(fixture: &Fixture, pairs: &[Pair]) {
         Some(&sentinel_record),
         "the sentinel is untouched"
     );
-    if let (Some(before), Some(after)) = (before, records.count().await) {
+    if let (Some(before), Some(after)) = (before, count(fixture).await) {
         assert_eq!(
             after,
             before + pairs.len() as u64,
@@ -492,8 +435,8 @@ async fn round_trip(fixture: &Fixture, pairs: &[Pair]) {
     }
 }
 
-async fn engine_crafted_pairs(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
+async fn engine_crafted_pairs(backend: BackendKind) {
+    let fixture = Isolated::fresh(backend).await;
     round_trip(&fixture, &crafted_pairs()).await;
 }
 
@@ -568,8 +511,8 @@ fn hostile_pairs() -> Vec<Pair> {
     pairs
 }
 
-async fn engine_hostile_text(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
+async fn engine_hostile_text(backend: BackendKind) {
+    let fixture = Isolated::fresh(backend).await;
     round_trip(&fixture, &hostile_pairs()).await;
 }
 
@@ -700,6 +643,18 @@ mod rule {
         pub(crate) file: String,
         pub(crate) line: usize,
         pub(crate) what: String,
+    }
+
+    impl Finding {
+        /// `what`, at byte `at` of `src` (of `file`).
+        fn at(file: &str, src: &str, at: usize, what: String) -> Self {
+            let line = line_of(src, at);
+            Self {
+                file: file.to_string(),
+                line,
+                what,
+            }
+        }
     }
 
     /// How much the checks saw (so that the rule cannot pass vacuously).
@@ -921,11 +876,7 @@ mod rule {
         let src = strip_comment_lines(raw);
         let mut out = Vec::new();
         let mut flag = |at: usize, what: String| {
-            out.push(Finding {
-                file: file.to_string(),
-                line: line_of(&src, at),
-                what,
-            });
+            out.push(Finding::at(file, &src, at, what));
         };
 
         // 1. SQL format templates.
@@ -1145,11 +1096,8 @@ mod rule {
         let mut out = Vec::new();
         for bad in ["loadstring", "load(", "dofile", "require", "setfenv", "_G"] {
             for at in occurrences(&src, bad) {
-                out.push(Finding {
-                    file: file.to_string(),
-                    line: line_of(&src, at),
-                    what: format!("dynamic code in Lua: `{bad}`"),
-                });
+                let what = format!("dynamic code in Lua: `{bad}`");
+                out.push(Finding::at(file, &src, at, what));
             }
         }
         for call in ["redis.call(", "redis.pcall("] {
@@ -1160,19 +1108,13 @@ mod rule {
                 let literal = (verb.starts_with('\'') && verb.ends_with('\'') && verb.len() >= 2)
                     || (verb.starts_with('"') && verb.ends_with('"') && verb.len() >= 2);
                 if !literal || verb[1..verb.len() - 1].contains(['\'', '"']) {
-                    out.push(Finding {
-                        file: file.to_string(),
-                        line: line_of(&src, at),
-                        what: format!("a Redis command that is not a literal: {verb}"),
-                    });
+                    let what = format!("a Redis command that is not a literal: {verb}");
+                    out.push(Finding::at(file, &src, at, what));
                 }
                 let key = args.get(1).map(String::as_str).unwrap_or("");
                 if key != "KEYS[1]" && key != "key" {
-                    out.push(Finding {
-                        file: file.to_string(),
-                        line: line_of(&src, at),
-                        what: format!("a Redis key that is not KEYS[1]: {key}"),
-                    });
+                    let what = format!("a Redis key that is not KEYS[1]: {key}");
+                    out.push(Finding::at(file, &src, at, what));
                 }
             }
         }
@@ -1185,10 +1127,10 @@ mod rule {
         placeholders(src)
             .into_iter()
             .filter(|(name, _)| !matches!(name.as_deref(), Some("table" | "index")))
-            .map(|(name, at)| Finding {
-                file: file.to_string(),
-                line: line_of(src, at),
-                what: format!("a template placeholder other than {{table}}/{{index}}: {name:?}"),
+            .map(|(name, at)| {
+                let what =
+                    format!("a template placeholder other than {{table}}/{{index}}: {name:?}");
+                Finding::at(file, src, at, what)
             })
             .collect()
     }
@@ -1220,27 +1162,17 @@ async fn static_parameters_only() {
     for name in ["idem-sqlite", "idem-postgres", "idem-redis"] {
         let root = crates.join(name);
         assert!(root.is_dir(), "{} not found", root.display());
-        for path in files(&root.join("src"), "rs") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let file = path.display().to_string();
-            findings.extend(rule::check_rust(&file, &text, &mut seen));
-            scanned += 1;
-        }
-        for path in files(&root.join("src"), "lua") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            findings.extend(rule::check_lua(
-                &path.display().to_string(),
-                &text,
-                &mut seen,
-            ));
-        }
-        for path in files(&root.join("migrations"), "sql") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            findings.extend(rule::check_sql_template(
-                &path.display().to_string(),
-                &text,
-                &mut seen,
-            ));
+        type Check = fn(&str, &str, &mut rule::Seen) -> Vec<rule::Finding>;
+        for (dir, ext, check) in [
+            ("src", "rs", rule::check_rust as Check),
+            ("src", "lua", rule::check_lua),
+            ("migrations", "sql", rule::check_sql_template),
+        ] {
+            for path in files(&root.join(dir), ext) {
+                let text = std::fs::read_to_string(&path).unwrap();
+                findings.extend(check(&path.display().to_string(), &text, &mut seen));
+                scanned += usize::from(ext == "rs");
+            }
         }
     }
     assert!(
@@ -1383,18 +1315,22 @@ async fn static_rule_catches_interpolation() {
 fn main() -> std::process::ExitCode {
     Suite::new("isolation")
         .each(
-            &Backend::ALL,
+            &BackendKind::ALL,
             "http::same_key_two_tenants",
             http_same_key_two_tenants,
         )
-        .each(&Backend::ALL, "http::separator_pairs", http_separator_pairs)
         .each(
-            &Backend::ALL,
+            &BackendKind::ALL,
+            "http::separator_pairs",
+            http_separator_pairs,
+        )
+        .each(
+            &BackendKind::ALL,
             "engine::crafted_pairs_never_collide",
             engine_crafted_pairs,
         )
         .each(
-            &Backend::ALL,
+            &BackendKind::ALL,
             "engine::hostile_text_round_trips",
             engine_hostile_text,
         )

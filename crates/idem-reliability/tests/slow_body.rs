@@ -12,37 +12,23 @@
 //! the last tests show the mitigation, a timeout outside the layer, and what
 //! a client that disconnects while the handler runs does to the key.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use http_body_util::BodyExt as _;
-use idem_core::{
-    Clock, Engine, IdempotencyKey, MemoryStore, RecordKey, Scope, State as KeyState, Store,
-    Versioned,
-};
+use axum::response::IntoResponse;
+use idem_core::store::{State as KeyState, Versioned};
+use idem_core::{Policy, Scope};
+use idem_reliability::http::{Reply, Server as HttpServer, serve};
+use idem_reliability::pay::PayApp;
 use idem_reliability::wait;
-use idem_sqlite::SqliteStore;
-use idem_tower::{IdempotencyLayer, PROBLEM_JSON, ProblemType};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use idem_testkit::{BackendKind, Isolated};
+use idem_tower::ProblemType;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Memory,
-    Sqlite,
-}
-
-const BACKENDS: [Backend; 2] = [Backend::Memory, Backend::Sqlite];
+const BACKENDS: [BackendKind; 2] = [BackendKind::Memory, BackendKind::Sqlite];
 
 /// The body every request of these tests sends: 100 bytes of JSON.
 fn body() -> Vec<u8> {
@@ -51,84 +37,23 @@ fn body() -> Vec<u8> {
     s.into_bytes()
 }
 
-#[derive(Clone)]
-struct App {
-    engine: Arc<Engine<Arc<dyn Store>>>,
-    /// Request body bytes the server has read (counted outside the layer).
-    read: Arc<AtomicUsize>,
-    /// Times the payment handler ran.
-    executed: Arc<AtomicUsize>,
-    /// The slow handler signals here once it has done its side effect.
-    entered: Arc<Notify>,
-    /// The slow handler waits here (forever, unless a test notifies).
-    gate: Arc<Notify>,
-}
-
-async fn pay(State(app): State<App>, body: axum::body::Bytes) -> Response {
-    let n = app.executed.fetch_add(1, Ordering::SeqCst) + 1;
-    (
-        StatusCode::CREATED,
-        format!("payment {n} of {} bytes", body.len()),
-    )
-        .into_response()
-}
-
-/// Does its side effect (counts), then waits for the gate.
-async fn slow(State(app): State<App>) -> Response {
-    let n = app.executed.fetch_add(1, Ordering::SeqCst) + 1;
-    app.entered.notify_one();
-    app.gate.notified().await;
-    (StatusCode::CREATED, format!("slow payment {n}")).into_response()
-}
-
 fn scope() -> Scope {
     Scope::tenant("slow-body")
 }
 
 struct Server {
-    app: App,
-    addr: SocketAddr,
-    _dir: Option<tempfile::TempDir>,
+    app: PayApp,
+    http: HttpServer,
+    _store: Isolated,
 }
 
 /// Serves the app behind the layer; with `timeout`, behind a timeout
 /// middleware outside the layer as well (answering 408 when it fires).
-async fn start(backend: Backend, timeout: Option<Duration>) -> Server {
-    let (store, dir): (Arc<dyn Store>, _) = match backend {
-        Backend::Memory => (Arc::new(MemoryStore::new()), None),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            let store = SqliteStore::open(dir.path().join("slow_body.db")).unwrap();
-            (Arc::new(store), Some(dir))
-        }
-    };
-    let app = App {
-        engine: Arc::new(Engine::new(store)),
-        read: Arc::new(AtomicUsize::new(0)),
-        executed: Arc::new(AtomicUsize::new(0)),
-        entered: Arc::new(Notify::new()),
-        gate: Arc::new(Notify::new()),
-    };
-    let layer = IdempotencyLayer::new(app.engine.clone(), |_: &http::request::Parts| Ok(scope()));
-    // Counts the body bytes as the layer reads them.
-    let read = app.read.clone();
-    let count = middleware::from_fn(move |req: Request<Body>, next: Next| {
-        let read = read.clone();
-        let (parts, body) = req.into_parts();
-        let body = body.map_frame(move |frame| {
-            if let Some(data) = frame.data_ref() {
-                read.fetch_add(data.len(), Ordering::SeqCst);
-            }
-            frame
-        });
-        next.run(Request::from_parts(parts, Body::new(body)))
-    });
-    let mut router = Router::new()
-        .route("/pay", post(pay))
-        .route("/slow", post(slow))
-        .with_state(app.clone())
-        .layer(layer)
-        .layer(count);
+async fn start(backend: BackendKind, timeout: Option<Duration>) -> Server {
+    let isolated = Isolated::fresh(backend).await;
+    let max_body = idem_tower::DEFAULT_MAX_BODY_BYTES;
+    let app = PayApp::new(isolated.store(), scope(), Policy::default(), max_body);
+    let mut router = app.router();
     if let Some(limit) = timeout {
         router = router.layer(middleware::from_fn(
             move |req: Request<Body>, next: Next| async move {
@@ -139,31 +64,25 @@ async fn start(backend: Backend, timeout: Option<Duration>) -> Server {
             },
         ));
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
     Server {
         app,
-        addr,
-        _dir: dir,
+        http: serve(router).await,
+        _store: isolated,
     }
 }
 
 impl Server {
     async fn record(&self, key: &str) -> Option<Versioned> {
-        let rk = RecordKey::new(&scope(), &IdempotencyKey::parse(key).unwrap());
-        let now = self.app.engine.clock().now();
-        self.app.engine.store().get(&rk, now).await.unwrap()
+        self.app.stored(key).await
     }
 
     fn executions(&self) -> usize {
-        self.app.executed.load(Ordering::SeqCst)
+        self.app.executions()
     }
 
     /// Opens a connection and sends the head of a `path` request with `key`
     /// announcing `Content-Length: 100`, plus the first `partial` body bytes.
     async fn stall(&self, path: &str, key: &str, partial: usize) -> TcpStream {
-        let mut conn = TcpStream::connect(self.addr).await.unwrap();
         let mut head = format!(
             "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
              Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
@@ -172,64 +91,22 @@ impl Server {
         )
         .into_bytes();
         head.extend_from_slice(&body()[..partial]);
-        conn.write_all(&head).await.unwrap();
-        conn
+        self.http.connect_raw(&head).await
     }
 
     /// A complete request on a connection of its own.
     async fn post(&self, path: &str, key: &str) -> Reply {
-        let mut conn = self.stall(path, key, body().len()).await;
-        read_reply(&mut conn).await
+        Reply::read(&mut self.stall(path, key, body().len()).await).await
     }
 
     /// Waits until the server has read at least `n` body bytes in total.
     async fn until_read(&self, n: usize) {
-        let read = &self.app.read;
         wait::until_true(
             &format!("the server to read {n} body bytes"),
             Duration::from_secs(10),
-            || async move { read.load(Ordering::SeqCst) >= n },
+            || async move { self.app.body_bytes_read() >= n },
         )
         .await;
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.split("\r\n").skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
-}
-
-/// Reads a whole response (the request said `Connection: close`).
-async fn read_reply(conn: &mut TcpStream) -> Reply {
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf))
-        .await
-        .expect("no response within 10 s")
-        .unwrap();
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("incomplete response {:?}", String::from_utf8_lossy(&buf)));
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    Reply {
-        status,
-        head,
-        body: buf[end + 4..].to_vec(),
     }
 }
 
@@ -258,7 +135,7 @@ async fn a_stalled_body_holds_no_lease() {
         assert_eq!(record.record.attempts, 1);
 
         stalled.write_all(&body()[40..]).await.unwrap();
-        let late = read_reply(&mut stalled).await;
+        let late = Reply::read(&mut stalled).await;
         assert_eq!(late.status, 201, "{backend:?}: {late:?}");
         assert!(late.replayed(), "{backend:?}: the late request ran again");
         assert_eq!(late.body, other.body);
@@ -329,7 +206,7 @@ async fn a_timeout_outside_the_layer_cuts_a_stalled_body() {
     for backend in BACKENDS {
         let server = start(backend, Some(Duration::from_millis(300))).await;
         let mut stalled = server.stall("/pay", "timed-1", 10).await;
-        let reply = read_reply(&mut stalled).await;
+        let reply = Reply::read(&mut stalled).await;
         assert_eq!(reply.status, 408, "{backend:?}: {reply:?}");
         assert!(server.record("timed-1").await.is_none(), "{backend:?}");
         assert_eq!(server.executions(), 0);
@@ -348,7 +225,7 @@ async fn a_timeout_outside_the_layer_cuts_a_stalled_body() {
 async fn a_client_gone_while_the_handler_runs_does_not_stop_it() {
     for backend in BACKENDS {
         let server = start(backend, None).await;
-        let entered = server.app.entered.notified();
+        let entered = server.app.entered().notified();
         let conn = server.stall("/slow", "cancel-1", body().len()).await;
         entered.await;
         let held = server.record("cancel-1").await.unwrap();
@@ -362,7 +239,7 @@ async fn a_client_gone_while_the_handler_runs_does_not_stop_it() {
         // now finds the key in progress.
         let meanwhile = server.post("/slow", "cancel-1").await;
         assert_eq!(meanwhile.status, 409, "{backend:?}: {meanwhile:?}");
-        server.app.gate.notify_one();
+        server.app.open_gate();
         wait::until_true(
             &format!("{backend:?}: the abandoned handler's response to be stored"),
             Duration::from_secs(10),
@@ -392,13 +269,13 @@ async fn a_client_gone_while_the_handler_runs_does_not_stop_it() {
 async fn a_trickling_endless_chunked_body_is_cut_at_the_limit() {
     for backend in BACKENDS {
         let server = start(backend, None).await;
-        let mut conn = TcpStream::connect(server.addr).await.unwrap();
-        conn.write_all(
-            b"POST /pay HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-              Idempotency-Key: endless-1\r\nTransfer-Encoding: chunked\r\n\r\n",
-        )
-        .await
-        .unwrap();
+        let mut conn = server
+            .http
+            .connect_raw(
+                b"POST /pay HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                  Idempotency-Key: endless-1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            )
+            .await;
         let limit = idem_tower::DEFAULT_MAX_BODY_BYTES;
         let chunk = vec![b' '; 64 * 1024];
         let mut sent = 0;
@@ -416,11 +293,8 @@ async fn a_trickling_endless_chunked_body_is_cut_at_the_limit() {
                 "{backend:?}: claimed after {sent} body bytes"
             );
         }
-        let reply = read_reply(&mut conn).await;
-        assert_eq!(reply.status, 413, "{backend:?}: {reply:?}");
-        assert_eq!(reply.header("content-type"), Some(PROBLEM_JSON));
-        let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
-        assert_eq!(json["type"], ProblemType::BodyTooLarge.uri());
+        let reply = Reply::read(&mut conn).await;
+        reply.assert_problem(ProblemType::BodyTooLarge);
         assert!(server.record("endless-1").await.is_none());
         assert_eq!(server.executions(), 0);
     }

@@ -50,14 +50,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use idem_core::machine::Fenced;
+use idem_core::store::{State, Store, Versioned, codec};
 use idem_core::{
-    Begin, BoxFuture, Clock, Engine, Error, Executed, FailureKind, Fenced, Fingerprint,
-    IdempotencyKey, Lease, ManualClock, Outcome, Policy, RecordKey, ReplayKind, Scope, State,
-    Store, SystemClock, Timestamp, Versioned, codec,
+    Begin, BoxFuture, Clock, Engine, Error, Executed, FailureKind, Fingerprint, IdempotencyKey,
+    ManualClock, Outcome, Policy, RecordKey, ReplayKind, Scope, SystemClock, Timestamp,
 };
-use idem_reliability::harness::Suite;
+use idem_reliability::engine::{engine, key, proceed};
 use idem_reliability::http::{self, Reply, Service};
-use idem_reliability::{Backend, Fixture, wait};
+use idem_reliability::wait;
+use idem_testkit::runner::Suite;
+use idem_testkit::{BackendKind, Isolated};
 use idem_tower::ProblemType;
 use tokio::sync::oneshot;
 
@@ -90,27 +93,47 @@ fn scope() -> Scope {
     Scope::tenant("zombie").with_operation("charge")
 }
 
-fn key(name: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(name).unwrap()
-}
-
 fn fingerprint() -> Fingerprint {
     Fingerprint::of(BODY.as_bytes())
 }
 
-fn policy(lease: Duration) -> Policy {
-    Policy::default().with_lease(lease)
+/// An engine over `store` on `clock` with a lease of `lease`.
+fn engine_with<S: Store, C: Clock>(store: S, clock: C, lease: Duration) -> Engine<S, C> {
+    engine(store, clock, Policy::default().with_lease(lease))
 }
 
-#[track_caller]
-fn proceed(begin: Begin, attempt: u32, what: &str) -> Lease {
-    match begin {
-        Begin::Proceed(lease) => {
-            assert_eq!(lease.attempt(), attempt, "{what}: attempt");
-            lease
-        }
-        other => panic!("{what}: expected Proceed (attempt {attempt}), got {other:?}"),
-    }
+/// A second application instance's store over the fixture's records.
+async fn second(fixture: &Isolated) -> Arc<dyn Store> {
+    fixture.reopen().await.expect("a second instance").erased()
+}
+
+/// Runs `execute` on `engine` in a task of its own with a counted work
+/// that returns `value` once released; returns the task and the release,
+/// once the work has started (its effect counted).
+async fn spawn_stalled<S: Store, C: Clock>(
+    engine: &Arc<Engine<S, C>>,
+    k: &IdempotencyKey,
+    runs: &Arc<AtomicU64>,
+    value: &'static str,
+) -> (
+    tokio::task::JoinHandle<Result<Executed<String>, Error>>,
+    oneshot::Sender<()>,
+) {
+    let (entered_tx, entered_rx) = oneshot::channel::<()>();
+    let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let (engine, runs, k) = (engine.clone(), runs.clone(), k.clone());
+    let task = tokio::spawn(async move {
+        engine
+            .execute(&scope(), &k, fingerprint(), || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                entered_tx.send(()).unwrap();
+                gate_rx.await.unwrap();
+                value.to_string()
+            })
+            .await
+    });
+    entered_rx.await.unwrap();
+    (task, gate_tx)
 }
 
 #[track_caller]
@@ -143,19 +166,15 @@ async fn stored(store: &dyn Store, rk: &RecordKey, now: Timestamp) -> Versioned 
 }
 
 /// Engine level, `ManualClock`s: every call of the zombie is fenced.
-async fn engine_fenced_after_takeover(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
+async fn engine_fenced_after_takeover(backend: BackendKind) {
+    let fixture = Isolated::fresh(backend).await;
     let t0 = SystemClock.now();
     // Two application instances over one store; the zombie's clock is
     // frozen at t0 (paused process), the other one's moves.
     let zombie_clock = ManualClock::new(t0);
     let other_clock = ManualClock::new(t0);
-    let zombie = Engine::with_clock(fixture.store(), zombie_clock.clone())
-        .with_policy(policy(LEASE))
-        .expect("valid policy");
-    let other = Engine::with_clock(fixture.second_instance().await, other_clock.clone())
-        .with_policy(policy(LEASE))
-        .expect("valid policy");
+    let zombie = engine_with(fixture.store(), zombie_clock.clone(), LEASE);
+    let other = engine_with(second(&fixture).await, other_clock.clone(), LEASE);
     let k = key("order-1");
     let rk = RecordKey::new(&scope(), &k);
 
@@ -256,38 +275,15 @@ async fn engine_fenced_after_takeover(backend: Backend) {
 /// Engine level, real time: `execute` with a stalled work and a dead
 /// heartbeat; the other instance's `execute` takes over once the lease
 /// lapsed; the zombie's value is refused.
-async fn engine_execute_real_lease(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
-    let zombie = Arc::new(
-        Engine::with_clock(fixture.store(), StuckTimer)
-            .with_policy(policy(REAL_LEASE))
-            .expect("valid policy"),
-    );
-    let other = Engine::new(fixture.second_instance().await)
-        .with_policy(policy(REAL_LEASE))
-        .expect("valid policy");
+async fn engine_execute_real_lease(backend: BackendKind) {
+    let fixture = Isolated::fresh(backend).await;
+    let zombie = Arc::new(engine_with(fixture.store(), StuckTimer, REAL_LEASE));
+    let other = engine_with(second(&fixture).await, SystemClock, REAL_LEASE);
     let k = key("order-real");
     let rk = RecordKey::new(&scope(), &k);
     let runs = Arc::new(AtomicU64::new(0));
 
-    let (entered_tx, entered_rx) = oneshot::channel::<()>();
-    let (gate_tx, gate_rx) = oneshot::channel::<()>();
-    let stalled = tokio::spawn({
-        let zombie = zombie.clone();
-        let runs = runs.clone();
-        let k = k.clone();
-        async move {
-            zombie
-                .execute(&scope(), &k, fingerprint(), || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    entered_tx.send(()).unwrap();
-                    gate_rx.await.unwrap();
-                    "zombie: ch_A".to_string()
-                })
-                .await
-        }
-    });
-    entered_rx.await.unwrap();
+    let (stalled, gate_tx) = spawn_stalled(&zombie, &k, &runs, "zombie: ch_A").await;
 
     // The other instance retries (as a client would) until the lease lapses.
     let conflicts = AtomicU32::new(0);
@@ -328,13 +324,7 @@ async fn engine_execute_real_lease(backend: Backend) {
 
     // The zombie's work returns: its completion is refused.
     gate_tx.send(()).unwrap();
-    match stalled.await.unwrap() {
-        Err(Error::LeaseLost(Fenced::Finished {
-            state: "completed",
-            by_holder: false,
-        })) => {}
-        other => panic!("the zombie's execute must lose its lease, got {other:?}"),
-    }
+    assert_finished_by_other(stalled.await.unwrap().map(drop), "the zombie's execute");
     assert_eq!(
         stored(fixture.store().as_ref(), &rk, SystemClock.now()).await,
         done,
@@ -365,38 +355,15 @@ async fn replay_run<S: Store, C: Clock>(
 
 /// The control: with a live heartbeat, a holder that runs twice its lease
 /// is never taken over.
-async fn engine_live_heartbeat(backend: Backend) {
-    let fixture = Fixture::open(backend).await;
+async fn engine_live_heartbeat(backend: BackendKind) {
+    let fixture = Isolated::fresh(backend).await;
     let clock = ManualClock::new(SystemClock.now());
-    let holder = Arc::new(
-        Engine::with_clock(fixture.store(), clock.clone())
-            .with_policy(policy(LEASE))
-            .expect("valid policy"),
-    );
-    let other = Engine::with_clock(fixture.second_instance().await, clock.clone())
-        .with_policy(policy(LEASE))
-        .expect("valid policy");
+    let holder = Arc::new(engine_with(fixture.store(), clock.clone(), LEASE));
+    let other = engine_with(second(&fixture).await, clock.clone(), LEASE);
     let k = key("order-alive");
     let rk = RecordKey::new(&scope(), &k);
     let runs = Arc::new(AtomicU64::new(0));
-    let (entered_tx, entered_rx) = oneshot::channel::<()>();
-    let (gate_tx, gate_rx) = oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let holder = holder.clone();
-        let runs = runs.clone();
-        let k = k.clone();
-        async move {
-            holder
-                .execute(&scope(), &k, fingerprint(), || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    entered_tx.send(()).unwrap();
-                    gate_rx.await.unwrap();
-                    "slow but alive".to_string()
-                })
-                .await
-        }
-    });
-    entered_rx.await.unwrap();
+    let (running, gate_tx) = spawn_stalled(&holder, &k, &runs, "slow but alive").await;
     let beat = LEASE / 3;
     for step in 1..=6 {
         // The heartbeat is parked on the clock: move it one beat.
@@ -449,45 +416,32 @@ enum Time {
     Real,
 }
 
+/// `service` behind the layer over an engine on `store` and `clock`.
+async fn serve_with<C: Clock>(
+    store: Arc<dyn Store>,
+    clock: C,
+    lease: Duration,
+    service: &Service,
+) -> http::Server {
+    http::start(Arc::new(engine_with(store, clock, lease)), service).await
+}
+
 /// Through the HTTP layer on two servers over one store.
-async fn http_zombie(backend: Backend, time: Time) {
-    let fixture = Fixture::open(backend).await;
+async fn http_zombie(backend: BackendKind, time: Time) {
+    let fixture = Isolated::fresh(backend).await;
     let service = Service::new();
     let t0 = SystemClock.now();
     let other_clock = ManualClock::new(t0);
+    let store = second(&fixture).await;
     let (zombie_server, other_server) = match time {
-        Time::Manual => {
-            let zombie = Arc::new(
-                Engine::with_clock(fixture.store(), ManualClock::new(t0))
-                    .with_policy(policy(LEASE))
-                    .expect("valid policy"),
-            );
-            let other = Arc::new(
-                Engine::with_clock(fixture.second_instance().await, other_clock.clone())
-                    .with_policy(policy(LEASE))
-                    .expect("valid policy"),
-            );
-            (
-                http::start(zombie, &service, |b| b.required(true)).await,
-                http::start(other, &service, |b| b.required(true)).await,
-            )
-        }
-        Time::Real => {
-            let zombie = Arc::new(
-                Engine::with_clock(fixture.store(), StuckTimer)
-                    .with_policy(policy(REAL_LEASE))
-                    .expect("valid policy"),
-            );
-            let other = Arc::new(
-                Engine::new(fixture.second_instance().await)
-                    .with_policy(policy(REAL_LEASE))
-                    .expect("valid policy"),
-            );
-            (
-                http::start(zombie, &service, |b| b.required(true)).await,
-                http::start(other, &service, |b| b.required(true)).await,
-            )
-        }
+        Time::Manual => (
+            serve_with(fixture.store(), ManualClock::new(t0), LEASE, &service).await,
+            serve_with(store, other_clock.clone(), LEASE, &service).await,
+        ),
+        Time::Real => (
+            serve_with(fixture.store(), StuckTimer, REAL_LEASE, &service).await,
+            serve_with(store, SystemClock, REAL_LEASE, &service).await,
+        ),
     };
     let rk = http::record_key("acme", "order-z");
     let read = || async {
@@ -589,27 +543,12 @@ async fn http_zombie(backend: Backend, time: Time) {
 }
 
 fn main() -> std::process::ExitCode {
-    Suite::new("zombie")
-        .each(
-            &Backend::ALL,
-            "engine::fenced_after_takeover",
-            engine_fenced_after_takeover,
-        )
-        .each(
-            &Backend::ALL,
-            "engine::execute_real_lease",
-            engine_execute_real_lease,
-        )
-        .each(
-            &Backend::ALL,
-            "engine::live_heartbeat_is_not_taken_over",
-            engine_live_heartbeat,
-        )
-        .each(&Backend::ALL, "http::zombie_manual_clock", |b| {
-            http_zombie(b, Time::Manual)
-        })
-        .each(&Backend::ALL, "http::zombie_real_lease", |b| {
-            http_zombie(b, Time::Real)
-        })
-        .run()
+    idem_reliability::each!(Suite::new("zombie"), &BackendKind::ALL, {
+        "engine::fenced_after_takeover" => engine_fenced_after_takeover,
+        "engine::execute_real_lease" => engine_execute_real_lease,
+        "engine::live_heartbeat_is_not_taken_over" => engine_live_heartbeat,
+        "http::zombie_manual_clock" => |b| http_zombie(b, Time::Manual),
+        "http::zombie_real_lease" => |b| http_zombie(b, Time::Real),
+    })
+    .run()
 }

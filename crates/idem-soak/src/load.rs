@@ -1,5 +1,6 @@
-//! One soak run: an axum server behind the `idem-tower` layer over a store,
-//! on a loopback port, driven by many concurrent clients in the same process,
+//! One soak run: the reliability suite's HTTP service
+//! ([`idem_reliability::http`]: axum behind the `idem-tower` layer over a
+//! store, on a loopback port), driven by many concurrent clients in the same process,
 //! with the process's resident memory sampled every second and the store's
 //! record count taken at the end.
 
@@ -8,23 +9,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use bytes::Bytes;
 use futures_util::future::join_all;
-use idem_core::{Clock, Engine, Policy, Scope, Store};
-use idem_tower::{IdempotencyLayer, Rejection};
+use idem_core::store::Store;
+use idem_core::{Clock, Engine, Policy};
+use idem_reliability::http::{self, Service};
+use idem_testkit::chain;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::SoakError;
 use crate::backend::Opened;
 use crate::rss;
 
-/// Tenants the clients spread over (the scope is the `x-tenant` header).
+/// Tenants the clients spread over (the scope is the bearer token).
 const TENANTS: u64 = 8;
 /// Requests sent at once with one new key in a "race".
 const RACE_WIDTH: usize = 4;
@@ -163,39 +161,6 @@ impl Counters {
     }
 }
 
-/// The handler's state.
-#[derive(Clone, Default)]
-struct Server {
-    executions: Arc<AtomicU64>,
-}
-
-#[derive(Deserialize)]
-struct Payment {
-    amount: u64,
-    currency: String,
-}
-
-/// The guarded operation: counts its executions, answers 201 with a body
-/// naming the execution.
-async fn pay(State(server): State<Server>, axum::Json(p): axum::Json<Payment>) -> Response {
-    let n = server.executions.fetch_add(1, Ordering::Relaxed) + 1;
-    let body = serde_json::json!({
-        "payment": n,
-        "amount": p.amount,
-        "currency": p.currency,
-    });
-    (StatusCode::CREATED, axum::Json(body)).into_response()
-}
-
-fn tenant_scope(parts: &axum::http::request::Parts) -> Result<Scope, Rejection> {
-    parts
-        .headers
-        .get("x-tenant")
-        .and_then(|v| v.to_str().ok())
-        .map(Scope::tenant)
-        .ok_or_else(|| Rejection::new(StatusCode::UNAUTHORIZED, "no x-tenant header"))
-}
-
 /// xorshift64: cheap, deterministic per client, good enough to pick actions.
 struct Rng(u64);
 
@@ -225,6 +190,19 @@ struct Done {
     at: Instant,
 }
 
+impl Done {
+    fn new(key: String, tenant: u64, amount: u64, body: Bytes) -> Self {
+        let at = Instant::now();
+        Self {
+            key,
+            tenant,
+            amount,
+            body,
+            at,
+        }
+    }
+}
+
 /// One answer.
 struct Answer {
     status: u16,
@@ -233,8 +211,7 @@ struct Answer {
 }
 
 struct Client {
-    http: reqwest::Client,
-    url: String,
+    server: Arc<http::Server>,
     counters: Arc<Counters>,
 }
 
@@ -246,15 +223,12 @@ impl Client {
     async fn send(&self, key: &str, tenant: u64, body: String) -> Result<Answer, String> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let response = self
-            .http
-            .post(&self.url)
-            .header("idempotency-key", key)
-            .header("x-tenant", format!("tenant-{tenant}"))
+            .server
+            .charge_request(&format!("tenant-{tenant}"), Some(key), &body)
             .header("content-type", "application/json")
-            .body(body)
             .send()
             .await
-            .map_err(|e| format!("transport: {}", crate::backend::chain(&e)))?;
+            .map_err(|e| format!("transport: {}", chain(&e)))?;
         let status = response.status().as_u16();
         let replayed = response
             .headers()
@@ -263,7 +237,7 @@ impl Client {
         let body = response
             .bytes()
             .await
-            .map_err(|e| format!("reading the body: {}", crate::backend::chain(&e)))?;
+            .map_err(|e| format!("reading the body: {}", chain(&e)))?;
         Ok(Answer {
             status,
             replayed,
@@ -305,13 +279,7 @@ impl Client {
         };
         if a.status == 201 && !a.replayed {
             self.counters.fresh.fetch_add(1, Ordering::Relaxed);
-            Some(Done {
-                key,
-                tenant,
-                amount,
-                body: a.body,
-                at: Instant::now(),
-            })
+            Some(Done::new(key, tenant, amount, a.body))
         } else {
             self.counters.lost.fetch_add(1, Ordering::Relaxed);
             self.counters.unexpected(format!(
@@ -369,13 +337,7 @@ impl Client {
                     .unexpected(format!("raced key {key}: no request ran it"));
                 None
             }
-            1 if ok => first.map(|body| Done {
-                key,
-                tenant,
-                amount,
-                body,
-                at: Instant::now(),
-            }),
+            1 if ok => first.map(|body| Done::new(key, tenant, amount, body)),
             1 => None,
             n => {
                 self.counters.double.fetch_add(1, Ordering::Relaxed);
@@ -386,60 +348,55 @@ impl Client {
         }
     }
 
-    /// A finished key again: the original's body, marked replayed.
-    async fn replay(&self, done: &Done) {
-        match self
-            .send(&done.key, done.tenant, payment(done.amount))
-            .await
-        {
-            Ok(a) if a.status == 201 && a.replayed && a.body == done.body => {
-                self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+    /// Sends `key` with `amount` and counts the answer in `counter` if `ok`
+    /// holds, else as unexpected (after `what`).
+    async fn check(
+        &self,
+        what: String,
+        (key, tenant, amount): (&str, u64, u64),
+        counter: &AtomicU64,
+        ok: impl Fn(&Answer) -> bool,
+    ) {
+        match self.send(key, tenant, payment(amount)).await {
+            Ok(a) if ok(&a) => {
+                counter.fetch_add(1, Ordering::Relaxed);
             }
             Ok(a) => self.counters.unexpected(format!(
-                "replay of {}: {} replayed={} {} (original {})",
-                done.key,
+                "{what}: {} replayed={} {}",
                 a.status,
                 a.replayed,
-                quote(&a.body),
-                quote(&done.body)
+                quote(&a.body)
             )),
-            Err(e) => self
-                .counters
-                .unexpected(format!("replay of {}: {e}", done.key)),
+            Err(e) => self.counters.unexpected(format!("{what}: {e}")),
         }
+    }
+
+    /// A finished key again: the original's body, marked replayed.
+    async fn replay(&self, done: &Done) {
+        let what = format!("replay of {} (original {})", done.key, quote(&done.body));
+        let sent = (done.key.as_str(), done.tenant, done.amount);
+        self.check(what, sent, &self.counters.replayed, |a| {
+            a.status == 201 && a.replayed && a.body == done.body
+        })
+        .await;
     }
 
     /// A finished key with another body: 422.
     async fn mismatch(&self, done: &Done) {
-        let other = done.amount.wrapping_add(1);
-        match self.send(&done.key, done.tenant, payment(other)).await {
-            Ok(a) if a.status == 422 => {
-                self.counters.mismatches.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(a) => self.counters.unexpected(format!(
-                "mismatch on {}: {} {}",
-                done.key,
-                a.status,
-                quote(&a.body)
-            )),
-            Err(e) => self
-                .counters
-                .unexpected(format!("mismatch on {}: {e}", done.key)),
-        }
+        let what = format!("mismatch on {}", done.key);
+        let sent = (done.key.as_str(), done.tenant, done.amount.wrapping_add(1));
+        self.check(what, sent, &self.counters.mismatches, |a| a.status == 422)
+            .await;
     }
 
     /// A key with a space: 400, never stored.
     async fn invalid(&self, n: u64, tenant: u64) {
-        match self.send(&format!("bad key {n}"), tenant, payment(1)).await {
-            Ok(a) if a.status == 400 => {
-                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(a) => {
-                self.counters
-                    .unexpected(format!("invalid key: {} {}", a.status, quote(&a.body)))
-            }
-            Err(e) => self.counters.unexpected(format!("invalid key: {e}")),
-        }
+        let key = format!("bad key {n}");
+        let what = "invalid key".to_string();
+        self.check(what, (&key, tenant, 1), &self.counters.invalid, |a| {
+            a.status == 400
+        })
+        .await;
     }
 }
 
@@ -519,7 +476,7 @@ async fn purge_loop<S: Store, C: Clock>(
                     }
                 }
                 Err(e) => {
-                    eprintln!("idem-soak: purge failed: {}", crate::backend::chain(&e));
+                    eprintln!("idem-soak: purge failed: {}", chain(&e));
                     break;
                 }
             }
@@ -598,24 +555,10 @@ pub(crate) async fn run(opened: &Opened, plan: &Plan) -> Result<Measured, SoakEr
                     source: Box::new(e),
                 })?,
         );
-    let server = Server::default();
-    let layer = IdempotencyLayer::builder(engine.clone(), tenant_scope)
-        .required(true)
-        .build();
-    let router = Router::new()
-        .route("/payments", post(pay))
-        .with_state(server.clone())
-        .layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = shutdown_rx.await;
-            })
-            .await
-    });
+    // `POST /charge`, scope from `Authorization: Bearer <tenant>`; a key
+    // is required (a request without one is refused, never run).
+    let service = Service::new();
+    let server = Arc::new(http::start(engine.clone(), &service).await);
 
     let (stop, stop_rx) = watch::channel(false);
     let purged = Arc::new(AtomicU64::new(0));
@@ -632,27 +575,18 @@ pub(crate) async fn run(opened: &Opened, plan: &Plan) -> Result<Measured, SoakEr
         stop_rx,
     ));
 
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(plan.clients * RACE_WIDTH)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| SoakError::Setup {
-            what: "http client".into(),
-            source: Box::new(e),
-        })?;
-    let run_tag = crate::backend::run_tag();
+    let run_tag = idem_testkit::run_id();
     let deadline = started + plan.duration;
     let clients: Vec<_> = (0..plan.clients as u64)
         .map(|id| {
             let client = Client {
-                http: http.clone(),
-                url: format!("http://{addr}/payments"),
+                server: server.clone(),
                 counters: counters.clone(),
             };
             tokio::spawn(client_loop(
                 client,
                 id,
-                run_tag.clone(),
+                run_tag.to_string(),
                 deadline,
                 plan.replay_window,
             ))
@@ -671,13 +605,8 @@ pub(crate) async fn run(opened: &Opened, plan: &Plan) -> Result<Measured, SoakEr
     let _ = stop.send(true);
     let _ = purger.await;
     let _ = sampler.await;
-    let _ = shutdown.send(());
-    drop(http);
-    match serving.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => counters.unexpected(format!("the server failed: {e}")),
-        Err(e) => counters.unexpected(format!("the server task failed: {e}")),
-    }
+    // The server stops when dropped.
+    drop(server);
 
     let records_end = records_end?;
     let window = plan.ttl + opened.expiry_lag + Duration::from_secs(1);
@@ -714,7 +643,7 @@ pub(crate) async fn run(opened: &Opened, plan: &Plan) -> Result<Measured, SoakEr
             &mut *c.samples.lock().unwrap_or_else(PoisonError::into_inner),
         ),
         keys: load(&c.keys),
-        executions: server.executions.load(Ordering::Relaxed),
+        executions: service.executions(),
         double_executions: load(&c.double),
         lost: load(&c.lost),
         purged: purged.load(Ordering::Relaxed),

@@ -27,7 +27,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use clap::Parser;
 
-use backend::BackendKind;
+use idem_testkit::{BackendKind, backends_required, chain};
 use report::{Report, RssBound, Status};
 
 /// Why a soak could not run.
@@ -102,17 +102,27 @@ impl Args {
             percent: self.max_rss_growth_percent,
         }
     }
-}
 
-/// Whether an unreachable backend fails the run (`CI` or
-/// `IDEM_REQUIRE_BACKENDS` set to 1/true/yes), as in the test suites.
-fn backends_required() -> bool {
-    let set = |name: &str| {
-        std::env::var(name)
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
-            .unwrap_or(false)
-    };
-    set("CI") || set("IDEM_REQUIRE_BACKENDS")
+    /// The plan of a soak of `kind`.
+    fn plan(&self, kind: BackendKind) -> load::Plan {
+        load::Plan::new(self.secs, self.clients, backend::max_ttl(kind))
+    }
+
+    /// A failed report of `kind`, nothing measured (yet).
+    fn report(&self, kind: BackendKind, failures: Vec<String>) -> Report {
+        let plan = self.plan(kind);
+        Report {
+            backend: kind.name().into(),
+            status: Status::Fail,
+            failures,
+            notes: Vec::new(),
+            clients: plan.clients,
+            ttl_secs: plan.ttl.as_secs_f64(),
+            warmup_secs: plan.warmup.as_secs_f64(),
+            rss_bound: self.bound(),
+            measured: None,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -134,7 +144,7 @@ fn parent(args: &Args) -> ExitCode {
     };
     let required = backends_required();
     let kinds = if args.backends.is_empty() {
-        BackendKind::defaults(required)
+        backend::defaults(required)
     } else {
         args.backends.clone()
     };
@@ -173,16 +183,11 @@ fn parent(args: &Args) -> ExitCode {
             }
         }
     }
-    let failed: Vec<&str> = reports
-        .iter()
-        .filter(|r| r.status == Status::Fail)
-        .map(|r| r.backend.as_str())
-        .collect();
-    let skipped: Vec<&str> = reports
-        .iter()
-        .filter(|r| r.status == Status::Skipped)
-        .map(|r| r.backend.as_str())
-        .collect();
+    let with = |status| -> Vec<&str> {
+        let of = reports.iter().filter(|r| r.status == status);
+        of.map(|r| r.backend.as_str()).collect()
+    };
+    let (failed, skipped) = (with(Status::Fail), with(Status::Skipped));
     if !skipped.is_empty() {
         eprintln!(
             "\n================ idem-soak: SKIPPED {} ================\n\
@@ -202,18 +207,7 @@ fn parent(args: &Args) -> ExitCode {
 
 /// Runs `kind` in a child process and reads its report.
 fn run_child(exe: &std::path::Path, args: &Args, kind: BackendKind) -> Report {
-    let plan = load::Plan::new(args.secs, args.clients, kind.max_ttl());
-    let broken = |why: String| Report {
-        backend: kind.name().into(),
-        status: Status::Fail,
-        failures: vec![why],
-        notes: Vec::new(),
-        clients: plan.clients,
-        ttl_secs: plan.ttl.as_secs_f64(),
-        warmup_secs: plan.warmup.as_secs_f64(),
-        rss_bound: args.bound(),
-        measured: None,
-    };
+    let broken = |why: String| args.report(kind, vec![why]);
     let spawned = Command::new(exe)
         .arg("--child")
         .arg(kind.name())
@@ -282,19 +276,9 @@ fn child(args: &Args, kind: BackendKind) -> ExitCode {
 }
 
 async fn soak_one(args: &Args, kind: BackendKind) -> Report {
-    let plan = load::Plan::new(args.secs, args.clients, kind.max_ttl());
-    let mut report = Report {
-        backend: kind.name().into(),
-        status: Status::Fail,
-        failures: Vec::new(),
-        notes: Vec::new(),
-        clients: plan.clients,
-        ttl_secs: plan.ttl.as_secs_f64(),
-        warmup_secs: plan.warmup.as_secs_f64(),
-        rss_bound: args.bound(),
-        measured: None,
-    };
-    let opened = match backend::open(kind, &backend::run_tag()).await {
+    let plan = args.plan(kind);
+    let mut report = args.report(kind, Vec::new());
+    let opened = match backend::open(kind).await {
         Ok(opened) => opened,
         Err(e @ SoakError::Unreachable { .. }) => {
             eprintln!("idem-soak: {e}");
@@ -303,23 +287,21 @@ async fn soak_one(args: &Args, kind: BackendKind) -> Report {
             return report;
         }
         Err(e) => {
-            report.failures.push(backend::chain(&e));
+            report.failures.push(chain(&e));
             return report;
         }
     };
     report.notes = opened.notes.clone();
     let measured = load::run(&opened, &plan).await;
     if let Err(e) = opened.close().await {
-        report
-            .failures
-            .push(format!("cleanup: {}", backend::chain(&e)));
+        report.failures.push(format!("cleanup: {}", chain(&e)));
     }
     match measured {
         Ok(m) => {
             report.failures.extend(report::verdict(&m, args.bound()));
             report.measured = Some(m);
         }
-        Err(e) => report.failures.push(backend::chain(&e)),
+        Err(e) => report.failures.push(chain(&e)),
     }
     if report.failures.is_empty() {
         report.status = Status::Pass;

@@ -4,7 +4,7 @@ use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use idem_core::StoreError;
+use idem_core::store::{BoxError, StoreError, TableNameError};
 use rusqlite::ErrorCode;
 
 use crate::STORE;
@@ -84,12 +84,11 @@ pub enum SqliteError {
         /// The newest version this crate knows.
         supported: i64,
     },
-    /// A table name that is not a plain SQL identifier.
-    #[error(
-        "invalid table name {0:?}: use 1 to 64 ASCII letters, digits and underscores, \
-         not starting with a digit or `sqlite_`"
-    )]
-    InvalidTableName(String),
+    /// A table name that is not a plain SQL identifier (the same error as
+    /// every SQL store's; [`TableName::new`](crate::TableName::new) returns it
+    /// as it is).
+    #[error(transparent)]
+    InvalidTableName(#[from] TableNameError),
     /// A stored row does not make a record (a value of the wrong type or
     /// length, an unknown state, …).
     #[error("a row of {table} is not a valid idem record: {why}")]
@@ -177,6 +176,20 @@ pub(crate) enum Class {
     Generic,
 }
 
+impl Class {
+    /// The [`StoreError`] of this class, of the store `store`, caused by
+    /// `source`.
+    pub(crate) fn error(self, store: &'static str, source: impl Into<BoxError>) -> StoreError {
+        let error = match self {
+            Self::Unavailable => StoreError::unavailable,
+            Self::Corrupt => StoreError::corrupt,
+            Self::Rejected => StoreError::rejected,
+            Self::Generic => StoreError::generic,
+        };
+        error(store, source.into())
+    }
+}
+
 /// Where a driver error happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -260,25 +273,7 @@ impl From<rusqlite::Error> for SqliteError {
 
 impl From<SqliteError> for StoreError {
     fn from(e: SqliteError) -> Self {
-        let source = Box::new(e);
-        match source.class() {
-            Class::Unavailable => StoreError::Unavailable {
-                store: STORE,
-                source,
-            },
-            Class::Corrupt => StoreError::Corrupt {
-                store: STORE,
-                source,
-            },
-            Class::Rejected => StoreError::Rejected {
-                store: STORE,
-                source,
-            },
-            Class::Generic => StoreError::Generic {
-                store: STORE,
-                source,
-            },
-        }
+        e.class().error(STORE, e)
     }
 }
 
@@ -467,7 +462,10 @@ mod tests {
                 },
                 Class::Rejected,
             ),
-            (SqliteError::InvalidTableName("1x".into()), Class::Rejected),
+            (
+                SqliteError::InvalidTableName(TableNameError::new("1x", "it starts with a digit")),
+                Class::Rejected,
+            ),
             (code(ffi::SQLITE_CONSTRAINT_UNIQUE), Class::Generic),
             (SqliteError::Closed, Class::Generic),
             (SqliteError::NoRuntime, Class::Generic),

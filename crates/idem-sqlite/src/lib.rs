@@ -1,6 +1,6 @@
 //! # idem-sqlite
 //!
-//! The SQLite [`Store`](idem_core::Store) for **idem**, and its zero-setup
+//! The SQLite [`Store`](idem_core::store::Store) for **idem**, and its zero-setup
 //! default: durable idempotency in one file, no server. Several tasks,
 //! several [`SqliteStore`] instances and several processes may share the
 //! file. SQLite is bundled (rusqlite `bundled`): nothing to install.
@@ -46,38 +46,26 @@
 //! ## Architecture: one writer thread, group commit
 //!
 //! Each store owns one connection, on a dedicated thread fed by a channel.
-//! Every primitive is sent there and answered through a oneshot channel, so
+//! Every primitive is sent there and answered through a oneshot channel
+//! typed to that primitive's result, so
 //! the async runtime never blocks on SQLite: the happy path is one hop to the
 //! writer thread per primitive. The thread takes the first waiting call and
 //! every call already queued behind it (up to
-//! [`SqliteStoreBuilder::max_batch`], default 64), runs them in one
+//! [`SqliteStoreBuilder::with_max_batch`], default 64), runs them in one
 //! `BEGIN IMMEDIATE` transaction, one after another, commits once, and then
 //! answers them all. Statements are prepared once per connection and
 //! cached.
 //!
-//! Measured while choosing (ad hoc, 2-core VM, 32 tasks each doing the
-//! engine's two writes per key, a claim then a completion, on fresh keys):
-//!
-//! | design | `NORMAL` | `FULL` |
-//! |---|---|---|
-//! | writer thread, one commit per call | ~12–15k keys/s | ~2–3k keys/s |
-//! | **writer thread, group commit (chosen)** | **~32–42k keys/s** | **~11–16k keys/s** |
-//! | `spawn_blocking` over 1 connection | ~8–9k keys/s | ~1.6–2.8k keys/s |
-//! | `spawn_blocking` over 4 connections | ~7–9k keys/s | ~2–2.7k keys/s |
-//!
-//! Through the [`Engine`](idem_core::Engine) (`execute` on fresh keys,
-//! release build, same machine), the chosen design gave ~22k executions/s
-//! with 32 tasks under `Full` (~3k/s without group commit) and ~45k/s under
-//! `Normal`; a single task gets ~2k/s (`Full`) and ~7.5k/s (`Normal`).
-//!
 //! SQLite allows one writer at a time, so more connections only add lock
 //! hand-offs (SQLite's busy handler sleeps while it waits); group commit
-//! turns contention into batching instead. Use `cargo xtask bench` for
-//! current numbers.
+//! turns contention into batching instead. The measurements that chose
+//! this design (against one commit per call and `spawn_blocking` over one
+//! or several connections) are in docs/benchmarks.md ("SQLite: the writer
+//! thread"); use `cargo xtask bench` for current numbers.
 //!
 //! **Page cache.** Each connection keeps up to
 //! [`DEFAULT_PAGE_CACHE_BYTES`] (32 MiB) of pages in memory
-//! ([`SqliteStoreBuilder::page_cache_bytes`]), where SQLite's own default is
+//! ([`SqliteStoreBuilder::with_page_cache_bytes`]), where SQLite's own default is
 //! 2 MiB: the records of about 1,500 keys with 1 KiB outcomes. Replays and
 //! "in progress" answers read recent records, and a cache that holds them
 //! serves those reads without a system call.
@@ -105,11 +93,11 @@
 //! |---|---|---|
 //! | `digest` | `BLOB PRIMARY KEY` | [`RecordKey::digest`](idem_core::RecordKey::digest), 32 bytes |
 //! | `tenant`, `principal`, `operation`, `key` | `TEXT` | the scope and the client's key, for operators |
-//! | `state` | `TEXT` | [`State::name`](idem_core::State::name) |
-//! | `fingerprint`, `token` | `BLOB` | 32 and 16 bytes ([`FencingToken::to_be_bytes`](idem_core::FencingToken::to_be_bytes)) |
+//! | `state` | `TEXT` | [`State::name`](idem_core::store::State::name) |
+//! | `fingerprint`, `token` | `BLOB` | 32 and 16 bytes ([`FencingToken::to_be_bytes`](idem_core::store::FencingToken::to_be_bytes)) |
 //! | `lease_deadline` / `outcome` | `INTEGER` / `BLOB`, nullable | in flight / finished |
 //! | `created_at`, `updated_at`, `expires_at` | `INTEGER` | ms of the engine's clock; index on `expires_at` |
-//! | `attempts`, `revision` | `INTEGER` | ([`Revision::as_i64`](idem_core::Revision::as_i64)) |
+//! | `attempts`, `revision` | `INTEGER` | ([`Revision::as_i64`](idem_core::store::Revision::as_i64)) |
 //!
 //! The table is `STRICT`: SQLite enforces the column types. Timestamps are
 //! u64 stored bit for bit, and the statements compare them as unsigned, so a
@@ -130,7 +118,7 @@
 //! ## Expiry
 //!
 //! A record with `expires_at <= now` (the engine's `now`) is absent for every
-//! primitive, whether or not it is still stored. [`purge_expired`](idem_core::Store::purge_expired)
+//! primitive, whether or not it is still stored. [`purge_expired`](idem_core::store::Store::purge_expired)
 //! deletes up to `limit` of them per call, through the expiry index;
 //! [`SqliteStore::spawn_purger`] runs it in the background.
 //!
@@ -199,7 +187,10 @@
 //! by the extended result code, unit-tested per code) and becomes
 //! [`StoreError::Unavailable`](idem_core::StoreError::Unavailable)
 //! (transient: retrying later may succeed; [`SqliteError::is_transient`]) or
-//! a permanent variant, with the driver's error kept as the source.
+//! a permanent variant, with the driver's error kept as the source. Every
+//! error of this crate is one type, [`SqliteError`]; a bad table name is an
+//! [`idem_core::store::TableNameError`] (the same as every SQL store's), which `?`
+//! turns into [`SqliteError::InvalidTableName`].
 //!
 //! | driver error / code | meaning | class | why |
 //! |---|---|---|---|
@@ -232,6 +223,7 @@
 //! store `outcome-unknown` instead of the outcome.
 #![forbid(unsafe_code)]
 
+mod builder;
 mod error;
 mod purger;
 mod row;
@@ -240,15 +232,16 @@ mod sql;
 mod store;
 mod writer;
 
+pub use builder::{
+    DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_RECORD_BYTES, DEFAULT_PAGE_CACHE_BYTES,
+    Durability, SqliteStoreBuilder,
+};
 pub use error::SqliteError;
 pub use purger::Purger;
 /// The rusqlite this crate is built on (its `Connection` and `Transaction`).
 pub use rusqlite;
 pub use schema::{MAX_TABLE_LEN, SCHEMA_VERSION, TableName};
-pub use store::{
-    DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_RECORD_BYTES, DEFAULT_PAGE_CACHE_BYTES,
-    Durability, SqliteStore, SqliteStoreBuilder, apply_transition,
-};
+pub use store::{SqliteStore, apply_transition};
 
 /// The store's name in errors.
 pub(crate) const STORE: &str = "sqlite";

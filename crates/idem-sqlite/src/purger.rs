@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use idem_core::{Clock, Store};
+use idem_core::Clock;
+use idem_core::store::Store;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

@@ -1,8 +1,7 @@
 //! Records to typed columns and back.
 
-use idem_core::{
-    FailureKind, FencingToken, Fingerprint, Outcome, Record, Revision, State, Timestamp, Versioned,
-};
+use idem_core::store::{FencingToken, Record, Revision, State, Versioned};
+use idem_core::{FailureKind, Fingerprint, Outcome, Timestamp};
 use rusqlite::Row;
 use rusqlite::types::{ToSql, ValueRef};
 
@@ -83,9 +82,9 @@ impl<'a> Columns<'a> {
 }
 
 /// The record's size as the core measures it for the size limit
-/// ([`idem_core::codec::record_size`]).
+/// ([`idem_core::store::codec::record_size`]).
 pub(crate) fn record_size(v: &Versioned) -> usize {
-    idem_core::codec::record_size(&v.record)
+    idem_core::store::codec::record_size(&v.record)
 }
 
 /// Decodes the ten record columns starting at column `first` of `row`.
@@ -204,14 +203,14 @@ pub(crate) fn decode(row: &Row<'_>, first: usize, table: &str) -> Result<Version
     };
     Ok(Versioned {
         revision: Revision::from_i64(revision),
-        record: Record {
-            fingerprint: Fingerprint::from_bytes(fingerprint),
+        record: Record::from_parts(
+            Fingerprint::from_bytes(fingerprint),
             state,
-            created_at: at(created_at),
-            updated_at: at(updated_at),
-            expires_at: at(expires_at),
+            at(created_at),
+            at(updated_at),
+            at(expires_at),
             attempts,
-        },
+        ),
     })
 }
 

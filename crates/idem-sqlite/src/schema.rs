@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::Path;
 
+use idem_core::store::{TableNameError, check_table_name};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use crate::SqliteError;
@@ -20,8 +21,9 @@ pub const MAX_TABLE_LEN: usize = 64;
 ///
 /// # Behavior
 /// Accepted: 1 to [`MAX_TABLE_LEN`] ASCII letters, digits and underscores,
-/// not starting with a digit, and not starting with `sqlite_` (reserved by
-/// SQLite). The name is always quoted in SQL. The expiry index is named
+/// not starting with a digit ([`idem_core::store::check_table_name`]), not starting
+/// with `sqlite_` (reserved by SQLite), and not `idem_schema`. Anything else
+/// is an [`idem_core::store::TableNameError`]. The name is always quoted in SQL. The expiry index is named
 /// `<table>_expires_at`.
 ///
 /// ```
@@ -35,18 +37,26 @@ pub struct TableName(String);
 
 impl TableName {
     /// Validates `name`.
-    pub fn new(name: &str) -> Result<Self, SqliteError> {
-        let valid = !name.is_empty()
-            && name.len() <= MAX_TABLE_LEN
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !name.as_bytes()[0].is_ascii_digit()
-            && !name.to_ascii_lowercase().starts_with("sqlite_")
-            && !name.eq_ignore_ascii_case(SCHEMA_TABLE);
-        if valid {
-            Ok(Self(name.to_string()))
-        } else {
-            Err(SqliteError::InvalidTableName(name.to_string()))
+    ///
+    /// # Behavior
+    /// A refused name is an [`idem_core::store::TableNameError`] (the same error as
+    /// every SQL store's) naming the rule it breaks; `?` converts it into
+    /// [`SqliteError::InvalidTableName`].
+    pub fn new(name: &str) -> Result<Self, TableNameError> {
+        check_table_name(name, MAX_TABLE_LEN)?;
+        if name.to_ascii_lowercase().starts_with("sqlite_") {
+            return Err(TableNameError::new(
+                name,
+                "names starting with `sqlite_` are reserved by SQLite",
+            ));
         }
+        if name.eq_ignore_ascii_case(SCHEMA_TABLE) {
+            return Err(TableNameError::new(
+                name,
+                "`idem_schema` is idem-sqlite's own bookkeeping table",
+            ));
+        }
+        Ok(Self(name.to_string()))
     }
 
     /// The name, unquoted.
@@ -246,10 +256,12 @@ mod tests {
             "é",
             &"a".repeat(65),
         ] {
-            assert!(
-                matches!(TableName::new(bad), Err(SqliteError::InvalidTableName(_))),
-                "{bad}"
-            );
+            let e = TableName::new(bad).unwrap_err();
+            assert_eq!(e.name(), bad);
+            assert!(matches!(
+                SqliteError::from(e),
+                SqliteError::InvalidTableName(_)
+            ));
         }
     }
 

@@ -1,10 +1,12 @@
 //! The writer thread: owns the store's connection and runs every primitive,
-//! committing concurrent calls together (group commit).
+//! committing concurrent calls together (group commit). Each primitive is
+//! a [`Request`] carrying a reply typed to that primitive.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, mpsc};
 
-use idem_core::{Inserted, RecordKey, Revision, Swapped, Timestamp, Versioned};
+use idem_core::store::{InsertOutcome, Revision, SwapOutcome, Versioned};
+use idem_core::{RecordKey, Timestamp};
 use rusqlite::Connection;
 use rusqlite::types::ToSql;
 use tokio::sync::oneshot;
@@ -13,60 +15,150 @@ use crate::SqliteError;
 use crate::row::{self, Columns, ts};
 use crate::sql::Statements;
 
-/// One store primitive, with everything it needs (owned: it crosses threads).
+/// Where a primitive's answer goes: a reply typed to that primitive.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, SqliteError>>;
+
+/// One store primitive, with everything it needs (owned: it crosses
+/// threads) and the reply its answer goes to.
 #[derive(Debug)]
-pub(crate) enum Op {
+pub(crate) enum Request {
     Insert {
         key: RecordKey,
         record: Versioned,
         now: Timestamp,
+        reply: Reply<InsertOutcome>,
     },
     Get {
         digest: [u8; 32],
         now: Timestamp,
+        reply: Reply<Option<Versioned>>,
     },
     Cas {
         digest: [u8; 32],
         expected: Revision,
         record: Versioned,
         now: Timestamp,
+        reply: Reply<SwapOutcome>,
     },
     Delete {
         digest: [u8; 32],
         expected: Revision,
         now: Timestamp,
+        reply: Reply<bool>,
     },
     Purge {
         now: Timestamp,
         limit: usize,
+        reply: Reply<u64>,
     },
 }
 
-impl Op {
+impl Request {
     /// Whether the primitive may write (and so needs the write lock).
     fn writes(&self) -> bool {
         !matches!(self, Self::Get { .. })
     }
+
+    /// Runs the primitive inside the batch's transaction. Its answer waits
+    /// for the batch's commit.
+    fn run(self, conn: &Connection, sql: &Statements) -> Ran {
+        match self {
+            Self::Insert {
+                key,
+                record,
+                now,
+                reply,
+            } => Ran::Insert(reply, insert(conn, sql, &key, &record, now)),
+            Self::Get { digest, now, reply } => Ran::Get(reply, get(conn, sql, &digest, ts(now))),
+            Self::Cas {
+                digest,
+                expected,
+                record,
+                now,
+                reply,
+            } => Ran::Cas(reply, cas(conn, sql, &digest, expected, &record, now)),
+            Self::Delete {
+                digest,
+                expected,
+                now,
+                reply,
+            } => Ran::Delete(reply, delete(conn, sql, &digest, expected, now)),
+            Self::Purge { now, limit, reply } => Ran::Purge(reply, purge(conn, sql, now, limit)),
+        }
+    }
+
+    /// Answers `e` without running: the batch failed before the primitive's
+    /// turn.
+    fn fail(self, e: &SqliteError) {
+        match self {
+            Self::Insert { reply, .. } => answer(reply, Err(e.clone())),
+            Self::Get { reply, .. } => answer(reply, Err(e.clone())),
+            Self::Cas { reply, .. } => answer(reply, Err(e.clone())),
+            Self::Delete { reply, .. } => answer(reply, Err(e.clone())),
+            Self::Purge { reply, .. } => answer(reply, Err(e.clone())),
+        }
+    }
 }
 
-/// What a primitive returned.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    Inserted(Inserted),
-    Got(Option<Versioned>),
-    Swapped(Swapped),
-    Deleted(bool),
-    Purged(u64),
+/// A primitive that ran, with its result, waiting for the batch's commit.
+enum Ran {
+    Insert(Reply<InsertOutcome>, Result<InsertOutcome, SqliteError>),
+    Get(
+        Reply<Option<Versioned>>,
+        Result<Option<Versioned>, SqliteError>,
+    ),
+    Cas(Reply<SwapOutcome>, Result<SwapOutcome, SqliteError>),
+    Delete(Reply<bool>, Result<bool, SqliteError>),
+    Purge(Reply<u64>, Result<u64, SqliteError>),
 }
 
-type ReplyTx = oneshot::Sender<Result<Reply, SqliteError>>;
+impl Ran {
+    /// The primitive's error, if it failed.
+    fn error(&self) -> Option<&SqliteError> {
+        match self {
+            Self::Insert(_, r) => r.as_ref().err(),
+            Self::Get(_, r) => r.as_ref().err(),
+            Self::Cas(_, r) => r.as_ref().err(),
+            Self::Delete(_, r) => r.as_ref().err(),
+            Self::Purge(_, r) => r.as_ref().err(),
+        }
+    }
+
+    /// Sends the result if the batch committed, the batch's error otherwise.
+    fn answer(self, committed: &Result<(), SqliteError>) {
+        match self {
+            Self::Insert(reply, r) => answer(reply, settled(r, committed)),
+            Self::Get(reply, r) => answer(reply, settled(r, committed)),
+            Self::Cas(reply, r) => answer(reply, settled(r, committed)),
+            Self::Delete(reply, r) => answer(reply, settled(r, committed)),
+            Self::Purge(reply, r) => answer(reply, settled(r, committed)),
+        }
+    }
+}
+
+/// A primitive's result once its batch committed (or failed to).
+fn settled<T>(
+    result: Result<T, SqliteError>,
+    committed: &Result<(), SqliteError>,
+) -> Result<T, SqliteError> {
+    match committed {
+        Ok(()) => result,
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// Sends `result` to the caller; a caller that stopped waiting is fine.
+fn answer<T>(reply: Reply<T>, result: Result<T, SqliteError>) {
+    let _ = reply.send(result);
+}
+
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 // Commands are moved once into the channel; boxing the large variant would
 // add an allocation per call for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    Op(Op, ReplyTx),
+    Request(Request),
     Run(Job),
 }
 
@@ -80,7 +172,7 @@ pub(crate) struct Writer {
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Op(op, _) => f.debug_tuple("Op").field(op).finish(),
+            Self::Request(request) => f.debug_tuple("Request").field(request).finish(),
             Self::Run(_) => f.write_str("Run"),
         }
     }
@@ -104,11 +196,15 @@ impl Writer {
         Ok(Self { tx })
     }
 
-    /// Runs one primitive on the writer thread.
-    pub(crate) async fn call(&self, op: Op) -> Result<Reply, SqliteError> {
+    /// Runs one primitive on the writer thread: `request` makes it from
+    /// the reply its answer goes to.
+    pub(crate) async fn call<T>(
+        &self,
+        request: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<T, SqliteError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Op(op, tx))
+            .send(Command::Request(request(tx)))
             .map_err(|_| SqliteError::Closed)?;
         rx.await.map_err(|_| SqliteError::Closed)?
     }
@@ -159,12 +255,12 @@ fn run(mut conn: Connection, sql: &Statements, rx: &mpsc::Receiver<Command>, max
                     tracing::warn!(error = %e, "idem-sqlite: rollback after a job failed");
                 }
             }
-            Command::Op(op, reply) => {
+            Command::Request(request) => {
                 let mut batch = Vec::with_capacity(8);
-                batch.push((op, reply));
+                batch.push(request);
                 while batch.len() < max_batch {
                     match rx.try_recv() {
-                        Ok(Command::Op(op, reply)) => batch.push((op, reply)),
+                        Ok(Command::Request(request)) => batch.push(request),
                         Ok(job) => {
                             next = Some(job);
                             break;
@@ -190,29 +286,30 @@ fn run(mut conn: Connection, sql: &Statements, rx: &mpsc::Receiver<Command>, max
 /// - If SQLite rolled the whole transaction back (I/O error, full disk), or
 ///   the commit fails, every primitive of the batch gets that error, and
 ///   nothing of the batch took effect.
-fn run_batch(conn: &Connection, sql: &Statements, batch: Vec<(Op, ReplyTx)>) {
-    let writes = batch.iter().any(|(op, _)| op.writes());
+fn run_batch(conn: &Connection, sql: &Statements, batch: Vec<Request>) {
+    let writes = batch.iter().any(Request::writes);
     let begin = if writes { "BEGIN IMMEDIATE" } else { "BEGIN" };
     if let Err(e) = exec(conn, begin) {
-        for (_, reply) in batch {
-            let _ = reply.send(Err(e.clone()));
+        for request in batch {
+            request.fail(&e);
         }
         return;
     }
-    let mut results = Vec::with_capacity(batch.len());
+    let mut ran = Vec::with_capacity(batch.len());
+    let mut skipped = Vec::new();
     let mut aborted: Option<SqliteError> = None;
-    for (op, reply) in batch {
+    for request in batch {
         if aborted.is_some() {
-            results.push((reply, None));
+            skipped.push(request);
             continue;
         }
-        let result = execute(conn, sql, op);
-        if let Err(e) = &result
+        let done = request.run(conn, sql);
+        if let Some(e) = done.error()
             && conn.is_autocommit()
         {
             aborted = Some(e.clone());
         }
-        results.push((reply, Some(result)));
+        ran.push(done);
     }
     let committed = match aborted {
         Some(e) => Err(e),
@@ -224,14 +321,14 @@ fn run_batch(conn: &Connection, sql: &Statements, batch: Vec<(Op, ReplyTx)>) {
     {
         tracing::warn!(error = %e, "idem-sqlite: rollback of a failed batch failed");
     }
-    for (reply, result) in results {
-        let result = match (&committed, result) {
-            (Ok(()), Some(result)) => result,
-            (Err(e), _) => Err(e.clone()),
-            // Skipped primitives exist only in an aborted batch.
-            (Ok(()), None) => Err(SqliteError::Closed),
-        };
-        let _ = reply.send(result);
+    for done in ran {
+        done.answer(&committed);
+    }
+    // Skipped primitives exist only in an aborted batch: they get its error.
+    if let Err(e) = &committed {
+        for request in skipped {
+            request.fail(e);
+        }
     }
 }
 
@@ -241,99 +338,114 @@ fn exec(conn: &Connection, statement: &str) -> Result<(), SqliteError> {
     Ok(())
 }
 
-/// Runs one primitive inside the batch's transaction.
-fn execute(conn: &Connection, sql: &Statements, op: Op) -> Result<Reply, SqliteError> {
-    match op {
-        Op::Insert { key, record, now } => {
-            let digest = &key.digest()[..];
-            let now = ts(now);
-            // Read first. An insert always runs in a `BEGIN IMMEDIATE` batch
-            // (`Op::writes`), which holds the database's write lock for every
-            // connection and process, so nothing can change between this
-            // read and the insert below. A replay (the key is live) costs
-            // one indexed read instead of an insert attempt and a read; a
-            // new key, one index probe more.
-            if let Some(existing) = get(conn, sql, digest, now)? {
-                return Ok(Reply::Inserted(Inserted::Exists(existing)));
-            }
-            let cols = Columns::of(&record);
-            let scope = key.scope();
-            let (tenant, principal, operation, ikey) = (
-                scope.tenant_id(),
-                scope.principal(),
-                scope.operation(),
-                key.key().as_str(),
-            );
-            let mut params: Vec<&dyn ToSql> = Vec::with_capacity(16);
-            params.extend_from_slice(&[&digest, &tenant, &principal, &operation, &ikey]);
-            params.extend_from_slice(&cols.params());
-            params.push(&now);
-            let wrote = conn
-                .prepare_cached(&sql.insert)?
-                .query(params.as_slice())?
-                .next()?
-                .is_some();
-            if wrote {
-                return Ok(Reply::Inserted(Inserted::Inserted));
-            }
-            // The read found no live record and the insert found one that is
-            // not expired either: the row's expiry cannot be read
-            // consistently.
-            Err(SqliteError::CorruptRow {
-                table: sql.table.clone(),
-                why: "the record is neither live nor expired".to_string(),
-            })
-        }
-        Op::Get { digest, now } => get(conn, sql, &digest, ts(now)).map(Reply::Got),
-        Op::Cas {
-            digest,
-            expected,
-            record,
-            now,
-        } => {
-            let cols = Columns::of(&record);
-            let (digest, expected, now) = (&digest[..], expected.as_i64(), ts(now));
-            let mut params: Vec<&dyn ToSql> = Vec::with_capacity(13);
-            params.extend_from_slice(&[&digest, &expected]);
-            params.extend_from_slice(&cols.params());
-            params.push(&now);
-            let wrote = conn
-                .prepare_cached(&sql.cas)?
-                .query(params.as_slice())?
-                .next()?
-                .is_some();
-            if wrote {
-                return Ok(Reply::Swapped(Swapped::Swapped));
-            }
-            get(conn, sql, digest, now).map(|current| Reply::Swapped(Swapped::Conflict(current)))
-        }
-        Op::Delete {
-            digest,
-            expected,
-            now,
-        } => {
-            let deleted = conn
-                .prepare_cached(&sql.delete)?
-                .execute(rusqlite::params![&digest[..], expected.as_i64(), ts(now)])?;
-            Ok(Reply::Deleted(deleted == 1))
-        }
-        Op::Purge { now, limit } => {
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            if limit == 0 {
-                return Ok(Reply::Purged(0));
-            }
-            let now = ts(now);
-            let statement = if now >= 0 {
-                &sql.purge_low
-            } else {
-                &sql.purge_high
-            };
-            let purged = conn
-                .prepare_cached(statement)?
-                .execute(rusqlite::params![now, limit])?;
-            Ok(Reply::Purged(purged as u64))
-        }
+/// `insert_if_absent`, inside the batch's transaction.
+fn insert(
+    conn: &Connection,
+    sql: &Statements,
+    key: &RecordKey,
+    record: &Versioned,
+    now: Timestamp,
+) -> Result<InsertOutcome, SqliteError> {
+    let digest = &key.digest()[..];
+    let now = ts(now);
+    // Read first. An insert always runs in a `BEGIN IMMEDIATE` batch
+    // (`Request::writes`), which holds the database's write lock for every
+    // connection and process, so nothing can change between this read and
+    // the insert below. A replay (the key is live) costs one indexed read
+    // instead of an insert attempt and a read; a new key, one index probe
+    // more.
+    if let Some(existing) = get(conn, sql, digest, now)? {
+        return Ok(InsertOutcome::Exists(existing));
     }
+    let cols = Columns::of(record);
+    let scope = key.scope();
+    let (tenant, principal, operation, ikey) = (
+        scope.tenant_id(),
+        scope.principal(),
+        scope.operation(),
+        key.key().as_str(),
+    );
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(16);
+    params.extend_from_slice(&[&digest, &tenant, &principal, &operation, &ikey]);
+    params.extend_from_slice(&cols.params());
+    params.push(&now);
+    let wrote = conn
+        .prepare_cached(&sql.insert)?
+        .query(params.as_slice())?
+        .next()?
+        .is_some();
+    if wrote {
+        return Ok(InsertOutcome::Inserted);
+    }
+    // The read found no live record and the insert found one that is not
+    // expired either: the row's expiry cannot be read consistently.
+    Err(SqliteError::CorruptRow {
+        table: sql.table.clone(),
+        why: "the record is neither live nor expired".to_string(),
+    })
+}
+
+/// `compare_and_swap`, inside the batch's transaction.
+fn cas(
+    conn: &Connection,
+    sql: &Statements,
+    digest: &[u8; 32],
+    expected: Revision,
+    record: &Versioned,
+    now: Timestamp,
+) -> Result<SwapOutcome, SqliteError> {
+    let cols = Columns::of(record);
+    let (digest, expected, now) = (&digest[..], expected.as_i64(), ts(now));
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(13);
+    params.extend_from_slice(&[&digest, &expected]);
+    params.extend_from_slice(&cols.params());
+    params.push(&now);
+    let wrote = conn
+        .prepare_cached(&sql.cas)?
+        .query(params.as_slice())?
+        .next()?
+        .is_some();
+    if wrote {
+        return Ok(SwapOutcome::Swapped);
+    }
+    get(conn, sql, digest, now).map(SwapOutcome::Conflict)
+}
+
+/// `delete_if`, inside the batch's transaction.
+fn delete(
+    conn: &Connection,
+    sql: &Statements,
+    digest: &[u8; 32],
+    expected: Revision,
+    now: Timestamp,
+) -> Result<bool, SqliteError> {
+    let deleted = conn
+        .prepare_cached(&sql.delete)?
+        .execute(rusqlite::params![&digest[..], expected.as_i64(), ts(now)])?;
+    Ok(deleted == 1)
+}
+
+/// `purge_expired`, inside the batch's transaction.
+fn purge(
+    conn: &Connection,
+    sql: &Statements,
+    now: Timestamp,
+    limit: usize,
+) -> Result<u64, SqliteError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    if limit == 0 {
+        return Ok(0);
+    }
+    let now = ts(now);
+    let statement = if now >= 0 {
+        &sql.purge_low
+    } else {
+        &sql.purge_high
+    };
+    let purged = conn
+        .prepare_cached(statement)?
+        .execute(rusqlite::params![now, limit])?;
+    Ok(purged as u64)
 }
 
 /// The live record under `digest`, decoded.

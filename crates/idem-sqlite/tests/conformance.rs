@@ -1,45 +1,42 @@
 //! The full conformance suite against `SqliteStore`, each case on its own
-//! temporary database FILE; `reopen` is a second store on the same file, as a
-//! second process would open it.
+//! temporary database FILE (idem-testkit's isolated stores); `reopen` is a
+//! second store on the same file, as a second process would open it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Mutex;
-
 use async_trait::async_trait;
-use idem_conformance::{StoreFactory, Unavailable};
-use idem_core::RecordKey;
-use idem_sqlite::SqliteStore;
-use tempfile::TempDir;
+use idem_core::{Error, RecordKey, Transition};
+use idem_sqlite::{SqliteError, SqliteStore};
+use idem_testkit::runner::TransactionEnd;
+use idem_testkit::{BackendKind, Factory, Hooks, Unavailable};
 
-/// Opens each store in a fresh temporary directory, kept until the run ends.
-#[derive(Default)]
-struct Sqlite {
-    dirs: Mutex<Vec<TempDir>>,
-}
+/// Corrupts rows through a connection of its own; applies transitions in
+/// the store's own transaction.
+struct Sqlite;
 
 fn unavailable(e: impl std::fmt::Display) -> Unavailable {
     Unavailable(format!("sqlite: {e}"))
 }
 
+/// How the transaction of [`Sqlite::apply_transition`] ended, when not
+/// committed.
+enum NotCommitted {
+    /// Rolled back as asked, after applying succeeded.
+    RolledBack,
+    /// Applying failed (rolled back).
+    Refused(Error),
+    /// The transaction itself failed.
+    Sqlite(SqliteError),
+}
+
+impl From<SqliteError> for NotCommitted {
+    fn from(e: SqliteError) -> Self {
+        Self::Sqlite(e)
+    }
+}
+
 #[async_trait]
-impl StoreFactory for Sqlite {
+impl Hooks for Sqlite {
     type Store = SqliteStore;
-
-    fn name(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn open(&self) -> Result<SqliteStore, Unavailable> {
-        let dir = tempfile::tempdir().map_err(unavailable)?;
-        let store = SqliteStore::open(dir.path().join("idem.db")).map_err(unavailable)?;
-        self.dirs.lock().unwrap().push(dir);
-        Ok(store)
-    }
-
-    async fn reopen(&self, store: &SqliteStore) -> Result<Option<SqliteStore>, Unavailable> {
-        let path = store.path().ok_or_else(|| unavailable("in-memory store"))?;
-        SqliteStore::open(path).map(Some).map_err(unavailable)
-    }
 
     fn can_corrupt(&self) -> bool {
         true
@@ -49,21 +46,45 @@ impl StoreFactory for Sqlite {
         // Through a connection of its own, as a bad disk or a foreign writer
         // would: a state name idem does not know and a 3-byte fingerprint.
         let conn = store.connect().map_err(unavailable)?;
-        let changed = conn
-            .execute(
-                &format!(
-                    "UPDATE \"{}\" SET state = 'bogus', fingerprint = x'010203' WHERE digest = ?1",
-                    store.table()
-                ),
-                [&key.digest()[..]],
-            )
-            .map_err(unavailable)?;
-        if changed == 1 {
-            Ok(())
-        } else {
-            Err(unavailable(format!("{changed} rows matched the key")))
+        let sql = format!(
+            "UPDATE \"{}\" SET state = 'bogus', fingerprint = x'010203' WHERE digest = ?1",
+            store.table()
+        );
+        match conn
+            .execute(&sql, [&key.digest()[..]])
+            .map_err(unavailable)?
+        {
+            1 => Ok(()),
+            changed => Err(unavailable(format!("{changed} rows matched the key"))),
+        }
+    }
+
+    fn can_apply_transition(&self) -> bool {
+        true
+    }
+
+    /// `store.transaction` around `store.apply_in`; an error returned from
+    /// the closure rolls it back.
+    async fn apply_transition(
+        &self,
+        store: &SqliteStore,
+        transition: &Transition,
+        end: TransactionEnd,
+    ) -> Result<Result<(), Error>, Unavailable> {
+        let (s, transition) = (store.clone(), transition.clone());
+        let ended = store
+            .transaction(move |tx| match s.apply_in(tx, &transition) {
+                Ok(()) if end == TransactionEnd::Commit => Ok(()),
+                Ok(()) => Err(NotCommitted::RolledBack),
+                Err(e) => Err(NotCommitted::Refused(e)),
+            })
+            .await;
+        match ended {
+            Ok(()) | Err(NotCommitted::RolledBack) => Ok(Ok(())),
+            Err(NotCommitted::Refused(e)) => Ok(Err(e)),
+            Err(NotCommitted::Sqlite(e)) => Err(unavailable(e)),
         }
     }
 }
 
-idem_conformance::conformance_main!(Sqlite::default());
+idem_conformance::conformance_main!(Factory::new(BackendKind::Sqlite, Sqlite));

@@ -6,102 +6,104 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use idem_core::machine::Fenced;
+use idem_core::store::{InsertOutcome, Record, Revision, State, Store, StoreError, Versioned};
 use idem_core::{
-    Begin, Clock, Engine, Error, Executed, Fenced, Fingerprint, IdempotencyKey, Inserted,
-    ManualClock, Outcome, Policy, Record, RecordKey, Revision, Scope, State, Store, StoreError,
-    Timestamp, Versioned,
+    Clock, Engine, Error, Executed, Fingerprint, ManualClock, Outcome, RecordKey, Timestamp,
+    Transition,
 };
-use idem_sqlite::rusqlite::{Connection, TransactionBehavior};
+use idem_sqlite::rusqlite::{Connection, Transaction, TransactionBehavior};
 use idem_sqlite::{
     DEFAULT_PAGE_CACHE_BYTES, Durability, SCHEMA_VERSION, SqliteError, SqliteStore, TableName,
 };
-use tokio::sync::Barrier;
+use idem_testkit::fixtures::{
+    T0, engine, ikey, in_progress, policy, poll_until, prepared, proceed, race, replays, scope,
+    stored,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
-
-fn policy() -> Policy {
-    Policy::default()
-        .with_lease(Duration::from_secs(10))
-        .with_ttl(Duration::from_secs(60))
-}
-
-fn engine(store: SqliteStore, clock: &ManualClock) -> Engine<SqliteStore, ManualClock> {
-    Engine::with_clock(store, clock.clone())
-        .with_policy(policy())
-        .expect("valid policy")
-}
-
-fn scope() -> Scope {
-    Scope::tenant("acme").with_operation("payments.create")
-}
-
-fn ikey(s: &str) -> IdempotencyKey {
-    IdempotencyKey::parse(s).unwrap()
-}
+/// How long a test waits for another task, process or the purger.
+const WAIT: Duration = Duration::from_secs(30);
 
 fn db(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("idem.db")
 }
 
-/// Polls `cond` (yielding in between) until it holds or 30 s pass.
-async fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::task::yield_now().await;
-    }
+/// A new temporary directory and the path of `idem.db` in it.
+fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    (dir, path)
+}
+
+/// A store on `idem.db` in a new temporary directory.
+fn fresh() -> (tempfile::TempDir, SqliteStore) {
+    let (dir, path) = temp_db();
+    (dir, SqliteStore::open(path).unwrap())
+}
+
+/// The record key of `s` in the tests' scope.
+fn rkey(s: &str) -> RecordKey {
+    RecordKey::new(&scope(), &ikey(s))
 }
 
 // ---------------------------------------------------------------------------
 // Several instances, several processes
 // ---------------------------------------------------------------------------
 
-/// Two stores on one file (as two processes open it), 64 tasks released
-/// together through two engines: the work runs exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_on_one_file_run_the_work_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = SqliteStore::open(db(&dir)).unwrap();
-    let b = SqliteStore::open(db(&dir)).unwrap();
-    let clock = ManualClock::new(T0);
-    let engines = [Arc::new(engine(a, &clock)), Arc::new(engine(b, &clock))];
+/// (fresh, replayed, in progress, work runs) of one race.
+type Counts = (usize, usize, usize, usize);
+
+/// `tasks` tasks released together, task `i` through `engines[i % len]`,
+/// each running the work of one key, which counts its runs.
+async fn race_on<C: Clock + 'static>(
+    engines: &[Arc<Engine<SqliteStore, C>>],
+    key: &'static str,
+    tasks: usize,
+) -> Counts {
     let runs = Arc::new(AtomicUsize::new(0));
-    const TASKS: usize = 64;
-    let barrier = Arc::new(Barrier::new(TASKS));
-    let handles: Vec<_> = (0..TASKS)
-        .map(|i| {
-            let engine = engines[i % 2].clone();
-            let (barrier, runs) = (barrier.clone(), runs.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                engine
-                    .execute(&scope(), &ikey("one-key"), Fingerprint::of(b"req"), || {
-                        let runs = runs.clone();
-                        async move {
-                            runs.fetch_add(1, Ordering::SeqCst);
-                            tokio::task::yield_now().await;
-                            format!("ran in task {i}")
-                        }
-                    })
-                    .await
-            })
-        })
-        .collect();
+    let (engines, counter) = (engines.to_vec(), runs.clone());
+    let results = race(tasks, move |i| {
+        let (engine, runs) = (engines[i % engines.len()].clone(), counter.clone());
+        async move {
+            let work = || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                format!("ran in task {i} of process {}", std::process::id())
+            };
+            engine
+                .execute(&scope(), &ikey(key), Fingerprint::of(b"req"), work)
+                .await
+        }
+    })
+    .await;
     let (mut fresh, mut replayed, mut in_progress) = (0, 0, 0);
-    for handle in handles {
-        match handle.await.unwrap() {
+    for result in results {
+        match result {
             Ok(Executed::Fresh(_)) => fresh += 1,
             Ok(Executed::Replayed(_)) => replayed += 1,
             Err(Error::InProgress { .. }) => in_progress += 1,
             Err(e) => panic!("unexpected error: {e:?}"),
         }
     }
+    (fresh, replayed, in_progress, runs.load(Ordering::SeqCst))
+}
+
+/// Two stores on one file (as two processes open it), 64 tasks released
+/// together through two engines: the work runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_file_run_the_work_once() {
+    let (dir, a) = fresh();
+    let b = SqliteStore::open(db(&dir)).unwrap();
+    let clock = ManualClock::new(T0);
+    let engines = [Arc::new(engine(a, &clock)), Arc::new(engine(b, &clock))];
+    const TASKS: usize = 64;
+    let (fresh, replayed, in_progress, runs) = race_on(&engines, "one-key", TASKS).await;
     assert_eq!(fresh, 1, "exactly one task runs the work");
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran exactly once");
+    assert_eq!(runs, 1, "the work ran exactly once");
     assert_eq!(replayed + in_progress, TASKS - 1);
     // Both instances now replay the same value.
     let mut seen = Vec::new();
@@ -119,7 +121,6 @@ async fn two_instances_on_one_file_run_the_work_once() {
         seen.push(got.into_inner());
     }
     assert_eq!(seen[0], seen[1]);
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 const CHILD_ENV: &str = "IDEM_SQLITE_RACE_DIR";
@@ -128,52 +129,12 @@ const PROCESSES: usize = 3;
 const TASKS_PER_PROCESS: usize = 32;
 
 /// One process's share of the race: 32 tasks released together through its
-/// own store and engine. Returns (fresh, replayed, in progress, work runs).
-async fn race_in_this_process(path: &Path) -> (usize, usize, usize, usize) {
-    let store = SqliteStore::open(path).unwrap();
-    let engine = Arc::new(
-        Engine::new(store)
-            .with_policy(policy())
-            .expect("valid policy"),
-    );
-    race_with(engine).await
-}
-
-async fn race_with(engine: Arc<Engine<SqliteStore>>) -> (usize, usize, usize, usize) {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let barrier = Arc::new(Barrier::new(TASKS_PER_PROCESS));
-    let handles: Vec<_> = (0..TASKS_PER_PROCESS)
-        .map(|_| {
-            let (engine, barrier, runs) = (engine.clone(), barrier.clone(), runs.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                engine
-                    .execute(
-                        &scope(),
-                        &ikey("cross-process"),
-                        Fingerprint::of(b"req"),
-                        || {
-                            let runs = runs.clone();
-                            async move {
-                                runs.fetch_add(1, Ordering::SeqCst);
-                                std::process::id()
-                            }
-                        },
-                    )
-                    .await
-            })
-        })
-        .collect();
-    let (mut fresh, mut replayed, mut in_progress) = (0, 0, 0);
-    for handle in handles {
-        match handle.await.unwrap() {
-            Ok(Executed::Fresh(_)) => fresh += 1,
-            Ok(Executed::Replayed(_)) => replayed += 1,
-            Err(Error::InProgress { .. }) => in_progress += 1,
-            Err(e) => panic!("unexpected error: {e:?}"),
-        }
-    }
-    (fresh, replayed, in_progress, runs.load(Ordering::SeqCst))
+/// own store and engine (real time).
+async fn race_in_this_process(store: SqliteStore) -> Counts {
+    let engine = Engine::new(store)
+        .with_policy(policy())
+        .expect("valid policy");
+    race_on(&[Arc::new(engine)], "cross-process", TASKS_PER_PROCESS).await
 }
 
 /// Real processes: this test binary re-runs itself as 3 child processes,
@@ -187,20 +148,14 @@ async fn processes_racing_on_one_key_run_it_once() {
         let dir = PathBuf::from(dir);
         let index = std::env::var(CHILD_INDEX_ENV).unwrap();
         let store = SqliteStore::open(dir.join("idem.db")).unwrap();
-        let engine = Arc::new(
-            Engine::new(store)
-                .with_policy(policy())
-                .expect("valid policy"),
-        );
         std::fs::write(dir.join(format!("ready-{index}")), b"").unwrap();
         let go = dir.join("go");
-        poll_until("the start signal", || go.exists()).await;
-        let (fresh, replayed, in_progress, runs) = race_with(engine).await;
+        poll_until("the start signal", WAIT, || go.exists()).await;
+        let (fresh, replayed, in_progress, runs) = race_in_this_process(store).await;
         println!("IDEM_RACE {fresh} {replayed} {in_progress} {runs}");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (dir, path) = temp_db();
     // Create the file first, so children only open it.
     drop(SqliteStore::open(&path).unwrap());
     let exe = std::env::current_exe().unwrap();
@@ -221,18 +176,13 @@ async fn processes_racing_on_one_key_run_it_once() {
         })
         .collect();
     let store = SqliteStore::open(&path).unwrap();
-    let engine = Arc::new(
-        Engine::new(store)
-            .with_policy(policy())
-            .expect("valid policy"),
-    );
     let ready = |i: usize| dir.path().join(format!("ready-{i}")).exists();
-    poll_until("every child to open the store", || {
+    poll_until("every child to open the store", WAIT, || {
         (0..PROCESSES).all(ready)
     })
     .await;
     std::fs::write(dir.path().join("go"), b"").unwrap();
-    let mine = race_with(engine).await;
+    let mine = race_in_this_process(store).await;
     let mut totals = [mine.0, mine.1, mine.2, mine.3];
     for child in children {
         let out = tokio::task::spawn_blocking(move || child.wait_with_output())
@@ -262,7 +212,7 @@ async fn processes_racing_on_one_key_run_it_once() {
         (PROCESSES + 1) * TASKS_PER_PROCESS - 1
     );
     // A late process replays it.
-    let late = race_in_this_process(&path).await;
+    let late = race_in_this_process(SqliteStore::open(&path).unwrap()).await;
     assert_eq!(late, (0, TASKS_PER_PROCESS, 0, 0));
 }
 
@@ -282,35 +232,75 @@ async fn create_payments(store: &SqliteStore) {
         .unwrap();
 }
 
+/// A store on a new file with a `payments` table, a manual clock and an
+/// engine over both.
+async fn with_payments() -> (
+    tempfile::TempDir,
+    SqliteStore,
+    ManualClock,
+    Engine<SqliteStore, ManualClock>,
+) {
+    let (dir, store) = fresh();
+    create_payments(&store).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    (dir, store, clock, engine)
+}
+
+/// How many payments `key` has in the file at `path`.
 fn payments(path: &Path, key: &str) -> i64 {
+    let sql = "SELECT count(*) FROM payments WHERE idem_key = ?1";
     let conn = Connection::open(path).unwrap();
-    conn.query_row(
-        "SELECT count(*) FROM payments WHERE idem_key = ?1",
+    conn.query_row(sql, [key], |r| r.get(0)).unwrap()
+}
+
+/// The payment of `key` and the completion `done` in one
+/// `store.transaction`; the closure fails after both were written unless
+/// `commit`. Returns the payment's row id.
+async fn pay(
+    store: &SqliteStore,
+    key: &str,
+    done: Transition,
+    commit: bool,
+) -> Result<i64, BoxError> {
+    let (s, key) = (store.clone(), key.to_string());
+    store
+        .transaction(move |tx| -> Result<i64, BoxError> {
+            tx.execute(
+                "INSERT INTO payments (idem_key, cents) VALUES (?1, 100)",
+                [&key],
+            )?;
+            s.apply_in(tx, &done)?;
+            if commit {
+                Ok(tx.last_insert_rowid())
+            } else {
+                Err("card network timed out".into())
+            }
+        })
+        .await
+}
+
+/// The payment of `key` and `apply` in one immediate transaction on the
+/// application's own connection `conn`, committed or rolled back.
+fn pay_on(
+    conn: &mut Connection,
+    key: &str,
+    apply: impl FnOnce(&Transaction<'_>) -> Result<(), Error>,
+    commit: bool,
+) {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    tx.execute(
+        "INSERT INTO payments (idem_key, cents) VALUES (?1, 100)",
         [key],
-        |r| r.get(0),
     )
-    .unwrap()
-}
-
-async fn proceed(engine: &Engine<SqliteStore, ManualClock>, key: &str) -> idem_core::Lease {
-    match engine
-        .begin(&scope(), &ikey(key), Fingerprint::of(b"100 EUR"))
-        .await
-        .unwrap()
-    {
-        Begin::Proceed(lease) => lease,
-        other => panic!("expected Proceed, got {other:?}"),
-    }
-}
-
-async fn expect_replay(engine: &Engine<SqliteStore, ManualClock>, key: &str, outcome: &[u8]) {
-    match engine
-        .begin(&scope(), &ikey(key), Fingerprint::of(b"100 EUR"))
-        .await
-        .unwrap()
-    {
-        Begin::Replay(replay) => assert_eq!(replay.outcome.as_bytes(), outcome),
-        other => panic!("expected Replay, got {other:?}"),
+    .unwrap();
+    apply(&tx).unwrap();
+    if commit {
+        tx.commit().unwrap();
+    } else {
+        tx.rollback().unwrap();
     }
 }
 
@@ -319,61 +309,25 @@ async fn expect_replay(engine: &Engine<SqliteStore, ManualClock>, key: &str, out
 /// release the retry pays exactly once.
 #[tokio::test]
 async fn transaction_commits_business_row_and_record_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).unwrap();
-    create_payments(&store).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (dir, store, clock, engine) = with_payments().await;
 
     // Commit.
-    let lease = proceed(&engine, "commit").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"payment 1"[..]))
-        .unwrap();
-    let s = store.clone();
-    let id: i64 = store
-        .transaction(move |tx| -> Result<i64, BoxError> {
-            tx.execute(
-                "INSERT INTO payments (idem_key, cents) VALUES ('commit', 100)",
-                [],
-            )?;
-            s.apply_in(tx, &done)?;
-            Ok(tx.last_insert_rowid())
-        })
-        .await
-        .unwrap();
+    let (lease, done) = prepared(&engine, "commit", b"payment 1").await;
+    let id = pay(&store, "commit", done, true).await.unwrap();
     assert!(id > 0);
     assert_eq!(payments(&db(&dir), "commit"), 1);
-    let record = store
-        .get(lease.key(), clock.now())
-        .await
-        .unwrap()
-        .expect("the record is stored");
+    let record = stored(&store, lease.key(), clock.now()).await;
     assert!(
         matches!(&record.record.state, State::Completed { outcome, .. } if outcome.as_bytes() == b"payment 1"),
         "{record:?}"
     );
-    expect_replay(&engine, "commit", b"payment 1").await;
+    replays(&engine, "commit", b"payment 1").await;
 
     // Rollback: the closure fails after the payment and the record were written.
-    let lease = proceed(&engine, "rollback").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"payment 2"[..]))
-        .unwrap();
-    let s = store.clone();
-    let failed = store
-        .transaction(move |tx| -> Result<(), BoxError> {
-            tx.execute(
-                "INSERT INTO payments (idem_key, cents) VALUES ('rollback', 100)",
-                [],
-            )?;
-            s.apply_in(tx, &done)?;
-            Err("card network timed out".into())
-        })
-        .await;
-    assert!(failed.is_err());
+    let (lease, done) = prepared(&engine, "rollback", b"payment 2").await;
+    assert!(pay(&store, "rollback", done, false).await.is_err());
     assert_eq!(payments(&db(&dir), "rollback"), 0, "no business row");
-    let record = store.get(lease.key(), clock.now()).await.unwrap().unwrap();
+    let record = stored(&store, lease.key(), clock.now()).await;
     assert_eq!(
         record.record.state.token(),
         lease.token(),
@@ -383,23 +337,9 @@ async fn transaction_commits_business_row_and_record_together() {
     engine.release(&lease).await.unwrap();
 
     // The retry runs, once.
-    let retry = proceed(&engine, "rollback").await;
-    let done = engine
-        .prepare_complete(&retry, Outcome::new(&b"payment 3"[..]))
-        .unwrap();
-    let s = store.clone();
-    store
-        .transaction(move |tx| -> Result<(), BoxError> {
-            tx.execute(
-                "INSERT INTO payments (idem_key, cents) VALUES ('rollback', 100)",
-                [],
-            )?;
-            s.apply_in(tx, &done)?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-    expect_replay(&engine, "rollback", b"payment 3").await;
+    let (_retry, done) = prepared(&engine, "rollback", b"payment 3").await;
+    pay(&store, "rollback", done, true).await.unwrap();
+    replays(&engine, "rollback", b"payment 3").await;
     assert_eq!(
         payments(&db(&dir), "rollback"),
         1,
@@ -410,90 +350,39 @@ async fn transaction_commits_business_row_and_record_together() {
 /// The caller's OWN connection to the file: commit and rollback as above.
 #[tokio::test]
 async fn own_connection_transaction_commits_or_rolls_back_with_the_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).unwrap();
-    create_payments(&store).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (dir, store, _clock, engine) = with_payments().await;
     // A plain rusqlite connection, as an application opens it.
     let mut conn = Connection::open(db(&dir)).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
 
-    let lease = proceed(&engine, "own-commit").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"paid"[..]))
-        .unwrap();
-    {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .unwrap();
-        tx.execute(
-            "INSERT INTO payments (idem_key, cents) VALUES ('own-commit', 100)",
-            [],
-        )
-        .unwrap();
-        idem_sqlite::apply_transition(&tx, &done).unwrap();
-        tx.commit().unwrap();
-    }
+    let (_lease, done) = prepared(&engine, "own-commit", b"paid").await;
+    let apply = |tx: &Transaction<'_>| idem_sqlite::apply_transition(tx, &done);
+    pay_on(&mut conn, "own-commit", apply, true);
     assert_eq!(payments(&db(&dir), "own-commit"), 1);
-    expect_replay(&engine, "own-commit", b"paid").await;
+    replays(&engine, "own-commit", b"paid").await;
 
     // Rollback on the application's connection.
-    let lease = proceed(&engine, "own-rollback").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"paid"[..]))
-        .unwrap();
-    {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .unwrap();
-        tx.execute(
-            "INSERT INTO payments (idem_key, cents) VALUES ('own-rollback', 100)",
-            [],
-        )
-        .unwrap();
-        store.apply_in(&tx, &done).unwrap();
-        tx.rollback().unwrap();
-    }
+    let (lease, done) = prepared(&engine, "own-rollback", b"paid").await;
+    let apply = |tx: &Transaction<'_>| store.apply_in(tx, &done);
+    pay_on(&mut conn, "own-rollback", apply, false);
     assert_eq!(payments(&db(&dir), "own-rollback"), 0);
-    match engine
-        .begin(&scope(), &ikey("own-rollback"), Fingerprint::of(b"100 EUR"))
-        .await
-        .unwrap()
-    {
-        Begin::InProgress { .. } => {}
-        other => panic!("the rolled-back key is still claimed, got {other:?}"),
-    }
+    // The rolled-back key is still claimed.
+    in_progress(&engine, "own-rollback").await;
     engine.release(&lease).await.unwrap();
-    let retry = proceed(&engine, "own-rollback").await;
-    let done = engine
-        .prepare_complete(&retry, Outcome::new(&b"paid once"[..]))
-        .unwrap();
+    let (_retry, done) = prepared(&engine, "own-rollback", b"paid once").await;
     // `connect` gives a connection configured like the store's.
     let mut conn = store.connect().unwrap();
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .unwrap();
-    tx.execute(
-        "INSERT INTO payments (idem_key, cents) VALUES ('own-rollback', 100)",
-        [],
-    )
-    .unwrap();
-    store.apply_in(&tx, &done).unwrap();
-    tx.commit().unwrap();
+    let apply = |tx: &Transaction<'_>| store.apply_in(tx, &done);
+    pay_on(&mut conn, "own-rollback", apply, true);
     assert_eq!(payments(&db(&dir), "own-rollback"), 1);
-    expect_replay(&engine, "own-rollback", b"paid once").await;
+    replays(&engine, "own-rollback", b"paid once").await;
 }
 
 /// A holder whose lease was taken over cannot complete in its transaction:
 /// `apply_in` fails with LeaseLost, and its business write rolls back.
 #[tokio::test]
 async fn taken_over_lease_cannot_commit_its_transaction() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).unwrap();
-    create_payments(&store).await;
-    let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), &clock);
+    let (dir, store, clock, engine) = with_payments().await;
     let zombie = proceed(&engine, "zombie").await;
     // A heartbeat changes the revision but not the token: still applies.
     engine.extend(&zombie).await.unwrap();
@@ -502,24 +391,12 @@ async fn taken_over_lease_cannot_commit_its_transaction() {
     let done = engine
         .prepare_complete(&zombie, Outcome::new(&b"late"[..]))
         .unwrap();
-    let s = store.clone();
-    let result = store
-        .transaction(move |tx| -> Result<(), Error> {
-            tx.execute(
-                "INSERT INTO payments (idem_key, cents) VALUES ('zombie', 100)",
-                [],
-            )
-            .map_err(|e| {
-                Error::Store(StoreError::Generic {
-                    store: "test",
-                    source: Box::new(e),
-                })
-            })?;
-            s.apply_in(tx, &done)
-        })
-        .await;
+    let result = pay(&store, "zombie", done, true).await;
     assert!(
-        matches!(result, Err(Error::LeaseLost(Fenced::TakenOver))),
+        matches!(
+            result.as_ref().map_err(|e| e.downcast_ref::<Error>()),
+            Err(Some(Error::LeaseLost(Fenced::TakenOver)))
+        ),
         "{result:?}"
     );
     assert_eq!(payments(&db(&dir), "zombie"), 0);
@@ -529,21 +406,17 @@ async fn taken_over_lease_cannot_commit_its_transaction() {
 /// token is checked, not the revision).
 #[tokio::test]
 async fn heartbeat_before_apply_does_not_fail_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).unwrap();
+    let (_dir, store) = fresh();
     let clock = ManualClock::new(T0);
     let engine = engine(store.clone(), &clock);
-    let lease = proceed(&engine, "beat").await;
-    let done = engine
-        .prepare_complete(&lease, Outcome::new(&b"ok"[..]))
-        .unwrap();
+    let (lease, done) = prepared(&engine, "beat", b"ok").await;
     engine.extend(&lease).await.unwrap();
     let s = store.clone();
     store
         .transaction(move |tx| s.apply_in(tx, &done))
         .await
         .unwrap();
-    expect_replay(&engine, "beat", b"ok").await;
+    replays(&engine, "beat", b"ok").await;
     // Applying again: the claim already finished.
     let again = engine
         .prepare_complete(&lease, Outcome::new(&b"ok"[..]))
@@ -627,8 +500,7 @@ fn a_file_that_is_not_a_database_is_a_clear_error() {
 
 #[test]
 fn a_database_of_another_application_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     {
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "application_id", 0x1234_5678)
@@ -658,8 +530,7 @@ fn a_database_of_another_application_is_refused() {
 
 #[test]
 fn a_table_of_the_same_name_not_created_by_idem_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     Connection::open(&path)
         .unwrap()
         .execute_batch("CREATE TABLE idem_records (id INTEGER PRIMARY KEY, note TEXT)")
@@ -671,7 +542,7 @@ fn a_table_of_the_same_name_not_created_by_idem_is_refused() {
     );
     // Another table name in the same file works.
     let store = SqliteStore::builder()
-        .table(TableName::new("idem_keys").unwrap())
+        .with_table(TableName::new("idem_keys").unwrap())
         .open(&path)
         .unwrap();
     assert_eq!(store.table().as_str(), "idem_keys");
@@ -679,8 +550,7 @@ fn a_table_of_the_same_name_not_created_by_idem_is_refused() {
 
 #[test]
 fn a_newer_schema_version_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     drop(SqliteStore::open(&path).unwrap());
     Connection::open(&path)
         .unwrap()
@@ -704,8 +574,7 @@ fn a_newer_schema_version_is_a_clear_error() {
 #[test]
 fn concurrent_opens_of_a_new_file_all_succeed() {
     for round in 0..5 {
-        let dir = tempfile::tempdir().unwrap();
-        let path = db(&dir);
+        let (_dir, path) = temp_db();
         let barrier = Arc::new(std::sync::Barrier::new(8));
         let handles: Vec<_> = (0..8)
             .map(|_| {
@@ -734,8 +603,7 @@ fn concurrent_opens_of_a_new_file_all_succeed() {
 /// idempotent and keeps the records.
 #[tokio::test]
 async fn an_application_database_is_shared_and_reopening_keeps_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY); INSERT INTO orders DEFAULT VALUES; PRAGMA user_version = 7;")
@@ -794,13 +662,12 @@ async fn pragmas(store: &SqliteStore) -> Result<(String, i64), SqliteError> {
 /// A new file gets idem's application_id, WAL mode and the chosen durability.
 #[tokio::test]
 async fn new_files_are_marked_and_use_wal_and_the_durability_setting() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.durability(), Durability::Full);
     assert_eq!(pragmas(&store).await.unwrap(), ("wal".to_string(), 2));
     let normal = SqliteStore::builder()
-        .durability(Durability::Normal)
+        .with_durability(Durability::Normal)
         .open(&path)
         .unwrap();
     assert_eq!(pragmas(&normal).await.unwrap(), ("wal".to_string(), 1));
@@ -830,14 +697,13 @@ async fn page_cache_size_applies_to_every_connection() {
             .unwrap();
         (writer, other)
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     let default = SqliteStore::open(&path).unwrap();
     let want = -i64::try_from(DEFAULT_PAGE_CACHE_BYTES / 1024).unwrap();
     assert_eq!(want, -32 * 1024);
     assert_eq!(cache_kib(&default).await, (want, want));
     let small = SqliteStore::builder()
-        .page_cache_bytes(1_500_000)
+        .with_page_cache_bytes(1_500_000)
         .open(&path)
         .unwrap();
     assert_eq!(
@@ -846,12 +712,12 @@ async fn page_cache_size_applies_to_every_connection() {
         "rounded up to whole KiB"
     );
     let none = SqliteStore::builder()
-        .page_cache_bytes(0)
+        .with_page_cache_bytes(0)
         .open(&path)
         .unwrap();
     assert_eq!(cache_kib(&none).await, (0, 0));
     let huge = SqliteStore::builder()
-        .page_cache_bytes(usize::MAX)
+        .with_page_cache_bytes(usize::MAX)
         .open(&path)
         .unwrap();
     let most = -i64::from(i32::MAX);
@@ -875,13 +741,13 @@ async fn in_memory_and_existing_connections_work() {
 
     let adopted = SqliteStore::from_connection(Connection::open_in_memory().unwrap()).unwrap();
     assert!(adopted.path().is_none());
-    let k = RecordKey::new(&scope(), &ikey("adopted"));
+    let k = rkey("adopted");
     assert_eq!(
         adopted
             .insert_if_absent(&k, &claim(1, T0), T0)
             .await
             .unwrap(),
-        Inserted::Inserted
+        InsertOutcome::Inserted
     );
     assert_eq!(adopted.get(&k, T0).await.unwrap(), Some(claim(1, T0)));
 
@@ -890,11 +756,11 @@ async fn in_memory_and_existing_connections_work() {
     let store = SqliteStore::from_connection(conn).unwrap();
     assert_eq!(store.path(), Some(db(&dir).as_path()));
     let other = SqliteStore::open(db(&dir)).unwrap();
-    let k = RecordKey::new(&scope(), &ikey("shared"));
+    let k = rkey("shared");
     let rec = claim(1, T0);
     assert_eq!(
         store.insert_if_absent(&k, &rec, T0).await.unwrap(),
-        Inserted::Inserted
+        InsertOutcome::Inserted
     );
     assert_eq!(other.get(&k, T0).await.unwrap(), Some(rec));
 }
@@ -914,9 +780,11 @@ fn a_path_that_cannot_be_opened_is_a_clear_error() {
 
 #[test]
 fn bad_table_names_are_refused() {
+    let e = TableName::new("x\"; DROP TABLE y; --").unwrap_err();
+    assert_eq!(e.name(), "x\"; DROP TABLE y; --");
     assert!(matches!(
-        TableName::new("x\"; DROP TABLE y; --"),
-        Err(SqliteError::InvalidTableName(_))
+        SqliteError::from(e),
+        SqliteError::InvalidTableName(_)
     ));
 }
 
@@ -929,7 +797,7 @@ fn claim(rev: u64, now: Timestamp) -> Versioned {
         revision: Revision::from_u64(rev),
         record: Record::new_claim(
             Fingerprint::of(b"req"),
-            idem_core::FencingToken::from_u128(u128::from(rev)),
+            idem_core::store::FencingToken::from_u128(u128::from(rev)),
             now,
             &policy(),
         ),
@@ -940,8 +808,7 @@ fn claim(rev: u64, now: Timestamp) -> Versioned {
 /// engine, and is never overwritten.
 #[tokio::test]
 async fn inconsistent_rows_are_corrupt_errors_and_never_overwritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).unwrap();
+    let (_dir, store) = fresh();
     let conn = store.connect().unwrap();
     let clock = ManualClock::new(T0);
     let engine = engine(store.clone(), &clock);
@@ -954,7 +821,7 @@ async fn inconsistent_rows_are_corrupt_errors_and_never_overwritten() {
         "attempts = -1",
     ];
     for (i, set) in corruptions.iter().enumerate() {
-        let k = RecordKey::new(&scope(), &ikey(&format!("corrupt-{i}")));
+        let k = rkey(&format!("corrupt-{i}"));
         store.insert_if_absent(&k, &claim(1, T0), T0).await.unwrap();
         conn.execute(
             &format!("UPDATE idem_records SET {set} WHERE digest = ?1"),
@@ -1010,10 +877,9 @@ async fn inconsistent_rows_are_corrupt_errors_and_never_overwritten() {
 /// timeout), not fail; with a zero timeout it fails with a transient error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_contention_waits_within_the_busy_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(db(&dir)).unwrap();
+    let (dir, store) = fresh();
     let impatient = SqliteStore::builder()
-        .busy_timeout(Duration::ZERO)
+        .with_busy_timeout(Duration::ZERO)
         .open(db(&dir))
         .unwrap();
     let mut conn = Connection::open(db(&dir)).unwrap();
@@ -1021,7 +887,7 @@ async fn lock_contention_waits_within_the_busy_timeout() {
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .unwrap();
 
-    let k = RecordKey::new(&scope(), &ikey("locked"));
+    let k = rkey("locked");
     let err = impatient
         .insert_if_absent(&k, &claim(1, T0), T0)
         .await
@@ -1042,7 +908,7 @@ async fn lock_contention_waits_within_the_busy_timeout() {
         );
     }
     tx.commit().unwrap();
-    assert_eq!(waiting.await.unwrap().unwrap(), Inserted::Inserted);
+    assert_eq!(waiting.await.unwrap().unwrap(), InsertOutcome::Inserted);
     assert_eq!(
         impatient.get(&k, T0).await.unwrap(),
         Some(claim(2, T0)),
@@ -1063,17 +929,16 @@ fn rows(path: &Path) -> i64 {
 
 #[tokio::test]
 async fn purger_deletes_expired_rows_in_batches_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db(&dir);
+    let (_dir, path) = temp_db();
     let store = SqliteStore::open(&path).unwrap();
     let clock = ManualClock::new(T0);
     for i in 0..10 {
-        let k = RecordKey::new(&scope(), &ikey(&format!("short-{i}")));
+        let k = rkey(&format!("short-{i}"));
         let mut rec = claim(i + 1, T0);
         rec.record.expires_at = T0.plus(Duration::from_secs(1));
         store.insert_if_absent(&k, &rec, T0).await.unwrap();
     }
-    let live = RecordKey::new(&scope(), &ikey("long"));
+    let live = rkey("long");
     let mut long = claim(100, T0);
     long.record.expires_at = T0.plus(Duration::from_secs(3600));
     store.insert_if_absent(&live, &long, T0).await.unwrap();
@@ -1082,12 +947,12 @@ async fn purger_deletes_expired_rows_in_batches_and_stops() {
     let purger = store
         .spawn_purger(clock.clone(), Duration::from_secs(60), 3)
         .unwrap();
-    poll_until("the purger to wait on the clock", || {
+    poll_until("the purger to wait on the clock", WAIT, || {
         clock.pending_sleepers() > 0
     })
     .await;
     clock.advance(Duration::from_secs(60));
-    poll_until("a purge round", || purger.rounds() >= 1).await;
+    poll_until("a purge round", WAIT, || purger.rounds() >= 1).await;
     assert_eq!(purger.purged(), 10);
     assert_eq!(rows(&path), 1, "only the live record is left");
     assert_eq!(store.get(&live, clock.now()).await.unwrap(), Some(long));
@@ -1107,10 +972,10 @@ fn purger_needs_a_runtime() {
 #[tokio::test]
 async fn records_over_the_limit_are_rejected() {
     let store = SqliteStore::builder()
-        .max_record_bytes(1024)
+        .with_max_record_bytes(1024)
         .open_in_memory()
         .unwrap();
-    let k = RecordKey::new(&scope(), &ikey("big"));
+    let k = rkey("big");
     let mut rec = claim(1, T0);
     rec.record.state = State::Completed {
         token: rec.record.state.token(),
@@ -1130,26 +995,21 @@ async fn batched_calls_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(db(&dir)).unwrap());
     const TASKS: usize = 256;
-    let barrier = Arc::new(Barrier::new(TASKS));
-    let handles: Vec<_> = (0..TASKS)
-        .map(|i| {
-            let (store, barrier) = (store.clone(), barrier.clone());
-            tokio::spawn(async move {
-                let k = RecordKey::new(&scope(), &ikey(&format!("k{}", i % 64)));
-                barrier.wait().await;
-                store
-                    .insert_if_absent(&k, &claim(i as u64 + 1, T0), T0)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    let mut inserted = 0;
-    for handle in handles {
-        if handle.await.unwrap() == Inserted::Inserted {
-            inserted += 1;
+    let results = race(TASKS, move |i| {
+        let store = store.clone();
+        let k = rkey(&format!("k{}", i % 64));
+        async move {
+            store
+                .insert_if_absent(&k, &claim(i as u64 + 1, T0), T0)
+                .await
+                .unwrap()
         }
-    }
+    })
+    .await;
+    let inserted = results
+        .iter()
+        .filter(|r| **r == InsertOutcome::Inserted)
+        .count();
     assert_eq!(inserted, 64, "one insert per key");
     assert_eq!(rows(&db(&dir)), 64);
 }

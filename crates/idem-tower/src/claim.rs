@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
+use idem_core::store::Store;
 use idem_core::{
-    Clock, Engine, Error, IdempotencyKey, Lease, Outcome, RecordKey, Scope, Store, Transition,
+    Clock, Engine, Error, IdempotencyKey, Lease, Outcome, RecordKey, Scope, Transition,
 };
 
 use crate::effect::NoEffectFlag;

@@ -4,7 +4,7 @@
 //! `Idempotency-Key` request header, following the IETF HTTPAPI draft "The
 //! Idempotency-Key HTTP Header Field" and the conventions of the best-known
 //! payment APIs. It runs on [`idem_core::Engine`] over any
-//! [`Store`](idem_core::Store), so of any number of concurrent or retried
+//! [`Store`](idem_core::store::Store), so of any number of concurrent or retried
 //! requests with one key, the handler runs once.
 //!
 //! ```
@@ -156,17 +156,23 @@
 //!   `release_on_cancel`), `idem_outcome_unknown_total{reason}` (`status`,
 //!   `error`, `panic`, `body_error`, `unstorable`, `complete` when storing
 //!   was refused), `idem_completion_failures_total{reason}`
-//!   (`store`, `lease_lost`, `release`), `idem_lease_lost_total`, and the
+//!   (`store`, `lease_lost`), `idem_lease_lost_total`, and the
 //!   histogram `idem_handler_duration_seconds`.
 #![forbid(unsafe_code)]
 
 mod body;
 mod claim;
+mod claimed;
+mod config;
 mod effect;
+mod fingerprint;
 mod header;
 mod layer;
+mod metrics;
 mod problem;
 mod scope;
+mod service;
+mod settle;
 mod stored;
 
 /// The engine this layer runs on.
@@ -174,14 +180,13 @@ pub use idem_core;
 
 pub use body::ResponseBody;
 pub use claim::IdempotencyClaim;
+pub use config::{DEFAULT_HEADER, DEFAULT_MAX_BODY_BYTES, MAX_RETRY_AFTER};
 pub use effect::NoEffect;
 pub use header::{KeyHeaderError, QuotingError, parse_key_header, parse_key_value};
-pub use layer::{
-    DEFAULT_HEADER, DEFAULT_MAX_BODY_BYTES, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder,
-    MAX_RETRY_AFTER, ResponseFuture,
-};
+pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
 pub use problem::{PROBLEM_JSON, ProblemType};
 pub use scope::{Rejection, scope_from_extension, single_client_scope};
+pub use service::{Idempotency, ResponseFuture};
 pub use stored::{ALWAYS_DROPPED, DEFAULT_DENIED, IDEMPOTENT_REPLAYED};
 
 /// The README's Rust examples, compiled and run as doctests.

@@ -6,6 +6,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
 
+use crate::body::ResponseBody;
+
 /// The media type of problem details (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -162,6 +164,23 @@ pub(crate) fn response_retry(
         HeaderValue::from(retry_after_secs(retry_after)),
     );
     response
+}
+
+/// [`response`] as the layer's answer.
+pub(crate) fn answer<B: http_body::Body>(
+    kind: ProblemType,
+    detail: &str,
+) -> Response<ResponseBody<B>> {
+    response(kind, detail).map(ResponseBody::full)
+}
+
+/// [`response_retry`] as the layer's answer.
+pub(crate) fn answer_retry<B: http_body::Body>(
+    kind: ProblemType,
+    detail: &str,
+    retry_after: Duration,
+) -> Response<ResponseBody<B>> {
+    response_retry(kind, detail, retry_after).map(ResponseBody::full)
 }
 
 pub(crate) fn with_status(status: StatusCode, body: Bytes) -> Response<Bytes> {

@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use idem_core::{CodecError, Outcome, codec};
+use idem_core::Outcome;
+use idem_core::store::codec::{self, CodecError};
 use serde::{Deserialize, Serialize};
 
 /// The header added to every replayed response.
@@ -36,6 +37,18 @@ pub(crate) struct HeaderFilter {
     deny: Vec<HeaderName>,
 }
 
+impl Default for HeaderFilter {
+    /// The [`DEFAULT_DENIED`] list.
+    fn default() -> Self {
+        Self::new(
+            DEFAULT_DENIED
+                .iter()
+                .map(|h| HeaderName::from_static(h))
+                .collect(),
+        )
+    }
+}
+
 impl HeaderFilter {
     pub(crate) fn new(deny: Vec<HeaderName>) -> Self {
         Self { deny }
@@ -43,6 +56,11 @@ impl HeaderFilter {
 
     pub(crate) fn denied(&self) -> &[HeaderName] {
         &self.deny
+    }
+
+    /// Adds `name` to the deny list.
+    pub(crate) fn deny(&mut self, name: HeaderName) {
+        self.deny.push(name);
     }
 
     /// The headers of `headers` to keep, in order.
@@ -75,7 +93,7 @@ struct StoredHeader {
 }
 
 /// A response as stored in an [`Outcome`]: status, kept headers, body and
-/// trailers, encoded with [`idem_core::codec`] (version-tagged).
+/// trailers, encoded with [`idem_core::store::codec`] (version-tagged).
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub(crate) struct StoredResponse {
     status: u16,
@@ -177,12 +195,7 @@ mod tests {
     use super::*;
 
     fn filter() -> HeaderFilter {
-        HeaderFilter::new(
-            DEFAULT_DENIED
-                .iter()
-                .map(|h| HeaderName::from_static(h))
-                .collect(),
-        )
+        HeaderFilter::default()
     }
 
     #[test]

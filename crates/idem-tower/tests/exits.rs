@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::post;
 use http_body_util::BodyExt as _;
 use idem_core::{Engine, MemoryStore};
@@ -27,6 +28,11 @@ fn post_to(path: &str, key: &str, body: &'static str) -> Request<Body> {
         .unwrap()
 }
 
+/// Sends a POST of `body` with `key` to `path` through `app`.
+async fn send(app: &Router, path: &str, key: &str, body: &'static str) -> Response<Body> {
+    app.clone().oneshot(post_to(path, key, body)).await.unwrap()
+}
+
 /// Status, problem `type` (if any) and whether the answer is a replay.
 async fn answer(response: Response<Body>) -> (u16, Option<String>, bool) {
     let status = response.status().as_u16();
@@ -36,6 +42,20 @@ async fn answer(response: Response<Body>) -> (u16, Option<String>, bool) {
         .ok()
         .and_then(|v| v["type"].as_str().map(str::to_owned));
     (status, kind, replayed)
+}
+
+/// A router whose POST `path` answers `reply`, and the count of its calls.
+fn counted<R>(path: &str, reply: R) -> (Router, Arc<AtomicUsize>)
+where
+    R: IntoResponse + Clone + Send + Sync + 'static,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let route = post(move || async move {
+        counter.fetch_add(1, Ordering::SeqCst);
+        reply
+    });
+    (Router::new().route(path, route), calls)
 }
 
 fn reused() -> Option<String> {
@@ -50,36 +70,14 @@ fn reused() -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nested_router_fingerprints_the_path_the_client_sent() {
     let engine = Arc::new(Engine::new(MemoryStore::new()));
-    let transfers = Arc::new(AtomicUsize::new(0));
-    let accounts = Router::new()
-        .route(
-            "/transfers",
-            post({
-                let transfers = transfers.clone();
-                move || async move {
-                    transfers.fetch_add(1, Ordering::SeqCst);
-                    (StatusCode::CREATED, "transferred")
-                }
-            }),
-        )
-        .layer(IdempotencyLayer::new(engine, single_client_scope));
+    let (accounts, transfers) = counted("/transfers", (StatusCode::CREATED, "transferred"));
+    let accounts = accounts.layer(IdempotencyLayer::new(engine, single_client_scope));
     let app: Router = Router::new().nest("/accounts/{id}", accounts);
-    let a = app
-        .clone()
-        .oneshot(post_to("/accounts/A/transfers", "k", "{\"amount\":5}"))
-        .await
-        .unwrap();
+    let a = send(&app, "/accounts/A/transfers", "k", "{\"amount\":5}").await;
     assert_eq!(answer(a).await, (201, None, false));
-    let b = app
-        .clone()
-        .oneshot(post_to("/accounts/B/transfers", "k", "{\"amount\":5}"))
-        .await
-        .unwrap();
+    let b = send(&app, "/accounts/B/transfers", "k", "{\"amount\":5}").await;
     assert_eq!(answer(b).await, (422, reused(), false), "B got A's answer");
-    let a_again = app
-        .oneshot(post_to("/accounts/A/transfers", "k", "{\"amount\":5}"))
-        .await
-        .unwrap();
+    let a_again = send(&app, "/accounts/A/transfers", "k", "{\"amount\":5}").await;
     assert_eq!(answer(a_again).await, (201, None, true));
     assert_eq!(transfers.load(Ordering::SeqCst), 1);
 }
@@ -101,13 +99,9 @@ async fn nest_service_fingerprints_the_path_the_client_sent() {
     let app: Router = Router::new()
         .nest_service("/v1", service.clone())
         .nest_service("/v2", service);
-    let first = app
-        .clone()
-        .oneshot(post_to("/v1/pay", "k", "{}"))
-        .await
-        .unwrap();
+    let first = send(&app, "/v1/pay", "k", "{}").await;
     assert_eq!(answer(first).await, (200, None, false));
-    let other = app.oneshot(post_to("/v2/pay", "k", "{}")).await.unwrap();
+    let other = send(&app, "/v2/pay", "k", "{}").await;
     assert_eq!(answer(other).await, (422, reused(), false));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
@@ -119,36 +113,21 @@ async fn nest_service_fingerprints_the_path_the_client_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_too_large_for_the_store_completes_with_the_marker() {
     let store = SqliteStore::builder()
-        .max_record_bytes(1024)
+        .with_max_record_bytes(1024)
         .open_in_memory()
         .unwrap();
     let engine = Arc::new(Engine::new(store));
     assert_eq!(
         engine.outcome_limit(),
-        1024 - idem_core::codec::RECORD_OVERHEAD
+        1024 - idem_core::store::codec::RECORD_OVERHEAD
     );
-    let calls = Arc::new(AtomicUsize::new(0));
-    let app: Router = Router::new()
-        .route(
-            "/report",
-            post({
-                let calls = calls.clone();
-                move || async move {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    "x".repeat(4096)
-                }
-            }),
-        )
-        .layer(IdempotencyLayer::new(engine, single_client_scope));
-    let first = app
-        .clone()
-        .oneshot(post_to("/report", "k", "{}"))
-        .await
-        .unwrap();
+    let (app, calls) = counted("/report", "x".repeat(4096));
+    let app = app.layer(IdempotencyLayer::new(engine, single_client_scope));
+    let first = send(&app, "/report", "k", "{}").await;
     assert_eq!(first.status(), 200);
     let body = first.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body.len(), 4096, "the first client gets the whole response");
-    let retry = app.oneshot(post_to("/report", "k", "{}")).await.unwrap();
+    let retry = send(&app, "/report", "k", "{}").await;
     assert_eq!(
         answer(retry).await,
         (
@@ -186,7 +165,7 @@ async fn extreme_retry_after_settings_are_capped() {
         );
     let first = tokio::spawn(app.clone().oneshot(post_to("/slow", "k", "{}")));
     entered.notified().await;
-    let dup = app.oneshot(post_to("/slow", "k", "{}")).await.unwrap();
+    let dup = send(&app, "/slow", "k", "{}").await;
     assert_eq!(dup.status(), 409);
     let retry_after: u64 = dup.headers()["retry-after"]
         .to_str()
@@ -231,11 +210,7 @@ async fn graceful_shutdown_finishes_running_handlers_and_refuses_new_ones() {
     while !layer.engine().is_shutting_down() {
         tokio::task::yield_now().await;
     }
-    let refused = app
-        .clone()
-        .oneshot(post_to("/pay", "b", "{}"))
-        .await
-        .unwrap();
+    let refused = send(&app, "/pay", "b", "{}").await;
     let (status, kind, _) = answer(refused).await;
     assert_eq!(
         (status, kind),

@@ -4,15 +4,15 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::{HeaderName, Method};
-use common::{Reply, TestStore, engine, eventually, in_flight_deadline, start};
-use idem_core::{
-    Clock, Engine, InFlightPolicy, ManualClock, Outcome, Policy, Revision, State, Timestamp,
-    Versioned,
+use common::{
+    Reply, engine, eventually, fail_cas, in_flight_deadline, start, switch_off, switch_on,
+    test_store,
 };
+use idem_core::store::{Revision, State, Versioned};
+use idem_core::{Clock, Engine, InFlightPolicy, ManualClock, Outcome, Policy, Timestamp};
 use idem_tower::ProblemType;
 use tokio::sync::Barrier;
 
@@ -20,7 +20,7 @@ const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_then_replay_of_status_headers_and_body() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     let first = h
         .post("/charge", Some("k-1"), "t1", r#"{"amount":100}"#)
         .await;
@@ -48,7 +48,7 @@ async fn fresh_then_replay_of_status_headers_and_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quoted_and_bare_keys_are_the_same_key() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     let first = h.post("/charge", Some("\"k-2\""), "t1", "{}").await;
     assert_eq!(first.status, 201);
     let bare = h.post("/charge", Some("k-2"), "t1", "{}").await;
@@ -63,7 +63,7 @@ async fn quoted_and_bare_keys_are_the_same_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_with_a_different_request_is_422() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     assert_eq!(h.post("/charge", Some("k"), "t1", "a").await.status, 201);
     let other_body = h.post("/charge", Some("k"), "t1", "b").await;
     assert_eq!(other_body.status, 422);
@@ -86,7 +86,7 @@ async fn same_key_with_a_different_request_is_422() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn selected_headers_are_part_of_the_fingerprint() {
-    let h = start(engine(TestStore::default()), |b| {
+    let h = start(engine(test_store()), |b| {
         b.fingerprint_header(HeaderName::from_static("content-type"))
     })
     .await;
@@ -104,11 +104,8 @@ async fn selected_headers_are_part_of_the_fingerprint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_while_in_flight_is_409_with_retry_after() {
-    let h = start(engine(TestStore::default()), |b| b).await;
-    let first = tokio::spawn({
-        let req = h.request(Method::POST, "/slow", Some(b"k"), "t1", "");
-        async move { Reply::of(req.send().await.unwrap()).await }
-    });
+    let h = start(engine(test_store()), |b| b).await;
+    let first = h.spawn_slow("k");
     h.app.entered.notified().await;
 
     let dup = h.post("/slow", Some("k"), "t1", "").await;
@@ -118,13 +115,7 @@ async fn duplicate_while_in_flight_is_409_with_retry_after() {
     assert_eq!(dup.header("retry-after"), Some("2"));
     assert_eq!(h.calls(), 1);
 
-    h.open.send(true).unwrap();
-    let first = first.await.unwrap();
-    assert_eq!(first.status, 200);
-    let replay = h.post("/slow", Some("k"), "t1", "").await;
-    assert!(replay.replayed());
-    assert_eq!(replay.body, first.body);
-    assert_eq!(h.calls(), 1);
+    h.finish_slow(first, "k").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,24 +125,18 @@ async fn wait_mode_returns_the_original_response() {
         max: Duration::from_secs(30),
         poll: Duration::from_millis(100),
     });
-    let engine = Engine::with_clock(TestStore::default(), clock.clone())
+    let engine = Engine::with_clock(test_store(), clock.clone())
         .with_policy(policy)
         .expect("valid policy");
     let h = start(engine, |b| b).await;
-    let first = tokio::spawn({
-        let req = h.request(Method::POST, "/slow", Some(b"w"), "t1", "");
-        async move { Reply::of(req.send().await.unwrap()).await }
-    });
+    let first = h.spawn_slow("w");
     h.app.entered.notified().await;
     // The handler's heartbeat sleeps on the clock.
     eventually("the heartbeat to sleep", || async {
         clock.pending_sleepers() >= 1
     })
     .await;
-    let dup = tokio::spawn({
-        let req = h.request(Method::POST, "/slow", Some(b"w"), "t1", "");
-        async move { Reply::of(req.send().await.unwrap()).await }
-    });
+    let dup = h.spawn_slow("w");
     // …and now the duplicate waits on it too.
     eventually("the duplicate to wait", || async {
         clock.pending_sleepers() >= 2
@@ -172,12 +157,12 @@ async fn wait_mode_returns_the_original_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_key_passes_through_unless_required() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     assert_eq!(h.post("/charge", None, "t1", "{}").await.status, 201);
     assert_eq!(h.post("/charge", None, "t1", "{}").await.status, 201);
     assert_eq!(h.calls(), 2, "without a key there is no protection");
 
-    let h = start(engine(TestStore::default()), |b| b.required(true)).await;
+    let h = start(engine(test_store()), |b| b.required(true)).await;
     let r = h.post("/charge", None, "t1", "{}").await;
     assert_eq!(r.status, 400);
     assert_eq!(r.problem(), ProblemType::MissingKey.uri());
@@ -193,7 +178,7 @@ async fn missing_key_passes_through_unless_required() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_keys_are_400() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     let long = "a".repeat(256);
     let cases: [&[u8]; 8] = [
         b"",
@@ -231,7 +216,7 @@ async fn invalid_keys_are_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_the_limit_is_413() {
-    let h = start(engine(TestStore::default()), |b| b.max_body_bytes(16)).await;
+    let h = start(engine(test_store()), |b| b.max_body_bytes(16)).await;
     let r = h.post("/charge", Some("k"), "t1", &"x".repeat(17)).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.problem(), ProblemType::BodyTooLarge.uri());
@@ -244,7 +229,7 @@ async fn body_over_the_limit_is_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_scopes_same_key_are_two_operations() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     let a = h.post("/charge", Some("shared"), "tenant-a", "{}").await;
     let b = h.post("/charge", Some("shared"), "tenant-b", "{}").await;
     assert_eq!((a.status, b.status), (201, 201));
@@ -278,7 +263,7 @@ async fn two_scopes_same_key_are_two_operations() {
 /// `outcome-unknown` without running the handler again. 4xx are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_end_the_key_unknown_and_client_errors_are_stored() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     let e1 = h.post("/status/503", Some("k5"), "t1", "").await;
     assert_eq!(e1.status, 503);
     assert_eq!(
@@ -307,7 +292,7 @@ async fn server_errors_end_the_key_unknown_and_client_errors_are_stored() {
 /// again either: the retry gets `outcome-unknown`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_policy_is_a_predicate() {
-    let h = start(engine(TestStore::default()), |b| {
+    let h = start(engine(test_store()), |b| {
         b.store_response_if(|parts| parts.status.is_success())
     })
     .await;
@@ -320,24 +305,24 @@ async fn storage_policy_is_a_predicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_unavailable_is_503_and_the_handler_does_not_run() {
-    let store = TestStore::default();
+    let store = test_store();
     let h = start(engine(store.clone()), |b| b).await;
-    store.down.store(true, Ordering::SeqCst);
+    switch_off(&store);
     let r = h.post("/charge", Some("k"), "t1", "{}").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.problem(), ProblemType::StoreUnavailable.uri());
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(h.calls(), 0, "fail closed: the handler must not run");
-    store.down.store(false, Ordering::SeqCst);
+    switch_on(&store);
     assert_eq!(h.post("/charge", Some("k"), "t1", "{}").await.status, 201);
     assert_eq!(h.calls(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_runs_unprotected_when_configured() {
-    let store = TestStore::default();
+    let store = test_store();
     let h = start(engine(store.clone()), |b| b.fail_open(true)).await;
-    store.down.store(true, Ordering::SeqCst);
+    switch_off(&store);
     assert_eq!(h.post("/charge", Some("k"), "t1", "{}").await.status, 201);
     assert_eq!(h.post("/charge", Some("k"), "t1", "{}").await.status, 201);
     assert_eq!(h.calls(), 2, "fail-open gives no protection");
@@ -345,9 +330,9 @@ async fn fail_open_runs_unprotected_when_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_error_at_completion_still_returns_the_response() {
-    let store = TestStore::default();
+    let store = test_store();
     let h = start(engine(store.clone()), |b| b).await;
-    store.fail_cas.store(true, Ordering::SeqCst);
+    fail_cas(&store);
     let r = h.post("/charge", Some("k"), "t1", "{}").await;
     assert_eq!(
         r.status, 201,
@@ -362,7 +347,7 @@ async fn store_error_at_completion_still_returns_the_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_identical_requests_run_the_handler_once() {
     const N: usize = 48;
-    let h = Arc::new(start(engine(TestStore::default()), |b| b).await);
+    let h = Arc::new(start(engine(test_store()), |b| b).await);
     let barrier = Arc::new(Barrier::new(N));
     let tasks: Vec<_> = (0..N)
         .map(|_| {
@@ -398,14 +383,11 @@ async fn concurrent_identical_requests_run_the_handler_once() {
 async fn slow_handler_is_kept_alive_and_never_taken_over() {
     let clock = ManualClock::new(T0);
     let lease = Duration::from_secs(3);
-    let engine = Engine::with_clock(TestStore::default(), clock.clone())
+    let engine = Engine::with_clock(test_store(), clock.clone())
         .with_policy(Policy::default().with_lease(lease))
         .expect("valid policy");
     let h = start(engine, |b| b).await;
-    let first = tokio::spawn({
-        let req = h.request(Method::POST, "/slow", Some(b"hb"), "t1", "");
-        async move { Reply::of(req.send().await.unwrap()).await }
-    });
+    let first = h.spawn_slow("hb");
     h.app.entered.notified().await;
     let claimed = h.record("t1", "hb").await.unwrap();
     let first_deadline = in_flight_deadline(&claimed).unwrap();
@@ -439,18 +421,12 @@ async fn slow_handler_is_kept_alive_and_never_taken_over() {
     assert_eq!(dup.status, 409, "a live slow request was taken over");
     assert_eq!(h.calls(), 1);
 
-    h.open.send(true).unwrap();
-    let first = first.await.unwrap();
-    assert_eq!(first.status, 200);
-    let replay = h.post("/slow", Some("hb"), "t1", "").await;
-    assert!(replay.replayed());
-    assert_eq!(replay.body, first.body);
-    assert_eq!(h.calls(), 1);
+    h.finish_slow(first, "hb").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_completes_inside_its_transaction() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     let first = h.post("/tx", Some("tx-1"), "t1", "pay").await;
     assert_eq!(first.status, 201);
     assert_eq!(first.header("x-claim-key"), Some("tx-1"));
@@ -475,7 +451,7 @@ async fn handler_completes_inside_its_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_stored_record_is_500_and_nothing_runs() {
-    let h = start(engine(TestStore::default()), |b| b).await;
+    let h = start(engine(test_store()), |b| b).await;
     assert_eq!(h.post("/charge", Some("c"), "t1", "{}").await.status, 201);
     let current = h.record("t1", "c").await.unwrap();
     let State::Completed { token, .. } = current.record.state else {
@@ -494,8 +470,8 @@ async fn unreadable_stored_record_is_500_and_nothing_runs() {
         revision: Revision::from_u64(42),
         record: broken,
     };
-    let swapped = idem_core::Store::compare_and_swap(
-        &h.engine.store().inner,
+    let swapped = idem_core::store::Store::compare_and_swap(
+        h.engine.store().inner(),
         &rk,
         current.revision,
         &next,
@@ -503,7 +479,7 @@ async fn unreadable_stored_record_is_500_and_nothing_runs() {
     )
     .await
     .unwrap();
-    assert_eq!(swapped, idem_core::Swapped::Swapped);
+    assert_eq!(swapped, idem_core::store::SwapOutcome::Swapped);
     let r = h.post("/charge", Some("c"), "t1", "{}").await;
     assert_eq!(r.status, 500);
     assert_eq!(r.problem(), ProblemType::CorruptRecord.uri());
@@ -512,7 +488,7 @@ async fn unreadable_stored_record_is_500_and_nothing_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_too_large_to_store_is_returned_once_and_never_rerun() {
-    let engine = common::engine(TestStore::default());
+    let engine = common::engine(test_store());
     let engine = engine
         .with_policy(Policy::default().with_max_outcome_bytes(1024))
         .expect("valid policy");
@@ -529,7 +505,7 @@ async fn response_too_large_to_store_is_returned_once_and_never_rerun() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_are_configurable() {
-    let h = start(engine(TestStore::default()), |b| b.methods([Method::PUT])).await;
+    let h = start(engine(test_store()), |b| b.methods([Method::PUT])).await;
     for _ in 0..2 {
         assert_eq!(h.post("/charge", Some("m"), "t1", "").await.status, 201);
     }
@@ -547,7 +523,7 @@ async fn methods_are_configurable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_name_and_deny_list_are_configurable() {
-    let h = start(engine(TestStore::default()), |b| {
+    let h = start(engine(test_store()), |b| {
         b.header_name(HeaderName::from_static("x-request-key"))
             .replay_deny_headers([HeaderName::from_static("x-execution")])
     })

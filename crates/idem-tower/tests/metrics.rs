@@ -5,11 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use axum::http::Method;
-use common::{TestStore, engine, start};
+use common::{engine, start, switch_off, test_store};
 use metrics::{
     Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
@@ -53,7 +52,7 @@ impl Recorder for Rec {
 async fn outcomes_are_counted_separately() {
     let counts = Counts::default();
     metrics::set_global_recorder(Rec(counts.clone())).unwrap();
-    let store = TestStore::default();
+    let store = test_store();
     let h = start(engine(store.clone()), |b| b).await;
 
     assert_eq!(h.post("/charge", Some("a"), "t", "1").await.status, 201); // fresh
@@ -74,7 +73,7 @@ async fn outcomes_are_counted_separately() {
     assert_eq!(h.post("/slow", Some("s"), "t", "").await.status, 409); // conflict
     h.open.send(true).unwrap();
     assert_eq!(slow.await.unwrap(), 200);
-    store.down.store(true, Ordering::SeqCst);
+    switch_off(&store);
     assert_eq!(h.post("/charge", Some("z"), "t", "1").await.status, 503); // store_error
 
     let counts = counts.lock().unwrap().clone();

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,14 +15,21 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, Request, Response};
-use common::{TestStore, engine, eventually, tenant_scope};
+use common::{TestStore, engine, eventually, tenant_scope, test_store};
 use futures_util::FutureExt as _;
 use http_body::Frame;
 use http_body_util::BodyExt as _;
-use idem_core::{Clock, IdempotencyKey, RecordKey, Scope, Store};
-use idem_tower::{IdempotencyLayer, ProblemType};
+use idem_core::store::Store;
+use idem_core::{Clock, IdempotencyKey, RecordKey, Scope};
+use idem_tower::{IdempotencyClaim, IdempotencyLayer, ProblemType};
 use tokio::sync::Notify;
+use tower::util::ServiceFn;
 use tower::{Layer, ServiceExt, service_fn};
+
+/// A request for `key` with an empty JSON body.
+fn post(key: &str) -> Request<Body> {
+    request(key, Body::from("{}"))
+}
 
 fn request(key: &str, body: Body) -> Request<Body> {
     Request::post("/x")
@@ -32,13 +40,7 @@ fn request(key: &str, body: Body) -> Request<Body> {
 }
 
 async fn is_absent<C: Clock>(engine: &idem_core::Engine<TestStore, C>, key: &str) -> bool {
-    let rk = RecordKey::new(&Scope::tenant("t1"), &IdempotencyKey::parse(key).unwrap());
-    engine
-        .store()
-        .get(&rk, engine.clock().now())
-        .await
-        .unwrap()
-        .is_none()
+    state_of(engine, key).await.is_none()
 }
 
 /// A body of given frames, with no size hint; `Err` after the frames if `fail`.
@@ -99,6 +101,24 @@ async fn answer(response: Response<idem_tower::ResponseBody<Body>>) -> (u16, Opt
     (status, kind)
 }
 
+/// A handler that counts its calls and answers what `answer` gives for the
+/// request and the number of calls before it; and its count.
+fn counting<A, Fut, E>(
+    answer: A,
+) -> (
+    Arc<AtomicUsize>,
+    ServiceFn<impl FnMut(Request<Body>) -> Fut + Clone>,
+)
+where
+    A: Fn(usize, Request<Body>) -> Fut + Clone,
+    Fut: Future<Output = Result<Response<Body>, E>>,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let inner = service_fn(move |req| answer(counted.fetch_add(1, Ordering::SeqCst), req));
+    (calls, inner)
+}
+
 fn unknown() -> Option<String> {
     Some(ProblemType::OutcomeUnknown.uri().to_owned())
 }
@@ -107,26 +127,19 @@ fn unknown() -> Option<String> {
 /// on; the key ends as outcome unknown; the retry does not run the handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_ends_the_key_unknown_and_the_panic_goes_on() {
-    let engine = Arc::new(engine(TestStore::default()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = service_fn({
-        let calls = calls.clone();
-        move |_: Request<Body>| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                panic!("handler bug after the charge");
-                #[allow(unreachable_code)]
-                Ok::<_, Infallible>(Response::new(Body::empty()))
-            }
-        }
+    let engine = Arc::new(engine(test_store()));
+    let (calls, inner) = counting(|_, _| async {
+        panic!("handler bug after the charge");
+        #[allow(unreachable_code)]
+        Ok::<_, Infallible>(Response::new(Body::empty()))
     });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let outcome = AssertUnwindSafe(svc.clone().oneshot(request("p", Body::from("{}"))))
+    let outcome = AssertUnwindSafe(svc.clone().oneshot(post("p")))
         .catch_unwind()
         .await;
     assert!(outcome.is_err(), "the panic was swallowed");
     assert_eq!(state_of(&engine, "p").await, Some("failed_unknown"));
-    let retry = svc.oneshot(request("p", Body::from("{}"))).await.unwrap();
+    let retry = svc.oneshot(post("p")).await.unwrap();
     assert_eq!(answer(retry).await, (500, unknown()));
     assert_eq!(
         calls.load(Ordering::SeqCst),
@@ -139,47 +152,30 @@ async fn a_panicking_handler_ends_the_key_unknown_and_the_panic_goes_on() {
 /// releases the key: the retry runs afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_no_effect_failures_release_the_key() {
-    let engine = Arc::new(engine(TestStore::default()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = service_fn({
-        let calls = calls.clone();
-        move |req: Request<Body>| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            let claim = req
-                .extensions()
-                .get::<idem_tower::IdempotencyClaim>()
-                .cloned()
-                .unwrap();
-            async move {
-                claim.declare_no_effect();
-                match n {
-                    0 => Err("dependency down before anything was written"),
-                    1 => panic!("bug before anything was written"),
-                    _ => Ok(Response::new(Body::from("done"))),
-                }
+    let engine = Arc::new(engine(test_store()));
+    let (calls, inner) = counting(|n, req| {
+        let claim = req.extensions().get::<IdempotencyClaim>().cloned().unwrap();
+        async move {
+            claim.declare_no_effect();
+            match n {
+                0 => Err("dependency down before anything was written"),
+                1 => panic!("bug before anything was written"),
+                _ => Ok(Response::new(Body::from("done"))),
             }
         }
     });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let err = svc
-        .clone()
-        .oneshot(request("n", Body::from("{}")))
-        .await
-        .unwrap_err();
+    let err = svc.clone().oneshot(post("n")).await.unwrap_err();
     assert_eq!(err, "dependency down before anything was written");
     assert_eq!(state_of(&engine, "n").await, None);
-    let panicked = AssertUnwindSafe(svc.clone().oneshot(request("n", Body::from("{}"))))
+    let panicked = AssertUnwindSafe(svc.clone().oneshot(post("n")))
         .catch_unwind()
         .await;
     assert!(panicked.is_err());
     assert_eq!(state_of(&engine, "n").await, None);
-    let ok = svc
-        .clone()
-        .oneshot(request("n", Body::from("{}")))
-        .await
-        .unwrap();
+    let ok = svc.clone().oneshot(post("n")).await.unwrap();
     assert_eq!(answer(ok).await.0, 200);
-    let replay = svc.oneshot(request("n", Body::from("{}"))).await.unwrap();
+    let replay = svc.oneshot(post("n")).await.unwrap();
     assert!(replay.headers().contains_key("idempotent-replayed"));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
@@ -188,24 +184,13 @@ async fn declared_no_effect_failures_release_the_key() {
 /// the key ends as outcome unknown, the retry does not run the handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inner_error_ends_the_key_unknown_and_is_returned() {
-    let engine = Arc::new(engine(TestStore::default()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = service_fn({
-        let calls = calls.clone();
-        move |_: Request<Body>| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err::<Response<Body>, _>("boom") }
-        }
-    });
+    let engine = Arc::new(engine(test_store()));
+    let (calls, inner) = counting(|_, _| async { Err("boom") });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let err = svc
-        .clone()
-        .oneshot(request("e", Body::from("{}")))
-        .await
-        .unwrap_err();
+    let err = svc.clone().oneshot(post("e")).await.unwrap_err();
     assert_eq!(err, "boom");
     assert_eq!(state_of(&engine, "e").await, Some("failed_unknown"));
-    let retry = svc.oneshot(request("e", Body::from("{}"))).await.unwrap();
+    let retry = svc.oneshot(post("e")).await.unwrap();
     assert_eq!(answer(retry).await, (500, unknown()));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
@@ -242,7 +227,7 @@ fn gated_handler(
 /// response is stored, and the retry gets it: the effect happens once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_request_runs_to_completion_and_the_retry_gets_its_answer() {
-    let engine = Arc::new(engine(TestStore::default()));
+    let engine = Arc::new(engine(test_store()));
     let (entered, go, effects) = (
         Arc::new(Notify::new()),
         Arc::new(Notify::new()),
@@ -250,15 +235,11 @@ async fn a_dropped_request_runs_to_completion_and_the_retry_gets_its_answer() {
     );
     let inner = gated_handler(entered.clone(), go.clone(), effects.clone());
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let task = tokio::spawn(svc.clone().oneshot(request("d", Body::from("{}"))));
+    let task = tokio::spawn(svc.clone().oneshot(post("d")));
     entered.notified().await;
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
-    let meanwhile = svc
-        .clone()
-        .oneshot(request("d", Body::from("{}")))
-        .await
-        .unwrap();
+    let meanwhile = svc.clone().oneshot(post("d")).await.unwrap();
     assert_eq!(
         answer(meanwhile).await,
         (409, Some(ProblemType::RequestInProgress.uri().to_owned())),
@@ -270,7 +251,7 @@ async fn a_dropped_request_runs_to_completion_and_the_retry_gets_its_answer() {
         || async { state_of(&engine, "d").await == Some("completed") },
     )
     .await;
-    let retry = svc.oneshot(request("d", Body::from("{}"))).await.unwrap();
+    let retry = svc.oneshot(post("d")).await.unwrap();
     assert!(retry.headers().contains_key("idempotent-replayed"));
     assert_eq!(answer(retry).await, (201, None));
     assert_eq!(effects.load(Ordering::SeqCst), 1, "the effect ran twice");
@@ -281,7 +262,7 @@ async fn a_dropped_request_runs_to_completion_and_the_retry_gets_its_answer() {
 /// the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_on_cancel_releases_a_dropped_request() {
-    let engine = Arc::new(engine(TestStore::default()));
+    let engine = Arc::new(engine(test_store()));
     let (entered, go, effects) = (
         Arc::new(Notify::new()),
         Arc::new(Notify::new()),
@@ -292,7 +273,7 @@ async fn release_on_cancel_releases_a_dropped_request() {
         .release_on_cancel(true)
         .build()
         .layer(inner);
-    let task = tokio::spawn(svc.oneshot(request("r", Body::from("{}"))));
+    let task = tokio::spawn(svc.oneshot(post("r")));
     entered.notified().await;
     assert!(!is_absent(&engine, "r").await, "the key is claimed");
     task.abort();
@@ -306,15 +287,9 @@ async fn release_on_cancel_releases_a_dropped_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_over_the_limit_is_413() {
-    let engine = Arc::new(engine(TestStore::default()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = service_fn({
-        let calls = calls.clone();
-        move |_: Request<Body>| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, Infallible>(Response::new(Body::empty())) }
-        }
-    });
+    let engine = Arc::new(engine(test_store()));
+    let (calls, inner) =
+        counting(|_, _| async { Ok::<_, Infallible>(Response::new(Body::empty())) });
     let svc = IdempotencyLayer::builder(engine, tenant_scope)
         .max_body_bytes(10)
         .build()
@@ -344,7 +319,7 @@ async fn a_streamed_body_over_the_limit_is_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trailers_are_stored_and_replayed() {
-    let engine = Arc::new(engine(TestStore::default()));
+    let engine = Arc::new(engine(test_store()));
     let inner = service_fn(|_: Request<Body>| async {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-checksum", HeaderValue::from_static("abc"));
@@ -352,11 +327,7 @@ async fn trailers_are_stored_and_replayed() {
     });
     let svc = IdempotencyLayer::new(engine, tenant_scope).layer(inner);
     for replayed in [false, true] {
-        let response = svc
-            .clone()
-            .oneshot(request("t", Body::from("{}")))
-            .await
-            .unwrap();
+        let response = svc.clone().oneshot(post("t")).await.unwrap();
         assert_eq!(
             response.headers().contains_key("idempotent-replayed"),
             replayed
@@ -372,27 +343,18 @@ async fn trailers_are_stored_and_replayed() {
 /// retry does not run the handler again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_that_fails_ends_the_key_unknown_and_the_error_goes_on() {
-    let engine = Arc::new(engine(TestStore::default()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = service_fn({
-        let calls = calls.clone();
-        move |_: Request<Body>| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, Infallible>(Response::new(frames(&["partial"], None, true))) }
-        }
+    let engine = Arc::new(engine(test_store()));
+    let (calls, inner) = counting(|_, _| async {
+        Ok::<_, Infallible>(Response::new(frames(&["partial"], None, true)))
     });
     let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
-    let response = svc
-        .clone()
-        .oneshot(request("f", Body::from("{}")))
-        .await
-        .unwrap();
+    let response = svc.clone().oneshot(post("f")).await.unwrap();
     assert_eq!(state_of(&engine, "f").await, Some("failed_unknown"));
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "partial");
     assert!(body.frame().await.unwrap().is_err());
-    let retry = svc.oneshot(request("f", Body::from("{}"))).await.unwrap();
+    let retry = svc.oneshot(post("f")).await.unwrap();
     assert_eq!(answer(retry).await, (500, unknown()));
     assert_eq!(
         calls.load(Ordering::SeqCst),

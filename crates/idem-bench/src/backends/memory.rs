@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use idem_core::{IdempotencyKey, MemoryStore, RecordKey, Scope, Store, Timestamp};
+use idem_core::store::Store;
+use idem_core::{IdempotencyKey, MemoryStore, RecordKey, Scope, Timestamp};
 
 use crate::BenchError;
 use crate::backend::{Backend, Instance, Raw};
@@ -107,7 +108,7 @@ impl Instance for MemoryInstance {
     fn notes(&self) -> Vec<String> {
         vec!["raw baseline: one Mutex<HashMap> insert/replace/get per step".into()]
     }
-    async fn close(&self) -> Result<(), BenchError> {
+    async fn close(self: Box<Self>) -> Result<(), BenchError> {
         Ok(())
     }
 }

@@ -1,27 +1,27 @@
 //! `idem-postgres`, against `INSERT … ON CONFLICT DO NOTHING` + `UPDATE …
 //! WHERE key = $1` (and `SELECT`) on the same `PgPool`.
 
-use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use idem_core::{RecordKey, Store, StoreError};
-use idem_postgres::{ClaimMode, PostgresStore, TableName};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
+use idem_core::RecordKey;
+use idem_core::store::Store;
+use idem_postgres::{ClaimMode, PostgresStore};
+use idem_testkit::{BackendKind, Isolated, StoreUrl, Unavailable};
+use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use crate::backend::{Backend, Instance, Raw};
-use crate::scenario::RAW_TTL_MS;
+use crate::scenario::raw_expiry;
 use crate::{BenchError, Workload};
 
 /// Connections of the pool both sides share.
 pub(crate) const POOL_SIZE: u32 = 16;
+/// The pool's `application_name`, by which [`Instance::server_pids`] finds
+/// the server processes.
 const APP_NAME: &str = "idem-bench";
-const TABLE: &str = "idempotency_records";
 
 pub(crate) struct PostgresBackend {
-    pub(crate) url: String,
     /// How the store claims keys; `postgres-read-first` is the same backend
     /// in [`ClaimMode::ReadFirst`].
     pub(crate) mode: ClaimMode,
@@ -31,8 +31,29 @@ fn failed(e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(format!("postgres: {e}"))
 }
 
-fn store_failed(e: StoreError) -> BenchError {
-    BenchError::Failed(format!("postgres store: {e}"))
+fn unreachable(e: Unavailable) -> BenchError {
+    BenchError::Unreachable(e.to_string())
+}
+
+/// The environment's server (see [`idem_testkit::env`]) with the bench's
+/// pool size, claim mode and `application_name`.
+fn url(mode: ClaimMode) -> Result<StoreUrl, BenchError> {
+    let StoreUrl::Postgres(server) = BackendKind::Postgres.url().map_err(unreachable)? else {
+        return Err(failed("not a PostgreSQL URL"));
+    };
+    // A driver parameter: it passes through to sqlx.
+    let base = server.connection_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut url =
+        StoreUrl::parse(&format!("{base}{sep}application_name={APP_NAME}")).map_err(failed)?;
+    if let StoreUrl::Postgres(pg) = &mut url {
+        pg.max_connections = Some(POOL_SIZE);
+        pg.claim_mode = Some(match mode {
+            ClaimMode::ReadFirst => idemkit::ClaimMode::ReadFirst,
+            _ => idemkit::ClaimMode::SingleStatement,
+        });
+    }
+    Ok(url)
 }
 
 fn sql(text: String) -> AssertSqlSafe<Arc<str>> {
@@ -58,39 +79,29 @@ impl Backend for PostgresBackend {
     }
 
     async fn open(&self) -> Result<Box<dyn Instance>, BenchError> {
-        let options = PgConnectOptions::from_str(&self.url)
-            .map_err(|e| BenchError::Failed(format!("postgres url: {e}")))?
-            .application_name(APP_NAME);
-        // One direct attempt first: a pool would retry until its acquire timeout.
-        let probe = sqlx::PgConnection::connect_with(&options)
-            .await
-            .map_err(|e| BenchError::Unreachable(format!("{}: {e}", self.url)))?;
-        let _ = probe.close().await;
-        let pool = PostgresStore::pool_options()
-            .max_connections(POOL_SIZE)
-            .connect_with(options)
-            .await
-            .map_err(|e| BenchError::Unreachable(format!("{}: {e}", self.url)))?;
+        // One direct attempt first (bounded): the real cause of an
+        // unreachable server, which opening would report as a failure.
+        BackendKind::Postgres.probe().await.map_err(unreachable)?;
+        let url = url(self.mode)?;
+        // Opening migrates the table, and `PostgresStore::migrate()`'s
+        // future is not `Send` (sqlx's migrator is not general enough over
+        // lifetimes), so it cannot be awaited in this boxed `Send` future:
+        // open on a blocking thread.
+        let handle = tokio::runtime::Handle::current();
+        let isolated =
+            tokio::task::spawn_blocking(move || handle.block_on(Isolated::open_url(url)))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+        let store = isolated.postgres().clone();
         let salt = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
             std::process::id(),
         );
-        let schema = format!("idem_bench_{}_{:08x}", std::process::id(), salt as u32);
-        let table = TableName::new(schema.clone(), TABLE).map_err(failed)?;
-        let store = PostgresStore::with_table(pool.clone(), table).with_claim_mode(self.mode);
-        // `PostgresStore::migrate()`'s future is not `Send` (sqlx's migrator
-        // is not general enough over lifetimes), so it cannot be awaited in
-        // this boxed `Send` future: run it on a blocking thread.
-        let migrating = store.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || handle.block_on(migrating.migrate()))
-            .await
-            .map_err(failed)?
-            .map_err(store_failed)?;
         Ok(Box::new(PostgresInstance {
+            pool: store.pool().clone(),
             store,
-            pool,
-            schema,
+            isolated,
             salt,
             cloned: std::sync::atomic::AtomicU64::new(0),
         }))
@@ -100,14 +111,19 @@ impl Backend for PostgresBackend {
 struct PostgresInstance {
     store: PostgresStore,
     pool: PgPool,
-    schema: String,
+    /// The schema of its own, dropped by [`Instance::close`].
+    isolated: Isolated,
     salt: u64,
     cloned: std::sync::atomic::AtomicU64,
 }
 
 impl PostgresInstance {
     fn records(&self) -> String {
-        format!("\"{}\".\"{TABLE}\"", self.schema)
+        self.store.table().to_string()
+    }
+
+    fn schema(&self) -> &str {
+        self.store.table().schema()
     }
 }
 
@@ -122,37 +138,33 @@ struct PgRaw {
 }
 
 impl PgRaw {
-    fn expiry() -> i64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
-        now + RAW_TTL_MS as i64
+    /// Runs the claim or completion `statement` for `key` and `value`: rows
+    /// affected.
+    async fn write(
+        &self,
+        statement: &Arc<str>,
+        key: &[u8; 32],
+        value: &Bytes,
+    ) -> Result<u64, BenchError> {
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(statement)))
+            .bind(&key[..])
+            .bind(value.as_ref())
+            .bind(raw_expiry())
+            .execute(&self.pool)
+            .await
+            .map_err(failed)?;
+        Ok(done.rows_affected())
     }
 }
 
 #[async_trait]
 impl Raw for PgRaw {
     async fn claim(&self, key: &[u8; 32], value: &Bytes) -> Result<bool, BenchError> {
-        let done = sqlx::query(AssertSqlSafe(Arc::clone(&self.claim)))
-            .bind(&key[..])
-            .bind(value.as_ref())
-            .bind(Self::expiry())
-            .execute(&self.pool)
-            .await
-            .map_err(failed)?;
-        Ok(done.rows_affected() == 1)
+        Ok(self.write(&self.claim, key, value).await? == 1)
     }
 
     async fn complete(&self, key: &[u8; 32], value: &Bytes) -> Result<(), BenchError> {
-        let done = sqlx::query(AssertSqlSafe(Arc::clone(&self.complete)))
-            .bind(&key[..])
-            .bind(value.as_ref())
-            .bind(Self::expiry())
-            .execute(&self.pool)
-            .await
-            .map_err(failed)?;
-        if done.rows_affected() != 1 {
+        if self.write(&self.complete, key, value).await? != 1 {
             return Err(BenchError::Failed("raw UPDATE matched no row".into()));
         }
         Ok(())
@@ -190,7 +202,7 @@ impl Raw for PgRaw {
             sqlx::query(sql(statement.clone()))
                 .bind(&salt)
                 .bind(value.as_ref())
-                .bind(Self::expiry())
+                .bind(raw_expiry())
                 .bind(i64::try_from(i).unwrap_or(i64::MAX))
                 .bind(i64::try_from(end - 1).unwrap_or(i64::MAX))
                 .execute(&self.pool)
@@ -226,7 +238,7 @@ impl Instance for PostgresInstance {
     }
 
     async fn raw(&self) -> Result<Arc<dyn Raw>, BenchError> {
-        let table = format!("\"{}\".raw_bench", self.schema);
+        let table = format!("\"{}\".raw_bench", self.schema());
         // The data any SQL idempotency table needs: key, value, expiry, and
         // an index on the expiry for purging (the store has one too).
         for ddl in [
@@ -254,11 +266,7 @@ impl Instance for PostgresInstance {
     }
 
     async fn live_records(&self) -> Result<u64, BenchError> {
-        let n: i64 = sqlx::query_scalar(sql(format!("SELECT count(*) FROM {}", self.records())))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(failed)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        self.isolated.records().await.map_err(failed)
     }
 
     async fn clone_records(&self, template: &RecordKey, n: u64) -> Result<(), BenchError> {
@@ -267,35 +275,18 @@ impl Instance for PostgresInstance {
             "SELECT column_name::text FROM information_schema.columns \
              WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
         )
-        .bind(&self.schema)
-        .bind(TABLE)
+        .bind(self.schema())
+        .bind(self.store.table().table())
         .fetch_all(&self.pool)
         .await
         .map_err(failed)?;
-        if !columns.iter().any(|c| c == "digest") {
-            return Err(BenchError::Failed(format!(
-                "{} has no digest column: cannot clone records",
-                self.records()
-            )));
-        }
-        let quoted: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
-        let select: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                if c == "digest" {
-                    // 32 random-looking bytes, like a blake3 digest.
-                    "sha256(convert_to($2 || '-' || g::text, 'UTF8'))".to_string()
-                } else {
-                    format!("t.\"{c}\"")
-                }
-            })
-            .collect();
+        // 32 random-looking bytes, like a blake3 digest.
+        let digest = "sha256(convert_to($2 || '-' || g::text, 'UTF8'))";
+        let (cols, select) = super::clone_columns(&self.records(), &columns, digest)?;
         let statement = format!(
             "INSERT INTO {records} ({cols}) SELECT {select} FROM {records} t, \
              generate_series($3::bigint, $4::bigint) g WHERE t.digest = $1",
             records = self.records(),
-            cols = quoted.join(", "),
-            select = select.join(", "),
         );
         let start = self
             .cloned
@@ -361,15 +352,8 @@ impl Instance for PostgresInstance {
         )]
     }
 
-    async fn close(&self) -> Result<(), BenchError> {
-        let dropped = sqlx::query(sql(format!(
-            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-            self.schema
-        )))
-        .execute(&self.pool)
-        .await
-        .map_err(failed);
+    async fn close(self: Box<Self>) -> Result<(), BenchError> {
         self.pool.close().await;
-        dropped.map(drop)
+        self.isolated.close().await.map_err(failed)
     }
 }

@@ -5,43 +5,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idem_core::{RecordKey, Store, StoreError};
-use idem_redis::{RedisConfig, RedisStore};
+use idem_core::RecordKey;
+use idem_core::store::Store;
+use idem_redis::RedisStore;
+use idem_testkit::redis::Deployment;
+use idem_testkit::{BackendKind, StoreUrl, chain};
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 
-use super::redis_raw::{RedisRaw, failed, memory_usage, scan_keys, unlink_prefix};
+use super::redis_raw::{RedisRaw, failed, memory_usage};
 use crate::backend::{Backend, Instance, Raw};
 use crate::{BenchError, Plan};
 
-/// Where the servers are.
-#[derive(Clone, Debug)]
-pub(crate) enum Target {
-    Standalone(String),
-    Cluster(Vec<String>),
-}
-
+/// A standalone server (`IDEM_REDIS_URL`) or a cluster
+/// (`IDEM_REDIS_CLUSTER_URLS`), from the environment (see
+/// [`idem_testkit::env`]).
 pub(crate) struct RedisBackend {
-    pub(crate) target: Target,
+    /// [`BackendKind::Redis`] or [`BackendKind::RedisCluster`].
+    pub(crate) kind: BackendKind,
 }
 
-/// The store's defaults (`RedisConfig::new()`): the raw connection gets the same.
+/// The store's defaults (`RedisStore::builder()`): the raw connection gets the same.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn unreachable(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Unreachable(format!("{what}: {e}"))
-}
-
-fn store_error(what: &str, e: StoreError) -> BenchError {
-    if e.is_transient() {
-        unreachable(what, e)
-    } else {
-        BenchError::Failed(format!("{what}: {e}"))
-    }
 }
 
 /// The raw baseline's connection: the kind the store uses.
@@ -54,10 +46,7 @@ enum Conn {
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
-        match self.target {
-            Target::Standalone(_) => "redis",
-            Target::Cluster(_) => "redis-cluster",
-        }
+        self.kind.name()
     }
 
     fn concurrencies(&self, plan: &Plan) -> Vec<usize> {
@@ -74,54 +63,74 @@ impl Backend for RedisBackend {
         let prefix = format!("ib{:08x}:", salt as u32);
         let store_prefix = format!("{prefix}i:");
         let raw_prefix = format!("{prefix}r:");
-        let config = RedisConfig::new().with_prefix(store_prefix.clone());
-        let (store, conn, nodes) = match &self.target {
-            Target::Standalone(url) => {
-                let client = redis::Client::open(url.as_str())
-                    .map_err(|e| BenchError::Failed(format!("redis url {url}: {e}")))?;
-                let store = RedisStore::with_client(client.clone(), config)
-                    .await
-                    .map_err(|e| store_error(url, e))?;
+        let mut url = self
+            .kind
+            .url()
+            .map_err(|e| BenchError::Unreachable(e.to_string()))?;
+        let StoreUrl::Redis(r) = &mut url else {
+            return Err(BenchError::Failed(format!("not a Redis URL: {url}")));
+        };
+        r.prefix = Some(store_prefix.clone());
+        let deployment = Deployment::of(r);
+        // `Display` hides the password.
+        let shown = url.to_string();
+        let opened = url.open().await.map_err(|e| {
+            if e.is_unreachable() {
+                unreachable(&shown, chain(&e))
+            } else {
+                BenchError::Failed(format!("{shown}: {}", chain(&e)))
+            }
+        })?;
+        let store = opened
+            .store()
+            .as_redis()
+            .cloned()
+            .ok_or_else(|| BenchError::Failed(format!("{shown} opened no Redis store")))?;
+        let conn = match &deployment {
+            Deployment::Standalone(node) => {
+                let client = redis::Client::open(node.as_str())
+                    .map_err(|e| BenchError::Failed(format!("redis url {shown}: {e}")))?;
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECTION_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
                     .set_number_of_retries(3)
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_secs(1));
-                let manager = ConnectionManager::new_with_config(client.clone(), manager_config)
+                let manager = ConnectionManager::new_with_config(client, manager_config)
                     .await
-                    .map_err(|e| unreachable(url, e))?;
-                let node = client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| unreachable(url, e))?;
-                (store, Conn::Standalone(manager), vec![node])
+                    .map_err(|e| unreachable(&shown, e))?;
+                Conn::Standalone(manager)
             }
-            Target::Cluster(urls) => {
-                if urls.is_empty() {
-                    return Err(BenchError::Unreachable(
-                        "no Redis Cluster: set IDEM_REDIS_CLUSTER_URLS (cargo xtask bench starts a throwaway one)".into(),
-                    ));
-                }
-                let store = RedisStore::connect_cluster(urls, config)
-                    .await
-                    .map_err(|e| store_error(&urls.join(","), e))?;
-                let client = ClusterClientBuilder::new(urls.clone())
+            Deployment::Cluster(seeds) => {
+                let client = ClusterClientBuilder::new(seeds.clone())
                     .connection_timeout(CONNECTION_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .build()
-                    .map_err(|e| unreachable(&urls.join(","), e))?;
+                    .map_err(|e| unreachable(&shown, e))?;
                 let conn = client
                     .get_async_connection()
                     .await
-                    .map_err(|e| unreachable(&urls.join(","), e))?;
-                let nodes = masters(urls).await?;
-                (store, Conn::Cluster(conn), nodes)
+                    .map_err(|e| unreachable(&shown, e))?;
+                Conn::Cluster(conn)
             }
         };
+        // A connection to each node holding data (the server; every master
+        // of a cluster), for SCAN, MEMORY USAGE and INFO.
+        let mut nodes = Vec::new();
+        for master in deployment
+            .masters()
+            .await
+            .map_err(|e| unreachable(&shown, e))?
+        {
+            let node = idem_testkit::redis::node(&master)
+                .await
+                .map_err(|e| unreachable(&shown, e))?;
+            nodes.push(node);
+        }
         Ok(Box::new(RedisInstance {
             store,
             conn,
+            deployment,
             nodes,
             store_prefix,
             raw_prefix,
@@ -132,48 +141,11 @@ impl Backend for RedisBackend {
     }
 }
 
-/// A connection to each master of the cluster (for SCAN, MEMORY USAGE, cleanup).
-async fn masters(urls: &[String]) -> Result<Vec<MultiplexedConnection>, BenchError> {
-    let first = urls.first().map(String::as_str).unwrap_or_default();
-    let client = redis::Client::open(first).map_err(|e| unreachable(first, e))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| unreachable(first, e))?;
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut conn)
-        .await
-        .map_err(failed)?;
-    let mut out = Vec::new();
-    for line in nodes.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(addr), Some(flags)) = (fields.get(1), fields.get(2)) else {
-            continue;
-        };
-        if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-            continue;
-        }
-        // `ip:port@cport[,hostname]`
-        let hostport = addr.split('@').next().unwrap_or_default();
-        let url = format!("redis://{hostport}");
-        let client = redis::Client::open(url.as_str()).map_err(|e| unreachable(&url, e))?;
-        out.push(
-            client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| unreachable(&url, e))?,
-        );
-    }
-    if out.is_empty() {
-        return Err(BenchError::Failed("CLUSTER NODES lists no master".into()));
-    }
-    Ok(out)
-}
-
 struct RedisInstance {
     store: RedisStore,
     conn: Conn,
+    /// The server or cluster, for counting and removing keys.
+    deployment: Deployment,
     /// One connection per node holding data (the server; every master).
     nodes: Vec<MultiplexedConnection>,
     prefix: String,
@@ -225,59 +197,6 @@ impl RedisInstance {
             }
         }
     }
-
-    async fn count(&self, prefix: &str) -> Result<u64, BenchError> {
-        let mut total = 0;
-        for node in &self.nodes {
-            total += scan_keys(&mut node.clone(), prefix).await?.len() as u64;
-        }
-        Ok(total)
-    }
-
-    async fn bytes(&self, prefix: &str) -> Result<u64, BenchError> {
-        let mut total = 0;
-        for node in &self.nodes {
-            total += memory_usage(&mut node.clone(), prefix).await?;
-        }
-        Ok(total)
-    }
-}
-
-/// Sums `MEMORY USAGE` over every node, for the raw baseline's keys.
-struct NodesBytes {
-    nodes: Vec<MultiplexedConnection>,
-    prefix: String,
-}
-
-struct RawOnNodes<C> {
-    raw: RedisRaw<C>,
-    bytes: NodesBytes,
-}
-
-#[async_trait]
-impl<C> Raw for RawOnNodes<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    async fn claim(&self, key: &[u8; 32], value: &bytes::Bytes) -> Result<bool, BenchError> {
-        self.raw.claim(key, value).await
-    }
-    async fn complete(&self, key: &[u8; 32], value: &bytes::Bytes) -> Result<(), BenchError> {
-        self.raw.complete(key, value).await
-    }
-    async fn read(&self, key: &[u8; 32]) -> Result<Option<usize>, BenchError> {
-        self.raw.read(key).await
-    }
-    async fn fill(&self, n: u64, value: &bytes::Bytes) -> Result<(), BenchError> {
-        self.raw.fill(n, value).await
-    }
-    async fn data_bytes(&self) -> Result<Option<u64>, BenchError> {
-        let mut total = 0;
-        for node in &self.bytes.nodes {
-            total += memory_usage(&mut node.clone(), &self.bytes.prefix).await?;
-        }
-        Ok(Some(total))
-    }
 }
 
 #[async_trait]
@@ -287,30 +206,28 @@ impl Instance for RedisInstance {
     }
 
     async fn raw(&self) -> Result<Arc<dyn Raw>, BenchError> {
-        let bytes = NodesBytes {
-            nodes: self.nodes.clone(),
-            prefix: self.raw_prefix.clone(),
-        };
+        fn raw<C>(conn: &C, i: &RedisInstance) -> Arc<dyn Raw>
+        where
+            C: ConnectionLike + Clone + Send + Sync + 'static,
+        {
+            let (prefix, nodes) = (i.raw_prefix.clone(), i.nodes.clone());
+            Arc::new(RedisRaw {
+                conn: conn.clone(),
+                prefix,
+                nodes,
+            })
+        }
         Ok(match &self.conn {
-            Conn::Standalone(c) => Arc::new(RawOnNodes {
-                raw: RedisRaw {
-                    conn: c.clone(),
-                    prefix: self.raw_prefix.clone(),
-                },
-                bytes,
-            }),
-            Conn::Cluster(c) => Arc::new(RawOnNodes {
-                raw: RedisRaw {
-                    conn: c.clone(),
-                    prefix: self.raw_prefix.clone(),
-                },
-                bytes,
-            }),
+            Conn::Standalone(c) => raw(c, self),
+            Conn::Cluster(c) => raw(c, self),
         })
     }
 
     async fn live_records(&self) -> Result<u64, BenchError> {
-        self.count(&self.store_prefix).await
+        self.deployment
+            .count(&self.store_prefix)
+            .await
+            .map_err(failed)
     }
 
     async fn clone_records(&self, template: &RecordKey, n: u64) -> Result<(), BenchError> {
@@ -348,7 +265,9 @@ impl Instance for RedisInstance {
     }
 
     async fn data_bytes(&self) -> Result<Option<u64>, BenchError> {
-        self.bytes(&self.store_prefix).await.map(Some)
+        memory_usage(&self.nodes, &self.store_prefix)
+            .await
+            .map(Some)
     }
 
     async fn settle(&self) -> Result<(), BenchError> {
@@ -356,17 +275,10 @@ impl Instance for RedisInstance {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         for node in &self.nodes {
             loop {
-                let info: String = redis::cmd("INFO")
-                    .arg("memory")
-                    .query_async(&mut node.clone())
+                let pending = info(node, "memory", "lazyfree_pending_objects")
                     .await
                     .map_err(failed)?;
-                let pending = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("lazyfree_pending_objects:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                if pending == 0 || std::time::Instant::now() >= deadline {
+                if pending.unwrap_or(0) == 0 || std::time::Instant::now() >= deadline {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -378,15 +290,8 @@ impl Instance for RedisInstance {
     async fn server_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();
         for node in &self.nodes {
-            let info: Result<String, _> = redis::cmd("INFO")
-                .arg("server")
-                .query_async(&mut node.clone())
-                .await;
-            let pid = info.ok().and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("process_id:"))
-                    .and_then(|p| p.trim().parse::<u32>().ok())
-            });
+            let pid = info(node, "server", "process_id").await.ok().flatten();
+            let pid = pid.and_then(|p| u32::try_from(p).ok());
             // Only a server on this machine (same pid namespace).
             if let Some(pid) =
                 pid.filter(|&p| crate::cpu::comm(p).is_some_and(|c| c.starts_with("redis")))
@@ -404,10 +309,27 @@ impl Instance for RedisInstance {
         }]
     }
 
-    async fn close(&self) -> Result<(), BenchError> {
-        for node in &self.nodes {
-            unlink_prefix(&mut node.clone(), &self.prefix).await?;
-        }
-        Ok(())
+    async fn close(self: Box<Self>) -> Result<(), BenchError> {
+        self.deployment
+            .delete(&self.prefix)
+            .await
+            .map(drop)
+            .map_err(failed)
     }
+}
+
+/// The number `field` of `INFO section` on `node`, if listed.
+async fn info(
+    node: &MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> redis::RedisResult<Option<u64>> {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut node.clone())
+        .await?;
+    let value = info
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
+    Ok(value.and_then(|v| v.trim().parse().ok()))
 }

@@ -1,9 +1,9 @@
-//! The raw Redis baseline (`SET NX PX`, `SET XX PX`, `GET`) and the key
-//! housekeeping shared by the standalone and cluster backends.
+//! The raw Redis baseline (`SET NX PX`, `SET XX PX`, `GET`) and the
+//! `MEMORY USAGE` sum shared by the standalone and cluster backends.
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 
 use crate::BenchError;
 use crate::backend::Raw;
@@ -19,14 +19,36 @@ pub(crate) struct RedisRaw<C> {
     pub(crate) conn: C,
     /// Keys are the prefix then the 32 key bytes: the store's layout.
     pub(crate) prefix: String,
+    /// A connection to each node holding data, for `MEMORY USAGE`.
+    pub(crate) nodes: Vec<MultiplexedConnection>,
 }
 
-impl<C> RedisRaw<C> {
+impl<C: ConnectionLike + Clone> RedisRaw<C> {
     fn key(&self, key: &[u8; 32]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.prefix.len() + 32);
         k.extend_from_slice(self.prefix.as_bytes());
         k.extend_from_slice(key);
         k
+    }
+
+    /// `SET key value <condition> PX ttl`: whether it was set.
+    async fn set(
+        &self,
+        key: &[u8; 32],
+        value: &Bytes,
+        condition: &str,
+    ) -> Result<bool, BenchError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value.as_ref())
+            .arg(condition)
+            .arg("PX")
+            .arg(RAW_TTL_MS)
+            .query_async(&mut conn)
+            .await
+            .map_err(failed)?;
+        Ok(set.is_some())
     }
 }
 
@@ -36,31 +58,11 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     async fn claim(&self, key: &[u8; 32], value: &Bytes) -> Result<bool, BenchError> {
-        let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(value.as_ref())
-            .arg("NX")
-            .arg("PX")
-            .arg(RAW_TTL_MS)
-            .query_async(&mut conn)
-            .await
-            .map_err(failed)?;
-        Ok(set.is_some())
+        self.set(key, value, "NX").await
     }
 
     async fn complete(&self, key: &[u8; 32], value: &Bytes) -> Result<(), BenchError> {
-        let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(value.as_ref())
-            .arg("XX")
-            .arg("PX")
-            .arg(RAW_TTL_MS)
-            .query_async(&mut conn)
-            .await
-            .map_err(failed)?;
-        if set.is_none() {
+        if !self.set(key, value, "XX").await? {
             return Err(BenchError::Failed("raw SET XX: key absent".into()));
         }
         Ok(())
@@ -108,42 +110,31 @@ where
     }
 
     async fn data_bytes(&self) -> Result<Option<u64>, BenchError> {
-        Ok(None)
+        memory_usage(&self.nodes, &self.prefix).await.map(Some)
     }
 }
 
-/// Every key under `prefix` on one node (SCAN).
-pub(crate) async fn scan_keys<C: ConnectionLike + Send>(
-    conn: &mut C,
-    prefix: &str,
-) -> Result<Vec<Vec<u8>>, BenchError> {
-    let pattern = format!("{}*", glob_escape(prefix));
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(conn)
-            .await
-            .map_err(failed)?;
-        keys.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            return Ok(keys);
-        }
-    }
-}
-
-/// The sum of `MEMORY USAGE key SAMPLES 0` over every key under `prefix`.
-pub(crate) async fn memory_usage<C: ConnectionLike + Send>(
-    conn: &mut C,
+/// The sum of `MEMORY USAGE key SAMPLES 0` over every key under `prefix`
+/// on every node of `nodes`.
+pub(crate) async fn memory_usage(
+    nodes: &[MultiplexedConnection],
     prefix: &str,
 ) -> Result<u64, BenchError> {
-    let keys = scan_keys(conn, prefix).await?;
+    let mut total = 0u64;
+    for node in nodes {
+        total += node_memory_usage(&mut node.clone(), prefix).await?;
+    }
+    Ok(total)
+}
+
+/// [`memory_usage`] on one node.
+async fn node_memory_usage(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+) -> Result<u64, BenchError> {
+    let keys = idem_testkit::redis::scan(conn, prefix)
+        .await
+        .map_err(failed)?;
     let mut total = 0u64;
     for chunk in keys.chunks(1_000) {
         let mut pipe = redis::pipe();
@@ -154,31 +145,4 @@ pub(crate) async fn memory_usage<C: ConnectionLike + Send>(
         total += sizes.into_iter().flatten().sum::<u64>();
     }
     Ok(total)
-}
-
-/// Removes every key under `prefix` on one node (SCAN + UNLINK; never FLUSHDB).
-pub(crate) async fn unlink_prefix<C: ConnectionLike + Send>(
-    conn: &mut C,
-    prefix: &str,
-) -> Result<u64, BenchError> {
-    let keys = scan_keys(conn, prefix).await?;
-    for chunk in keys.chunks(1_000) {
-        let mut pipe = redis::pipe();
-        for k in chunk {
-            pipe.cmd("UNLINK").arg(k).ignore();
-        }
-        pipe.query_async::<()>(conn).await.map_err(failed)?;
-    }
-    Ok(keys.len() as u64)
-}
-
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }

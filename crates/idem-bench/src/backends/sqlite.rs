@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use idem_core::{RecordKey, Store};
+use idem_core::RecordKey;
+use idem_core::store::Store;
 use idem_sqlite::{DEFAULT_MAX_BATCH, SqliteStore};
+use idem_testkit::{BackendKind, Isolated};
 use rusqlite::Connection;
 
 use super::sqlite_raw::{self, InlineRaw, WriterRaw, failed, file_bytes};
@@ -38,16 +40,17 @@ impl Backend for SqliteBackend {
     }
 
     async fn open(&self) -> Result<Box<dyn Instance>, BenchError> {
-        let dir = tempfile::Builder::new()
-            .prefix("idem-bench-sqlite-")
-            .tempdir()
-            .map_err(failed)?;
-        let path = dir.path().join("bench.db");
-        let store = SqliteStore::open(&path).map_err(failed)?;
+        // The store's defaults, on a file in a temporary directory.
+        let isolated = Isolated::open(BackendKind::Sqlite).await.map_err(failed)?;
+        let store = isolated.sqlite().clone();
+        let path = store
+            .path()
+            .ok_or_else(|| BenchError::Failed("the SQLite store has no file".into()))?
+            .to_path_buf();
         Ok(Box::new(SqliteInstance {
             store,
             path,
-            dir: std::sync::Mutex::new(Some(dir)),
+            isolated,
         }))
     }
 }
@@ -55,7 +58,7 @@ impl Backend for SqliteBackend {
 struct SqliteInstance {
     store: SqliteStore,
     path: PathBuf,
-    dir: std::sync::Mutex<Option<tempfile::TempDir>>,
+    isolated: Isolated,
 }
 
 impl SqliteInstance {
@@ -95,13 +98,7 @@ impl Instance for SqliteInstance {
     }
 
     async fn live_records(&self) -> Result<u64, BenchError> {
-        let conn = self.connect()?;
-        let n: i64 = conn
-            .query_row(&format!("SELECT count(*) FROM {}", self.table()), [], |r| {
-                r.get(0)
-            })
-            .map_err(failed)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        self.isolated.records().await.map_err(failed)
     }
 
     async fn clone_records(&self, template: &RecordKey, n: u64) -> Result<(), BenchError> {
@@ -109,27 +106,10 @@ impl Instance for SqliteInstance {
         let table = self.table();
         // Every column copied from the template row, but the primary key.
         let columns = table_columns(&conn, self.store.table().as_str())?;
-        if !columns.iter().any(|c| c == "digest") {
-            return Err(BenchError::Failed(format!(
-                "{table} has no digest column: cannot clone records"
-            )));
-        }
-        let quoted: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
-        let select: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                if c == "digest" {
-                    "randomblob(32)".to_string()
-                } else {
-                    format!("t.\"{c}\"")
-                }
-            })
-            .collect();
+        let (cols, select) = super::clone_columns(&table, &columns, "randomblob(32)")?;
         let statement = format!(
             "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < ?2) \
              INSERT INTO {table} ({cols}) SELECT {select} FROM {table} t, g WHERE t.digest = ?1",
-            cols = quoted.join(", "),
-            select = select.join(", "),
         );
         let digest = template.digest().to_vec();
         tokio::task::spawn_blocking(move || -> Result<(), BenchError> {
@@ -175,15 +155,8 @@ impl Instance for SqliteInstance {
         )]
     }
 
-    async fn close(&self) -> Result<(), BenchError> {
-        let dir = self
-            .dir
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(dir) = dir {
-            dir.close().map_err(failed)?;
-        }
-        Ok(())
+    async fn close(self: Box<Self>) -> Result<(), BenchError> {
+        drop(self.store);
+        self.isolated.close().await.map_err(failed)
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::BenchError;
 use crate::backend::Raw;
-use crate::scenario::RAW_TTL_MS;
+use crate::scenario::raw_expiry;
 
 const CLAIM: &str =
     "INSERT INTO raw_bench (key, value, expires_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
@@ -38,14 +38,6 @@ pub(crate) fn prepare(conn: Connection) -> Result<Connection, BenchError> {
     )
     .map_err(failed)?;
     Ok(conn)
-}
-
-fn expiry() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default();
-    now.saturating_add(RAW_TTL_MS as i64)
 }
 
 #[derive(Debug)]
@@ -189,14 +181,17 @@ fn writer(conn: Connection, rx: &mpsc::Receiver<(Op, Reply)>, max_batch: usize) 
 #[async_trait]
 impl Raw for WriterRaw {
     async fn claim(&self, key: &[u8; 32], value: &Bytes) -> Result<bool, BenchError> {
-        match self.call(Op::Claim(*key, value.clone(), expiry())).await? {
+        match self
+            .call(Op::Claim(*key, value.clone(), raw_expiry()))
+            .await?
+        {
             Answer::Wrote(n) => Ok(n == 1),
             Answer::Read(_) => Err(BenchError::Failed("unexpected answer".into())),
         }
     }
     async fn complete(&self, key: &[u8; 32], value: &Bytes) -> Result<(), BenchError> {
         match self
-            .call(Op::Complete(*key, value.clone(), expiry()))
+            .call(Op::Complete(*key, value.clone(), raw_expiry()))
             .await?
         {
             Answer::Wrote(1) => Ok(()),
@@ -211,7 +206,8 @@ impl Raw for WriterRaw {
     }
     async fn fill(&self, n: u64, value: &Bytes) -> Result<(), BenchError> {
         for chunk in fill_chunks(n) {
-            self.call(Op::Fill(chunk, value.clone(), expiry())).await?;
+            self.call(Op::Fill(chunk, value.clone(), raw_expiry()))
+                .await?;
         }
         self.call(Op::Checkpoint).await.map(drop)
     }
@@ -241,13 +237,13 @@ impl InlineRaw {
 #[async_trait]
 impl Raw for InlineRaw {
     async fn claim(&self, key: &[u8; 32], value: &Bytes) -> Result<bool, BenchError> {
-        match self.call(&Op::Claim(*key, value.clone(), expiry()))? {
+        match self.call(&Op::Claim(*key, value.clone(), raw_expiry()))? {
             Answer::Wrote(n) => Ok(n == 1),
             Answer::Read(_) => Err(BenchError::Failed("unexpected answer".into())),
         }
     }
     async fn complete(&self, key: &[u8; 32], value: &Bytes) -> Result<(), BenchError> {
-        match self.call(&Op::Complete(*key, value.clone(), expiry()))? {
+        match self.call(&Op::Complete(*key, value.clone(), raw_expiry()))? {
             Answer::Wrote(1) => Ok(()),
             other => Err(BenchError::Failed(format!("raw UPDATE: {other:?}"))),
         }
@@ -260,7 +256,7 @@ impl Raw for InlineRaw {
     }
     async fn fill(&self, n: u64, value: &Bytes) -> Result<(), BenchError> {
         for chunk in fill_chunks(n) {
-            self.call(&Op::Fill(chunk, value.clone(), expiry()))?;
+            self.call(&Op::Fill(chunk, value.clone(), raw_expiry()))?;
         }
         Ok(())
     }

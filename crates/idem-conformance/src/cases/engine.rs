@@ -9,44 +9,106 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use idem_core::machine::Fenced;
+use idem_core::store::{Store, Versioned};
 use idem_core::{
-    Begin, Clock, Engine, Error, Executed, FailureKind, Fenced, Fingerprint, InFlightPolicy, Lease,
-    ManualClock, OnError, Outcome, RecordKey, Replay, ReplayKind, State, Store, Versioned,
+    Begin, Clock, Engine, Error, Executed, FailureKind, Fingerprint, Lease, ManualClock, OnError,
+    Outcome, RecordKey, Replay, ReplayKind,
 };
 
-use super::{T0, engine, ikey, noise, ok, open, policy, poll_until, reopen, same_bytes, scope};
+use super::{T0, engine, engine_on, ikey, must, noise, open, policy, reopen, same_bytes, scope};
 use crate::StoreFactory;
 
-fn fp(s: &str) -> Fingerprint {
+mod waiting;
+pub use waiting::{
+    heartbeat_keeps_the_lease, wait_for_original_gives_up_after_max,
+    wait_for_original_returns_its_outcome,
+};
+
+pub(super) fn fp(s: &str) -> Fingerprint {
     Fingerprint::of(s.as_bytes())
 }
 
-fn rkey(name: &str) -> RecordKey {
+pub(super) fn rkey(name: &str) -> RecordKey {
     RecordKey::new(&scope(), &ikey(name))
 }
 
-async fn proceed<S: Store, C: Clock>(engine: &Engine<S, C>, name: &str, fp: Fingerprint) -> Lease {
+pub(super) async fn proceed<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    name: &str,
+    fp: Fingerprint,
+) -> Lease {
     match engine.begin(&scope(), &ikey(name), fp).await {
         Ok(Begin::Proceed(lease)) => lease,
         other => panic!("begin on `{name}` must proceed, got {other:?}"),
     }
 }
 
-async fn replay<S: Store, C: Clock>(engine: &Engine<S, C>, name: &str, fp: Fingerprint) -> Replay {
+pub(super) async fn replay<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    name: &str,
+    fp: Fingerprint,
+) -> Replay {
     match engine.begin(&scope(), &ikey(name), fp).await {
         Ok(Begin::Replay(replay)) => replay,
         other => panic!("begin on `{name}` must replay, got {other:?}"),
     }
 }
 
-async fn stored<S: Store, C: Clock>(engine: &Engine<S, C>, name: &str) -> Option<Versioned> {
-    ok(
-        engine.store().get(&rkey(name), engine.clock().now()).await,
-        "get",
-    )
+pub(super) async fn stored<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    name: &str,
+) -> Option<Versioned> {
+    must(engine.store())
+        .get(&rkey(name), engine.clock().now())
+        .await
 }
 
-fn lease_lost(result: Result<(), Error>, what: &str) {
+/// Completes `lease` with `outcome`, failing the case if the engine refuses.
+pub(super) async fn complete<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    lease: &Lease,
+    outcome: &[u8],
+) {
+    if let Err(e) = engine.complete(lease, Outcome::new(outcome.to_vec())).await {
+        panic!("complete by the holder failed: {e} ({e:?})");
+    }
+}
+
+/// Fails `lease` with `kind` and `outcome`, failing the case if the engine
+/// refuses.
+pub(super) async fn fail<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    lease: &Lease,
+    kind: FailureKind,
+    outcome: &[u8],
+) {
+    if let Err(e) = engine
+        .fail(lease, kind, Outcome::new(outcome.to_vec()))
+        .await
+    {
+        panic!("fail by the holder failed: {e} ({e:?})");
+    }
+}
+
+/// Lets `zombie`'s lease on `name` lapse, and a retry take it over: the new
+/// holder's lease, with a new token.
+pub(super) async fn take_over<S: Store>(
+    engine: &Engine<S, ManualClock>,
+    name: &str,
+    zombie: &Lease,
+) -> Lease {
+    engine.clock().advance(policy().lease);
+    let holder = proceed(engine, name, fp("a")).await;
+    assert_ne!(
+        holder.token(),
+        zombie.token(),
+        "a takeover issues a new token"
+    );
+    holder
+}
+
+pub(super) fn lease_lost(result: Result<(), Error>, what: &str) {
     assert!(
         matches!(result, Err(Error::LeaseLost(_))),
         "{what} must fail with LeaseLost, got {result:?}"
@@ -60,10 +122,7 @@ pub async fn replay_returns_byte_exact_outcome<F: StoreFactory>(factory: Arc<F>)
     let mut bytes: Vec<u8> = (0..=255u8).collect();
     bytes.extend(noise(4096, 5));
     let lease = proceed(&engine, "replay", fp("a")).await;
-    engine
-        .complete(&lease, Outcome::new(bytes.clone()))
-        .await
-        .expect("complete");
+    complete(&engine, &lease, &bytes).await;
     for _ in 0..3 {
         clock.advance(Duration::from_secs(1));
         let r = replay(&engine, "replay", fp("a")).await;
@@ -79,10 +138,7 @@ pub async fn large_outcome_replays_byte_exact<F: StoreFactory>(factory: Arc<F>) 
     let (engine, _clock) = engine(open(&*factory).await);
     let bytes = noise(1024 * 1024 + 5, 6);
     let lease = proceed(&engine, "large", fp("a")).await;
-    engine
-        .complete(&lease, Outcome::new(bytes.clone()))
-        .await
-        .expect("complete");
+    complete(&engine, &lease, &bytes).await;
     let r = replay(&engine, "large", fp("a")).await;
     if let Err(diff) = same_bytes("replayed 1 MiB outcome", r.outcome.as_bytes(), &bytes) {
         panic!("{diff}");
@@ -96,25 +152,13 @@ pub async fn fingerprint_mismatch_in_every_state<F: StoreFactory>(factory: Arc<F
     let lease = proceed(&engine, "in-flight", fp("a")).await;
     let lapsed = proceed(&engine, "lapsed", fp("a")).await;
     let done = proceed(&engine, "completed", fp("a")).await;
-    engine
-        .complete(&done, Outcome::new(&b"ok"[..]))
-        .await
-        .expect("complete");
+    complete(&engine, &done, b"ok").await;
     let retry = proceed(&engine, "retryable", fp("a")).await;
-    engine
-        .fail(&retry, FailureKind::Retryable, Outcome::new(&b"503"[..]))
-        .await
-        .expect("fail");
+    fail(&engine, &retry, FailureKind::Retryable, b"503").await;
     let perm = proceed(&engine, "permanent", fp("a")).await;
-    engine
-        .fail(&perm, FailureKind::Permanent, Outcome::new(&b"400"[..]))
-        .await
-        .expect("fail");
+    fail(&engine, &perm, FailureKind::Permanent, b"400").await;
     let unknown = proceed(&engine, "unknown", fp("a")).await;
-    engine
-        .fail(&unknown, FailureKind::Unknown, Outcome::default())
-        .await
-        .expect("fail");
+    fail(&engine, &unknown, FailureKind::Unknown, &[]).await;
     // Lapse every lease: the in-flight key is extended to stay live.
     clock.advance(policy().lease - Duration::from_millis(1));
     engine.extend(&lease).await.expect("extend");
@@ -178,15 +222,8 @@ pub async fn in_progress_reports_time_left<F: StoreFactory>(factory: Arc<F>) {
 /// release, before or after the new holder finished, and the new holder's
 /// result is what retries replay.
 async fn takeover_fences<S: Store>(a: Engine<S, ManualClock>, b: Engine<S, ManualClock>) {
-    let clock = a.clock().clone();
     let zombie = proceed(&a, "fenced", fp("a")).await;
-    clock.advance(policy().lease);
-    let holder = proceed(&b, "fenced", fp("a")).await;
-    assert_ne!(
-        holder.token(),
-        zombie.token(),
-        "a takeover issues a new token"
-    );
+    let holder = take_over(&b, "fenced", &zombie).await;
     assert_eq!(holder.attempt(), 2);
     let claim = stored(&a, "fenced").await;
     lease_lost(
@@ -232,30 +269,23 @@ async fn takeover_fences<S: Store>(a: Engine<S, ManualClock>, b: Engine<S, Manua
 
 /// Lease expiry takeover issues a new token and fences the zombie (one instance).
 pub async fn takeover_fences_zombie<F: StoreFactory>(factory: Arc<F>) {
-    let store = Arc::new(open(&*factory).await);
+    let store = open(&*factory).await;
     let clock = ManualClock::new(T0);
-    let a = Engine::with_clock(store.clone(), clock.clone())
-        .with_policy(policy())
-        .expect("valid policy");
-    let b = Engine::with_clock(store, clock)
-        .with_policy(policy())
-        .expect("valid policy");
-    takeover_fences(a, b).await;
+    let a = engine_on(store.clone(), &clock, policy());
+    takeover_fences(a, engine_on(store, &clock, policy())).await;
 }
 
 /// The same, with the zombie and the new holder on two instances sharing
 /// records (two application servers).
 pub async fn takeover_across_instances_fences_zombie<F: StoreFactory>(factory: Arc<F>) {
-    let a = Arc::new(open(&*factory).await);
+    let a = open(&*factory).await;
     let b = Arc::new(reopen(&*factory, &a).await);
     let clock = ManualClock::new(T0);
-    let a = Engine::with_clock(a, clock.clone())
-        .with_policy(policy())
-        .expect("valid policy");
-    let b = Engine::with_clock(b, clock)
-        .with_policy(policy())
-        .expect("valid policy");
-    takeover_fences(a, b).await;
+    takeover_fences(
+        engine_on(a, &clock, policy()),
+        engine_on(b, &clock, policy()),
+    )
+    .await;
 }
 
 /// Release makes the key absent: a retry proceeds at once as a first
@@ -276,17 +306,9 @@ pub async fn release_lets_a_retry_proceed<F: StoreFactory>(factory: Arc<F>) {
         engine.complete(&first, Outcome::new(&b"late"[..])).await,
         "complete by the released holder",
     );
-    engine
-        .complete(&second, Outcome::new(&b"second"[..]))
-        .await
-        .expect("complete");
-    assert_eq!(
-        replay(&engine, "released", fp("b"))
-            .await
-            .outcome
-            .as_bytes(),
-        b"second"
-    );
+    complete(&engine, &second, b"second").await;
+    let r = replay(&engine, "released", fp("b")).await;
+    assert_eq!(r.outcome.as_bytes(), b"second");
 }
 
 /// A retryable failure lets the same request run again (attempt 2, same
@@ -294,10 +316,7 @@ pub async fn release_lets_a_retry_proceed<F: StoreFactory>(factory: Arc<F>) {
 pub async fn retryable_failure_lets_a_retry_proceed<F: StoreFactory>(factory: Arc<F>) {
     let (engine, _clock) = engine(open(&*factory).await);
     let first = proceed(&engine, "retryable", fp("a")).await;
-    engine
-        .fail(&first, FailureKind::Retryable, Outcome::new(&b"503"[..]))
-        .await
-        .expect("fail");
+    fail(&engine, &first, FailureKind::Retryable, b"503").await;
     let rec = stored(&engine, "retryable")
         .await
         .expect("the failure is stored");
@@ -313,17 +332,9 @@ pub async fn retryable_failure_lets_a_retry_proceed<F: StoreFactory>(factory: Ar
         "a retry of a retryable failure is attempt 2"
     );
     assert_ne!(second.token(), first.token());
-    engine
-        .complete(&second, Outcome::new(&b"200"[..]))
-        .await
-        .expect("complete");
-    assert_eq!(
-        replay(&engine, "retryable", fp("a"))
-            .await
-            .outcome
-            .as_bytes(),
-        b"200"
-    );
+    complete(&engine, &second, b"200").await;
+    let r = replay(&engine, "retryable", fp("a")).await;
+    assert_eq!(r.outcome.as_bytes(), b"200");
 }
 
 /// A permanent failure is final: retries replay it as a failure, byte for byte.
@@ -331,10 +342,7 @@ pub async fn permanent_failure_is_replayed<F: StoreFactory>(factory: Arc<F>) {
     let (engine, _clock) = engine(open(&*factory).await);
     let first = proceed(&engine, "permanent", fp("a")).await;
     let body = noise(777, 8);
-    engine
-        .fail(&first, FailureKind::Permanent, Outcome::new(body.clone()))
-        .await
-        .expect("fail");
+    fail(&engine, &first, FailureKind::Permanent, &body).await;
     for _ in 0..2 {
         let r = replay(&engine, "permanent", fp("a")).await;
         assert_eq!(
@@ -418,10 +426,7 @@ pub async fn execute_runs_once_and_replays<F: StoreFactory>(factory: Arc<F>) {
 pub async fn complete_is_idempotent_for_its_holder<F: StoreFactory>(factory: Arc<F>) {
     let (engine, clock) = engine(open(&*factory).await);
     let lease = proceed(&engine, "twice", fp("a")).await;
-    engine
-        .complete(&lease, Outcome::new(&b"once"[..]))
-        .await
-        .expect("complete");
+    complete(&engine, &lease, b"once").await;
     let done = stored(&engine, "twice").await;
     clock.advance(Duration::from_secs(1));
     engine
@@ -443,161 +448,11 @@ pub async fn complete_is_idempotent_for_its_holder<F: StoreFactory>(factory: Arc
 pub async fn expired_key_is_claimed_afresh<F: StoreFactory>(factory: Arc<F>) {
     let (engine, clock) = engine(open(&*factory).await);
     let lease = proceed(&engine, "ttl", fp("a")).await;
-    engine
-        .complete(&lease, Outcome::new(&b"old"[..]))
-        .await
-        .expect("complete");
+    complete(&engine, &lease, b"old").await;
     clock.advance(policy().ttl - Duration::from_millis(1));
     replay(&engine, "ttl", fp("a")).await;
     clock.advance(Duration::from_millis(1));
     assert_eq!(stored(&engine, "ttl").await, None, "expired at its TTL");
     let again = proceed(&engine, "ttl", fp("b")).await;
     assert_eq!(again.attempt(), 1);
-}
-
-/// A heartbeat (`keep_alive`) keeps a slow holder's lease well past its
-/// original deadline: duplicates stay `InProgress` instead of taking over.
-pub async fn heartbeat_keeps_the_lease<F: StoreFactory>(factory: Arc<F>) {
-    let (engine, clock) = engine(open(&*factory).await);
-    let engine = Arc::new(engine);
-    let lease = proceed(&engine, "slow", fp("a")).await;
-    let beat = policy().lease / 3;
-    let heart = {
-        let (engine, lease) = (engine.clone(), lease.clone());
-        tokio::spawn(async move { engine.keep_alive(&lease).await })
-    };
-    for i in 0..6 {
-        assert!(
-            poll_until(|| clock.pending_sleepers() > 0).await,
-            "beat {i}: the heartbeat never waited on the clock"
-        );
-        clock.advance(beat);
-    }
-    // Wait for the last beat's extend to land (the heartbeat sleeps again).
-    assert!(poll_until(|| clock.pending_sleepers() > 0).await);
-    let now = clock.now();
-    assert!(
-        lease.deadline() > now,
-        "after {:?} of heartbeats the lease must still be live (deadline {:?}, now {now:?})",
-        beat * 6,
-        lease.deadline()
-    );
-    match engine.begin(&scope(), &ikey("slow"), fp("a")).await {
-        Ok(Begin::InProgress { .. }) => {}
-        other => {
-            panic!("a duplicate of a live, heart-beating request must be InProgress, got {other:?}")
-        }
-    }
-    let rec = stored(&engine, "slow").await.expect("stored");
-    assert!(
-        matches!(rec.record.state, State::InFlight { lease_deadline, token } if lease_deadline > now && token == lease.token()),
-        "the extended lease must be stored: {rec:?}"
-    );
-    engine
-        .complete(&lease, Outcome::new(&b"slow but done"[..]))
-        .await
-        .expect("complete");
-    clock.advance(beat);
-    assert!(
-        poll_until(|| heart.is_finished()).await,
-        "the heartbeat must stop once the lease is finished"
-    );
-    assert!(matches!(heart.await, Ok(Ok(()))));
-}
-
-fn wait_policy() -> idem_core::Policy {
-    policy().with_in_flight(InFlightPolicy::Wait {
-        max: Duration::from_secs(5),
-        poll: Duration::from_millis(100),
-    })
-}
-
-/// In wait-for-original mode a duplicate waits for the original and returns
-/// its outcome. The clock moves only while the duplicate is parked on it,
-/// after the original completed, so the run is deterministic.
-pub async fn wait_for_original_returns_its_outcome<F: StoreFactory>(factory: Arc<F>) {
-    let clock = ManualClock::new(T0);
-    let engine = Arc::new(
-        Engine::with_clock(open(&*factory).await, clock.clone())
-            .with_policy(wait_policy())
-            .expect("valid policy"),
-    );
-    let original = proceed(&engine, "waited", fp("a")).await;
-    let waiter = {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.begin(&scope(), &ikey("waited"), fp("a")).await })
-    };
-    assert!(
-        poll_until(|| clock.pending_sleepers() > 0).await,
-        "the duplicate must wait on the clock"
-    );
-    assert!(!waiter.is_finished(), "the duplicate must still be waiting");
-    engine
-        .complete(&original, Outcome::new(&b"original"[..]))
-        .await
-        .expect("complete");
-    let finished = poll_until(|| {
-        if clock.pending_sleepers() > 0 {
-            clock.advance(Duration::from_millis(100));
-        }
-        waiter.is_finished()
-    })
-    .await;
-    assert!(
-        finished,
-        "the duplicate must finish once the original completed"
-    );
-    match waiter.await.expect("join") {
-        Ok(Begin::Replay(Replay {
-            outcome,
-            kind: ReplayKind::Completed,
-        })) => assert_eq!(outcome.as_bytes(), b"original"),
-        other => panic!("the duplicate must replay the original's outcome, got {other:?}"),
-    }
-    assert!(
-        clock.now() < T0.plus(Duration::from_secs(5)),
-        "the duplicate must not have waited out its maximum"
-    );
-}
-
-/// In wait-for-original mode a duplicate gives up with `InProgress` once its
-/// maximum wait passes while the original is still running.
-pub async fn wait_for_original_gives_up_after_max<F: StoreFactory>(factory: Arc<F>) {
-    let clock = ManualClock::new(T0);
-    let engine = Arc::new(
-        Engine::with_clock(open(&*factory).await, clock.clone())
-            .with_policy(wait_policy())
-            .expect("valid policy"),
-    );
-    let _original = proceed(&engine, "slow-original", fp("a")).await;
-    let waiter = {
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            engine
-                .begin(&scope(), &ikey("slow-original"), fp("a"))
-                .await
-        })
-    };
-    let finished = poll_until(|| {
-        if clock.pending_sleepers() > 0 {
-            clock.advance(Duration::from_millis(100));
-        }
-        waiter.is_finished()
-    })
-    .await;
-    assert!(
-        finished,
-        "the duplicate must give up after its maximum wait"
-    );
-    match waiter.await.expect("join") {
-        Ok(Begin::InProgress { retry_after }) => {
-            assert!(retry_after > Duration::ZERO && retry_after <= policy().lease);
-        }
-        other => panic!("the duplicate must give up with InProgress, got {other:?}"),
-    }
-    let waited = clock.now().since(T0);
-    assert!(
-        waited >= Duration::from_secs(5) && waited < policy().lease,
-        "the duplicate must wait its 5 s maximum, not less and not until the lease lapses (waited {waited:?})"
-    );
 }

@@ -29,131 +29,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use idem_core::machine::{Decision, decide};
+use idem_core::store::{FencingToken, Record, State, Store};
 use idem_core::{
-    Begin, Decision, Engine, Error, FailureKind, FencingToken, Fingerprint, IdempotencyKey, Lease,
-    ManualClock, Outcome, Record, RecordKey, ReplayKind, Scope, State, Store, Timestamp, decide,
+    Begin, Engine, Error, FailureKind, Fingerprint, IdempotencyKey, Lease, ManualClock, Outcome,
+    RecordKey, ReplayKind, Scope, Timestamp,
 };
-use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use super::{T0, open, policy};
+use super::{T0, engine_on, open, policy};
 use crate::StoreFactory;
 
+mod ops;
 mod regressions;
+pub use ops::*;
 pub use regressions::*;
 
 /// How many sequences [`matches_core_model`] generates unless
 /// `IDEM_PROPTEST_CASES` says otherwise.
 pub const DEFAULT_CASES: u32 = 256;
-
-/// The number of distinct idempotency keys in the model.
-pub const KEYS: usize = 2;
-/// The number of distinct scopes in the model.
-pub const SCOPES: usize = 2;
-/// The number of distinct request fingerprints in the model.
-pub const FINGERPRINTS: usize = 3;
-
-/// One of the model's [`KEYS`] keys (taken modulo, so no value is rejected).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KeyIdx(pub u8);
-/// One of the model's [`SCOPES`] scopes (modulo).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ScopeIdx(pub u8);
-/// One of the model's [`FINGERPRINTS`] fingerprints (modulo).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FpIdx(pub u8);
-/// One of the leases handed out so far, oldest first (modulo their number;
-/// the operation does nothing while there is none).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseIdx(pub u8);
-
-/// One step of a generated sequence. Its `Debug` output is valid Rust with
-/// `use Op::*` in scope, so a shrunk failure pastes into a regression case.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// `engine.begin` on a key and scope with a fingerprint.
-    Begin {
-        /// Which key.
-        key: KeyIdx,
-        /// Which scope.
-        scope: ScopeIdx,
-        /// Which request.
-        fp: FpIdx,
-    },
-    /// `engine.complete` by a lease holder, with `outcome % 4` copies of the
-    /// byte `outcome`.
-    Complete {
-        /// Which lease.
-        lease: LeaseIdx,
-        /// The outcome's byte.
-        outcome: u8,
-    },
-    /// `engine.fail` by a lease holder.
-    Fail {
-        /// Which lease.
-        lease: LeaseIdx,
-        /// Retryable or permanent.
-        retryable: bool,
-        /// The outcome's byte.
-        outcome: u8,
-    },
-    /// `engine.fail` with [`FailureKind::Unknown`] by a lease holder (an
-    /// ambiguous ending: a panic, a dropped or broken response).
-    FailUnknown {
-        /// Which lease.
-        lease: LeaseIdx,
-    },
-    /// `engine.release` by a lease holder.
-    Release {
-        /// Which lease.
-        lease: LeaseIdx,
-    },
-    /// `engine.extend` (a heartbeat) by a lease holder.
-    Extend {
-        /// Which lease.
-        lease: LeaseIdx,
-    },
-    /// Moves the clock.
-    Advance {
-        /// By how many milliseconds.
-        millis: u32,
-    },
-    /// `store.purge_expired` at the current time.
-    Purge,
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let lease = any::<u8>().prop_map(LeaseIdx);
-    prop_oneof![
-        4 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(k, s, f)| Op::Begin {
-            key: KeyIdx(k),
-            scope: ScopeIdx(s),
-            fp: FpIdx(f),
-        }),
-        2 => (lease.clone(), any::<u8>()).prop_map(|(lease, outcome)| Op::Complete { lease, outcome }),
-        1 => (lease.clone(), any::<bool>(), any::<u8>())
-            .prop_map(|(lease, retryable, outcome)| Op::Fail { lease, retryable, outcome }),
-        1 => lease.clone().prop_map(|lease| Op::FailUnknown { lease }),
-        1 => lease.clone().prop_map(|lease| Op::Release { lease }),
-        1 => lease.prop_map(|lease| Op::Extend { lease }),
-        2 => prop_oneof![
-            Just(1u32),
-            Just(1_000),
-            Just(9_999),
-            Just(10_000),
-            Just(59_999),
-            Just(60_000),
-            0u32..120_000,
-        ]
-        .prop_map(|millis| Op::Advance { millis }),
-        1 => Just(Op::Purge),
-    ]
-}
-
-/// Sequences of 1 to 40 operations.
-pub fn ops() -> impl Strategy<Value = Vec<Op>> {
-    proptest::collection::vec(op(), 1..40)
-}
 
 /// What a lease holder knows, mirrored from the engine's [`Lease`].
 struct Held {
@@ -232,11 +126,7 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
     let clock = ManualClock::new(T0);
     let engines: Vec<Engine<Arc<S>, ManualClock>> = stores
         .iter()
-        .map(|s| {
-            Engine::with_clock(s.clone(), clock.clone())
-                .with_policy(policy.clone())
-                .expect("valid policy")
-        })
+        .map(|s| engine_on(s.clone(), &clock, policy.clone()))
         .collect();
     let keys = universe(&namespace());
     let mut model = Model {
@@ -545,7 +435,7 @@ async fn finish<S: Store>(
 /// The stores a sequence runs against: the store, and a second instance
 /// over its records when the backend has one.
 async fn stores<F: StoreFactory>(factory: &F) -> Vec<Arc<F::Store>> {
-    let first = Arc::new(open(factory).await);
+    let first = open(factory).await;
     match factory.reopen(&first).await {
         Ok(Some(second)) => vec![first, Arc::new(second)],
         Ok(None) => vec![first],

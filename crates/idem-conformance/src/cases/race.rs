@@ -6,143 +6,125 @@
 //! more than one task win.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use idem_core::{
-    Begin, Clock, Error, Executed, Fingerprint, Inserted, Outcome, RecordKey, Revision, State,
-    Store, Swapped, Versioned,
-};
+use idem_core::store::{InsertOutcome, Revision, State, Store, SwapOutcome, Versioned};
+use idem_core::{Begin, Clock, Error, Executed, Fingerprint, Outcome, RecordKey, Timestamp};
 
 use super::{
-    RACERS, T0, at, claim, engine, ikey, key, ok, open, policy, race, reopen, scope, secs,
+    RACERS, T0, at, claim, engine, engine_on, ikey, key, must, open, open_with, policy, race,
+    reopen, scope, secs,
 };
 use crate::StoreFactory;
 
-/// Checks the results of racing `insert_if_absent`: exactly one `Inserted`,
-/// every other task saw the winner's record, and the winner's record is stored.
-fn one_insert_won(results: &[Inserted], candidates: &[Versioned], what: &str) -> Versioned {
-    let winners: Vec<usize> = results
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| matches!(r, Inserted::Inserted))
-        .map(|(i, _)| i)
-        .collect();
+/// The one task whose result `won`: fails the case unless exactly one of
+/// the racing `calls` did.
+fn one_winner<R>(results: &[R], won: impl Fn(&R) -> bool, calls: &str, what: &str) -> usize {
+    let winners: Vec<usize> = (0..results.len()).filter(|i| won(&results[*i])).collect();
     assert_eq!(
         winners.len(),
         1,
-        "{what}: exactly one of {} racing inserts must win, {} did (tasks {winners:?})",
+        "{what}: exactly one of {} racing {calls} must win, {} did (tasks {winners:?})",
         results.len(),
         winners.len()
     );
-    let winner = &candidates[winners[0]];
-    for (i, r) in results.iter().enumerate() {
-        if let Inserted::Exists(seen) = r {
+    winners[0]
+}
+
+/// `RACERS` different records, the i-th from task i, written at `now`.
+fn candidates(now: Timestamp) -> Vec<Versioned> {
+    (0..RACERS)
+        .map(|i| claim(i as u64 + 1, i as u128 + 1, now, 60))
+        .collect()
+}
+
+/// Races `RACERS` calls of `call` on one key, task i with candidate i, half
+/// through `a` and half through `b` (the same instance twice, or two).
+async fn race_on<S: Store, T: Send + 'static, Fut>(
+    (a, b): (Arc<S>, Arc<S>),
+    k: &RecordKey,
+    candidates: &[Versioned],
+    call: impl Fn(Arc<S>, RecordKey, Versioned) -> Fut + Send + Sync + 'static,
+) -> Vec<T>
+where
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let (k, candidates) = (k.clone(), candidates.to_vec());
+    race(RACERS, move |i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        call(store, k.clone(), candidates[i].clone())
+    })
+    .await
+}
+
+/// Races `RACERS` inserts of different records on `k` at `now`: exactly one
+/// inserts, every other task gets the winner's record back, which is
+/// stored (read through each instance).
+async fn insert_race<S: Store>(stores: (Arc<S>, Arc<S>), k: RecordKey, now: Timestamp, what: &str) {
+    let candidates = candidates(now);
+    let results = race_on(
+        stores.clone(),
+        &k,
+        &candidates,
+        move |store, k, rec| async move { must(&store).insert(&k, &rec, now).await },
+    )
+    .await;
+    let i = one_winner(
+        &results,
+        |r| matches!(r, InsertOutcome::Inserted),
+        "inserts",
+        what,
+    );
+    let winner = &candidates[i];
+    for (j, r) in results.iter().enumerate() {
+        if let InsertOutcome::Exists(seen) = r {
             assert_eq!(
                 seen, winner,
-                "{what}: loser {i} must see the winner's record (task {})",
-                winners[0]
+                "{what}: loser {j} must see the winner's record (task {i})"
             );
         }
     }
-    winner.clone()
+    for store in [stores.0, stores.1] {
+        assert_eq!(
+            must(&store).get(&k, now).await.as_ref(),
+            Some(winner),
+            "{what}: every instance must see the winner's record"
+        );
+    }
 }
 
 /// 32 tasks insert different records on one absent key: exactly one inserts,
 /// the 31 others get the winner's record back.
 pub async fn insert_if_absent_32_tasks_one_wins<F: StoreFactory>(factory: Arc<F>) {
-    let store = Arc::new(open(&*factory).await);
-    let k = key("race-insert");
-    let candidates: Vec<Versioned> = (0..RACERS)
-        .map(|i| claim(i as u64 + 1, i as u128 + 1, T0, 60))
-        .collect();
-    let results = {
-        let (store, k, candidates) = (store.clone(), k.clone(), candidates.clone());
-        race(RACERS, move |i| {
-            let (store, k, rec) = (store.clone(), k.clone(), candidates[i].clone());
-            async move {
-                ok(
-                    store.insert_if_absent(&k, &rec, T0).await,
-                    "insert_if_absent",
-                )
-            }
-        })
-        .await
-    };
-    let winner = one_insert_won(&results, &candidates, "insert on an absent key");
-    assert_eq!(ok(store.get(&k, T0).await, "get"), Some(winner));
+    let store = open(&*factory).await;
+    let what = "insert on an absent key";
+    insert_race((store.clone(), store), key("race-insert"), T0, what).await;
 }
 
 /// 32 tasks insert over one expired record: exactly one replaces it.
 pub async fn insert_over_expired_32_tasks_one_wins<F: StoreFactory>(factory: Arc<F>) {
-    let store = Arc::new(open(&*factory).await);
-    let k = key("race-expired");
-    ok(
-        store
-            .insert_if_absent(&k, &claim(1_000, 1_000, T0, 10), T0)
-            .await,
-        "insert_if_absent",
-    );
-    let now = at(secs(10));
-    let candidates: Vec<Versioned> = (0..RACERS)
-        .map(|i| claim(i as u64 + 1, i as u128 + 1, now, 60))
-        .collect();
-    let results = {
-        let (store, k, candidates) = (store.clone(), k.clone(), candidates.clone());
-        race(RACERS, move |i| {
-            let (store, k, rec) = (store.clone(), k.clone(), candidates[i].clone());
-            async move {
-                ok(
-                    store.insert_if_absent(&k, &rec, now).await,
-                    "insert_if_absent",
-                )
-            }
-        })
-        .await
-    };
-    let winner = one_insert_won(&results, &candidates, "insert over an expired record");
-    assert_eq!(ok(store.get(&k, now).await, "get"), Some(winner));
+    let (store, k) = open_with(&*factory, "race-expired", &claim(1_000, 1_000, T0, 10)).await;
+    let what = "insert over an expired record";
+    insert_race((store.clone(), store), k, at(secs(10)), what).await;
 }
 
 /// Runs `RACERS` CAS calls with one expected revision, half through `a` and
 /// half through `b`, and checks exactly one swapped.
 async fn cas_race<S: Store>(a: Arc<S>, b: Arc<S>, k: RecordKey, what: &str) {
-    let base = claim(1_000, 1_000, T0, 60);
-    ok(a.insert_if_absent(&k, &base, T0).await, "insert_if_absent");
-    let candidates: Vec<Versioned> = (0..RACERS)
-        .map(|i| claim(i as u64 + 1, i as u128 + 1, at(1), 60))
-        .collect();
-    let results = {
-        let (k, candidates) = (k.clone(), candidates.clone());
-        race(RACERS, move |i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let (k, rec) = (k.clone(), candidates[i].clone());
-            async move {
-                ok(
-                    store
-                        .compare_and_swap(&k, Revision::from_u64(1_000), &rec, at(1))
-                        .await,
-                    "compare_and_swap",
-                )
-            }
-        })
-        .await
-    };
-    let winners: Vec<usize> = results
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| matches!(r, Swapped::Swapped))
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(
-        winners.len(),
-        1,
-        "{what}: exactly one of {RACERS} CAS calls on revision 1000 must swap, {} did (tasks {winners:?})",
-        winners.len()
-    );
-    let winner = &candidates[winners[0]];
+    must(&a).insert(&k, &claim(1_000, 1_000, T0, 60), T0).await;
+    let candidates = candidates(at(1));
+    let results = race_on((a, b), &k, &candidates, |store, k, rec| async move {
+        let from = Revision::from_u64(1_000);
+        must(&store).swap(&k, from, &rec, at(1)).await
+    })
+    .await;
+    let calls = "CAS calls on revision 1000";
+    let winner =
+        &candidates[one_winner(&results, |r| matches!(r, SwapOutcome::Swapped), calls, what)];
     for (i, r) in results.iter().enumerate() {
-        if let Swapped::Conflict(seen) = r {
+        if let SwapOutcome::Conflict(seen) = r {
             assert_eq!(
                 seen.as_ref(),
                 Some(winner),
@@ -155,70 +137,42 @@ async fn cas_race<S: Store>(a: Arc<S>, b: Arc<S>, k: RecordKey, what: &str) {
 /// 32 tasks CAS one revision to different records: exactly one swaps, the
 /// others see the winner's record.
 pub async fn cas_same_revision_32_tasks_one_wins<F: StoreFactory>(factory: Arc<F>) {
-    let store = Arc::new(open(&*factory).await);
+    let store = open(&*factory).await;
     cas_race(store.clone(), store, key("race-cas"), "CAS on one instance").await;
 }
 
 /// 32 tasks `delete_if` one revision: exactly one deletes.
 pub async fn delete_if_32_tasks_one_wins<F: StoreFactory>(factory: Arc<F>) {
-    let store = Arc::new(open(&*factory).await);
-    let k = key("race-delete");
     let rec = claim(1_000, 1, T0, 60);
-    ok(
-        store.insert_if_absent(&k, &rec, T0).await,
-        "insert_if_absent",
-    );
-    let results = {
-        let (store, k) = (store.clone(), k.clone());
-        race(RACERS, move |_| {
-            let (store, k) = (store.clone(), k.clone());
-            async move { ok(store.delete_if(&k, rec.revision, at(1)).await, "delete_if") }
-        })
-        .await
-    };
+    let (store, k) = open_with(&*factory, "race-delete", &rec).await;
+    let same = vec![rec; RACERS];
+    let results = race_on(
+        (store.clone(), store.clone()),
+        &k,
+        &same,
+        |store, k, rec| async move { must(&store).delete(&k, rec.revision, at(1)).await },
+    )
+    .await;
     let deleted = results.iter().filter(|d| **d).count();
     assert_eq!(
         deleted, 1,
         "exactly one of {RACERS} delete_if calls must delete, {deleted} did"
     );
-    assert_eq!(ok(store.get(&k, at(1)).await, "get"), None);
+    assert_eq!(must(&store).get(&k, at(1)).await, None);
 }
 
 /// 32 tasks, half on each of two instances sharing records (two application
 /// servers), insert on one key: exactly one wins.
 pub async fn two_instances_insert_one_wins<F: StoreFactory>(factory: Arc<F>) {
-    let a = Arc::new(open(&*factory).await);
+    let a = open(&*factory).await;
     let b = Arc::new(reopen(&*factory, &a).await);
-    let k = key("race-two-insert");
-    let candidates: Vec<Versioned> = (0..RACERS)
-        .map(|i| claim(i as u64 + 1, i as u128 + 1, T0, 60))
-        .collect();
-    let results = {
-        let (a, b, k, candidates) = (a.clone(), b.clone(), k.clone(), candidates.clone());
-        race(RACERS, move |i| {
-            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let (k, rec) = (k.clone(), candidates[i].clone());
-            async move {
-                ok(
-                    store.insert_if_absent(&k, &rec, T0).await,
-                    "insert_if_absent",
-                )
-            }
-        })
-        .await
-    };
-    let winner = one_insert_won(&results, &candidates, "insert through two instances");
-    assert_eq!(ok(a.get(&k, T0).await, "get"), Some(winner.clone()));
-    assert_eq!(
-        ok(b.get(&k, T0).await, "get"),
-        Some(winner),
-        "both instances must see the same record"
-    );
+    let what = "insert through two instances";
+    insert_race((a, b), key("race-two-insert"), T0, what).await;
 }
 
 /// 32 tasks, half on each of two instances, CAS one revision: exactly one swaps.
 pub async fn two_instances_cas_one_wins<F: StoreFactory>(factory: Arc<F>) {
-    let a = Arc::new(open(&*factory).await);
+    let a = open(&*factory).await;
     let b = Arc::new(reopen(&*factory, &a).await);
     cas_race(a, b, key("race-two-cas"), "CAS through two instances").await;
 }
@@ -302,20 +256,12 @@ pub async fn engine_32_tasks_run_once<F: StoreFactory>(factory: Arc<F>) {
 /// Two engines over two instances sharing records (two application servers)
 /// race 32 `execute` calls with one key: the closure runs once.
 pub async fn engine_two_instances_run_once<F: StoreFactory>(factory: Arc<F>) {
-    let a = Arc::new(open(&*factory).await);
+    let a = open(&*factory).await;
     let b = Arc::new(reopen(&*factory, &a).await);
     let clock = idem_core::ManualClock::new(T0);
     let engines = vec![
-        Arc::new(
-            idem_core::Engine::with_clock(a, clock.clone())
-                .with_policy(policy())
-                .expect("valid policy"),
-        ),
-        Arc::new(
-            idem_core::Engine::with_clock(b, clock)
-                .with_policy(policy())
-                .expect("valid policy"),
-        ),
+        Arc::new(engine_on(a, &clock, policy())),
+        Arc::new(engine_on(b, &clock, policy())),
     ];
     execute_race(engines, "two instances").await;
 }

@@ -7,20 +7,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use idem_conformance::StoreFactory;
+use idem_conformance::{StoreFactory, open_store};
+use idem_core::store::{
+    FencingToken, InsertOutcome, Record, Revision, State, Store, StoreError, SwapOutcome,
+    Versioned, codec,
+};
 use idem_core::{
-    Begin, Clock, Engine, FencingToken, Fingerprint, IdempotencyKey, Inserted, ManualClock,
-    Outcome, Policy, Record, RecordKey, Revision, Scope, State, Store, StoreError, Swapped,
-    Timestamp, Versioned, codec,
+    Begin, Clock, Engine, Fingerprint, IdempotencyKey, ManualClock, Outcome, Policy, RecordKey,
+    Scope, Timestamp,
 };
 use idem_faults::{Fault, FaultProxy};
-use idem_redis::RedisStore;
+use idem_redis::{RedisStore, RedisStoreBuilder};
+use idem_testkit::fixtures::{T0, begin, proceed, race, replays};
+use idem_testkit::redis::{Deployment, Keyed, node};
+use idem_testkit::{StoreUrl, chain};
 use redis::Value;
-use tokio::sync::Barrier;
 
-use super::{Factory, chain, node};
-
-const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+use super::{Factory, deployment};
 
 const INSERT_LUA: &str = concat!(
     include_str!("../../src/lua/head.lua"),
@@ -76,6 +79,32 @@ fn envelope(v: &Versioned, id: u64) -> Vec<u8> {
     out
 }
 
+/// A fresh store of the case (its keys are deleted after the case).
+async fn open(f: &Factory) -> RedisStore {
+    (*open_store(f).await.expect("open")).clone()
+}
+
+/// A fresh store of the case and a connection that routes by key.
+async fn open_with_admin(f: &Factory) -> (RedisStore, Keyed) {
+    let store = open(f).await;
+    let admin = deployment(f).keyed().await.expect("admin connection");
+    (store, admin)
+}
+
+/// A store builder with `prefix` and the test stores' short timeouts.
+fn builder(prefix: &str) -> RedisStoreBuilder {
+    RedisStore::builder()
+        .with_prefix(prefix)
+        .with_connection_timeout(Duration::from_millis(500))
+        .with_response_timeout(Duration::from_secs(5))
+        .with_reconnect_attempts(2)
+}
+
+/// `cmd` sent to the node owning its key.
+async fn query<T: redis::FromRedisValue>(admin: &mut Keyed, cmd: &redis::Cmd) -> T {
+    admin.query(cmd).await.expect("admin command")
+}
+
 async fn flush_scripts(masters: &[String]) {
     for master in masters {
         let mut conn = node(master).await.expect("admin connection");
@@ -91,39 +120,36 @@ async fn flush_scripts(masters: &[String]) {
 /// `SCRIPT FLUSH` on every master before and while the store works: every
 /// primitive keeps working, with exact results under a 32-way race.
 pub async fn script_flush_mid_run(f: Arc<Factory>) {
-    let store = f.open().await.expect("open");
-    let masters = f.masters().await.expect("masters");
+    let store = open(&f).await;
+    let masters = deployment(&f).masters().await.expect("masters");
     for round in 0..4u64 {
         let k = rkey(&format!("flush-{round}"));
         flush_scripts(&masters).await;
-        let barrier = Arc::new(Barrier::new(33));
-        let mut racers = Vec::new();
-        for i in 0..32u64 {
-            let (store, barrier, k) = (store.clone(), barrier.clone(), k.clone());
-            racers.push(tokio::spawn(async move {
-                let mine = claim(round * 1000 + i + 1, u128::from(i) + 1, T0);
-                barrier.wait().await;
-                let result = store.insert_if_absent(&k, &mine, T0).await.expect("insert");
-                (mine, result)
-            }));
-        }
-        let flusher = {
-            let (barrier, masters) = (barrier.clone(), masters.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                flush_scripts(&masters).await;
-                flush_scripts(&masters).await;
+        // 32 racers and a flusher, released together.
+        let results = {
+            let (store, k, masters) = (store.clone(), k.clone(), masters.clone());
+            race(33, move |i| {
+                let (store, k, masters) = (store.clone(), k.clone(), masters.clone());
+                async move {
+                    if i == 32 {
+                        flush_scripts(&masters).await;
+                        flush_scripts(&masters).await;
+                        return None;
+                    }
+                    let mine = claim(round * 1000 + i as u64 + 1, i as u128 + 1, T0);
+                    let result = store.insert_if_absent(&k, &mine, T0).await.expect("insert");
+                    Some((mine, result))
+                }
             })
+            .await
         };
-        let mut winners = Vec::new();
-        let mut seen = Vec::new();
-        for racer in racers {
-            match racer.await.expect("racer") {
-                (mine, Inserted::Inserted) => winners.push(mine),
-                (_, Inserted::Exists(theirs)) => seen.push(theirs),
+        let (mut winners, mut seen) = (Vec::new(), Vec::new());
+        for (mine, result) in results.into_iter().flatten() {
+            match result {
+                InsertOutcome::Inserted => winners.push(mine),
+                InsertOutcome::Exists(theirs) => seen.push(theirs),
             }
         }
-        flusher.await.expect("flusher");
         assert_eq!(winners.len(), 1, "exactly one insert wins");
         let winner = winners.remove(0);
         assert_eq!(seen.len(), 31);
@@ -138,7 +164,7 @@ pub async fn script_flush_mid_run(f: Arc<Factory>) {
                 .compare_and_swap(&k, winner.revision, &next, T0)
                 .await
                 .expect("cas"),
-            Swapped::Swapped
+            SwapOutcome::Swapped
         );
         flush_scripts(&masters).await;
         assert!(
@@ -165,9 +191,9 @@ fn monitor_addr(line: &str) -> Option<String> {
 }
 
 /// Finds the store's connections with `MONITOR` on every master and kills
-/// them with `CLIENT KILL ADDR`; returns how many were killed.
-pub async fn kill_store_connections(f: &Factory, store: &RedisStore) -> usize {
-    let masters = f.masters().await.expect("masters");
+/// them with `CLIENT KILL ADDR`; fails unless one was killed at least.
+pub async fn kill_store_connections(f: &Factory, store: &RedisStore) {
+    let masters = deployment(f).masters().await.expect("masters");
     let mut monitors = Vec::new();
     for master in &masters {
         let client = redis::Client::open(master.as_str()).expect("url");
@@ -209,63 +235,39 @@ pub async fn kill_store_connections(f: &Factory, store: &RedisStore) -> usize {
             killed += n;
         }
     }
-    killed
+    assert!(killed >= 1, "killed nothing");
 }
 
 /// `CLIENT KILL` of the store's connections between the steps of a request,
 /// and before a 32-way race: every next call succeeds after reconnecting, no
 /// claim is lost and none is made twice.
 pub async fn client_kill_reconnects(f: Arc<Factory>) {
-    let store = f.open().await.expect("open");
+    let store = open(&f).await;
     let clock = ManualClock::new(T0);
     let engine = Arc::new(Engine::with_clock(store.clone(), clock.clone()));
-    let scope = Scope::tenant("kill");
 
     // Claim, lose the connection, complete, replay.
-    let key_a = IdempotencyKey::parse("kill-a").expect("key");
-    let fp_a = Fingerprint::of(b"request a");
-    let lease = match engine.begin(&scope, &key_a, fp_a).await.expect("begin") {
-        Begin::Proceed(lease) => lease,
-        other => panic!("expected to claim a new key, got {other:?}"),
-    };
-    assert!(
-        kill_store_connections(&f, &store).await >= 1,
-        "killed nothing"
-    );
+    let lease = proceed(&engine, "kill-a").await;
+    kill_store_connections(&f, &store).await;
     engine
         .complete(&lease, Outcome::new(b"done a".to_vec()))
         .await
         .expect("complete after the connection was killed");
-    match engine.begin(&scope, &key_a, fp_a).await.expect("begin") {
-        Begin::Replay(replay) => assert_eq!(replay.outcome.as_bytes(), b"done a"),
-        other => panic!("expected a replay, got {other:?}"),
-    }
+    replays(&engine, "kill-a", b"done a").await;
 
     // Lose the connection, then 32 requests race for one key.
-    assert!(
-        kill_store_connections(&f, &store).await >= 1,
-        "killed nothing"
-    );
-    let key_b = IdempotencyKey::parse("kill-b").expect("key");
-    let fp_b = Fingerprint::of(b"request b");
-    let barrier = Arc::new(Barrier::new(32));
-    let mut racers = Vec::new();
-    for _ in 0..32 {
-        let (engine, barrier, scope, key_b) = (
-            engine.clone(),
-            barrier.clone(),
-            scope.clone(),
-            key_b.clone(),
-        );
-        racers.push(tokio::spawn(async move {
-            barrier.wait().await;
-            engine.begin(&scope, &key_b, fp_b).await.expect("begin")
-        }));
-    }
-    let mut leases = Vec::new();
-    let mut in_progress = 0;
-    for racer in racers {
-        match racer.await.expect("racer") {
+    kill_store_connections(&f, &store).await;
+    let begun = {
+        let engine = engine.clone();
+        race(32, move |_| {
+            let engine = engine.clone();
+            async move { begin(&engine, "kill-b").await }
+        })
+        .await
+    };
+    let (mut leases, mut in_progress) = (Vec::new(), 0);
+    for b in begun {
+        match b {
             Begin::Proceed(lease) => leases.push(lease),
             Begin::InProgress { .. } => in_progress += 1,
             other => panic!("unexpected {other:?}"),
@@ -289,10 +291,7 @@ pub async fn client_kill_reconnects(f: Arc<Factory>) {
         .expect("the claim is stored");
     assert_eq!(stored.record.state.token(), lease.token());
     assert_eq!(stored.record.attempts, 1);
-    assert!(
-        kill_store_connections(&f, &store).await >= 1,
-        "killed nothing"
-    );
+    kill_store_connections(&f, &store).await;
     engine
         .complete(&lease, Outcome::new(b"done b".to_vec()))
         .await
@@ -306,19 +305,43 @@ pub async fn client_kill_reconnects(f: Arc<Factory>) {
     assert_eq!(done.record.state.token(), lease.token());
 }
 
-async fn socket_addr(url: &str) -> SocketAddr {
+/// A proxy in front of the standalone server, and a store through it
+/// under the prefix of a fresh isolated store of the case (its keys are
+/// deleted after the case), with `response_timeout` and one reconnect
+/// attempt; the first record is already written.
+async fn proxied(
+    f: &Factory,
+    response_timeout: Duration,
+    k: &RecordKey,
+    rec: &Versioned,
+) -> (FaultProxy, RedisStore) {
+    let Deployment::Standalone(url) = deployment(f) else {
+        panic!("the fault proxy stands in front of one server")
+    };
     let info = redis::Client::open(url)
         .expect("url")
         .get_connection_info()
         .clone();
-    match info.addr() {
+    let addr: SocketAddr = match info.addr() {
         redis::ConnectionAddr::Tcp(host, port) => tokio::net::lookup_host((host.as_str(), *port))
             .await
             .expect("resolve")
             .next()
             .expect("an address"),
         other => panic!("the fault proxy needs a TCP URL, not {other:?}"),
-    }
+    };
+    let proxy = FaultProxy::start(addr).await.expect("proxy");
+    let store = builder(open(f).await.prefix())
+        .with_response_timeout(response_timeout)
+        .with_reconnect_attempts(1)
+        .connect(&format!("redis://{}", proxy.addr()))
+        .await
+        .expect("connect through the proxy");
+    assert_eq!(
+        store.insert_if_absent(k, rec, T0).await.expect("insert"),
+        InsertOutcome::Inserted
+    );
+    (proxy, store)
 }
 
 fn is_corrupt<T>(r: &Result<T, StoreError>) -> bool {
@@ -350,22 +373,8 @@ async fn until_recovered(store: &RedisStore, k: &RecordKey) -> Option<Versioned>
 /// The server goes away (connections cut, new ones refused): calls fail with
 /// `Unavailable`, not a hang; when it is back, the same store works again.
 pub async fn server_gone_then_back(f: Arc<Factory>) {
-    let proxy = FaultProxy::start(socket_addr(f.url()).await)
-        .await
-        .expect("proxy");
-    let config = f
-        .config(&f.fresh_prefix())
-        .with_response_timeout(Duration::from_millis(500))
-        .with_reconnect_attempts(1);
-    let store = RedisStore::connect(&format!("redis://{}", proxy.addr()), config)
-        .await
-        .expect("connect through the proxy");
-    let k = rkey("gone");
-    let rec = claim(1, 1, T0);
-    assert_eq!(
-        store.insert_if_absent(&k, &rec, T0).await.expect("insert"),
-        Inserted::Inserted
-    );
+    let (k, rec) = (rkey("gone"), claim(1, 1, T0));
+    let (proxy, store) = proxied(&f, Duration::from_millis(500), &k, &rec).await;
 
     proxy.set(Fault::Refuse);
     proxy.cut_all();
@@ -389,7 +398,7 @@ pub async fn server_gone_then_back(f: Arc<Factory>) {
             .compare_and_swap(&k, rec.revision, &next, T0)
             .await
             .expect("cas"),
-        Swapped::Swapped
+        SwapOutcome::Swapped
     );
 }
 
@@ -397,22 +406,8 @@ pub async fn server_gone_then_back(f: Arc<Factory>) {
 /// with `Unavailable`; once the network heals the store uses a fresh
 /// connection instead of waiting on the dead one.
 pub async fn silent_connection_times_out_then_recovers(f: Arc<Factory>) {
-    let proxy = FaultProxy::start(socket_addr(f.url()).await)
-        .await
-        .expect("proxy");
-    let config = f
-        .config(&f.fresh_prefix())
-        .with_response_timeout(Duration::from_millis(300))
-        .with_reconnect_attempts(1);
-    let store = RedisStore::connect(&format!("redis://{}", proxy.addr()), config)
-        .await
-        .expect("connect through the proxy");
-    let k = rkey("silent");
-    let rec = claim(1, 1, T0);
-    assert_eq!(
-        store.insert_if_absent(&k, &rec, T0).await.expect("insert"),
-        Inserted::Inserted
-    );
+    let (k, rec) = (rkey("silent"), claim(1, 1, T0));
+    let (proxy, store) = proxied(&f, Duration::from_millis(300), &k, &rec).await;
     let dialled = proxy.accepted_connections();
 
     proxy.set(Fault::BlackHole);
@@ -432,8 +427,7 @@ pub async fn silent_connection_times_out_then_recovers(f: Arc<Factory>) {
 /// Values that are not records are `Corrupt` for every primitive, and are
 /// never overwritten.
 pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
-    let store = f.open().await.expect("open");
-    let mut admin = f.keyed().await.expect("admin connection");
+    let (store, mut admin) = open_with_admin(&f).await;
     let live = T0.plus(Duration::from_secs(3600));
     let good = claim(7, 7, T0);
     let mut damaged_body = envelope(&good, 1);
@@ -454,10 +448,7 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
     for (i, (what, bytes, header_ok)) in cases.into_iter().enumerate() {
         let k = rkey(&format!("corrupt-{i}"));
         let rk = store.redis_key(&k);
-        let () = admin
-            .query(redis::cmd("SET").arg(&rk).arg(&bytes))
-            .await
-            .expect("SET");
+        let () = query(&mut admin, redis::cmd("SET").arg(&rk).arg(&bytes)).await;
         let got = store.get(&k, T0).await;
         assert!(is_corrupt(&got), "{what}: get gave {got:?}");
         let msg = chain(got.as_ref().expect_err("error"));
@@ -478,39 +469,25 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
         } else {
             assert!(is_corrupt(&del), "{what}: delete gave {del:?}");
         }
-        let kept: Vec<u8> = admin.query(redis::cmd("GET").arg(&rk)).await.expect("GET");
+        let kept: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&rk)).await;
         assert_eq!(kept, bytes, "{what}: the value was not overwritten");
     }
 
     // Another Redis type at a record key.
     let k = rkey("corrupt-hash");
     let rk = store.redis_key(&k);
-    let _: i64 = admin
-        .query(redis::cmd("HSET").arg(&rk).arg("f").arg("v"))
-        .await
-        .expect("HSET");
-    assert!(matches!(
-        store.get(&k, T0).await,
-        Err(StoreError::Corrupt { .. })
+    let _: i64 = query(&mut admin, redis::cmd("HSET").arg(&rk).arg("f").arg("v")).await;
+    assert!(is_corrupt(&store.get(&k, T0).await));
+    assert!(is_corrupt(
+        &store.insert_if_absent(&k, &claim(1, 1, T0), T0).await
     ));
-    assert!(matches!(
-        store.insert_if_absent(&k, &claim(1, 1, T0), T0).await,
-        Err(StoreError::Corrupt { .. })
+    let other = claim(2, 2, T0);
+    let cas = store.compare_and_swap(&k, Revision::from_u64(1), &other, T0);
+    assert!(is_corrupt(&cas.await));
+    assert!(is_corrupt(
+        &store.delete_if(&k, Revision::from_u64(1), T0).await
     ));
-    assert!(matches!(
-        store
-            .compare_and_swap(&k, Revision::from_u64(1), &claim(2, 2, T0), T0)
-            .await,
-        Err(StoreError::Corrupt { .. })
-    ));
-    assert!(matches!(
-        store.delete_if(&k, Revision::from_u64(1), T0).await,
-        Err(StoreError::Corrupt { .. })
-    ));
-    let kind: String = admin
-        .query(redis::cmd("TYPE").arg(&rk))
-        .await
-        .expect("TYPE");
+    let kind: String = query(&mut admin, redis::cmd("TYPE").arg(&rk)).await;
     assert_eq!(kind, "hash");
 
     // The documented exception: an intact header that says "expired" decides,
@@ -520,10 +497,7 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
     let mut expired = envelope(&claim(5, 5, T0), 1);
     expired[1..9].copy_from_slice(&(T0.as_millis() - 1).to_be_bytes());
     expired.truncate(27);
-    let () = admin
-        .query(redis::cmd("SET").arg(&rk).arg(&expired))
-        .await
-        .expect("SET");
+    let () = query(&mut admin, redis::cmd("SET").arg(&rk).arg(&expired)).await;
     assert_eq!(store.get(&k, T0).await.expect("get"), None);
     let fresh = claim(6, 6, T0);
     assert_eq!(
@@ -531,7 +505,7 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
             .insert_if_absent(&k, &fresh, T0)
             .await
             .expect("insert"),
-        Inserted::Inserted
+        InsertOutcome::Inserted
     );
     assert_eq!(store.get(&k, T0).await.expect("get"), Some(fresh));
 }
@@ -541,10 +515,14 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
 pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
     let grace = Duration::from_secs(5);
     let store = f
-        .connect(f.config(&f.fresh_prefix()).with_expiry_grace(grace))
+        .open_with(|url| {
+            if let StoreUrl::Redis(r) = url {
+                r.expiry_grace = Some(grace);
+            }
+        })
         .await
         .expect("open");
-    let mut admin = f.keyed().await.expect("admin connection");
+    let mut admin = deployment(&f).keyed().await.expect("admin connection");
     let policy = Policy::default()
         .with_ttl(Duration::from_secs(10))
         .with_lease(Duration::from_secs(5));
@@ -566,10 +544,7 @@ pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
         .insert_if_absent(&k, &first, T0)
         .await
         .expect("insert");
-    let pttl: i64 = admin
-        .query(redis::cmd("PTTL").arg(&rk))
-        .await
-        .expect("PTTL");
+    let pttl: i64 = query(&mut admin, redis::cmd("PTTL").arg(&rk)).await;
     assert!(
         (10_000 - 5_000..=15_000).contains(&pttl),
         "PX = remaining 10 s + grace 5 s, got {pttl} ms"
@@ -582,12 +557,9 @@ pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
             .compare_and_swap(&k, first.revision, &longer, T0)
             .await
             .expect("cas"),
-        Swapped::Swapped
+        SwapOutcome::Swapped
     );
-    let pttl: i64 = admin
-        .query(redis::cmd("PTTL").arg(&rk))
-        .await
-        .expect("PTTL");
+    let pttl: i64 = query(&mut admin, redis::cmd("PTTL").arg(&rk)).await;
     assert!(
         (100_000 - 5_000..=105_000).contains(&pttl),
         "PX = remaining 100 s + grace 5 s, got {pttl} ms"
@@ -596,10 +568,7 @@ pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
     // Logically expired (engine time) while Redis still holds it.
     let later = longer.record.expires_at;
     assert_eq!(store.get(&k, later).await.expect("get"), None);
-    let exists: i64 = admin
-        .query(redis::cmd("EXISTS").arg(&rk))
-        .await
-        .expect("EXISTS");
+    let exists: i64 = query(&mut admin, redis::cmd("EXISTS").arg(&rk)).await;
     assert_eq!(exists, 1, "physically still there");
     assert!(
         !store
@@ -617,12 +586,9 @@ pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
             .insert_if_absent(&k2, &stale, now)
             .await
             .expect("insert"),
-        Inserted::Inserted
+        InsertOutcome::Inserted
     );
-    let pttl: i64 = admin
-        .query(redis::cmd("PTTL").arg(store.redis_key(&k2)))
-        .await
-        .expect("PTTL");
+    let pttl: i64 = query(&mut admin, redis::cmd("PTTL").arg(store.redis_key(&k2))).await;
     assert!(
         (1..=5_000).contains(&pttl),
         "PX = grace only, got {pttl} ms"
@@ -635,8 +601,9 @@ pub async fn layout_and_memory_per_record(f: Arc<Factory>) {
     // A production-sized prefix (5 bytes), unique to this case; its keys are
     // deleted at the end.
     let prefix = format!("{:04x}:", std::process::id() as u16 ^ rand_u16());
-    let store = f.connect(f.config(&prefix)).await.expect("open");
-    let mut admin = f.keyed().await.expect("admin connection");
+    let deployment = deployment(&f);
+    let store = deployment.connect(&builder(&prefix)).await.expect("open");
+    let mut admin = deployment.keyed().await.expect("admin connection");
     let mut keys = Vec::new();
     let mut report = Vec::new();
     for (i, outcome_len) in [0usize, 100, 1_000, 10_000].into_iter().enumerate() {
@@ -647,7 +614,7 @@ pub async fn layout_and_memory_per_record(f: Arc<Factory>) {
         let token = (0x9e37_79b9_7f4a_7c15_u128 << 64) | i as u128;
         let rec = completed(10 * i as u64, token, T0, outcome_len);
         store.insert_if_absent(&k, &rec, T0).await.expect("insert");
-        let raw: Vec<u8> = admin.query(redis::cmd("GET").arg(&rk)).await.expect("GET");
+        let raw: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&rk)).await;
         assert_eq!(raw[0], 1, "layout tag");
         assert_eq!(raw[1..9], rec.record.expires_at.as_millis().to_be_bytes());
         assert_eq!(raw[9..17], rec.revision.as_u64().to_be_bytes());
@@ -655,16 +622,15 @@ pub async fn layout_and_memory_per_record(f: Arc<Factory>) {
             codec::decode_record(&raw[25..]).expect("record"),
             rec.record
         );
-        let memory: usize = admin
-            .query(
-                redis::cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(&rk)
-                    .arg("SAMPLES")
-                    .arg(0),
-            )
-            .await
-            .expect("MEMORY USAGE");
+        let memory: usize = query(
+            &mut admin,
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&rk)
+                .arg("SAMPLES")
+                .arg(0),
+        )
+        .await;
         report.push((outcome_len, raw.len(), rk.len(), memory));
         keys.push(rk);
     }
@@ -675,15 +641,12 @@ pub async fn layout_and_memory_per_record(f: Arc<Factory>) {
         );
     }
     for rk in &keys {
-        let _: i64 = admin
-            .query(redis::cmd("UNLINK").arg(rk))
-            .await
-            .expect("UNLINK");
+        let _: i64 = query(&mut admin, redis::cmd("UNLINK").arg(rk)).await;
     }
     // Fixed costs: record and header, the key, Redis's per-key overhead (16 B
     // more in cluster mode, which links every key into its slot); plus the
     // allocator's rounding of the value (size classes 25 % apart).
-    let fixed = if f.is_cluster() { 216 } else { 200 };
+    let fixed = if deployment.is_cluster() { 216 } else { 200 };
     for (outcome_len, _, _, memory) in report {
         assert!(
             memory <= fixed + outcome_len + outcome_len / 4,
@@ -700,39 +663,39 @@ fn rand_u16() -> u16 {
 /// A write re-sent after a lost reply finds its own write id and reports
 /// success; a different write with the same revision does not.
 pub async fn resent_write_is_recognised(f: Arc<Factory>) {
-    let store = f.open().await.expect("open");
-    let mut admin = f.keyed().await.expect("admin connection");
+    let (store, mut admin) = open_with_admin(&f).await;
     let k = rkey("resent");
     let rk = store.redis_key(&k);
-    let now = T0.as_millis().to_be_bytes();
-    let px = "600000";
-    let eval = |script: &str, args: Vec<Vec<u8>>| {
+    // The scripts as the store sends them: the time, the expected
+    // revision (swaps), the value, PX.
+    let eval = |script: &str, args: &[&[u8]]| {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(script).arg(1).arg(&rk);
+        cmd.arg(script)
+            .arg(1)
+            .arg(&rk)
+            .arg(&T0.as_millis().to_be_bytes()[..]);
         for arg in args {
-            cmd.arg(arg);
+            cmd.arg(*arg);
         }
+        cmd.arg("600000");
         cmd
+    };
+    let insert = |value: &[u8]| eval(INSERT_LUA, &[value]);
+    let cas = |expected: Revision, value: &[u8]| {
+        eval(CAS_LUA, &[&expected.as_u64().to_be_bytes(), value])
     };
 
     let first = claim(11, 1, T0);
     let sent = envelope(&first, 0xAAAA);
-    let insert = eval(INSERT_LUA, vec![now.to_vec(), sent.clone(), px.into()]);
+    let resent = insert(&sent);
+    assert_eq!(query::<Value>(&mut admin, &resent).await, Value::Int(1));
     assert_eq!(
-        admin.query::<Value>(&insert).await.expect("eval"),
-        Value::Int(1)
-    );
-    assert_eq!(
-        admin.query::<Value>(&insert).await.expect("eval"),
+        query::<Value>(&mut admin, &resent).await,
         Value::Int(1),
         "the re-sent insert is recognised"
     );
-    let other_write = eval(
-        INSERT_LUA,
-        vec![now.to_vec(), envelope(&first, 0xBBBB), px.into()],
-    );
     assert_eq!(
-        admin.query::<Value>(&other_write).await.expect("eval"),
+        query::<Value>(&mut admin, &insert(&envelope(&first, 0xBBBB))).await,
         Value::BulkString(sent.clone()),
         "another write with the same revision is not"
     );
@@ -741,41 +704,22 @@ pub async fn resent_write_is_recognised(f: Arc<Factory>) {
             .insert_if_absent(&k, &claim(12, 2, T0), T0)
             .await
             .expect("insert"),
-        Inserted::Exists(first.clone())
+        InsertOutcome::Exists(first.clone())
     );
 
     let second = claim(13, 3, T0);
     let swapped = envelope(&second, 0xCCCC);
-    let cas = eval(
-        CAS_LUA,
-        vec![
-            now.to_vec(),
-            first.revision.as_u64().to_be_bytes().to_vec(),
-            swapped.clone(),
-            px.into(),
-        ],
-    );
+    let cas_sent = cas(first.revision, &swapped);
+    assert_eq!(query::<Value>(&mut admin, &cas_sent).await, Value::Int(1));
     assert_eq!(
-        admin.query::<Value>(&cas).await.expect("eval"),
-        Value::Int(1)
-    );
-    assert_eq!(
-        admin.query::<Value>(&cas).await.expect("eval"),
+        query::<Value>(&mut admin, &cas_sent).await,
         Value::Int(1),
         "the re-sent swap is recognised"
     );
     assert_eq!(store.get(&k, T0).await.expect("get"), Some(second.clone()));
-    let stale = eval(
-        CAS_LUA,
-        vec![
-            now.to_vec(),
-            first.revision.as_u64().to_be_bytes().to_vec(),
-            envelope(&claim(14, 4, T0), 0xDDDD),
-            px.into(),
-        ],
-    );
+    let stale = cas(first.revision, &envelope(&claim(14, 4, T0), 0xDDDD));
     assert_eq!(
-        admin.query::<Value>(&stale).await.expect("eval"),
+        query::<Value>(&mut admin, &stale).await,
         Value::BulkString(swapped),
         "a stale swap still conflicts"
     );
@@ -783,13 +727,10 @@ pub async fn resent_write_is_recognised(f: Arc<Factory>) {
 
 /// A prefix with a hash tag would put every record in one cluster slot: refused.
 pub async fn hash_tag_prefix_is_rejected(f: Arc<Factory>) {
-    let config = f.config("{idem}:");
-    let result = match f.target() {
-        super::Target::Standalone(url) => RedisStore::connect(url, config).await,
-        super::Target::Cluster(urls) => {
-            RedisStore::connect_cluster(urls.clone().unwrap_or_default(), config).await
-        }
-    };
+    let result = deployment(&f)
+        .connect(&builder("{idem}:"))
+        .await
+        .map_err(StoreError::from);
     assert!(
         matches!(result, Err(StoreError::Rejected { .. })),
         "{result:?}"
@@ -798,7 +739,7 @@ pub async fn hash_tag_prefix_is_rejected(f: Arc<Factory>) {
 
 /// Records spread over every master of the cluster.
 pub async fn keys_spread_over_all_masters(f: Arc<Factory>) {
-    let store = f.open().await.expect("open");
+    let store = open(&f).await;
     for i in 0..64 {
         let k = rkey(&format!("spread-{i}"));
         assert_eq!(
@@ -806,10 +747,13 @@ pub async fn keys_spread_over_all_masters(f: Arc<Factory>) {
                 .insert_if_absent(&k, &claim(i + 1, 1, T0), T0)
                 .await
                 .expect("insert"),
-            Inserted::Inserted
+            InsertOutcome::Inserted
         );
     }
-    let per_master = f.keys_per_master(store.prefix()).await.expect("scan");
+    let per_master = deployment(&f)
+        .keys_per_master(store.prefix())
+        .await
+        .expect("scan");
     eprintln!("idem-redis cluster: records per master: {per_master:?}");
     assert!(
         per_master.len() >= 3,
@@ -819,7 +763,7 @@ pub async fn keys_spread_over_all_masters(f: Arc<Factory>) {
         per_master.values().all(|&n| n > 0),
         "every master holds records: {per_master:?}"
     );
-    assert_eq!(per_master.values().sum::<usize>(), 64);
+    assert_eq!(per_master.values().sum::<u64>(), 64);
     // And each reads back through the cluster client.
     for i in 0..64 {
         let k = rkey(&format!("spread-{i}"));

@@ -1,118 +1,72 @@
-//! Shared test fixtures: a store wrapper with failure switches, an axum app
+//! Shared test fixtures: a store with failure switches, an axum app
 //! with counting handlers, and a server on 127.0.0.1:0.
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
+use idem_conformance::faulty::{Fault, FaultKind, FaultyStore, Op};
+use idem_core::store::{Revision, State as KeyState, Store, SwapOutcome, Versioned};
 use idem_core::{
-    Capabilities, Clock, Engine, Error, IdempotencyKey, Inserted, MemoryStore, RecordKey, Revision,
-    Scope, State as KeyState, Store, StoreError, Swapped, Timestamp, Transition, Versioned,
+    Clock, Engine, Error, IdempotencyKey, MemoryStore, RecordKey, Scope, Timestamp, Transition,
 };
 use idem_tower::{IdempotencyClaim, IdempotencyLayerBuilder, Rejection};
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 
-/// A [`MemoryStore`] with switches: `down` makes every call fail as
-/// unavailable, `fail_cas` only compare-and-swap (completion, heartbeat).
-#[derive(Clone, Default)]
-pub struct TestStore {
-    pub inner: MemoryStore,
-    pub down: Arc<AtomicBool>,
-    pub fail_cas: Arc<AtomicBool>,
+/// A [`MemoryStore`] behind idem-conformance's [`FaultyStore`]: a test
+/// switches it off ([`switch_off`]: every call fails as unavailable) or
+/// fails only its compare-and-swap ([`fail_cas`]: completion, heartbeat).
+pub type TestStore = FaultyStore<MemoryStore>;
+
+/// A new, empty [`TestStore`].
+pub fn test_store() -> TestStore {
+    FaultyStore::new(MemoryStore::new()).with_name("test")
 }
 
-fn unavailable() -> StoreError {
-    StoreError::Unavailable {
-        store: "test",
-        source: "switched off by the test".into(),
-    }
-}
-
-impl TestStore {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(unavailable());
-        }
-        Ok(())
-    }
-
-    /// Applies a transition the way the SQL stores do inside a transaction:
-    /// replace the record if it is in flight under the transition's token.
-    pub async fn apply(&self, t: &Transition) -> Result<(), Error> {
-        let now = t.next.record.updated_at;
-        let Some(current) = self.inner.get(&t.key, now).await? else {
-            return Err(Error::LeaseLost(idem_core::Fenced::Expired));
-        };
-        current
-            .record
-            .check_holder(t.token, now)
-            .map_err(Error::LeaseLost)?;
-        match self
-            .inner
-            .compare_and_swap(&t.key, current.revision, &t.next, now)
-            .await?
-        {
-            Swapped::Swapped => Ok(()),
-            Swapped::Conflict(_) => Err(Error::Contention),
-        }
+/// Makes every call of `store` fail as unavailable, until [`switch_on`].
+pub fn switch_off(store: &TestStore) {
+    for op in Op::ALL {
+        store.inject(Fault::new(op, FaultKind::Unavailable));
     }
 }
 
-#[async_trait]
-impl Store for TestStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn insert_if_absent(
-        &self,
-        key: &RecordKey,
-        record: &Versioned,
-        now: Timestamp,
-    ) -> Result<Inserted, StoreError> {
-        self.check()?;
-        self.inner.insert_if_absent(key, record, now).await
-    }
-    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
-        self.check()?;
-        self.inner.get(key, now).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &RecordKey,
-        expected: Revision,
-        record: &Versioned,
-        now: Timestamp,
-    ) -> Result<Swapped, StoreError> {
-        self.check()?;
-        if self.fail_cas.load(Ordering::SeqCst) {
-            return Err(unavailable());
-        }
-        self.inner
-            .compare_and_swap(key, expected, record, now)
-            .await
-    }
-    async fn delete_if(
-        &self,
-        key: &RecordKey,
-        expected: Revision,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.delete_if(key, expected, now).await
-    }
-    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.purge_expired(now, limit).await
+/// Undoes [`switch_off`] and [`fail_cas`].
+pub fn switch_on(store: &TestStore) {
+    store.clear();
+}
+
+/// Makes every compare-and-swap of `store` fail as unavailable.
+pub fn fail_cas(store: &TestStore) {
+    store.inject(Fault::new(Op::CompareAndSwap, FaultKind::Unavailable));
+}
+
+/// Applies a transition the way the SQL stores do inside a transaction:
+/// replace the record if it is in flight under the transition's token.
+pub async fn apply(store: &TestStore, t: &Transition) -> Result<(), Error> {
+    let (store, now) = (store.inner(), t.next.record.updated_at);
+    let Some(current) = store.get(&t.key, now).await? else {
+        return Err(Error::LeaseLost(idem_core::machine::Fenced::Expired));
+    };
+    current
+        .record
+        .check_holder(t.token, now)
+        .map_err(Error::LeaseLost)?;
+    match store
+        .compare_and_swap(&t.key, current.revision, &t.next, now)
+        .await?
+    {
+        SwapOutcome::Swapped => Ok(()),
+        SwapOutcome::Conflict(_) => Err(Error::Contention),
     }
 }
 
@@ -207,7 +161,7 @@ async fn tx(
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     // BEGIN; business write; apply; COMMIT.
-    if app.store.apply(&done).await.is_err() {
+    if apply(&app.store, &done).await.is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     *app.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(done.next.revision);
@@ -333,11 +287,36 @@ impl<C: Clock> Harness<C> {
         .await
     }
 
+    /// Starts a POST of `key` to `/slow` (tenant t1) in a task of its own:
+    /// its handler waits for [`open`](Self::open).
+    pub fn spawn_slow(&self, key: &str) -> JoinHandle<Reply> {
+        let req = self.request(
+            reqwest::Method::POST,
+            "/slow",
+            Some(key.as_bytes()),
+            "t1",
+            "",
+        );
+        tokio::spawn(async move { Reply::of(req.send().await.unwrap()).await })
+    }
+
+    /// Lets the `/slow` handler of `first` (for `key`) finish: it answers
+    /// 200, a retry replays its body, and the handler ran once in all.
+    pub async fn finish_slow(&self, first: JoinHandle<Reply>, key: &str) {
+        self.open.send(true).unwrap();
+        let first = first.await.unwrap();
+        assert_eq!(first.status, 200);
+        let replay = self.post("/slow", Some(key), "t1", "").await;
+        assert!(replay.replayed());
+        assert_eq!(replay.body, first.body);
+        assert_eq!(self.calls(), 1);
+    }
+
     pub async fn record(&self, tenant: &str, key: &str) -> Option<Versioned> {
         let rk = RecordKey::new(&Scope::tenant(tenant), &IdempotencyKey::parse(key).unwrap());
         self.engine
             .store()
-            .inner
+            .inner()
             .get(&rk, self.engine.clock().now())
             .await
             .unwrap()

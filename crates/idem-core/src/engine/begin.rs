@@ -1,0 +1,195 @@
+//! Starting a request: [`Engine::begin`] applies [`decide`] to what the store
+//! holds until it can claim the key, replay it, or report why not.
+
+use std::time::Duration;
+
+use crate::engine::Engine;
+use crate::machine::{Decision, decide};
+use crate::store::{InsertOutcome, Record, State, Store, SwapOutcome, Versioned};
+use crate::{
+    Clock, Error, FailureKind, Fingerprint, IdempotencyKey, InFlightPolicy, Lease, Outcome,
+    RecordKey, Scope,
+};
+
+/// What [`Engine::begin`] found.
+#[derive(Debug)]
+#[must_use = "a Proceed lease must be completed, failed or released"]
+pub enum Begin {
+    /// The caller holds the key: run the operation, then
+    /// [`complete`](Engine::complete), [`fail`](Engine::fail) or
+    /// [`release`](Engine::release) the lease.
+    Proceed(Lease),
+    /// The key finished before: answer with its stored outcome.
+    Replay(Replay),
+    /// Another request holds the key; its lease lapses after `retry_after`.
+    InProgress {
+        /// Time left on the holder's lease (for `Retry-After`).
+        retry_after: Duration,
+    },
+    /// The key is bound to a different request (HTTP 422).
+    Mismatch,
+}
+
+/// A stored outcome to answer a retry with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replay {
+    /// The stored bytes.
+    pub outcome: Outcome,
+    /// How the key finished.
+    pub kind: ReplayKind,
+}
+
+/// How the replayed key finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplayKind {
+    /// It completed.
+    Completed,
+    /// It failed permanently.
+    Failed,
+    /// It ended without a known result ([`FailureKind::Unknown`]): the work
+    /// may or may not have taken effect. Answer "outcome unknown"; never run
+    /// it again automatically.
+    Unknown,
+}
+
+impl<S: Store, C: Clock> Engine<S, C> {
+    /// Starts a request carrying `key` within `scope`.
+    ///
+    /// # Behavior
+    /// Applies [`decide`] to what the store holds: claims an absent or expired
+    /// key ([`Begin::Proceed`]), takes over a lapsed lease or a retryable
+    /// failure with a new fencing token (`Proceed` again), replays a finished
+    /// key ([`Begin::Replay`]), reports a live claim ([`Begin::InProgress`],
+    /// after waiting if the policy says [`InFlightPolicy::Wait`]) or a
+    /// different request ([`Begin::Mismatch`]). Of any number of concurrent
+    /// calls on one key, at most one gets `Proceed` per claim. After
+    /// [`shutdown`](Self::shutdown) began: [`Error::ShuttingDown`], nothing
+    /// read or written.
+    pub async fn begin(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Begin, Error> {
+        self.begin_key(RecordKey::new(scope, key), fingerprint)
+            .await
+    }
+
+    /// [`begin`](Self::begin) with a precomputed [`RecordKey`].
+    pub async fn begin_key(
+        &self,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Begin, Error> {
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let (store, clock, ids) = (&self.shared.store, &self.shared.clock, &self.shared.ids);
+        let started = clock.now();
+        let wait_until = match self.policy.in_flight {
+            InFlightPolicy::Reject => None,
+            InFlightPolicy::Wait { max, poll } => Some((started.plus(max), poll)),
+        };
+        let mut poll = wait_until.map_or(Duration::ZERO, |(_, poll)| poll);
+        let max_poll = poll.saturating_mul(8);
+        // `None`: nothing seen yet, or the key looked absent: try to insert.
+        let mut seen: Option<Versioned> = None;
+        // Only writes that lose a race count: the first insert finding the
+        // key is how the engine learns that it exists.
+        let mut inserts = 0_u32;
+        let mut races = 0_u32;
+        loop {
+            let now = clock.now();
+            let decision = decide(seen.as_ref().map(|v| &v.record), &fingerprint, now);
+            match (decision, seen.take()) {
+                (Decision::Claim, _) => {
+                    let claim = Versioned {
+                        revision: ids.revision(),
+                        record: Record::new_claim(fingerprint, ids.token(), now, &self.policy),
+                    };
+                    inserts += 1;
+                    match store.insert_if_absent(&key, &claim, now).await? {
+                        InsertOutcome::Inserted => {
+                            return Ok(Begin::Proceed(self.lease(key, claim)));
+                        }
+                        InsertOutcome::Exists(current) => {
+                            seen = Some(current);
+                            if inserts == 1 {
+                                continue;
+                            }
+                        }
+                    }
+                }
+                (Decision::Reclaim(reason), Some(current)) => {
+                    let next = Versioned {
+                        revision: ids.revision(),
+                        record: current.record.reclaim(ids.token(), now, &self.policy),
+                    };
+                    match store
+                        .compare_and_swap(&key, current.revision, &next, now)
+                        .await?
+                    {
+                        SwapOutcome::Swapped => {
+                            tracing::debug!(
+                                ?reason,
+                                attempt = next.record.attempts,
+                                "idem: reclaimed key"
+                            );
+                            return Ok(Begin::Proceed(self.lease(key, next)));
+                        }
+                        SwapOutcome::Conflict(current) => seen = current,
+                    }
+                }
+                (Decision::Replay, Some(current)) => {
+                    return match current.record.state {
+                        State::Completed { outcome, .. } => Ok(Begin::Replay(Replay {
+                            outcome,
+                            kind: ReplayKind::Completed,
+                        })),
+                        State::Failed {
+                            kind: FailureKind::Unknown,
+                            outcome,
+                            ..
+                        } => Ok(Begin::Replay(Replay {
+                            outcome,
+                            kind: ReplayKind::Unknown,
+                        })),
+                        State::Failed { outcome, .. } => Ok(Begin::Replay(Replay {
+                            outcome,
+                            kind: ReplayKind::Failed,
+                        })),
+                        State::InFlight { .. } => Err(Error::Contention),
+                    };
+                }
+                (Decision::Mismatch, _) => return Ok(Begin::Mismatch),
+                (Decision::InProgress { retry_after }, _) => {
+                    let Some((until, _)) = wait_until.filter(|(until, _)| now < *until) else {
+                        return Ok(Begin::InProgress { retry_after });
+                    };
+                    let nap = poll
+                        .min(until.since(now))
+                        .min(retry_after)
+                        .max(Duration::from_millis(1));
+                    clock.sleep(nap).await;
+                    poll = poll.saturating_mul(2).min(max_poll);
+                    // Absent now (released or expired while we waited): the
+                    // next round claims it.
+                    seen = store.get(&key, clock.now()).await?;
+                    continue;
+                }
+                // Reclaim or Replay without a record cannot happen (decide on
+                // `None` is always `Claim`).
+                (Decision::Reclaim(_) | Decision::Replay, None) => {}
+            }
+            races += 1;
+            if races > self.policy.max_cas_retries {
+                return Err(Error::Contention);
+            }
+        }
+    }
+
+    fn lease(&self, key: RecordKey, current: Versioned) -> Lease {
+        Lease::new(key, current, Some(&self.shared.claims))
+    }
+}

@@ -1,0 +1,239 @@
+//! What a backend author needs: the [`Store`] trait and everything its
+//! methods take and return.
+//!
+//! Backends stay dumb: they store a [`Versioned`] record under a
+//! [`RecordKey`] and compare revisions. Every rule (who may claim, replay,
+//! take over) lives in the [`machine`](crate::machine) and the
+//! [`Engine`](crate::Engine).
+//!
+//! | item | for |
+//! |---|---|
+//! | [`Store`], [`Capabilities`] | the trait to implement, and what the backend declares |
+//! | [`InsertOutcome`], [`SwapOutcome`] | what the two conditional writes report |
+//! | [`Versioned`], [`Record`], [`State`], [`Revision`], [`FencingToken`] | the stored data |
+//! | [`codec`] | the byte format, for stores that keep a record as one blob |
+//! | [`StoreError`], [`BoxError`] | the errors a store returns, with one constructor per kind |
+//! | [`IdGenerator`] | fresh revisions, tokens and write ids |
+//! | [`check_table_name`], [`TableNameError`] | the table-name rules every SQL store shares |
+//!
+//! [`Outcome`](crate::Outcome), [`FailureKind`](crate::FailureKind),
+//! [`RecordKey`] and [`Timestamp`] are at the crate root: applications meet
+//! them too.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub mod codec;
+mod ids;
+mod record;
+mod table_name;
+
+pub use crate::error::{BoxError, StoreError};
+pub use ids::IdGenerator;
+pub use record::{FencingToken, Record, Revision, State, Versioned};
+pub use table_name::{TableNameError, check_table_name};
+
+use crate::{RecordKey, Timestamp};
+
+/// What [`Store::insert_if_absent`] did.
+///
+/// Formerly `Inserted`; the variants kept their names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// The record was written: no live record was there.
+    Inserted,
+    /// A live record exists and nothing was written; here it is, with its
+    /// revision (it may be the very record this call tried to insert, if an
+    /// earlier attempt of the same write took effect).
+    Exists(Versioned),
+}
+
+/// What [`Store::compare_and_swap`] did.
+///
+/// Formerly `Swapped`; the variants kept their names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SwapOutcome {
+    /// The record was replaced.
+    Swapped,
+    /// Nothing was written: the live record (if any) has another revision.
+    /// `None` means the key is absent or expired.
+    Conflict(Option<Versioned>),
+}
+
+/// What a backend can do, so that integrations and the conformance suite
+/// pick the behaviour and the cases that apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The backend removes expired records by itself (Redis `PX`):
+    /// [`Store::purge_expired`] has nothing to do.
+    pub native_expiry: bool,
+    /// The largest record the backend accepts, if it has a limit, measured
+    /// by [`codec::record_size`] (the outcome plus
+    /// a fixed [`RECORD_OVERHEAD`](codec::RECORD_OVERHEAD)).
+    ///
+    /// # Behavior
+    /// A store that declares a limit accepts every record of at most that
+    /// size and refuses every larger one with
+    /// [`StoreError::Rejected`], writing nothing
+    /// (checked by the conformance suite). The engine stores no outcome that
+    /// would exceed it ([`Engine::outcome_limit`](crate::Engine::outcome_limit)).
+    pub max_record_bytes: Option<usize>,
+}
+
+impl Capabilities {
+    /// A backend without native expiry and without a size limit.
+    pub const fn new() -> Self {
+        Self {
+            native_expiry: false,
+            max_record_bytes: None,
+        }
+    }
+    /// Declares native expiry.
+    #[must_use]
+    pub const fn with_native_expiry(mut self, yes: bool) -> Self {
+        self.native_expiry = yes;
+        self
+    }
+    /// Declares a record size limit.
+    #[must_use]
+    pub const fn with_max_record_bytes(mut self, max: Option<usize>) -> Self {
+        self.max_record_bytes = max;
+        self
+    }
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where idempotency records live. Implement it for a new backend and prove it
+/// with the `idem-conformance` suite (see docs/backend-authors.md).
+///
+/// # Behavior
+/// Common to every method:
+/// - A record is *live* at `now` when `record.expires_at > now`. A record that
+///   is not live behaves exactly as an absent one for every method, whether or
+///   not it is still physically stored. `now` comes from the engine's clock;
+///   stores never read a clock to decide expiry.
+/// - Each method is atomic and linearizable per key: concurrent calls on one
+///   key (from any task, connection or process sharing the data) behave as if
+///   run one at a time.
+/// - Records round-trip exactly: every field of [`Versioned`] reads back as written,
+///   outcomes byte for byte (up to at least 1 MiB).
+/// - A record that cannot be decoded is reported as [`StoreError::Corrupt`],
+///   never as absent, and is never overwritten by `insert_if_absent`.
+/// - A failure to reach the store is [`StoreError::Unavailable`].
+///
+/// On the happy path the engine makes one call per step: `insert_if_absent`
+/// to claim or to find a record to replay, `compare_and_swap` to complete.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// What the backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Writes `record` under `key` if no live record is there.
+    ///
+    /// # Behavior
+    /// - No record, or only an expired one: writes `record` (replacing the
+    ///   expired one) and returns [`InsertOutcome::Inserted`].
+    /// - A live record: writes nothing and returns it with its revision as
+    ///   [`InsertOutcome::Exists`].
+    /// - Of N concurrent calls on one absent key, exactly one inserts; the
+    ///   others see its record.
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError>;
+
+    /// Reads the live record under `key`.
+    ///
+    /// # Behavior
+    /// `None` when the key is absent or its record expired.
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError>;
+
+    /// Replaces the live record under `key` with `record` if its revision is `expected`.
+    ///
+    /// # Behavior
+    /// - Live record with revision `expected`: writes `record` (with its own,
+    ///   new revision) and returns [`SwapOutcome::Swapped`].
+    /// - Otherwise writes nothing and returns [`SwapOutcome::Conflict`] with the
+    ///   live record, or `None` if the key is absent or expired.
+    /// - Of N concurrent calls with the same `expected`, at most one swaps.
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<SwapOutcome, StoreError>;
+
+    /// Deletes the live record under `key` if its revision is `expected`.
+    ///
+    /// # Behavior
+    /// Returns `true` if it deleted; `false`, changing nothing, if the key is
+    /// absent, expired, or holds another revision.
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
+    /// Physically removes up to `limit` records that expired at or before `now`.
+    ///
+    /// # Behavior
+    /// Returns how many it removed; removes no live record. Stores with
+    /// [`native_expiry`](Capabilities::native_expiry) may return 0. Call it
+    /// until it returns less than `limit` to purge everything expired.
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError>;
+}
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Store + ?Sized> Store for $ty {
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+            async fn insert_if_absent(
+                &self,
+                key: &RecordKey,
+                record: &Versioned,
+                now: Timestamp,
+            ) -> Result<InsertOutcome, StoreError> {
+                (**self).insert_if_absent(key, record, now).await
+            }
+            async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+                (**self).get(key, now).await
+            }
+            async fn compare_and_swap(
+                &self,
+                key: &RecordKey,
+                expected: Revision,
+                record: &Versioned,
+                now: Timestamp,
+            ) -> Result<SwapOutcome, StoreError> {
+                (**self).compare_and_swap(key, expected, record, now).await
+            }
+            async fn delete_if(
+                &self,
+                key: &RecordKey,
+                expected: Revision,
+                now: Timestamp,
+            ) -> Result<bool, StoreError> {
+                (**self).delete_if(key, expected, now).await
+            }
+            async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+                (**self).purge_expired(now, limit).await
+            }
+        }
+    )*};
+}
+
+forward_store!(Arc<S>, Box<S>);

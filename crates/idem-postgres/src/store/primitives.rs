@@ -1,0 +1,160 @@
+//! The [`Store`] primitives of [`PostgresStore`]: one statement each on the
+//! happy path (see the crate docs for the statements and the isolation
+//! reasoning).
+
+use async_trait::async_trait;
+use idem_core::store::{
+    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+};
+use idem_core::{RecordKey, Timestamp};
+use sqlx::AssertSqlSafe;
+
+use super::{PostgresStore, ROUNDS, bind_record};
+use crate::ClaimMode;
+use crate::PostgresError;
+use crate::row::{self, Columns, ts};
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_max_record_bytes(Some(self.inner.max_record_bytes))
+    }
+
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError> {
+        let cols = Columns::of(record);
+        self.check_size(&cols)?;
+        let scope = key.scope();
+        let tenant = row::text(scope.tenant_id());
+        let principal = scope.principal().map(row::text);
+        let operation = scope.operation().map(row::text);
+        let read_first = self.inner.claim == ClaimMode::ReadFirst;
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        for round in 1..=ROUNDS {
+            if read_first {
+                // A live record seen by this statement's snapshot was live
+                // during the call: reporting it is linearizable. Absent or
+                // expired: the insert below decides, on the latest version.
+                if let Some(found) = self.read_live(&mut conn, deadline, key, now).await? {
+                    return Ok(InsertOutcome::Exists(found));
+                }
+            }
+            let sql = if read_first {
+                &self.inner.sql.insert_only
+            } else {
+                &self.inner.sql.insert
+            };
+            let query = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(&key.digest()[..])
+                .bind(tenant.as_ref())
+                .bind(principal.as_deref())
+                .bind(operation.as_deref())
+                .bind(key.key().as_str());
+            let query = bind_record(query, &cols).bind(ts(now));
+            let result = self.limit(deadline, query.fetch_optional(&mut *conn)).await;
+            match self.settle(&mut conn, result)? {
+                Some(row) if read_first || self.flag(&row)? => return Ok(InsertOutcome::Inserted),
+                Some(row) => return Ok(InsertOutcome::Exists(self.decode(&row, 1)?)),
+                // A live record was committed after this statement's snapshot
+                // (read first: after the read): the insert lost, but this
+                // statement cannot show the winner. A new one can.
+                None => tracing::debug!(round, "idem-postgres: insert lost a race; re-reading"),
+            }
+        }
+        Err(PostgresError::Unsettled {
+            attempts: ROUNDS,
+            operation: "insert_if_absent",
+        }
+        .into())
+    }
+
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        self.read_live(&mut conn, deadline, key, now).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<SwapOutcome, StoreError> {
+        let cols = Columns::of(record);
+        self.check_size(&cols)?;
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        for round in 1..=ROUNDS {
+            let query = sqlx::query(AssertSqlSafe(self.inner.sql.cas.clone()))
+                .bind(&key.digest()[..])
+                .bind(expected.as_i64());
+            let query = bind_record(query, &cols).bind(ts(now));
+            let result = self.limit(deadline, query.execute(&mut *conn)).await;
+            if self.settle(&mut conn, result)?.rows_affected() == 1 {
+                return Ok(SwapOutcome::Swapped);
+            }
+            // No live row under `expected`, judged on the latest version.
+            // The read is a new statement, so its snapshot includes any
+            // write that beat the update.
+            match self.read_live(&mut conn, deadline, key, now).await? {
+                None => return Ok(SwapOutcome::Conflict(None)),
+                Some(current) if current.revision != expected => {
+                    return Ok(SwapOutcome::Conflict(Some(current)));
+                }
+                // `expected` is back (the update's snapshot was older than
+                // the record it expected): ask again.
+                Some(_) => tracing::debug!(
+                    round,
+                    "idem-postgres: compare_and_swap saw a stale snapshot; retrying"
+                ),
+            }
+        }
+        Err(PostgresError::Unsettled {
+            attempts: ROUNDS,
+            operation: "compare_and_swap",
+        }
+        .into())
+    }
+
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        let query = sqlx::query(AssertSqlSafe(self.inner.sql.delete.clone()))
+            .bind(&key.digest()[..])
+            .bind(expected.as_i64())
+            .bind(ts(now));
+        let result = self.limit(deadline, query.execute(&mut *conn)).await;
+        Ok(self.settle(&mut conn, result)?.rows_affected() == 1)
+    }
+
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let now = ts(now);
+        let sql = if now >= 0 {
+            &self.inner.sql.purge_low
+        } else {
+            &self.inner.sql.purge_high
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        let query = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(now)
+            .bind(limit);
+        let result = self.limit(deadline, query.execute(&mut *conn)).await;
+        Ok(self.settle(&mut conn, result)?.rows_affected())
+    }
+}

@@ -1,0 +1,226 @@
+//! The [`Store`] primitives of [`RedisStore`]: the native claim
+//! (`SET … NX GET PX`) with its script fallback, `GET`, and the scripts of
+//! compare-and-swap and delete.
+
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use idem_core::store::{
+    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+};
+use idem_core::{RecordKey, Timestamp};
+use redis::{Cmd, Value};
+
+use super::RedisStore;
+use crate::envelope;
+use crate::error::{self, Class};
+use crate::scripts::{self, Reply};
+
+/// What the native `SET … NX GET PX` of `insert_if_absent` settled.
+enum Native {
+    /// The answer.
+    Settled(InsertOutcome),
+    /// An expired record is in place: the script replaces it (or finds what
+    /// replaced it meanwhile).
+    Expired,
+    /// The server refuses every write for now (`OOM`, `NOREPLICAS`), even
+    /// one that `NX` would skip: the script reads first, so a live record is
+    /// still answered (a replay works), and only a write fails.
+    WritesRefused,
+    /// The server refused the command (Redis before 7.0); the driver error.
+    Refused(redis::RedisError),
+}
+
+impl RedisStore {
+    /// `insert_if_absent` as one native command, `SET key value NX GET PX
+    /// px` (Redis 7.0 and later): writes `value` only if the key is absent
+    /// and returns what was there, atomically.
+    ///
+    /// - nil: nothing was there, the value is written.
+    /// - a live record: nothing is written; it is the answer (or this very
+    ///   call's own write, re-sent after a lost reply: then "inserted").
+    /// - an expired record: nothing is written; the script must replace it,
+    ///   because only the script can compare `expires_at` with `now`
+    ///   atomically with the write.
+    /// - `OOM` or `NOREPLICAS` (Redis refuses `SET` even where `NX` would
+    ///   write nothing): the script answers; it reads first, so a live record
+    ///   is still returned (a replay works while Redis is full), and only a
+    ///   write fails, transient.
+    /// - anything unreadable, or another Redis type: corrupt, untouched.
+    async fn insert_native(
+        &self,
+        redis_key: &[u8],
+        value: &[u8],
+        px: u64,
+        now: Timestamp,
+    ) -> Result<Native, StoreError> {
+        let mut cmd = Cmd::with_capacity(7, redis_key.len() + value.len() + 24);
+        cmd.arg("SET")
+            .arg(redis_key)
+            .arg(value)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(px);
+        let reply = match self.inner.conn.query(&cmd).await {
+            Ok(reply) => reply,
+            // `ERR syntax error` from Redis 6.2 (no `NX` with `GET`) and
+            // older, or a proxy's refusal of an unknown form; not the `ERR`
+            // replies that carry a passing state (too many clients, …).
+            Err(e)
+                if e.code() == Some("ERR")
+                    && error::classify(&e, self.topology()) == Class::Generic =>
+            {
+                return Ok(Native::Refused(e));
+            }
+            Err(e) if matches!(e.code(), Some("OOM" | "NOREPLICAS")) => {
+                return Ok(Native::WritesRefused);
+            }
+            Err(e) => return Err(self.map_key_err(redis_key, e)),
+        };
+        match reply {
+            Value::Nil => Ok(Native::Settled(InsertOutcome::Inserted)),
+            Value::BulkString(bytes) => {
+                let head =
+                    envelope::header(&bytes).map_err(|why| self.unreadable(redis_key, why))?;
+                if head.expires_at <= now {
+                    return Ok(Native::Expired);
+                }
+                if envelope::same_write(&bytes, value) {
+                    return Ok(Native::Settled(InsertOutcome::Inserted));
+                }
+                self.decode(redis_key, &bytes)
+                    .map(|current| Native::Settled(InsertOutcome::Exists(current)))
+            }
+            other => Err(self.unexpected("SET NX GET", &other)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    /// Native expiry (`PX`); no size limit of its own (Redis refuses values
+    /// beyond `proto-max-bulk-len`, 512 MB by default).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_native_expiry(true)
+    }
+
+    /// One native `SET key value NX GET PX ms`; the script only for what it
+    /// cannot settle (an expired record in place, an older server).
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError> {
+        let redis_key = self.redis_key(key);
+        let value = self.encode(record)?;
+        let px = self.px(record.record.expires_at, now);
+        let mut refused = None;
+        if self.inner.native_insert.load(Ordering::Relaxed) {
+            match self.insert_native(&redis_key, &value, px, now).await? {
+                Native::Settled(inserted) => return Ok(inserted),
+                Native::Expired | Native::WritesRefused => {}
+                Native::Refused(e) => refused = Some(e),
+            }
+        }
+        let px = px.to_string();
+        let now = now.as_millis().to_be_bytes();
+        let inserted = match self
+            .eval(&scripts::INSERT, &redis_key, &[&now, &value, px.as_bytes()])
+            .await?
+        {
+            Reply::Done => InsertOutcome::Inserted,
+            Reply::Live(bytes) => InsertOutcome::Exists(self.decode(&redis_key, &bytes)?),
+            Reply::Absent => return Err(self.unexpected(scripts::INSERT.name, &Value::Int(0))),
+        };
+        if let Some(e) = refused {
+            // The script works where the native command does not: use the
+            // script from now on.
+            self.inner.native_insert.store(false, Ordering::Relaxed);
+            tracing::info!(
+                store = self.inner.name,
+                error = %e,
+                "idem-redis: the server refuses `SET … NX GET` (Redis before 7.0?); \
+                 insert_if_absent uses its script from now on"
+            );
+        }
+        Ok(inserted)
+    }
+
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(&redis_key);
+        let reply = match self.inner.conn.query(&cmd).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(self.map_key_err(&redis_key, e)),
+        };
+        match reply {
+            Value::Nil => Ok(None),
+            Value::BulkString(bytes) => {
+                let head =
+                    envelope::header(&bytes).map_err(|why| self.unreadable(&redis_key, why))?;
+                if head.expires_at <= now {
+                    return Ok(None);
+                }
+                self.decode(&redis_key, &bytes).map(Some)
+            }
+            other => Err(self.unexpected("GET", &other)),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<SwapOutcome, StoreError> {
+        let redis_key = self.redis_key(key);
+        let value = self.encode(record)?;
+        let px = self.px(record.record.expires_at, now).to_string();
+        let now = now.as_millis().to_be_bytes();
+        let expected = expected.as_u64().to_be_bytes();
+        match self
+            .eval(
+                &scripts::CAS,
+                &redis_key,
+                &[&now, &expected, &value, px.as_bytes()],
+            )
+            .await?
+        {
+            Reply::Done => Ok(SwapOutcome::Swapped),
+            Reply::Absent => Ok(SwapOutcome::Conflict(None)),
+            Reply::Live(bytes) => Ok(SwapOutcome::Conflict(Some(
+                self.decode(&redis_key, &bytes)?,
+            ))),
+        }
+    }
+
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let redis_key = self.redis_key(key);
+        let now = now.as_millis().to_be_bytes();
+        let expected = expected.as_u64().to_be_bytes();
+        match self
+            .eval(&scripts::DELETE, &redis_key, &[&now, &expected])
+            .await?
+        {
+            Reply::Done => Ok(true),
+            Reply::Absent => Ok(false),
+            Reply::Live(_) => Err(self.unexpected(scripts::DELETE.name, &Value::Okay)),
+        }
+    }
+
+    /// Redis drops expired records by itself (`PX`): nothing to do, returns 0
+    /// without a round trip.
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        let _ = (now, limit);
+        Ok(0)
+    }
+}

@@ -1,0 +1,84 @@
+//! The [`Store`] primitives of [`SqliteStore`]: each one a [`Request`] to
+//! the writer thread, answered through a reply typed to it.
+
+use async_trait::async_trait;
+use idem_core::store::{
+    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+};
+use idem_core::{RecordKey, Timestamp};
+
+use super::SqliteStore;
+use crate::writer::Request;
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_max_record_bytes(Some(self.inner.options.max_record_bytes))
+    }
+
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError> {
+        self.check_size(record)?;
+        let (key, record) = (key.clone(), record.clone());
+        let request = |reply| Request::Insert {
+            key,
+            record,
+            now,
+            reply,
+        };
+        Ok(self.inner.writer.call(request).await?)
+    }
+
+    async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
+        let digest = *key.digest();
+        let request = |reply| Request::Get { digest, now, reply };
+        Ok(self.inner.writer.call(request).await?)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        record: &Versioned,
+        now: Timestamp,
+    ) -> Result<SwapOutcome, StoreError> {
+        self.check_size(record)?;
+        let (digest, record) = (*key.digest(), record.clone());
+        let request = |reply| Request::Cas {
+            digest,
+            expected,
+            record,
+            now,
+            reply,
+        };
+        Ok(self.inner.writer.call(request).await?)
+    }
+
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: Revision,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let digest = *key.digest();
+        let request = |reply| Request::Delete {
+            digest,
+            expected,
+            now,
+            reply,
+        };
+        Ok(self.inner.writer.call(request).await?)
+    }
+
+    async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let request = |reply| Request::Purge { now, limit, reply };
+        Ok(self.inner.writer.call(request).await?)
+    }
+}
