@@ -1,6 +1,8 @@
-//! Project tasks: `cargo xtask test | ci | bench | soak | model`.
+//! Project tasks: `cargo xtask test | ci | bench | soak | model | package`.
 //!
-//! `ci` runs exactly what CI runs (fmt, clippy, `test`, a short soak, docs);
+//! `ci` runs exactly what CI runs (fmt, clippy, `test`, a short soak, docs,
+//! `package`); `package [--verify]` runs `cargo package` for every
+//! publishable crate;
 //! `test` includes the protocol model check at its CI bound (the ordinary
 //! tests of `idem-model`); `model [--deep]` runs the model check on its own,
 //! optimised, and prints the states explored and the time per configuration
@@ -10,6 +12,7 @@
 //! `IDEM_REDIS_CLUSTER_URLS` points at one already.
 
 mod bench;
+mod package;
 mod redis_cluster;
 mod soak;
 
@@ -24,9 +27,10 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("model") => model(&args[1..]),
+        Some("package") => package::run(&args[1..], &workspace_root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|ci|bench [--quick]|soak [--secs N] [--dev] [--backends LIST]|model [--deep] [--broken] [--only NAME]>"
+                "usage: cargo xtask <test|ci|bench [--quick]|soak [--secs N] [--dev] [--backends LIST]|model [--deep] [--broken] [--only NAME]|package [--verify]>"
             );
             return ExitCode::from(2);
         }
@@ -194,7 +198,7 @@ fn redis_cluster_for_tests() -> Option<redis_cluster::Cluster> {
     }
 }
 
-/// What CI runs: formatting, lints, tests, the short soak, docs.
+/// What CI runs: formatting, lints, tests, the short soak, docs, packaging.
 fn ci() -> Result<(), String> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
@@ -214,11 +218,10 @@ fn ci() -> Result<(), String> {
         .env("RUSTDOCFLAGS", "-D warnings")
         .status()
         .map_err(|e| format!("cannot run cargo doc: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err("cargo doc failed".into())
+    if !status.success() {
+        return Err("cargo doc failed".into());
     }
+    package::run(&[], &workspace_root())
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use idem_core::store::codec::record_size;
 use idem_core::store::{
-    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{RecordKey, Timestamp};
 
@@ -69,9 +69,9 @@ struct Schedule {
     faults: Vec<Active>,
     /// Hits of faults that were removed, so `hits` still answers.
     removed_hits: Vec<(FaultId, u64)>,
-    calls: [u64; 5],
-    injected: [u64; 5],
-    oversized: [u64; 5],
+    calls: [u64; 6],
+    injected: [u64; 6],
+    oversized: [u64; 6],
 }
 
 /// What to do with one call.
@@ -388,5 +388,9 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
         let call = Call::of(Op::PurgeExpired, None, None, None, now);
         self.run(call, self.inner.purge_expired(now, limit)).await
+    }
+    async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+        let call = Call::of(Op::Census, None, None, None, now);
+        self.run(call, self.inner.census(now, sample)).await
     }
 }

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use idem_core::store::{Capabilities, Store};
+use idem_core::store::{Capabilities, CensusSupport, Store};
 use libtest_mimic::Arguments;
 
 use crate::factory::Opened;
@@ -42,6 +42,9 @@ pub enum Requires {
     SharedInstances,
     /// Backends without native expiry (purge does the work).
     Purge,
+    /// Backends that count records ([`Capabilities::census`] is not
+    /// [`CensusSupport::None`](idem_core::store::CensusSupport::None)).
+    Census,
     /// Backends that declare a record size limit
     /// ([`Capabilities::max_record_bytes`]) small enough to test (at most 64 MiB).
     RecordLimit,
@@ -78,6 +81,8 @@ impl Requires {
             }
             Self::Purge if !probe.caps.native_expiry => Ok(()),
             Self::Purge => Err("the backend expires records natively (purge may do nothing)"),
+            Self::Census if probe.caps.census != CensusSupport::None => Ok(()),
+            Self::Census => Err("the backend declares no census (Capabilities::census is None)"),
             Self::RecordLimit => match probe.caps.max_record_bytes {
                 Some(max) if max <= TESTABLE_RECORD_LIMIT => Ok(()),
                 Some(_) => Err("the declared record limit is above 64 MiB"),

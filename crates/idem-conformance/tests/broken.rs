@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use idem_conformance::{Report, StoreFactory, Suite, TransactionEnd, Unavailable, Verdict};
 use idem_core::machine::Fenced;
 use idem_core::store::{
-    Capabilities, InsertOutcome, Revision, State, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, CensusSupport, InsertOutcome, Revision, State, Store, StoreError,
+    SwapOutcome, Versioned,
 };
 use idem_core::{
     Clock, Error, IdempotencyKey, MemoryStore, Outcome, RecordKey, Scope, SystemClock, Timestamp,
@@ -52,6 +53,10 @@ enum Flaw {
     PurgeRemovesLive,
     /// Purge ignores its limit.
     PurgeIgnoresLimit,
+    /// The census counts expired records as live (it tallies at the epoch).
+    CensusExpiredAsLive,
+    /// Declares a sampled census but counts every record, whatever the sample.
+    CensusIgnoresSample,
     /// Expiry is decided by the store's own (wall) clock.
     WallClock,
     /// Records are keyed by the client's key only, not the scope.
@@ -204,6 +209,16 @@ const FLAWS: &[(Flaw, &str, &[&str])] = &[
         Flaw::PurgeIgnoresLimit,
         "purge_ignores_its_limit",
         &["store::purge_respects_its_limit"],
+    ),
+    (
+        Flaw::CensusExpiredAsLive,
+        "census_counts_expired_as_live",
+        &["store::census_counts_by_state_and_expiry"],
+    ),
+    (
+        Flaw::CensusIgnoresSample,
+        "census_ignores_its_sample",
+        &["store::census_respects_its_sample"],
     ),
     (
         Flaw::WallClock,
@@ -396,7 +411,11 @@ impl Store for Flawed {
             Flaw::LimitEnforced
             | Flaw::LimitNotEnforced
             | Flaw::LimitByEncodedLength
-            | Flaw::LimitOffByOne => Capabilities::new().with_max_record_bytes(Some(LIMIT)),
+            | Flaw::LimitOffByOne => self.inner.capabilities().with_max_record_bytes(Some(LIMIT)),
+            Flaw::CensusIgnoresSample => self
+                .inner
+                .capabilities()
+                .with_census(CensusSupport::Sampled),
             _ => self.inner.capabilities(),
         }
     }
@@ -554,6 +573,13 @@ impl Store for Flawed {
             _ => self.inner.purge_expired(now, limit).await,
         }
     }
+
+    async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+        match self.flaw {
+            Flaw::CensusExpiredAsLive => self.inner.census(Timestamp::from_millis(0), sample).await,
+            _ => self.inner.census(self.now(now), sample).await,
+        }
+    }
 }
 
 struct FlawedFactory(Flaw);
@@ -704,6 +730,9 @@ impl Store for CorruptAsAbsent {
     }
     async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
         self.0.purge_expired(now, limit).await
+    }
+    async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+        self.0.census(now, sample).await
     }
 }
 

@@ -46,6 +46,15 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The store does not offer an optional operation (see
+    /// [`Capabilities`](crate::store::Capabilities)); permanent.
+    #[error("store `{store}` does not support `{operation}`")]
+    Unsupported {
+        /// The backend's name.
+        store: &'static str,
+        /// The operation asked for (`"census"`, …).
+        operation: &'static str,
+    },
     /// Any other permanent store error.
     #[error("store `{store}` failed")]
     Generic {
@@ -100,13 +109,20 @@ impl StoreError {
         }
     }
 
+    /// An [`Unsupported`](Self::Unsupported) error: `store` does not offer
+    /// the optional `operation`.
+    pub fn unsupported(store: &'static str, operation: &'static str) -> Self {
+        Self::Unsupported { store, operation }
+    }
+
     /// The name of the backend that raised the error.
     pub fn store(&self) -> &'static str {
         match self {
             Self::Unavailable { store, .. }
             | Self::Corrupt { store, .. }
             | Self::Rejected { store, .. }
-            | Self::Generic { store, .. } => store,
+            | Self::Generic { store, .. }
+            | Self::Unsupported { store, .. } => store,
         }
     }
 }

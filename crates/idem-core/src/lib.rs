@@ -43,7 +43,8 @@ pub mod store;
 mod time;
 
 pub use engine::{
-    Begin, DefaultClock, Ending, Engine, Executed, OnError, Replay, ReplayKind, Shutdown,
+    Begin, DeadLetterReason, DefaultClock, Delivery, Ending, Engine, Executed, Handled, MIN_RETRY,
+    OnError, Replay, ReplayKind, RetryReason, Shutdown,
 };
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{FINGERPRINT_CONTEXT, Fingerprint, FingerprintBuilder};

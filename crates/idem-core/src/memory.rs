@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use crate::store::{
-    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, CensusSupport, Coverage, InsertOutcome, Revision, Store, StoreError,
+    SwapOutcome, Versioned,
 };
 use crate::{RecordKey, Timestamp};
 
@@ -67,7 +68,7 @@ fn live(entry: Option<&Versioned>, now: Timestamp) -> Option<&Versioned> {
 #[async_trait]
 impl Store for MemoryStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
+        Capabilities::new().with_census(CensusSupport::Exact)
     }
 
     async fn insert_if_absent(
@@ -133,5 +134,13 @@ impl Store for MemoryStore {
             records.remove(key);
         }
         Ok(expired.len() as u64)
+    }
+
+    async fn census(&self, now: Timestamp, _sample: usize) -> Result<Census, StoreError> {
+        let mut census = Census::new(Coverage::Exact);
+        for versioned in self.lock().values() {
+            census.tally(&versioned.record, now);
+        }
+        Ok(census)
     }
 }

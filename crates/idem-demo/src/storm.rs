@@ -8,6 +8,10 @@
 //! is lost, an answer that differs from another attempt's, or from the
 //! payment charged, is inconsistent.
 //!
+//! The clients send through `idem-client`'s middleware, the retrying client
+//! a Rust service would use: it re-sends each call with the same key until
+//! a final answer, and reports every attempt for the counts.
+//!
 //! The configuration, the scenarios and the run are here; the clients in
 //! `storm/client.rs`; the final count in `storm/tally.rs`.
 
@@ -213,11 +217,12 @@ pub async fn run(base: &str, config: StormConfig) -> Result<StormReport, DemoErr
             }
         }
     }
-    let client = reqwest::Client::builder()
+    let http = reqwest::Client::builder()
         .pool_max_idle_per_host(config.concurrency * config.double_clicks)
         .timeout(Duration::from_secs(30))
         .build()?;
     let observed = Arc::new(Observed::default());
+    let client = client::client(http.clone(), observed.clone());
     let progress = if config.progress {
         let bar = ProgressBar::new(plans.len() as u64);
         bar.set_style(
@@ -257,5 +262,5 @@ pub async fn run(base: &str, config: StormConfig) -> Result<StormReport, DemoErr
     }
     progress.finish_and_clear();
     let elapsed = started.elapsed();
-    tally::count(&client, &base, &plans, &observed, elapsed).await
+    tally::count(&http, &base, &plans, &observed, elapsed).await
 }

@@ -84,6 +84,7 @@
 //! | `delete_if` | `DELETE … WHERE digest = $1 AND revision = $2 AND <live>` |
 //! | `purge_expired` | `DELETE … WHERE ctid = ANY(ARRAY(SELECT ctid … <expired> LIMIT $n FOR UPDATE SKIP LOCKED)) AND <expired>` |
 //! | [`apply_in`](PostgresStore::apply_in) | `UPDATE … WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND <live>` |
+//! | `census` ([`CensusSupport::Exact`](idem_core::store::CensusSupport::Exact)) | `SELECT count(*) FILTER (WHERE s > 0 AND b < 0), …, count(*) FILTER (WHERE s > 0 AND b = 5), … FROM (SELECT CASE state … END AS s, CASE WHEN <expired> THEN -1 WHEN expires_at <= now + 1m THEN 0 … ELSE 5 END AS b FROM … OFFSET 0)`: one sequential scan of every row, one row of counts, bounded by the store's timeout |
 //!
 //! Through the [`Engine`](idem_core::Engine), that makes:
 //!
@@ -97,6 +98,7 @@
 //! | `release` | 1 |
 //! | `apply_in` in the caller's transaction | 1 (plus 1 `SELECT` only when the lease was lost) |
 //! | `purge_expired` | 1 per batch |
+//! | `census` | 1 (reads the whole table) |
 //!
 //! Pools built with sqlx's defaults ping every connection they hand out
 //! (`test_before_acquire`): one more round trip per call, on the caller's
@@ -254,6 +256,7 @@
 #![forbid(unsafe_code)]
 
 mod builder;
+mod census;
 mod error;
 mod names;
 mod row;

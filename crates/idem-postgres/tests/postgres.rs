@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 
 use idem_conformance::{StoreFactory, Suite, open_store};
 use idem_core::machine::Fenced;
-use idem_core::store::{InsertOutcome, Revision, State, Store, StoreError, SwapOutcome, Versioned};
+use idem_core::store::{
+    Census, Coverage, EXPIRY_BUCKETS, FencingToken, InsertOutcome, Record, Revision, State, Store,
+    StoreError, SwapOutcome, Versioned,
+};
 use idem_core::{
     Begin, Clock, Engine, Error, FailureKind, Fingerprint, Lease, ManualClock, Outcome, RecordKey,
     ReplayKind, Scope, Timestamp,
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
         "store::scope_columns_are_readable" => scope_columns_are_readable,
         "store::corrupt_rows_of_every_kind" => corrupt_rows_of_every_kind,
         "store::missing_table_says_migrate" => missing_table_says_migrate,
+        "store::census_agrees_with_tally_across_2_pow_63" => census_agrees_with_tally,
         "migrate::idempotent_and_concurrent" => migrate_idempotent,
         "migrate::newer_schema_is_rejected_and_lock_released" => migrate_newer_rejected,
         "pool::unreachable_server_is_transient" => unreachable_is_transient,
@@ -69,6 +73,7 @@ fn main() -> std::process::ExitCode {
         "pool::exhausted_pool_times_out_as_transient" => exhausted_pool,
         "faults::cut_connections_are_transient_then_recover" => cut_connections,
         "faults::black_hole_times_out_then_recovers" => black_hole,
+        "faults::census_is_bounded_by_the_timeout" => census_black_hole,
         "faults::lost_reply_on_complete_then_retry_succeeds" => lost_reply_on_complete,
     )
     .run()
@@ -1063,6 +1068,90 @@ async fn corrupt_rows_of_every_kind(factory: Arc<Factory>) {
     }
 }
 
+/// The census statement counts exactly as `Census::tally` does: every
+/// state, expiries at each bucket's edges, and timestamps on both sides of
+/// 2^63 (stored bit for bit in BIGINT), for `now` on both sides too.
+async fn census_agrees_with_tally(factory: Arc<Factory>) {
+    let store = open(&factory).await;
+    let token = FencingToken::from_u128(1);
+    let outcome = || Outcome::new(b"o".to_vec());
+    let states = [
+        State::InFlight {
+            token,
+            lease_deadline: T0,
+        },
+        State::Completed {
+            token,
+            outcome: outcome(),
+        },
+        State::Failed {
+            token,
+            kind: FailureKind::Retryable,
+            outcome: outcome(),
+        },
+        State::Failed {
+            token,
+            kind: FailureKind::Permanent,
+            outcome: outcome(),
+        },
+        State::Failed {
+            token,
+            kind: FailureKind::Unknown,
+            outcome: outcome(),
+        },
+    ];
+    let nows = [
+        0,
+        T0.as_millis(),
+        (1 << 63) - 1_000,
+        1 << 63,
+        u64::MAX - 86_400_000,
+        u64::MAX,
+    ];
+    let mut expiries = vec![0, 1, i64::MAX as u64, 1 << 63, (1 << 63) + 1, u64::MAX];
+    for now in nows {
+        let mut offsets: Vec<i128> = vec![-1_000, -1, 0, 1, 5_000];
+        for bound in EXPIRY_BUCKETS {
+            let ms = i128::try_from(bound.as_millis()).unwrap();
+            offsets.extend([ms - 1, ms, ms + 1]);
+        }
+        expiries.extend(
+            offsets
+                .iter()
+                .filter_map(|o| u64::try_from(i128::from(now) + o).ok()),
+        );
+    }
+    let mut records = Vec::new();
+    for (i, e) in expiries.iter().enumerate() {
+        let state = states[i % states.len()].clone();
+        let e = Timestamp::from_millis(*e);
+        let record = Record::from_parts(fp(), state, e, e, e, 1);
+        // Written at `expires_at - 1` (or 0), when it is live: insert takes
+        // only records live at its `now`.
+        let at = Timestamp::from_millis(e.as_millis().saturating_sub(1));
+        let k = rkey(&format!("census-{i}"));
+        let v = Versioned {
+            revision: Revision::from_u64(1),
+            record: record.clone(),
+        };
+        match store.insert_if_absent(&k, &v, at).await.unwrap() {
+            InsertOutcome::Inserted => records.push(record),
+            other => panic!("record {i} was not inserted: {other:?}"),
+        }
+    }
+    for now in nows {
+        let now = Timestamp::from_millis(now);
+        let mut want = Census::new(Coverage::Exact);
+        for record in &records {
+            want.tally(record, now);
+        }
+        let got = store.census(now, 0).await.unwrap();
+        assert_eq!(got, want, "now = {now:?}");
+        assert_eq!(got.total(), records.len() as u64);
+        assert_eq!(got.expiry.iter().sum::<u64>(), got.live());
+    }
+}
+
 /// A store on a table that was never migrated says so.
 async fn missing_table_says_migrate(factory: Arc<Factory>) {
     let store = unmigrated(&factory, "never_migrated").await;
@@ -1290,6 +1379,24 @@ async fn black_hole(factory: Arc<Factory>) {
     let rec = completed(1, 1, T0, 60, b"back");
     until_ok("insert after heal", || store.insert_if_absent(&k, &rec, T0)).await;
     assert_eq!(store.get(&k, T0).await.unwrap(), Some(rec));
+}
+
+/// A census that gets no answer is a transient error within the store's
+/// timeout, like every call.
+async fn census_black_hole(factory: Arc<Factory>) {
+    let (_base, proxy, store) = proxied(&factory, Duration::from_millis(500)).await;
+    until_ok("warm up", || store.census(T0, 10)).await;
+    kit::settled(&store).await;
+    proxy.set(Fault::BlackHole);
+    let started = Instant::now();
+    assert_transient(store.census(T0, 10).await, "census into a black hole");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "bounded by the timeout"
+    );
+    proxy.heal();
+    let census = until_ok("census after heal", || store.census(T0, 10)).await;
+    assert_eq!(census.total(), 0);
 }
 
 /// The completion reaches the server but its reply is lost: the engine

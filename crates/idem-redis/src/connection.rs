@@ -8,6 +8,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Client, Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::RedisStoreBuilder;
@@ -23,6 +24,33 @@ pub enum Topology {
     Cluster,
 }
 
+/// A server a command can be sent to explicitly (a keyless command such as
+/// `SCAN`, whose answer depends on the node).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Node {
+    /// The one server of a standalone connection.
+    Server,
+    /// A cluster node, by the address the cluster client knows it under.
+    Address {
+        /// Its host, as in the cluster's slot map.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
+}
+
+/// Where a command goes.
+#[derive(Clone, Copy, Debug)]
+enum Target<'a> {
+    /// Where the driver routes it (by its key on a cluster).
+    Routed,
+    /// Every master: the one server, or each master of a cluster (the
+    /// reply is then a map from each node's address to its reply).
+    Masters,
+    /// One node.
+    Node(&'a Node),
+}
+
 /// A live connection of either kind. Clones share the underlying connection.
 #[derive(Clone)]
 enum Conn {
@@ -31,17 +59,81 @@ enum Conn {
 }
 
 impl Conn {
-    /// Sends `cmd`; an error reply is an `Err`, like a transport error.
-    async fn query(&mut self, cmd: &Cmd) -> Result<Value, RedisError> {
-        let reply = match self {
-            Self::Standalone(c) => c.req_packed_command(cmd).await,
-            Self::Cluster(c) => c.req_packed_command(cmd).await,
+    /// Sends `cmd` to `target`; an error reply is an `Err`, like a transport
+    /// error.
+    async fn query(&mut self, cmd: &Cmd, target: Target<'_>) -> Result<Value, RedisError> {
+        let reply = match (self, target) {
+            (Self::Standalone(c), _) => c.req_packed_command(cmd).await,
+            (Self::Cluster(c), Target::Routed) => c.req_packed_command(cmd).await,
+            (Self::Cluster(c), Target::Masters) => {
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                c.route_command(cmd.clone(), routing).await
+            }
+            (Self::Cluster(c), Target::Node(Node::Address { host, port })) => {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                c.route_command(cmd.clone(), routing).await
+            }
+            (Self::Cluster(_), Target::Node(Node::Server)) => Err(RedisError::from((
+                ErrorKind::Client,
+                "a cluster connection has no single server",
+            ))),
         }?;
         match reply {
             Value::ServerError(e) => Err(e.into()),
             reply => Ok(reply),
         }
     }
+}
+
+/// How many masters own slots, from a `CLUSTER SLOTS` reply: entries
+/// `[start, end, [host, port, id, …], replicas…]`, a master counted once by
+/// its id (by `host:port` where the id is missing).
+fn slot_owners(reply: Value) -> Result<usize, RedisError> {
+    let ranges: Vec<Vec<Value>> = redis::from_redis_value(reply)?;
+    let mut owners = std::collections::HashSet::new();
+    for range in ranges {
+        let Some(Value::Array(master)) = range.get(2) else {
+            return Err(RedisError::from((
+                ErrorKind::Client,
+                "unexpected CLUSTER SLOTS reply",
+            )));
+        };
+        // Host, port and (where the server sends it) id.
+        owners.insert(format!("{:?}", master.get(..3).unwrap_or(master)));
+    }
+    Ok(owners.len())
+}
+
+/// The replies of a command sent to every master, by node: the cluster
+/// driver answers a map from `host:port` to each node's reply (an error
+/// reply of any node fails the whole).
+fn by_node(reply: Value) -> Result<Vec<(Node, Value)>, RedisError> {
+    let unexpected = |what: &str| {
+        RedisError::from((
+            ErrorKind::Client,
+            "unexpected fan-out reply",
+            what.to_string(),
+        ))
+    };
+    let Value::Map(entries) = reply else {
+        return Err(unexpected("not a map"));
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for (address, value) in entries {
+        let address: String = redis::from_redis_value(address)?;
+        let (host, port) = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)))
+            .ok_or_else(|| unexpected(&address))?;
+        if let Value::ServerError(e) = value {
+            return Err(e.into());
+        }
+        out.push((Node::Address { host, port }, value));
+    }
+    Ok(out)
 }
 
 /// What it takes to dial a fresh connection (after a timeout).
@@ -175,10 +267,48 @@ impl Connection {
     /// connection: every write is idempotent under re-sending (write ids),
     /// and a replica ran nothing.
     pub(crate) async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
+        self.send(cmd, Target::Routed).await
+    }
+
+    /// The masters, to send a keyless read (`SCAN`) to each: the one
+    /// server, or every master of a cluster, by the address the cluster
+    /// client knows it under.
+    ///
+    /// # Behavior
+    /// On a cluster, `PING` goes to every master the client has a
+    /// connection to, and `CLUSTER SLOTS` says how many masters own slots.
+    /// Fewer reached than own slots (the client skips a master it has no
+    /// connection to) is a transient `ClusterConnectionNotFound`, never a
+    /// silently partial list.
+    pub(crate) async fn masters(&self) -> Result<Vec<Node>, RedisError> {
+        if self.topology == Topology::Standalone {
+            return Ok(vec![Node::Server]);
+        }
+        let reached = by_node(self.send(&redis::cmd("PING"), Target::Masters).await?)?;
+        let mut slots = redis::cmd("CLUSTER");
+        slots.arg("SLOTS");
+        let owners = slot_owners(self.send(&slots, Target::Routed).await?)?;
+        if reached.len() < owners {
+            return Err(RedisError::from((
+                ErrorKind::ClusterConnectionNotFound,
+                "not every master is connected",
+                format!("{} of {owners} masters reached", reached.len()),
+            )));
+        }
+        Ok(reached.into_iter().map(|(node, _)| node).collect())
+    }
+
+    /// Sends the read-only `cmd` to `node` (one of [`masters`](Self::masters)),
+    /// re-sent once as [`query`](Self::query) does.
+    pub(crate) async fn query_node(&self, node: &Node, cmd: &Cmd) -> Result<Value, RedisError> {
+        self.send(cmd, Target::Node(node)).await
+    }
+
+    async fn send(&self, cmd: &Cmd, target: Target<'_>) -> Result<Value, RedisError> {
         let mut resent = false;
         loop {
             let (generation, mut conn) = self.current();
-            let err = match conn.query(cmd).await {
+            let err = match conn.query(cmd, target).await {
                 Ok(value) => return Ok(value),
                 Err(e) => e,
             };
@@ -260,6 +390,65 @@ mod tests {
         assert!(!is_broken_connection(&refused));
         let response: RedisError = (ErrorKind::Client, "bad").into();
         assert!(!is_broken_connection(&response));
+    }
+
+    #[test]
+    fn fan_out_replies_name_their_nodes() {
+        let reply = Value::Map(vec![
+            (
+                Value::BulkString(b"127.0.0.1:7000".to_vec()),
+                Value::SimpleString("PONG".into()),
+            ),
+            (
+                Value::BulkString(b"::1:7001".to_vec()),
+                Value::SimpleString("PONG".into()),
+            ),
+        ]);
+        let nodes: Vec<Node> = by_node(reply)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                Node::Address {
+                    host: "127.0.0.1".into(),
+                    port: 7000
+                },
+                Node::Address {
+                    host: "::1".into(),
+                    port: 7001
+                },
+            ]
+        );
+        assert!(by_node(Value::Nil).is_err());
+        let bad = Value::Map(vec![(
+            Value::BulkString(b"no-port".to_vec()),
+            Value::SimpleString("PONG".into()),
+        )]);
+        assert!(by_node(bad).is_err());
+    }
+
+    #[test]
+    fn slot_owners_counts_each_master_once() {
+        let master = |port: i64, id: &str| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(id.as_bytes().to_vec()),
+            ])
+        };
+        let range = |start: i64, end: i64, owner: Value| {
+            Value::Array(vec![Value::Int(start), Value::Int(end), owner])
+        };
+        let reply = Value::Array(vec![
+            range(0, 99, master(7000, "a")),
+            range(100, 199, master(7001, "b")),
+            range(200, 16383, master(7000, "a")),
+        ]);
+        assert_eq!(slot_owners(reply).unwrap(), 2);
+        assert!(slot_owners(Value::Array(vec![Value::Array(vec![Value::Int(0)])])).is_err());
     }
 
     #[test]

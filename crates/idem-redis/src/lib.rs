@@ -63,6 +63,7 @@
 //! | `compare_and_swap` | Lua: read header; live and same revision → `SET … PX`; else return the live value (or nothing) |
 //! | `delete_if` | Lua: read header; live and same revision → `UNLINK` |
 //! | `purge_expired` | nothing: Redis expires keys itself; returns 0 |
+//! | `census` ([`CensusSupport::Sampled`](idem_core::store::CensusSupport::Sampled)) | not atomic (reads only; a key written meanwhile may or may not be counted): `SCAN cursor MATCH <prefix><32 × ?> COUNT 1000` on the server or on each master of a cluster in turn, then one `MGET` per batch of new keys (split by slot on a cluster); records tallied in the client with `Census::tally`, each key once, stopping at the first record beyond the sample. Values under the prefix that are not records are skipped (logged), not an error |
 //!
 //! - `SET … NX GET` writes nothing when any value is in place, so it is
 //!   atomic by itself; the client decodes what it returns (its own write id

@@ -14,6 +14,7 @@ use redis::{Client, Value};
 
 use crate::RedisStoreBuilder;
 
+mod census;
 mod primitives;
 use crate::connection::{Connection, Topology};
 use crate::envelope::{self, Unreadable};
@@ -64,7 +65,8 @@ struct Inner {
 ///   that a replica answered, is sent once more on a fresh connection before
 ///   the error is returned.
 /// - Undecodable values, and values of another Redis type at a record key,
-///   are [`StoreError::Corrupt`] and are never overwritten.
+///   are [`StoreError::Corrupt`] and are never overwritten (a census skips
+///   them instead, see [`Store::census`](idem_core::store::Store::census)).
 /// - Clones share the connection.
 ///
 /// ```no_run

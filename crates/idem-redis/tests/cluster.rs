@@ -20,6 +20,8 @@ fn main() -> std::process::ExitCode {
         "cluster::layout_and_memory_per_record" => layout_and_memory_per_record,
         "cluster::resent_write_is_recognised" => resent_write_is_recognised,
         "cluster::hash_tag_prefix_is_rejected" => hash_tag_prefix_is_rejected,
+        "cluster::census_counts_every_master_and_only_its_records" =>
+            census_counts_every_master_and_only_its_records,
     )
     .run()
 }

@@ -11,8 +11,9 @@
 //! | [`redis`] | an [`idem_faults::FaultProxy`] in front of the standalone Redis server, and stores reached through it with short timeouts (PostgreSQL's are in [`idem_testkit::postgres`]) |
 //! | [`engine`] | an engine with a test policy, test keys, the lease of a `begin` that must proceed |
 //! | [`http`] | an axum app behind the `idem-tower` layer on a real loopback port, with a handler that counts its executions and can stall on a gate; a reqwest client, raw HTTP/1.1 requests, and a [`Reply`](http::Reply) with problem+json helpers |
+//! | [`messaging`] | the brokers of the messaging crash test (RabbitMQ, NATS JetStream) behind one [`messaging::Broker`] trait |
 //! | [`pay`] | a payment app with a fixed scope for raw HTTP/1.1 tests: a JSON handler, large answers, a handler that waits on a gate; counters of executions, of requests reaching the router and of body bytes read |
-//! | [`wait`] | polling with a deadline (never a bare sleep for a condition) |
+//! | [`wait`] | polling with a deadline (never a bare sleep for a condition); re-exported from [`idem_testkit::wait`], which every test target shares |
 //!
 //! A test target uses them like this (with `harness = false` in Cargo.toml;
 //! [`each!`] adds a test per backend for each named test):
@@ -44,9 +45,10 @@
 
 pub mod engine;
 pub mod http;
+pub mod messaging;
 pub mod pay;
 pub mod redis;
-pub mod wait;
+pub use idem_testkit::wait;
 
 /// Adds one test per backend of `$backends` for each `"name" => test` to
 /// `$suite` (an [`idem_testkit::runner::Suite`]), in order: the
@@ -59,3 +61,9 @@ macro_rules! each {
         $suite$(.each($backends, $name, $test))*
     };
 }
+
+/// The README's Rust examples, compiled and run as doctests (here, where
+/// `idemkit` has every feature the README shows).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

@@ -114,6 +114,7 @@
 //! | `delete_if` | `DELETE … WHERE digest = ? AND revision = ? AND <live>` |
 //! | `purge_expired` | `DELETE … WHERE rowid IN (SELECT rowid … WHERE <expired, via the index> LIMIT ?)` |
 //! | [`apply_in`](SqliteStore::apply_in) | `UPDATE … WHERE digest = ? AND state = 'in_flight' AND token = ? AND <live>` |
+//! | `census` ([`CensusSupport::Exact`](idem_core::store::CensusSupport::Exact)) | not in a batch: alone on the writer thread between batches, in the statement's own read transaction (no write lock: other connections and processes keep writing; this store's other calls wait). One `SELECT COALESCE(SUM(s > 0 AND b < 0), 0), …, COALESCE(SUM(s > 0 AND b = 5), 0), … FROM (SELECT CASE state … END AS s, CASE WHEN <expired> THEN -1 WHEN expires_at <= now + 1m THEN 0 … ELSE 5 END AS b FROM … LIMIT -1)`: one pass over every row, no sort, no index; rows of an unknown state are counted as `unreadable` and logged |
 //!
 //! ## Expiry
 //!
@@ -224,6 +225,7 @@
 #![forbid(unsafe_code)]
 
 mod builder;
+mod census;
 mod error;
 mod purger;
 mod row;

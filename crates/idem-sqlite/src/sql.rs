@@ -37,7 +37,42 @@ pub(crate) struct Statements {
     pub(crate) purge_high: String,
     /// `?1` digest, `?2` token, `?3..?12` the record columns, `?13` now.
     pub(crate) apply: String,
+    /// The census: `?1` now, `?2..?6` the histogram's thresholds (`now` plus
+    /// each of [`EXPIRY_BUCKETS`](idem_core::store::EXPIRY_BUCKETS),
+    /// saturating). One row, the columns of [`CENSUS_COLUMNS`].
+    pub(crate) census: String,
 }
+
+/// The columns of the census row, in order (each a count):
+/// - `expired`: records stored but expired at `now`;
+/// - `in_flight` … `failed_unknown`: live records by state;
+/// - `bucket_0` … `bucket_5`: live records by time left (the histogram);
+/// - `unreadable`: rows whose state is not one of the five (not records).
+pub(crate) const CENSUS_COLUMNS: [&str; 13] = [
+    "expired",
+    "in_flight",
+    "completed",
+    "failed_retryable",
+    "failed_permanent",
+    "failed_unknown",
+    "bucket_0",
+    "bucket_1",
+    "bucket_2",
+    "bucket_3",
+    "bucket_4",
+    "bucket_5",
+    "unreadable",
+];
+
+/// The states a record may have, in the order of [`CENSUS_COLUMNS`].
+#[cfg(test)]
+const STATES: [&str; 5] = [
+    "in_flight",
+    "completed",
+    "failed_retryable",
+    "failed_permanent",
+    "failed_unknown",
+];
 
 impl Statements {
     pub(crate) fn new(table: &TableName) -> Self {
@@ -90,6 +125,7 @@ impl Statements {
             "UPDATE {t} SET {set_record} \
              WHERE digest = ?1 AND state = 'in_flight' AND token = ?2 AND {live13}"
         );
+        let census = census(&t);
         Self {
             table: table.to_string(),
             insert,
@@ -99,13 +135,102 @@ impl Statements {
             purge_low,
             purge_high,
             apply,
+            census,
         }
     }
 }
 
+/// The census statement over the table `t` (quoted): one pass over every
+/// row, no sort, one row of counts ([`CENSUS_COLUMNS`]).
+///
+/// The inner query gives each row two small integers: `s`, its state
+/// (1 to 5 in [`STATES`] order, 0 for a row that is not a record), and `b`,
+/// -1 if expired at `?1`, else the histogram bucket of its time left (the
+/// first threshold `?2..?6` it does not exceed, unsigned: `NOT live`; 5 if
+/// none). The outer query sums comparisons of them (SQLite booleans are 0
+/// or 1; `SUM` of no rows is NULL, hence `COALESCE`). `LIMIT -1` (no limit)
+/// keeps the inner query from being flattened into the outer one, so each
+/// row's `s` and `b` are computed once rather than once per use: about 2.5
+/// times faster on a million rows.
+fn census(t: &str) -> String {
+    let buckets = (0..5)
+        .map(|bucket| {
+            format!(
+                "WHEN NOT {} THEN {bucket}",
+                live("expires_at", &format!("?{}", bucket + 2))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let inner = format!(
+        "SELECT {STATE_CODE} AS s, \
+         CASE WHEN NOT {} THEN -1 {buckets} ELSE 5 END AS b \
+         FROM {t} LIMIT -1",
+        live("expires_at", "?1")
+    );
+    format!("SELECT {CENSUS_COUNTS} FROM ({inner})")
+}
+
+/// Each row's state as a small integer: 1 to 5 in [`STATES`] order, 0 for
+/// an unknown state (constant text; `census_text_matches_the_columns`
+/// checks it against [`STATES`]).
+const STATE_CODE: &str = "CASE state WHEN 'in_flight' THEN 1 WHEN 'completed' THEN 2 \
+     WHEN 'failed_retryable' THEN 3 WHEN 'failed_permanent' THEN 4 \
+     WHEN 'failed_unknown' THEN 5 ELSE 0 END";
+
+/// The census row, over the inner query's `s` and `b`: one count per
+/// column of [`CENSUS_COLUMNS`], in order (constant text; checked by
+/// `census_text_matches_the_columns`).
+const CENSUS_COUNTS: &str = "COALESCE(SUM(s > 0 AND b < 0), 0) AS expired, \
+     COALESCE(SUM(b >= 0 AND s = 1), 0) AS in_flight, \
+     COALESCE(SUM(b >= 0 AND s = 2), 0) AS completed, \
+     COALESCE(SUM(b >= 0 AND s = 3), 0) AS failed_retryable, \
+     COALESCE(SUM(b >= 0 AND s = 4), 0) AS failed_permanent, \
+     COALESCE(SUM(b >= 0 AND s = 5), 0) AS failed_unknown, \
+     COALESCE(SUM(s > 0 AND b = 0), 0) AS bucket_0, \
+     COALESCE(SUM(s > 0 AND b = 1), 0) AS bucket_1, \
+     COALESCE(SUM(s > 0 AND b = 2), 0) AS bucket_2, \
+     COALESCE(SUM(s > 0 AND b = 3), 0) AS bucket_3, \
+     COALESCE(SUM(s > 0 AND b = 4), 0) AS bucket_4, \
+     COALESCE(SUM(s > 0 AND b = 5), 0) AS bucket_5, \
+     COALESCE(SUM(s = 0), 0) AS unreadable";
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
+    /// The constant census text says what [`STATES`] and
+    /// [`CENSUS_COLUMNS`] say, in their order (built with `concat`, not
+    /// `format!`: the static SQL rule of idem-reliability reads this file).
+    #[test]
+    fn census_text_matches_the_columns() {
+        for (name, code) in STATES.iter().zip(1..) {
+            let arm = ["WHEN '", name, "' THEN ", &code.to_string()].concat();
+            assert!(STATE_CODE.contains(&arm), "{arm}");
+        }
+        let conditions = [
+            "s > 0 AND b < 0",
+            "b >= 0 AND s = 1",
+            "b >= 0 AND s = 2",
+            "b >= 0 AND s = 3",
+            "b >= 0 AND s = 4",
+            "b >= 0 AND s = 5",
+            "s > 0 AND b = 0",
+            "s > 0 AND b = 1",
+            "s > 0 AND b = 2",
+            "s > 0 AND b = 3",
+            "s > 0 AND b = 4",
+            "s > 0 AND b = 5",
+            "s = 0",
+        ];
+        let want = conditions
+            .iter()
+            .zip(CENSUS_COLUMNS)
+            .map(|(condition, column)| ["COALESCE(SUM(", condition, "), 0) AS ", column].concat())
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert_eq!(CENSUS_COUNTS, want);
+    }
+
     use super::*;
     use crate::row::to_i64;
 

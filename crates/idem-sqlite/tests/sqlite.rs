@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idem_core::machine::Fenced;
-use idem_core::store::{InsertOutcome, Record, Revision, State, Store, StoreError, Versioned};
+use idem_core::store::{
+    Coverage, InsertOutcome, Record, Revision, State, Store, StoreError, Versioned,
+};
 use idem_core::{
     Clock, Engine, Error, Executed, Fingerprint, ManualClock, Outcome, RecordKey, Timestamp,
     Transition,
@@ -914,6 +916,80 @@ async fn lock_contention_waits_within_the_busy_timeout() {
         Some(claim(2, T0)),
         "the first, failed insert changed nothing"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Census
+// ---------------------------------------------------------------------------
+
+/// The census counts the records of its own table written by any instance,
+/// skips a row that is not a record instead of failing, and reads without
+/// the write lock: it answers while another connection holds that lock,
+/// with a busy timeout of zero (waiting for the lock would fail at once).
+#[tokio::test]
+async fn census_counts_its_table_skips_damaged_rows_and_needs_no_write_lock() {
+    let (dir, store) = fresh();
+    let other = SqliteStore::open(db(&dir)).unwrap();
+    let elsewhere = SqliteStore::builder()
+        .with_table(TableName::new("other_records").unwrap())
+        .open(db(&dir))
+        .unwrap();
+    for i in 0..4 {
+        store
+            .insert_if_absent(&rkey(&format!("a{i}")), &claim(1, T0), T0)
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        other
+            .insert_if_absent(&rkey(&format!("b{i}")), &claim(1, T0), T0)
+            .await
+            .unwrap();
+    }
+    elsewhere
+        .insert_if_absent(&rkey("c"), &claim(1, T0), T0)
+        .await
+        .unwrap();
+    let mut conn = Connection::open(db(&dir)).unwrap();
+    conn.execute(
+        "UPDATE idem_records SET state = 'archived' WHERE digest = ?1",
+        [&rkey("a0").digest()[..]],
+    )
+    .unwrap();
+
+    let impatient = SqliteStore::builder()
+        .with_busy_timeout(Duration::ZERO)
+        .open(db(&dir))
+        .unwrap();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    let census = impatient.census(T0, 1).await.unwrap();
+    assert_eq!(
+        census.coverage,
+        Coverage::Exact,
+        "exact, whatever the sample"
+    );
+    assert_eq!(
+        (census.in_flight, census.total()),
+        (6, 6),
+        "6 records of this table; the damaged row and the other table's record are not counted"
+    );
+    assert_eq!(
+        census.unreadable, 1,
+        "the damaged row is counted as unreadable"
+    );
+    assert_eq!(census.expiry.iter().sum::<u64>(), 6);
+    tx.rollback().unwrap();
+
+    let later = claim(1, T0).record.expires_at;
+    let census = store.census(later, 1).await.unwrap();
+    assert_eq!(
+        (census.live(), census.expired),
+        (0, 6),
+        "all expired at {later:?}"
+    );
+    assert_eq!(rows(&db(&dir)), 7, "the census wrote nothing");
 }
 
 // ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 //! Where the test servers are: the only place that reads
-//! `IDEM_POSTGRES_URL`, `IDEM_REDIS_URL` and `IDEM_REDIS_CLUSTER_URLS`
-//! (xtask sets the last one when it starts a throwaway cluster).
+//! `IDEM_POSTGRES_URL`, `IDEM_REDIS_URL`, `IDEM_REDIS_CLUSTER_URLS` (xtask
+//! sets it when it starts a throwaway cluster), and the brokers'
+//! `IDEM_AMQP_URL` (RabbitMQ) and `IDEM_NATS_URL` (NATS with JetStream).
 //!
 //! An empty or blank variable counts as unset.
 
@@ -9,6 +10,12 @@ pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test"
 
 /// The local Redis, when `IDEM_REDIS_URL` is unset.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// The local RabbitMQ, when `IDEM_AMQP_URL` is unset.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The local NATS server with JetStream, when `IDEM_NATS_URL` is unset.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 /// What to do when `IDEM_REDIS_CLUSTER_URLS` is unset.
 pub const CLUSTER_UNSET: &str = "IDEM_REDIS_CLUSTER_URLS is not set: run `cargo xtask test`, which starts a throwaway 3-master Redis Cluster, or set it to the nodes of one (redis://127.0.0.1:7000,redis://127.0.0.1:7001,...)";
@@ -37,4 +44,14 @@ pub fn redis_cluster_urls() -> Option<Vec<String>> {
         .map(String::from)
         .collect();
     (!urls.is_empty()).then_some(urls)
+}
+
+/// The RabbitMQ broker: `IDEM_AMQP_URL` or [`DEFAULT_AMQP_URL`].
+pub fn amqp_url() -> String {
+    var("IDEM_AMQP_URL").unwrap_or_else(|| DEFAULT_AMQP_URL.to_string())
+}
+
+/// The NATS server (with JetStream): `IDEM_NATS_URL` or [`DEFAULT_NATS_URL`].
+pub fn nats_url() -> String {
+    var("IDEM_NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
 }

@@ -15,6 +15,7 @@
 //! | [`fixtures`] | what the backends' own tests share: a fixed clock start, the test policy, scope and keys, claiming, replay and transient-error assertions, racing tasks, polling |
 //! | [`postgres`] | connect with a bounded wait, drop schemas, unique schema names, count rows, the server behind a fault proxy |
 //! | [`redis`] | `CLUSTER NODES` discovery of the masters, prefix-scoped `SCAN` counts and deletes (one slot per command, never `FLUSHDB`), a connection that routes by key |
+//! | [`wait`] | polling with a deadline, the one way a test waits for a condition it cannot await (a broker's queue, a server's state): never a bare sleep |
 //! | [`runner`] | the libtest-mimic runner: probes each backend once, skipped-is-ignored (failed under CI), runtime and per-test timeout; and the conformance suite's items |
 //!
 //! ```no_run
@@ -49,6 +50,7 @@ mod isolated;
 pub mod postgres;
 pub mod redis;
 pub mod runner;
+pub mod wait;
 
 pub use backend::BackendKind;
 pub use factory::{Factory, Hooks, KitStore};

@@ -160,6 +160,7 @@
 //!   histogram `idem_handler_duration_seconds`.
 #![forbid(unsafe_code)]
 
+mod begin;
 mod body;
 mod claim;
 mod claimed;
@@ -188,8 +189,3 @@ pub use problem::{PROBLEM_JSON, ProblemType};
 pub use scope::{Rejection, scope_from_extension, single_client_scope};
 pub use service::{Idempotency, ResponseFuture};
 pub use stored::{ALWAYS_DROPPED, DEFAULT_DENIED, IDEMPOTENT_REPLAYED};
-
-/// The README's Rust examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-struct ReadmeDoctests;

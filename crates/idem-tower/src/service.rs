@@ -229,7 +229,7 @@ where
     };
     let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
 
-    match config.engine.begin_key(record_key, fingerprint).await {
+    match crate::begin::begin(&config.engine, record_key, fingerprint).await {
         Ok(Begin::Proceed(lease)) => {
             Outcome::Fresh.record();
             Span::current().record("attempt", lease.attempt());

@@ -362,3 +362,99 @@ async fn a_response_body_that_fails_ends_the_key_unknown_and_the_error_goes_on()
         "the retry ran the handler again"
     );
 }
+
+/// A `MemoryStore` whose next claim is written, then held before its reply
+/// returns (a slow store, or a reply still on the wire), until `go`.
+#[derive(Clone, Default)]
+struct SlowClaim {
+    inner: idem_core::MemoryStore,
+    hold_next: Arc<std::sync::atomic::AtomicBool>,
+    written: Arc<Notify>,
+    go: Arc<Notify>,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowClaim {
+    fn capabilities(&self) -> idem_core::store::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn insert_if_absent(
+        &self,
+        key: &RecordKey,
+        record: &idem_core::store::Versioned,
+        now: idem_core::Timestamp,
+    ) -> Result<idem_core::store::InsertOutcome, idem_core::StoreError> {
+        let outcome = self.inner.insert_if_absent(key, record, now).await;
+        if self.hold_next.swap(false, Ordering::SeqCst) {
+            self.written.notify_one();
+            self.go.notified().await;
+        }
+        outcome
+    }
+    async fn get(
+        &self,
+        key: &RecordKey,
+        now: idem_core::Timestamp,
+    ) -> Result<Option<idem_core::store::Versioned>, idem_core::StoreError> {
+        self.inner.get(key, now).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &RecordKey,
+        expected: idem_core::store::Revision,
+        record: &idem_core::store::Versioned,
+        now: idem_core::Timestamp,
+    ) -> Result<idem_core::store::SwapOutcome, idem_core::StoreError> {
+        self.inner
+            .compare_and_swap(key, expected, record, now)
+            .await
+    }
+    async fn delete_if(
+        &self,
+        key: &RecordKey,
+        expected: idem_core::store::Revision,
+        now: idem_core::Timestamp,
+    ) -> Result<bool, idem_core::StoreError> {
+        self.inner.delete_if(key, expected, now).await
+    }
+    async fn purge_expired(
+        &self,
+        now: idem_core::Timestamp,
+        limit: usize,
+    ) -> Result<u64, idem_core::StoreError> {
+        self.inner.purge_expired(now, limit).await
+    }
+}
+
+/// A client that gives up while its claim is on the way to the store (a
+/// cut connection, a client timeout) must not leave the key claimed by
+/// nobody: the claim is released once written, and the retry runs at once
+/// instead of getting `409` for a whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_while_claiming_releases_its_claim() {
+    let store = SlowClaim::default();
+    store.hold_next.store(true, Ordering::SeqCst);
+    let engine = Arc::new(idem_core::Engine::new(store.clone()));
+    let (calls, inner) =
+        counting(|_, _| async { Ok::<_, Infallible>(Response::new(Body::from("done"))) });
+    let svc = IdempotencyLayer::new(engine.clone(), tenant_scope).layer(inner);
+    let task = tokio::spawn(svc.clone().oneshot(post("d")));
+    store.written.notified().await;
+    let rk = RecordKey::new(&Scope::tenant("t1"), &IdempotencyKey::parse("d").unwrap());
+    let now = || engine.clock().now();
+    assert!(
+        store.inner.get(&rk, now()).await.unwrap().is_some(),
+        "claimed"
+    );
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    store.go.notify_one();
+    eventually("the orphan claim to be released", || async {
+        store.inner.get(&rk, now()).await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing ran");
+    let retry = svc.oneshot(post("d")).await.unwrap();
+    assert_eq!(retry.status(), 200, "the retry runs at once, no 409");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -1,14 +1,46 @@
 //! # idemkit
 //!
-//! Opens an [idem](idem_core) store from a URL: the one parser of store URLs
-//! that the demo, the tests and operator tools share.
+//! **One dependency for idempotency keys.** idemkit re-exports idem's
+//! application API (the [`Engine`], keys, scopes, fingerprints, policies, the
+//! [`store`] contract), and, behind cargo features, the backends, the HTTP
+//! layer and the client; and it opens any store from a URL with
+//! [`store_from_url`], the one parser of store URLs that the demo, the
+//! operator CLI and the tests share.
+//!
+//! ```toml
+//! [dependencies]
+//! idemkit = { version = "0.1", features = ["tower"] }
+//! ```
 //!
 //! ```no_run
-//! # #[tokio::main] async fn main() -> Result<(), idemkit::OpenError> {
-//! let store = idemkit::store_from_url("sqlite://data/idem.db?durability=normal").await?;
-//! let engine = idem_core::Engine::new(store);
-//! # let _ = engine; Ok(()) }
+//! # #[cfg(feature = "tower")]
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use idemkit::{Engine, Scope, tower::{IdempotencyLayer, scope_from_extension}};
+//! # #[derive(Clone)] struct Tenant(String);
+//! # let charge = || async { "charged once" };
+//! let engine = Engine::new(idemkit::store_from_url("sqlite://idem.db").await?);
+//! let scope = scope_from_extension(|t: &Tenant| Scope::tenant(t.0.clone()));
+//! let app = axum::Router::new()
+//!     .route("/payments", axum::routing::post(charge))
+//!     .layer(IdempotencyLayer::new(engine, scope));
+//! # let _: axum::Router = app; Ok(()) }
+//! # #[cfg(not(feature = "tower"))] fn main() {}
 //! ```
+//!
+//! ## Features
+//!
+//! | feature | brings | as |
+//! |---|---|---|
+//! | `sqlite` (default) | `idem-sqlite`: the embedded store, `sqlite://` URLs | [`sqlite`](mod@sqlite) |
+//! | `postgres` | `idem-postgres`: `postgres://` URLs, completion inside your transaction | `postgres` |
+//! | `redis` | `idem-redis`: `redis://` and `redis+cluster://` URLs | `redis` |
+//! | `tower` | `idem-tower`: the `Idempotency-Key` layer for axum and tower | `tower` |
+//! | `client` | `idem-client`: the `reqwest` middleware that retries with one key | `client` |
+//!
+//! Everything at the root of `idem_core` is at the root here
+//! ([`Engine`], [`IdempotencyKey`], [`Scope`], [`Fingerprint`], [`Policy`],
+//! [`Error`], …), with its modules ([`store`] for backend authors,
+//! [`machine`] for the pure state machine).
 //!
 //! [`store_from_url`] returns the store type-erased; [`StoreUrl::open`]
 //! returns it of its concrete type ([`AnyStore`]) for what only that type
@@ -73,17 +105,36 @@
 mod error;
 mod open;
 mod params;
-mod postgres;
-mod redis;
-mod sqlite;
 mod url;
+
+pub use idem_core::*;
+
+#[cfg(feature = "sqlite")]
+#[doc(no_inline)]
+pub use idem_sqlite as sqlite;
+
+#[cfg(feature = "postgres")]
+#[doc(no_inline)]
+pub use idem_postgres as postgres;
+
+#[cfg(feature = "redis")]
+#[doc(no_inline)]
+pub use idem_redis as redis;
+
+#[cfg(feature = "tower")]
+#[doc(no_inline)]
+pub use idem_tower as tower;
+
+#[cfg(feature = "client")]
+#[doc(no_inline)]
+pub use idem_client as client;
 
 pub use error::{OpenError, StoreUrlError};
 pub use open::{AnyStore, Opened, store_from_url};
-pub use postgres::{ClaimMode, PostgresUrl};
-pub use redis::RedisUrl;
-pub use sqlite::{Durability, SqliteUrl};
 pub use url::StoreUrl;
+pub use url::postgres::{ClaimMode, PostgresUrl};
+pub use url::redis::RedisUrl;
+pub use url::sqlite::{Durability, SqliteUrl};
 
 #[cfg(test)]
 mod tests;

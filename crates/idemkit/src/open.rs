@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use idem_core::store::{
-    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{MemoryStore, RecordKey, Timestamp};
 
@@ -192,6 +192,9 @@ impl Store for Opened {
     async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
         self.erased.purge_expired(now, limit).await
     }
+    async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+        self.erased.census(now, sample).await
+    }
 }
 
 impl StoreUrl {
@@ -218,11 +221,11 @@ impl StoreUrl {
         match self {
             Self::Memory => Ok(Opened::new(AnyStore::Memory(MemoryStore::new()))),
             #[cfg(feature = "sqlite")]
-            Self::Sqlite(url) => crate::sqlite::open(self, url),
+            Self::Sqlite(url) => crate::url::sqlite::open(self, url),
             #[cfg(feature = "postgres")]
-            Self::Postgres(url) => crate::postgres::open(self, url).await,
+            Self::Postgres(url) => crate::url::postgres::open(self, url).await,
             #[cfg(feature = "redis")]
-            Self::Redis(url) => crate::redis::open(self, url).await,
+            Self::Redis(url) => crate::url::redis::open(self, url).await,
             #[allow(unreachable_patterns)]
             _ => Err(OpenError::FeatureDisabled {
                 url: self.to_string(),

@@ -3,6 +3,10 @@
 use std::fmt;
 use std::path::PathBuf;
 
+pub(crate) mod postgres;
+pub(crate) mod redis;
+pub(crate) mod sqlite;
+
 use crate::params::{Ctx, Param, encode};
 use crate::{PostgresUrl, RedisUrl, SqliteUrl, StoreUrlError};
 

@@ -12,9 +12,11 @@
 //! | `store/cas_delete.rs` | `compare_and_swap` and `delete_if`: revisions, no upsert |
 //! | `store/round_trip.rs` | every field round-trips; keys and scopes never collide |
 //! | `store/purge.rs` | `purge_expired` |
+//! | `store/census.rs` | `census` (optional) |
 //! | `store/limits.rs` | a declared record limit; corrupt records |
 
 mod cas_delete;
+mod census;
 mod insert_get;
 mod limits;
 mod purge;
@@ -24,6 +26,9 @@ pub use cas_delete::{
     cas_on_absent_or_expired_changes_nothing, cas_right_revision_swaps,
     cas_stale_revision_changes_nothing, delete_if_absent_or_expired_is_false,
     delete_if_right_revision_deletes, delete_if_stale_revision_changes_nothing,
+};
+pub use census::{
+    census_counts_by_state_and_expiry, census_is_supported_as_declared, census_respects_its_sample,
 };
 pub use insert_get::{
     expiry_uses_the_callers_now, get_absent_is_none, get_expired_is_none, insert_on_absent,

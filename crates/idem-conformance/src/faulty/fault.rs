@@ -23,16 +23,19 @@ pub enum Op {
     DeleteIf,
     /// [`Store::purge_expired`](idem_core::store::Store::purge_expired).
     PurgeExpired,
+    /// [`Store::census`](idem_core::store::Store::census).
+    Census,
 }
 
 impl Op {
     /// Every primitive.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::InsertIfAbsent,
         Self::Get,
         Self::CompareAndSwap,
         Self::DeleteIf,
         Self::PurgeExpired,
+        Self::Census,
     ];
 
     /// The method's name (`insert_if_absent`, …).
@@ -43,6 +46,7 @@ impl Op {
             Self::CompareAndSwap => "compare_and_swap",
             Self::DeleteIf => "delete_if",
             Self::PurgeExpired => "purge_expired",
+            Self::Census => "census",
         }
     }
 
@@ -53,6 +57,7 @@ impl Op {
             Self::CompareAndSwap => 2,
             Self::DeleteIf => 3,
             Self::PurgeExpired => 4,
+            Self::Census => 5,
         }
     }
 }

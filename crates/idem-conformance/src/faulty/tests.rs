@@ -44,6 +44,7 @@ async fn without_faults_it_is_transparent_and_counts() {
     );
     assert!(s.delete_if(&k, next.revision, T0).await.unwrap());
     assert_eq!(s.purge_expired(T0, 10).await.unwrap(), 0);
+    assert_eq!(s.census(T0, 10).await.unwrap().total(), 0);
     for op in Op::ALL {
         assert_eq!(s.calls(op), 1, "{op}");
         assert_eq!(s.injected(op), 0, "{op}");

@@ -21,6 +21,7 @@ use crate::store::{IdGenerator, Store};
 use crate::{Clock, Policy, PolicyError};
 
 mod begin;
+mod consume;
 mod execute;
 mod heartbeat;
 mod holder;
@@ -28,6 +29,7 @@ mod settle;
 mod shutdown;
 
 pub use begin::{Begin, Replay, ReplayKind};
+pub use consume::{DeadLetterReason, Delivery, Handled, MIN_RETRY, RetryReason};
 pub use execute::{Executed, OnError};
 pub use settle::Ending;
 pub use shutdown::Shutdown;

@@ -14,6 +14,7 @@
 //! | [`codec`] | the byte format, for stores that keep a record as one blob |
 //! | [`StoreError`], [`BoxError`] | the errors a store returns, with one constructor per kind |
 //! | [`IdGenerator`] | fresh revisions, tokens and write ids |
+//! | [`Census`], [`Coverage`], [`CensusSupport`] | counting records (optional: [`Store::census`]) |
 //! | [`check_table_name`], [`TableNameError`] | the table-name rules every SQL store shares |
 //!
 //! [`Outcome`](crate::Outcome), [`FailureKind`](crate::FailureKind),
@@ -24,12 +25,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+mod census;
 pub mod codec;
 mod ids;
 mod record;
 mod table_name;
 
 pub use crate::error::{BoxError, StoreError};
+pub use census::{Census, Coverage, EXPIRY_BUCKET_LABELS, EXPIRY_BUCKETS, expiry_bucket};
 pub use ids::IdGenerator;
 pub use record::{FencingToken, Record, Revision, State, Versioned};
 pub use table_name::{TableNameError, check_table_name};
@@ -80,6 +83,29 @@ pub struct Capabilities {
     /// (checked by the conformance suite). The engine stores no outcome that
     /// would exceed it ([`Engine::outcome_limit`](crate::Engine::outcome_limit)).
     pub max_record_bytes: Option<usize>,
+    /// Whether and how [`Store::census`] counts records.
+    ///
+    /// # Behavior
+    /// A store that declares [`CensusSupport::Exact`] or
+    /// [`CensusSupport::Sampled`] implements [`Store::census`] (checked by
+    /// the conformance suite); one that declares [`CensusSupport::None`]
+    /// returns [`StoreError::Unsupported`] from it.
+    pub census: CensusSupport,
+}
+
+/// How a store answers [`Store::census`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CensusSupport {
+    /// Not offered: `census` returns [`StoreError::Unsupported`].
+    #[default]
+    None,
+    /// Counts every record, whatever the sample size asked for (an
+    /// aggregate query).
+    Exact,
+    /// Iterates records and stops after the sample size asked for; the
+    /// census is [`Coverage::Exact`] when the iteration ended first.
+    Sampled,
 }
 
 impl Capabilities {
@@ -88,12 +114,19 @@ impl Capabilities {
         Self {
             native_expiry: false,
             max_record_bytes: None,
+            census: CensusSupport::None,
         }
     }
     /// Declares native expiry.
     #[must_use]
     pub const fn with_native_expiry(mut self, yes: bool) -> Self {
         self.native_expiry = yes;
+        self
+    }
+    /// Declares how the store answers [`Store::census`].
+    #[must_use]
+    pub const fn with_census(mut self, census: CensusSupport) -> Self {
+        self.census = census;
         self
     }
     /// Declares a record size limit.
@@ -192,6 +225,26 @@ pub trait Store: Send + Sync + 'static {
     /// [`native_expiry`](Capabilities::native_expiry) may return 0. Call it
     /// until it returns less than `limit` to purge everything expired.
     async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError>;
+
+    /// Counts the records the store holds, as of `now` (optional; see
+    /// [`Capabilities::census`]).
+    ///
+    /// # Behavior
+    /// - Counts only this store's own records (its table, schema or key
+    ///   prefix), live ones by state and by time left, and those expired at
+    ///   `now` but still stored; see [`Census`].
+    /// - A store declaring [`CensusSupport::Exact`] counts every record and
+    ///   returns [`Coverage::Exact`]. One declaring [`CensusSupport::Sampled`]
+    ///   counts at most `sample` records: [`Coverage::Sampled`] with
+    ///   `limit = sample` when it stopped early, [`Coverage::Exact`] when it
+    ///   saw every record.
+    /// - Writes nothing. Not linearizable with concurrent writes: a record
+    ///   written meanwhile may or may not be counted, but none is counted twice.
+    /// - The default returns [`StoreError::Unsupported`].
+    async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+        let _ = (now, sample);
+        Err(StoreError::unsupported("store", "census"))
+    }
 }
 
 macro_rules! forward_store {
@@ -231,6 +284,9 @@ macro_rules! forward_store {
             }
             async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
                 (**self).purge_expired(now, limit).await
+            }
+            async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+                (**self).census(now, sample).await
             }
         }
     )*};

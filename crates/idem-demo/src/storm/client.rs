@@ -1,13 +1,21 @@
-//! The storm's clients: one task per logical payment sends its requests
-//! the way its [`Scenario`] misbehaves (double-clicks, a timeout then
-//! retries, a transient failure, a changed payload) and records what it saw
-//! in the shared [`Observed`].
+//! The storm's clients: one task per logical payment makes the calls its
+//! [`Scenario`] calls for (double-clicks, a timeout then retries, a transient
+//! failure, a changed payload), each through `idem-client`'s middleware,
+//! which re-sends with the same key until a final answer; the middleware's
+//! observer counts every attempt in the shared [`Observed`].
+//!
+//! Every call carries the plan's key (a caller-supplied key, as a job that
+//! stored its key would send it): the scenarios that misbehave on purpose
+//! need it — two clicks are two logical calls with one key, a changed
+//! payload reuses a key with another body.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use idem_client::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use idem_client::{AttemptEvent, IdempotencyMiddleware, IdempotencyResponseExt, Key, RetryPolicy};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -35,98 +43,112 @@ pub(super) struct Observed {
     pub(super) answers: Mutex<HashMap<(String, String), Payment>>,
 }
 
+impl Observed {
+    /// Counts one attempt the middleware made (its scenario is the
+    /// request's [`Scenario`] extension).
+    fn attempt(&self, event: &AttemptEvent<'_>) {
+        let Some(scenario) = event.extensions.get::<Scenario>() else {
+            return;
+        };
+        let counters = &self.scenarios[scenario.index()];
+        counters.attempts.fetch_add(1, Ordering::SeqCst);
+        self.latencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event.elapsed);
+        if event.replayed {
+            counters.replays.fetch_add(1, Ordering::SeqCst);
+        }
+        let counter = match event.status {
+            None => Some(&counters.timeouts),
+            Some(StatusCode::CONFLICT) => Some(&counters.conflicts),
+            Some(StatusCode::UNPROCESSABLE_ENTITY) => Some(&counters.mismatches),
+            Some(StatusCode::SERVICE_UNAVAILABLE) => Some(&counters.unavailable),
+            Some(_) => None,
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The storm's HTTP client: `http` behind idem-client's middleware, whose
+/// every attempt is counted in `observed`.
+///
+/// # Behavior
+/// The retry policy is the contract's (docs/http-contract.md): re-send with
+/// the same key on no answer, 409 + `Retry-After`, 429 and 5xx; never after
+/// 422 or another 4xx. Two settings differ from the defaults, for a storm
+/// that finishes in seconds: short backoffs (5 ms doubling to 100 ms), and
+/// `Retry-After` honoured up to 50 ms — the server's 409 says "1" (whole
+/// seconds, rounded up) while a demo charge takes milliseconds; a client
+/// that polls sooner than asked is one more kind of impatience the server
+/// must take. The budget (2 minutes) outlasts the server's lease (60 s), so
+/// that even a claim orphaned by a client that vanished while the server
+/// stored it (the key then answers 409 until the lease lapses) ends in an
+/// answer rather than a lost payment.
+pub(super) fn client(http: reqwest::Client, observed: Arc<Observed>) -> ClientWithMiddleware {
+    let middleware = IdempotencyMiddleware::builder()
+        .policy(
+            RetryPolicy::default()
+                .max_attempts(5_000)
+                .backoff(Duration::from_millis(5), Duration::from_millis(100))
+                .retry_after_cap(Duration::from_millis(50))
+                .budget(Duration::from_secs(120)),
+        )
+        .on_attempt(move |event| observed.attempt(event))
+        .build();
+    ClientBuilder::new(http).with(middleware).build()
+}
+
 /// An answer the client got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Answer {
     status: StatusCode,
+    /// 422 `key-reused` (the layer's, not the payment's validation).
+    key_reused: bool,
     body: String,
 }
 
-/// Sends one request; `None` on a client timeout or a connection error.
-async fn send(
-    client: &reqwest::Client,
+/// One logical call: the plan's key, `body`, re-sent by the middleware
+/// until a final answer (`None` if none came). `policy` and `timeout`
+/// replace the middleware's policy and the client's timeout for this call.
+async fn call(
+    client: &ClientWithMiddleware,
     base: &str,
     plan: &Plan,
     body: &serde_json::Value,
+    policy: Option<RetryPolicy>,
     timeout: Option<Duration>,
-    observed: &Observed,
 ) -> Option<Answer> {
-    let counters = &observed.scenarios[plan.scenario.index()];
-    counters.attempts.fetch_add(1, Ordering::SeqCst);
+    let key = Key::new(plan.key.as_str()).ok()?;
     let mut request = client
         .post(format!("{base}/payments"))
         .bearer_auth(&plan.tenant)
-        .header("Idempotency-Key", format!("\"{}\"", plan.key))
+        .with_extension(key)
+        .with_extension(plan.scenario)
         .json(body);
+    if let Some(policy) = policy {
+        request = request.with_extension(policy);
+    }
     if let Some(timeout) = timeout {
         request = request.timeout(timeout);
     }
-    let started = Instant::now();
-    let result = async {
-        let response = request.send().await?;
-        let replayed = response.headers().get("idempotent-replayed").is_some();
-        let status = response.status();
-        let body = response.text().await?;
-        Ok::<_, reqwest::Error>((status, replayed, body))
-    }
-    .await;
-    observed
-        .latencies
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(started.elapsed());
-    let (status, replayed, body) = match result {
-        Ok(r) => r,
-        Err(_) => {
-            counters.timeouts.fetch_add(1, Ordering::SeqCst);
-            return None;
-        }
-    };
-    if replayed {
-        counters.replays.fetch_add(1, Ordering::SeqCst);
-    }
-    let counter = match status {
-        StatusCode::CONFLICT => Some(&counters.conflicts),
-        StatusCode::UNPROCESSABLE_ENTITY => Some(&counters.mismatches),
-        StatusCode::SERVICE_UNAVAILABLE => Some(&counters.unavailable),
-        _ => None,
-    };
-    if let Some(counter) = counter {
-        counter.fetch_add(1, Ordering::SeqCst);
-    }
-    Some(Answer { status, body })
+    let response = request.send().await.ok()?;
+    let key_reused = response.idempotency().is_some_and(|i| i.key_reused());
+    let status = response.status();
+    let body = response.text().await.ok()?;
+    Some(Answer {
+        status,
+        key_reused,
+        body,
+    })
 }
 
-/// Retries (same key, same body) until a final answer: 2xx, or 4xx other
-/// than 409 and 429. `None` if none came.
-async fn until_final(
-    client: &reqwest::Client,
-    base: &str,
-    plan: &Plan,
-    body: &serde_json::Value,
-    observed: &Observed,
-) -> Option<Answer> {
-    for attempt in 0..400u64 {
-        match send(client, base, plan, body, None, observed).await {
-            Some(a) if a.status.is_success() => return Some(a),
-            Some(a)
-                if a.status.is_client_error()
-                    && a.status != StatusCode::CONFLICT
-                    && a.status != StatusCode::TOO_MANY_REQUESTS =>
-            {
-                return Some(a);
-            }
-            // 409, 5xx, or a lost connection: back off a little and retry.
-            _ => tokio::time::sleep(Duration::from_millis(5 + attempt.min(20) * 5)).await,
-        }
-    }
-    None
-}
-
-/// Drives one logical payment: every attempt its scenario makes, then
-/// its answer (when all attempts agreed) into `observed`.
+/// Drives one logical payment: every call its scenario makes, then its
+/// answer (when all calls agreed) into `observed`.
 pub(super) async fn drive(
-    client: &reqwest::Client,
+    client: &ClientWithMiddleware,
     base: &str,
     plan: &Plan,
     observed: &Observed,
@@ -137,8 +159,9 @@ pub(super) async fn drive(
     let mut answers = Vec::new();
     match plan.scenario {
         Scenario::DoubleClick | Scenario::TwoTenants => {
+            // Each click is a logical call of its own, with the same key.
             let clicks =
-                (0..config.double_clicks).map(|_| until_final(client, base, plan, &body, observed));
+                (0..config.double_clicks).map(|_| call(client, base, plan, &body, None, None));
             answers.extend(futures_util::future::join_all(clicks).await);
         }
         Scenario::TimeoutThenRetry => {
@@ -146,14 +169,16 @@ pub(super) async fn drive(
                 "amount": plan.amount, "currency": "EUR", "customer": plan.customer,
                 "delay_ms": config.slow_charge.as_millis() as u64,
             });
-            // The client gives up early; the charge goes on server-side.
-            if let Some(answer) = send(
+            // A client with a short timeout and no retries gives up early;
+            // the charge goes on server-side. Later the operation is retried
+            // with its stored key.
+            if let Some(answer) = call(
                 client,
                 base,
                 plan,
                 &slow,
+                Some(RetryPolicy::no_retry()),
                 Some(config.client_timeout),
-                observed,
             )
             .await
             {
@@ -162,29 +187,30 @@ pub(super) async fn drive(
                     answers.push(Some(answer));
                 }
             }
-            answers.push(until_final(client, base, plan, &slow, observed).await);
-            answers.push(until_final(client, base, plan, &slow, observed).await);
+            answers.push(call(client, base, plan, &slow, None, None).await);
+            answers.push(call(client, base, plan, &slow, None, None).await);
         }
         Scenario::TransientFailure => {
             let flaky = json!({
                 "amount": plan.amount, "currency": "EUR", "customer": plan.customer,
                 "fail": "transient",
             });
-            answers.push(until_final(client, base, plan, &flaky, observed).await);
-            answers.push(until_final(client, base, plan, &flaky, observed).await);
+            answers.push(call(client, base, plan, &flaky, None, None).await);
+            answers.push(call(client, base, plan, &flaky, None, None).await);
         }
         Scenario::PayloadChanged => {
-            answers.push(until_final(client, base, plan, &body, observed).await);
+            answers.push(call(client, base, plan, &body, None, None).await);
             let changed =
                 json!({"amount": plan.amount + 1, "currency": "EUR", "customer": plan.customer});
-            let reuse = until_final(client, base, plan, &changed, observed).await;
-            if reuse.as_ref().map(|a| a.status) != Some(StatusCode::UNPROCESSABLE_ENTITY) {
+            let reuse = call(client, base, plan, &changed, None, None).await;
+            if !reuse.is_some_and(|a| a.status == StatusCode::UNPROCESSABLE_ENTITY && a.key_reused)
+            {
                 counters.inconsistent.fetch_add(1, Ordering::SeqCst);
             }
-            answers.push(until_final(client, base, plan, &body, observed).await);
+            answers.push(call(client, base, plan, &body, None, None).await);
         }
     }
-    // Every attempt of one logical payment must end with the same 201.
+    // Every call of one logical payment must end with the same 201.
     let first = answers.first().cloned().flatten();
     let consistent = first.as_ref().is_some_and(|f| f.status.is_success())
         && answers.iter().all(|a| a.as_ref() == first.as_ref());

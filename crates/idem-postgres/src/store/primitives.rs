@@ -4,7 +4,8 @@
 
 use async_trait::async_trait;
 use idem_core::store::{
-    Capabilities, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, CensusSupport, InsertOutcome, Revision, Store, StoreError, SwapOutcome,
+    Versioned,
 };
 use idem_core::{RecordKey, Timestamp};
 use sqlx::AssertSqlSafe;
@@ -17,7 +18,9 @@ use crate::row::{self, Columns, ts};
 #[async_trait]
 impl Store for PostgresStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_max_record_bytes(Some(self.inner.max_record_bytes))
+        Capabilities::new()
+            .with_max_record_bytes(Some(self.inner.max_record_bytes))
+            .with_census(CensusSupport::Exact)
     }
 
     async fn insert_if_absent(
@@ -156,5 +159,33 @@ impl Store for PostgresStore {
             .bind(limit);
         let result = self.limit(deadline, query.execute(&mut *conn)).await;
         Ok(self.settle(&mut conn, result)?.rows_affected())
+    }
+
+    /// Exact, whatever `sample`: one aggregate statement over the table (see
+    /// the crate docs), bounded by the store's timeout like every call.
+    ///
+    /// # Behavior
+    /// - Scans every row once (one sequential scan, no parallel workers),
+    ///   under READ COMMITTED: one snapshot, no lock beyond the scan's
+    ///   `ACCESS SHARE`, nothing written.
+    /// - On a large table the scan may take longer than the store's timeout
+    ///   ([`with_timeout`](crate::PostgresStoreBuilder::with_timeout));
+    ///   that is [`StoreError::Unavailable`], as for every call: give the
+    ///   operator's store a longer timeout.
+    async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
+        let _ = sample;
+        let [t0, t1, t2, t3, t4] = crate::census::thresholds(now);
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        let query = sqlx::query(AssertSqlSafe(self.inner.sql.census.clone()))
+            .bind(ts(now))
+            .bind(t0)
+            .bind(t1)
+            .bind(t2)
+            .bind(t3)
+            .bind(t4);
+        let result = self.limit(deadline, query.fetch_one(&mut *conn)).await;
+        let row = self.settle(&mut conn, result)?;
+        crate::census::from_row(&row, &self.inner.table)
     }
 }

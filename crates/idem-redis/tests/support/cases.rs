@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use idem_conformance::{StoreFactory, open_store};
 use idem_core::store::{
-    FencingToken, InsertOutcome, Record, Revision, State, Store, StoreError, SwapOutcome,
+    Coverage, FencingToken, InsertOutcome, Record, Revision, State, Store, StoreError, SwapOutcome,
     Versioned, codec,
 };
 use idem_core::{
@@ -772,4 +772,82 @@ pub async fn keys_spread_over_all_masters(f: Arc<Factory>) {
             Some(claim(i + 1, 1, T0))
         );
     }
+}
+
+/// The census reads every master, counts only this store's records (not
+/// those of a store whose prefix extends its own), skips values under its
+/// prefix that are not records instead of failing, stops at its sample,
+/// and counts records Redis still holds past their logical expiry as
+/// expired.
+pub async fn census_counts_every_master_and_only_its_records(f: Arc<Factory>) {
+    let (store, mut admin) = open_with_admin(&f).await;
+    for i in 0..200_u64 {
+        let k = rkey(&format!("census-{i}"));
+        let v = if i % 2 == 0 {
+            claim(i + 1, 1, T0)
+        } else {
+            completed(i + 1, 1, T0, 16)
+        };
+        assert_eq!(
+            store.insert_if_absent(&k, &v, T0).await.expect("insert"),
+            InsertOutcome::Inserted
+        );
+    }
+    let nested = deployment(&f)
+        .connect(&builder(&format!("{}x:", store.prefix())))
+        .await
+        .expect("a store under a longer prefix");
+    for i in 0..5_u64 {
+        let k = rkey(&format!("nested-{i}"));
+        nested
+            .insert_if_absent(&k, &claim(i + 1, 1, T0), T0)
+            .await
+            .expect("insert");
+    }
+    let foreign = store.redis_key(&rkey("census-foreign"));
+    let () = query(&mut admin, redis::cmd("SET").arg(&foreign).arg("hello")).await;
+    let hash = store.redis_key(&rkey("census-hash"));
+    let _: i64 = query(&mut admin, redis::cmd("HSET").arg(&hash).arg("f").arg("v")).await;
+
+    let census = store.census(T0, 10_000).await.expect("census");
+    assert_eq!(census.coverage, Coverage::Exact);
+    assert_eq!(
+        (census.in_flight, census.completed, census.expired),
+        (100, 100, 0),
+        "200 records, on every master; not the nested store's 5, not the 2 foreign values"
+    );
+    assert_eq!(census.expiry.iter().sum::<u64>(), 200);
+    assert_eq!(
+        census.unreadable, 1,
+        "the foreign string is unreadable; the hash is another type, not counted"
+    );
+
+    let census = store.census(T0, 200).await.expect("census");
+    assert_eq!(
+        (census.coverage, census.total()),
+        (Coverage::Exact, 200),
+        "a sample of exactly every record is the whole"
+    );
+    for sample in [0, 1, 50, 199] {
+        let census = store.census(T0, sample).await.expect("census");
+        assert_eq!(
+            (census.coverage, census.total()),
+            (
+                Coverage::Sampled {
+                    limit: sample as u64
+                },
+                sample as u64
+            ),
+            "sample {sample}"
+        );
+    }
+
+    // Past the records' logical expiry (the engine's clock), Redis still
+    // holds them (`PX` counts from the write, plus the grace).
+    let later = claim(1, 1, T0)
+        .record
+        .expires_at
+        .max(completed(2, 1, T0, 16).record.expires_at);
+    let census = store.census(later, 10_000).await.expect("census");
+    assert_eq!((census.live(), census.expired), (0, 200));
 }

@@ -71,3 +71,19 @@ where
         }
     }
 }
+
+/// Polls `check` for the whole of `period` and fails the test naming `what`
+/// the first time it returns `false`: for a promise that something does
+/// *not* happen within a time another process owns (a broker's redelivery
+/// timer), which no event announces.
+pub async fn holds_for<F, Fut>(what: &str, period: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        assert!(check().await, "{what} stopped holding within {period:?}");
+        tokio::time::sleep(POLL).await;
+    }
+}
