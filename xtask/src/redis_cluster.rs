@@ -37,7 +37,7 @@ impl Cluster {
                 .map_err(|e| format!("`{tool}` is not installed or not runnable ({e})"))?;
         }
         let base = root.join("target").join("xtask");
-        remove_stale_dirs(&base);
+        remove_stale_dirs(&base, "redis-cluster-");
         let dir = base.join(format!("redis-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -196,8 +196,9 @@ fn free_port(from: u16) -> Result<u16, String> {
         .ok_or_else(|| format!("no free port pair in {from}..={LAST_PORT} (and +10000)"))
 }
 
-/// Removes the directories of earlier runs whose xtask process is gone.
-fn remove_stale_dirs(base: &Path) {
+/// Removes the directories `<prefix><pid>` of earlier runs whose xtask
+/// process is gone.
+pub(crate) fn remove_stale_dirs(base: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
@@ -205,7 +206,7 @@ fn remove_stale_dirs(base: &Path) {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix("redis-cluster-"))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;

@@ -77,6 +77,12 @@ pub trait Instance: Send + Sync {
         Vec::new()
     }
 
+    /// The server's name and version (`redis 7.0.15`, `valkey 9.1.0`,
+    /// `PostgreSQL 15.8`, `SQLite 3.50.2`), if it can tell.
+    async fn server_version(&self) -> Option<String> {
+        None
+    }
+
     /// Remarks for the report (pool size, pragmas, architecture).
     fn notes(&self) -> Vec<String> {
         Vec::new()
@@ -89,8 +95,7 @@ pub trait Instance: Send + Sync {
 /// A backend under benchmark.
 #[async_trait]
 pub trait Backend: Send + Sync {
-    /// Its name in the report (`memory`, `sqlite`, `postgres`,
-    /// `postgres-read-first`, `redis`, `redis-cluster`).
+    /// Its name in the report: the [`Target`](crate::Target)'s.
     fn name(&self) -> &'static str;
 
     /// Whether `workload` says anything about this backend (a variant of
@@ -98,6 +103,12 @@ pub trait Backend: Send + Sync {
     fn measures(&self, workload: Workload) -> bool {
         let _ = workload;
         true
+    }
+
+    /// The byte budget of the engine's finished-record cache, if the
+    /// measurements run with it (the `+cache` targets).
+    fn finished_cache_bytes(&self) -> Option<usize> {
+        None
     }
 
     /// The concurrency levels of the fresh and replay measurements.

@@ -271,6 +271,15 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The smallest and largest of the finite `values` (`(0, 0)` for none).
+pub fn min_max(values: &[f64]) -> (f64, f64) {
+    let mut finite = values.iter().copied().filter(|x| x.is_finite());
+    let Some(first) = finite.next() else {
+        return (0.0, 0.0);
+    };
+    finite.fold((first, first), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
 /// Reduces repeated measurements of one configuration to one: the median of
 /// each figure, with the summed operation and error counts.
 pub fn median_stats(reps: &[Stats]) -> Stats {
@@ -304,6 +313,13 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn min_max_ignores_what_is_not_finite() {
+        assert_eq!(min_max(&[0.9, 0.7, f64::NAN, 1.1]), (0.7, 1.1));
+        assert_eq!(min_max(&[0.8]), (0.8, 0.8));
+        assert_eq!(min_max(&[]), (0.0, 0.0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,13 +74,54 @@ impl Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     /// The backend with the store's defaults: memory, sqlite (a temporary
-    /// file), postgres (a schema of its own), redis and redis-cluster (a
-    /// key prefix of its own).
+    /// file), postgres (a schema of its own; the store's default claim
+    /// mode), redis and redis-cluster (a key prefix of its own).
     Backend(BackendKind),
     /// `idem-postgres` in [`ClaimMode::ReadFirst`](idem_postgres::ClaimMode::ReadFirst)
     /// (fresh, replay and hot key only: the rest does not depend on the mode).
     PostgresReadFirst,
+    /// `idem-postgres` in
+    /// [`ClaimMode::SingleStatement`](idem_postgres::ClaimMode::SingleStatement),
+    /// the default of earlier releases (fresh, replay and hot key only).
+    PostgresSingleStatement,
+    /// `idem-redis` on the Valkey server at `IDEM_VALKEY_URL` (Valkey ≥ 8.1
+    /// has native conditional writes); skipped when the variable is unset
+    /// or the server cannot be reached.
+    Valkey,
+    /// The backend with the engine's finished-record cache
+    /// ([`Engine::with_finished_cache`](idem_core::Engine::with_finished_cache),
+    /// [`FINISHED_CACHE_BYTES`]): fresh, replay and hot key only. The raw
+    /// side is the backend's raw commands, so a replay compares a cache hit
+    /// with the raw store read.
+    Cached(Cacheable),
 }
+
+/// The backends measured with the engine's finished-record cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cacheable {
+    /// `sqlite+cache`.
+    Sqlite,
+    /// `postgres+cache` (default claim mode).
+    Postgres,
+    /// `redis+cache` (the server at `IDEM_REDIS_URL`).
+    Redis,
+}
+
+impl Cacheable {
+    /// The backend under the cache.
+    pub fn kind(self) -> BackendKind {
+        match self {
+            Self::Sqlite => BackendKind::Sqlite,
+            Self::Postgres => BackendKind::Postgres,
+            Self::Redis => BackendKind::Redis,
+        }
+    }
+}
+
+/// The byte budget of the finished-record cache in the `+cache` targets:
+/// room for every record the replay workload cycles through (10,000 records
+/// of about 1.1 KiB in a full run).
+pub const FINISHED_CACHE_BYTES: usize = 64 << 20;
 
 impl From<BackendKind> for Target {
     fn from(kind: BackendKind) -> Self {
@@ -89,44 +130,73 @@ impl From<BackendKind> for Target {
 }
 
 impl Target {
-    /// Every target, in report order: the backends, `postgres-read-first`
-    /// right after `postgres`.
+    /// Every target, in report order: each backend followed by its variants
+    /// (`sqlite+cache`; `postgres-read-first`, `postgres-single-statement`,
+    /// `postgres+cache`; `redis+cache`, then `valkey`), `redis-cluster` last.
     pub fn all() -> Vec<Self> {
-        let mut all = Vec::with_capacity(BackendKind::ALL.len() + 1);
+        let mut all = Vec::with_capacity(BackendKind::ALL.len() + 6);
         for kind in BackendKind::ALL {
             all.push(Self::Backend(kind));
-            if kind == BackendKind::Postgres {
-                all.push(Self::PostgresReadFirst);
+            match kind {
+                BackendKind::Sqlite => all.push(Self::Cached(Cacheable::Sqlite)),
+                BackendKind::Postgres => {
+                    all.push(Self::PostgresReadFirst);
+                    all.push(Self::PostgresSingleStatement);
+                    all.push(Self::Cached(Cacheable::Postgres));
+                }
+                BackendKind::Redis => {
+                    all.push(Self::Cached(Cacheable::Redis));
+                    all.push(Self::Valkey);
+                }
+                _ => {}
             }
         }
         all
     }
 
-    /// The backend measured.
+    /// The backend measured (the store type: `valkey` is
+    /// [`BackendKind::Redis`] on another server).
     pub fn kind(self) -> BackendKind {
         match self {
             Self::Backend(kind) => kind,
-            Self::PostgresReadFirst => BackendKind::Postgres,
+            Self::PostgresReadFirst | Self::PostgresSingleStatement => BackendKind::Postgres,
+            Self::Valkey => BackendKind::Redis,
+            Self::Cached(c) => c.kind(),
         }
     }
 
-    /// The name in the report (`memory`, `sqlite`, `postgres`,
-    /// `postgres-read-first`, `redis`, `redis-cluster`).
+    /// The name in the report (`memory`, `sqlite`, `sqlite+cache`,
+    /// `postgres`, `postgres-read-first`, `postgres-single-statement`,
+    /// `postgres+cache`, `redis`, `redis+cache`, `valkey`, `redis-cluster`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Backend(kind) => kind.name(),
             Self::PostgresReadFirst => "postgres-read-first",
+            Self::PostgresSingleStatement => "postgres-single-statement",
+            Self::Valkey => "valkey",
+            Self::Cached(Cacheable::Sqlite) => "sqlite+cache",
+            Self::Cached(Cacheable::Postgres) => "postgres+cache",
+            Self::Cached(Cacheable::Redis) => "redis+cache",
         }
     }
 
+    /// Whether this is a variant of a backend (another store setting or
+    /// engine option), measured on fresh, replay and hot key only.
+    pub fn is_variant(self) -> bool {
+        matches!(
+            self,
+            Self::PostgresReadFirst | Self::PostgresSingleStatement | Self::Cached(_)
+        )
+    }
+
     /// The targets a run of `mode` measures unless told otherwise: every
-    /// one in a full run; without the `postgres-read-first` variant in the
-    /// quick and tiny runs, which check that nothing broke (the variant's
-    /// code path is the conformance suite's, in both claim modes).
+    /// one in a full run; without the variants ([`is_variant`](Self::is_variant))
+    /// in the quick and tiny runs, which check that nothing broke (the
+    /// variants' code paths are the conformance suite's).
     pub fn defaults(mode: Mode) -> Vec<Self> {
         Self::all()
             .into_iter()
-            .filter(|t| mode == Mode::Full || *t != Self::PostgresReadFirst)
+            .filter(|t| mode == Mode::Full || !t.is_variant())
             .collect()
     }
 
@@ -194,7 +264,10 @@ pub struct Plan {
     pub budget: Budget,
     /// Warm-up before each workload.
     pub warmup: Budget,
-    /// Repetitions of each measurement; raw and idem alternate, medians are reported.
+    /// Repetitions of each measurement (`--repeat`: 3 in a full run, 1 in
+    /// the quick and tiny ones). Each is a pair, raw and idem, whose order
+    /// alternates (raw first, then idem first, …); the report keeps the
+    /// median, minimum and maximum of the pairs' ratios.
     pub reps: usize,
     /// Concurrency levels of fresh and replay.
     pub concurrencies: Vec<usize>,
@@ -252,7 +325,7 @@ impl Plan {
         let quick = Self {
             budget: secs(0.2),
             warmup: secs(0.1),
-            reps: 3,
+            reps: 1,
             concurrencies: vec![1, 8, 32],
             redis_concurrencies: vec![1, 8, 32, 128],
             outcome_bytes: 1024,
@@ -291,6 +364,7 @@ impl Plan {
             Mode::Full => Self {
                 budget: secs(1.0),
                 warmup: secs(0.3),
+                reps: 3,
                 replay_keys: 10_000,
                 hot_rounds: 100,
                 scaling_records: (10_000, 1_000_000),
@@ -368,6 +442,14 @@ impl Config {
         self
     }
 
+    /// The same configuration with `repeats` pairs (raw and idem) per
+    /// measurement (at least 1).
+    #[must_use]
+    pub fn with_repeats(mut self, repeats: usize) -> Self {
+        self.plan.reps = repeats.max(1);
+        self
+    }
+
     /// The same configuration with or without the core micro-benchmark.
     #[must_use]
     pub fn with_core(mut self, core: bool) -> Self {
@@ -388,7 +470,7 @@ pub async fn run(config: &Config) -> Report {
     let started = Instant::now();
     let plan = &config.plan;
     let mut report = Report {
-        format: 1,
+        format: report::FORMAT,
         mode: config.mode.name().into(),
         started_at_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -444,20 +526,29 @@ pub async fn run(config: &Config) -> Report {
 
 #[cfg(test)]
 mod tests {
-    use super::{BackendKind, Mode, Target};
+    use super::{BackendKind, Cacheable, Mode, Plan, Target};
 
     #[test]
-    fn the_read_first_variant_runs_by_default_only_in_full_runs() {
+    fn variants_run_by_default_only_in_full_runs() {
         assert_eq!(Target::defaults(Mode::Full), Target::all());
-        assert_eq!(Target::all().len(), BackendKind::ALL.len() + 1);
+        assert_eq!(Target::all().len(), BackendKind::ALL.len() + 6);
         for mode in [Mode::Quick, Mode::Tiny] {
             let defaults = Target::defaults(mode);
             assert!(!defaults.contains(&Target::PostgresReadFirst));
-            assert_eq!(defaults.len(), BackendKind::ALL.len());
+            assert!(!defaults.iter().any(|t| matches!(t, Target::Cached(_))));
+            assert!(
+                defaults.contains(&Target::Valkey),
+                "valkey is a server, not a variant"
+            );
+            assert_eq!(defaults.len(), BackendKind::ALL.len() + 1);
         }
         assert_eq!(
             Target::parse("postgres-read-first"),
             Some(Target::PostgresReadFirst)
+        );
+        assert_eq!(
+            Target::parse("redis+cache"),
+            Some(Target::Cached(Cacheable::Redis))
         );
         let names: Vec<&str> = Target::all().into_iter().map(Target::name).collect();
         assert_eq!(
@@ -465,14 +556,33 @@ mod tests {
             [
                 "memory",
                 "sqlite",
+                "sqlite+cache",
                 "postgres",
                 "postgres-read-first",
+                "postgres-single-statement",
+                "postgres+cache",
                 "redis",
+                "redis+cache",
+                "valkey",
                 "redis-cluster"
             ]
         );
         for target in Target::all() {
             assert_eq!(Target::parse(target.name()), Some(target));
         }
+        assert_eq!(Target::Valkey.kind(), BackendKind::Redis);
+        assert_eq!(
+            Target::Cached(Cacheable::Sqlite).kind(),
+            BackendKind::Sqlite
+        );
+    }
+
+    #[test]
+    fn repeats_default_to_three_in_full_runs_and_one_otherwise() {
+        assert_eq!(Plan::of(Mode::Full).reps, 3);
+        assert_eq!(Plan::of(Mode::Quick).reps, 1);
+        assert_eq!(Plan::of(Mode::Tiny).reps, 1);
+        let config = super::Config::new(Mode::Quick).with_repeats(0);
+        assert_eq!(config.plan.reps, 1);
     }
 }

@@ -17,9 +17,11 @@ struct Args {
     /// A few operations of everything: the harness's self-test.
     #[arg(long)]
     tiny: bool,
-    /// Backends to measure, comma-separated:
-    /// memory,sqlite,postgres,postgres-read-first,redis,redis-cluster
-    /// (default: all; --quick and --tiny leave out postgres-read-first).
+    /// Backends to measure, comma-separated: memory, sqlite, sqlite+cache,
+    /// postgres, postgres-read-first, postgres-single-statement,
+    /// postgres+cache, redis, redis+cache, valkey (at IDEM_VALKEY_URL),
+    /// redis-cluster (default: all; --quick and --tiny leave out the
+    /// variants postgres-read-first, postgres-single-statement and *+cache).
     #[arg(long, value_delimiter = ',', value_parser = target)]
     backends: Vec<Target>,
     /// Workloads to run, comma-separated (default all):
@@ -32,6 +34,11 @@ struct Args {
     /// Measure only one side of fresh and replay (`idem` or `raw`), for profiling.
     #[arg(long, value_parser = ["idem", "raw"])]
     only: Option<String>,
+    /// Pairs of measurements (raw and idem, alternating which goes first) per
+    /// fresh and replay figure; the ratio is reported as median, min and max
+    /// over the pairs (default: 3, or 1 with --quick and --tiny).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: Option<u32>,
     /// Seconds per measurement (default: 0.2 with --quick, 1.0 otherwise).
     #[arg(long)]
     seconds: Option<f64>,
@@ -85,6 +92,9 @@ fn main() -> ExitCode {
         Some("idem") => config = config.with_sides(Sides::Idem),
         Some("raw") => config = config.with_sides(Sides::Raw),
         _ => {}
+    }
+    if let Some(repeat) = args.repeat {
+        config = config.with_repeats(repeat as usize);
     }
     if let Some(seconds) = args.seconds {
         config = config.with_seconds(seconds);

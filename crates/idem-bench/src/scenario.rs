@@ -14,10 +14,12 @@ use tokio::sync::Barrier;
 
 use crate::backend::{Backend, Instance, Raw};
 use crate::core_bench::payload;
-use crate::harness::{Latencies, OpFn, Stats, median_stats, op, run_concurrent, run_measured};
+use crate::harness::{
+    Latencies, OpFn, Stats, median, median_stats, min_max, op, run_concurrent, run_measured,
+};
 use crate::report::{
-    BackendReport, Compared, HotKey, HotKeyPair, Memory, Purge, Scaling, Status, Variant,
-    VariantRow,
+    BackendReport, Compared, FinishedCache, HotKey, HotKeyPair, Memory, Purge, Scaling, Spread,
+    Status, Variant, VariantRow,
 };
 use crate::{BenchError, Plan, Sides, Workload};
 
@@ -220,8 +222,15 @@ impl Work {
     }
 }
 
-/// Runs `a` and `b` `reps` times each, alternating which goes first, and
-/// compares the medians.
+/// Runs `reps` pairs of `raw` and `idem`, alternating which goes first
+/// (raw first in the first pair, idem first in the second, …), and compares
+/// them pair by pair.
+///
+/// # Behavior
+/// The ratio is the median of the pairs' ratios (idem ops/s ÷ raw ops/s of
+/// the same pair, measured back to back), with their minimum and maximum;
+/// each side's figures are the medians of its repetitions. With one side
+/// only ([`Sides`]), the other's figures and the ratios are zero.
 async fn compare(
     plan: &Plan,
     concurrency: usize,
@@ -239,7 +248,8 @@ async fn compare(
         Sides::Idem => (true, false),
         Sides::Raw => (false, true),
     };
-    for rep in 0..plan.reps.max(1) {
+    let repeats = plan.reps.max(1);
+    for rep in 0..repeats {
         if rep % 2 == 0 && run_raw {
             raw_reps.push(run_measured(c, b, ids, raw, pids).await?);
         }
@@ -250,16 +260,37 @@ async fn compare(
             raw_reps.push(run_measured(c, b, ids, raw, pids).await?);
         }
     }
-    let idem_m = median_stats(&idem_reps);
-    let raw_m = median_stats(&raw_reps);
-    Ok(Compared {
+    Ok(compared(concurrency, repeats, &idem_reps, &raw_reps))
+}
+
+/// The comparison of `repeats` pairs of measurements (`idem_reps[i]` with
+/// `raw_reps[i]`).
+pub(crate) fn compared(
+    concurrency: usize,
+    repeats: usize,
+    idem_reps: &[Stats],
+    raw_reps: &[Stats],
+) -> Compared {
+    let ratios: Vec<f64> = idem_reps
+        .iter()
+        .zip(raw_reps)
+        .map(|(i, r)| ratio(i.ops_per_sec, r.ops_per_sec))
+        .collect();
+    let (ratio_min, ratio_max) = min_max(&ratios);
+    Compared {
         concurrency,
-        ratio: ratio(idem_m.ops_per_sec, raw_m.ops_per_sec),
-        idem: idem_m,
-        raw: raw_m,
+        ratio: median(&ratios),
+        ratio_min,
+        ratio_max,
+        repeats,
+        ratios,
+        idem: median_stats(idem_reps),
+        raw: median_stats(raw_reps),
         idem_reps: idem_reps.iter().map(|s| s.ops_per_sec).collect(),
         raw_reps: raw_reps.iter().map(|s| s.ops_per_sec).collect(),
-    })
+        idem_spread: Spread::of(idem_reps),
+        raw_spread: Spread::of(raw_reps),
+    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -396,13 +427,17 @@ async fn hot_key_pair(w: &Arc<Work>, plan: &Plan) -> Result<HotKeyPair, BenchErr
     })
 }
 
+/// The engine over `instance`'s store, with a finished-record cache of
+/// `cache_bytes` if given.
 #[allow(clippy::expect_used)] // A constant policy: a record TTL of hours over the default lease.
-fn engine_over(instance: &dyn Instance) -> Arc<BenchEngine> {
-    Arc::new(
-        Engine::new(instance.store())
-            .with_policy(Policy::default().with_ttl(RECORD_TTL))
-            .expect("RECORD_TTL is longer than the default lease"),
-    )
+fn engine_over(instance: &dyn Instance, cache_bytes: Option<usize>) -> Arc<BenchEngine> {
+    let engine = Engine::new(instance.store())
+        .with_policy(Policy::default().with_ttl(RECORD_TTL))
+        .expect("RECORD_TTL is longer than the default lease");
+    Arc::new(match cache_bytes {
+        Some(bytes) => engine.with_finished_cache(bytes),
+        None => engine,
+    })
 }
 
 fn progress(backend: &dyn Backend, what: &str) {
@@ -415,16 +450,17 @@ fn progress(backend: &dyn Backend, what: &str) {
     );
 }
 
-/// Runs every measurement of `backend`; a backend that cannot be reached is
-/// reported as skipped.
 /// Whether `workload` runs on `backend` in this plan.
 fn runs(backend: &dyn Backend, plan: &Plan, workload: Workload) -> bool {
     plan.runs(workload) && backend.measures(workload)
 }
 
+/// Runs every measurement of `backend`; a backend that cannot be reached is
+/// reported as skipped.
 pub(crate) async fn bench_backend(backend: &dyn Backend, plan: &Plan) -> BackendReport {
     let mut report = BackendReport {
         name: backend.name().to_string(),
+        finished_cache_bytes: backend.finished_cache_bytes(),
         ..BackendReport::default()
     };
     let main = match backend.open().await {
@@ -435,7 +471,14 @@ pub(crate) async fn bench_backend(backend: &dyn Backend, plan: &Plan) -> Backend
             return report;
         }
     };
+    report.server_version = main.server_version().await;
     report.notes.extend(main.notes());
+    if let Some(bytes) = report.finished_cache_bytes {
+        report.notes.push(format!(
+            "engine with the finished-record cache ({} MiB); the raw side is unchanged: a replay compares a cache hit with the raw store read",
+            bytes >> 20
+        ));
+    }
     noted(&mut report.errors, "settle", main.settle().await);
     if let Err(e) = main_measurements(backend, plan, main.as_ref(), &mut report).await {
         report.errors.push(e.to_string());
@@ -469,7 +512,7 @@ async fn main_measurements(
     main: &dyn Instance,
     report: &mut BackendReport,
 ) -> Result<(), BenchError> {
-    let engine = engine_over(main);
+    let engine = engine_over(main, backend.finished_cache_bytes());
     let raw = main.raw().await?;
     let w = Arc::new(Work::new(engine, Arc::clone(&raw), plan));
     let idem_fresh = w.idem_fresh("fresh");
@@ -514,6 +557,13 @@ async fn main_measurements(
         report.hot_key = noted(&mut report.errors, "hot key", hot_key_pair(&w, plan).await);
         progress(backend, "hot key done");
     }
+    report.finished_cache = w.engine.finished_cache().map(|s| FinishedCache {
+        hits: s.hits,
+        misses: s.misses,
+        entries: s.entries,
+        bytes: s.bytes,
+        max_bytes: s.max_bytes,
+    });
     if !runs(backend, plan, Workload::Architecture) {
         return Ok(());
     }
@@ -632,7 +682,7 @@ async fn scaling(backend: &dyn Backend, plan: &Plan) -> Result<Scaling, BenchErr
 }
 
 async fn scaling_on(plan: &Plan, inst: &dyn Instance) -> Result<Scaling, BenchError> {
-    let engine = engine_over(inst);
+    let engine = engine_over(inst, None);
     let raw = inst.raw().await?;
     let w = Arc::new(Work::new(Arc::clone(&engine), Arc::clone(&raw), plan));
     let (small_n, large_n) = plan.scaling_records;
@@ -766,7 +816,7 @@ async fn memory(backend: &dyn Backend, plan: &Plan) -> Result<Option<Memory>, Be
     let inst = backend.open().await?;
     let result = async {
         let w = Arc::new(Work::new(
-            engine_over(inst.as_ref()),
+            engine_over(inst.as_ref(), None),
             inst.raw().await?,
             plan,
         ));
@@ -784,7 +834,7 @@ async fn memory(backend: &dyn Backend, plan: &Plan) -> Result<Option<Memory>, Be
     // Raw values, in another instance.
     let inst = backend.open().await?;
     let result = async {
-        let engine = engine_over(inst.as_ref());
+        let engine = engine_over(inst.as_ref(), None);
         let raw = inst.raw().await?;
         let w = Arc::new(Work::new(engine, Arc::clone(&raw), plan));
         let before = raw.data_bytes().await?.unwrap_or(0);
@@ -811,7 +861,9 @@ fn backend_memory_method(name: &str) -> &'static str {
     match name {
         "sqlite" => "growth of (page_count - freelist_count) x page_size over the records",
         "postgres" => "growth of pg_total_relation_size (heap + TOAST + indexes) over the records",
-        "redis" | "redis-cluster" => "sum of MEMORY USAGE of the keys written, per record",
+        "redis" | "valkey" | "redis-cluster" => {
+            "sum of MEMORY USAGE of the keys written, per record"
+        }
         _ => "backend-specific",
     }
 }

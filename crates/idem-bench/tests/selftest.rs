@@ -8,11 +8,22 @@ use std::process::Command;
 
 use idem_bench::report::{BackendReport, Compared, HotKey, Report, Status};
 
+/// How many pairs the self-test measures per figure (`--repeat`), so that
+/// the ranges are computed over more than one pair.
+const REPEATS: usize = 2;
+
 fn run_tiny(backends: &str) -> (Report, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("results.json");
     let output = Command::new(env!("CARGO_BIN_EXE_idem-bench"))
-        .args(["--tiny", "--backends", backends, "--json"])
+        .args([
+            "--tiny",
+            "--repeat",
+            &REPEATS.to_string(),
+            "--backends",
+            backends,
+            "--json",
+        ])
         .arg(&json)
         .output()
         .expect("idem-bench runs");
@@ -44,6 +55,35 @@ fn check_row(backend: &str, what: &str, row: &Compared) {
         assert!(s.p50_us > 0.0 && s.p99_us >= s.p50_us, "{at} {side}: {s:?}");
     }
     assert_eq!(row.idem_reps.len(), row.raw_reps.len(), "{at}");
+    // Ranges over the pairs: every pair's ratio kept, the median inside
+    // the range, each side's range around its median.
+    assert_eq!(row.repeats, REPEATS, "{at}");
+    assert_eq!(row.idem_reps.len(), REPEATS, "{at}");
+    assert_eq!(row.ratios.len(), REPEATS, "{at}");
+    assert!(
+        row.ratio_min > 0.0 && row.ratio_min <= row.ratio && row.ratio <= row.ratio_max,
+        "{at}: {} ({}–{})",
+        row.ratio,
+        row.ratio_min,
+        row.ratio_max
+    );
+    for (side, s, spread) in [
+        ("idem", &row.idem, &row.idem_spread),
+        ("raw", &row.raw, &row.raw_spread),
+    ] {
+        assert!(
+            spread.ops_per_sec_min <= s.ops_per_sec && s.ops_per_sec <= spread.ops_per_sec_max,
+            "{at} {side}: {spread:?}"
+        );
+        assert!(
+            spread.p50_us_min <= s.p50_us && s.p50_us <= spread.p50_us_max,
+            "{at} {side}: {spread:?}"
+        );
+        assert!(
+            spread.p99_us_min <= s.p99_us && s.p99_us <= spread.p99_us_max,
+            "{at} {side}: {spread:?}"
+        );
+    }
 }
 
 fn check_hot_key(backend: &str, side: &str, h: &HotKey) {
@@ -99,6 +139,19 @@ fn check_backend(b: &BackendReport) {
 fn tiny_run_of_memory_and_sqlite_has_every_figure() {
     let (report, table) = run_tiny("memory,sqlite");
     assert_eq!(report.mode, "tiny");
+    assert_eq!(report.format, idem_bench::report::FORMAT);
+    assert_eq!(report.plan.repetitions, REPEATS);
+    assert!(table.contains("ratio (min–max)"), "{table}");
+    // The server's version where there is one to ask.
+    assert_eq!(report.backends[0].server_version, None);
+    assert!(
+        report.backends[1]
+            .server_version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("SQLite 3.")),
+        "{:?}",
+        report.backends[1].server_version
+    );
     assert_eq!(report.backends.len(), 2);
     let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, ["memory", "sqlite"]);
@@ -138,13 +191,14 @@ fn unreachable_servers_are_reported_as_skipped() {
             "--tiny",
             "--no-core",
             "--backends",
-            "postgres,postgres-read-first,redis,redis-cluster",
+            "postgres,postgres-read-first,postgres-single-statement,postgres+cache,redis,redis+cache,valkey,redis-cluster",
         ])
         .arg("--json")
         .arg(&json)
         .env("IDEM_POSTGRES_URL", "postgres://postgres@127.0.0.1:1/test")
         .env("IDEM_REDIS_URL", "redis://127.0.0.1:1")
         .env("IDEM_REDIS_CLUSTER_URLS", "")
+        .env_remove("IDEM_VALKEY_URL")
         .output()
         .expect("idem-bench runs");
     assert!(
@@ -155,7 +209,16 @@ fn unreachable_servers_are_reported_as_skipped() {
     let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(
         names,
-        ["postgres", "postgres-read-first", "redis", "redis-cluster"]
+        [
+            "postgres",
+            "postgres-read-first",
+            "postgres-single-statement",
+            "postgres+cache",
+            "redis",
+            "redis+cache",
+            "valkey",
+            "redis-cluster"
+        ]
     );
     for b in &report.backends {
         assert_eq!(b.status, Status::Skipped, "{}", b.name);
@@ -169,4 +232,44 @@ fn unreachable_servers_are_reported_as_skipped() {
     assert!(report.core.is_none());
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("skipped (unreachable)"), "{table}");
+}
+
+#[test]
+fn the_cache_variant_measures_fresh_replay_and_hot_key() {
+    let (report, table) = run_tiny("sqlite+cache");
+    let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["sqlite+cache"]);
+    let b = &report.backends[0];
+    assert_eq!(b.status, Status::Ok, "{:?}", b.reason);
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+    assert_eq!(
+        b.finished_cache_bytes,
+        Some(idem_bench::FINISHED_CACHE_BYTES)
+    );
+    // The replays were answered from the cache.
+    let cache = b.finished_cache.as_ref().expect("cache counters");
+    assert!(cache.hits > 0 && cache.entries > 0, "{cache:?}");
+    assert_eq!(b.fresh.len(), 2);
+    assert_eq!(b.replay.len(), 2);
+    for row in &b.fresh {
+        check_row(&b.name, "fresh", row);
+    }
+    for row in &b.replay {
+        check_row(&b.name, "replay", row);
+    }
+    let hot = b.hot_key.as_ref().expect("hot-key figures");
+    check_hot_key(&b.name, "idem", &hot.idem);
+    check_hot_key(&b.name, "raw", &hot.raw);
+    // What the cache cannot change is left to the `sqlite` target.
+    assert!(b.scaling.is_none() && b.purge.is_none() && b.memory.is_none());
+    assert!(b.architecture.is_empty());
+    assert!(table.contains("== sqlite+cache =="), "{table}");
+    assert!(
+        report
+            .targets
+            .iter()
+            .any(|t| t.name.starts_with("sqlite+cache replay") && t.target == ">= 3.00"),
+        "{:?}",
+        report.targets
+    );
 }

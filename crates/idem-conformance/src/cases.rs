@@ -10,6 +10,14 @@
 //! | [`engine`] | the engine's guarantees through the store (replay, mismatch, fencing, release, failures, waiting) |
 //! | [`model`] | random operation sequences, engine + store against the pure core model |
 //!
+//! Every case that drives an engine (`engine::*`, `model::*` and the
+//! `race::` cases through the engine) runs a second time with the engine's
+//! cache of finished records on
+//! ([`Engine::with_finished_cache`](idem_core::Engine::with_finished_cache)),
+//! named `engine_cached::*`, `model_cached::*`, `race_cached::*`: the same
+//! assertions must hold whether a replay comes from the store or from the
+//! cache. Such a variant fails if none of its engines consulted the cache.
+//!
 //! Time never passes by itself: every case drives a [`ManualClock`]
 //! or passes explicit timestamps, so no case waits on wall-clock time.
 // This module is test code: a failed expectation is a failed case, reported
@@ -17,14 +25,15 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use idem_core::store::{
     FencingToken, InsertOutcome, Record, Revision, State, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{
-    Engine, Fingerprint, IdempotencyKey, ManualClock, Outcome, Policy, RecordKey, Scope, Timestamp,
+    CacheStats, Engine, Fingerprint, IdempotencyKey, ManualClock, Outcome, Policy, RecordKey,
+    Scope, Timestamp,
 };
 
 use crate::{Case, Requires, StoreFactory};
@@ -42,6 +51,18 @@ macro_rules! case {
             concat!(stringify!($module), "::", stringify!($name)),
             Requires::$requires,
             |f| Box::pin($module::$name(f)),
+        )
+    };
+}
+
+/// Registers `$module::$name` again as `"${module}_cached::$name"`, run
+/// with the engine's cache of finished records on ([`with_finished_cache`]).
+macro_rules! cached_case {
+    ($module:ident :: $name:ident, $requires:ident) => {
+        Case::new(
+            concat!(stringify!($module), "_cached::", stringify!($name)),
+            Requires::$requires,
+            |f| Box::pin(with_finished_cache($module::$name(f))),
         )
     };
 }
@@ -141,7 +162,117 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         ),
         case!(model::rule_extend_of_lapsed_lease_before_takeover, Always),
         case!(model::rule_reclaim_after_retryable_failure, Always),
+        // Every case that drives an engine, again with its cache of
+        // finished records on.
+        cached_case!(race::engine_32_tasks_run_once, Always),
+        cached_case!(race::engine_two_instances_run_once, SharedInstances),
+        cached_case!(race::takeover_32_tasks_one_wins, Always),
+        cached_case!(race::zombie_complete_vs_takeover_one_wins, Always),
+        cached_case!(engine::replay_returns_byte_exact_outcome, Always),
+        cached_case!(engine::large_outcome_replays_byte_exact, Always),
+        cached_case!(engine::fingerprint_mismatch_in_every_state, Always),
+        cached_case!(engine::in_progress_reports_time_left, Always),
+        cached_case!(engine::takeover_fences_zombie, Always),
+        cached_case!(
+            engine::takeover_across_instances_fences_zombie,
+            SharedInstances
+        ),
+        cached_case!(engine::release_lets_a_retry_proceed, Always),
+        cached_case!(engine::retryable_failure_lets_a_retry_proceed, Always),
+        cached_case!(engine::permanent_failure_is_replayed, Always),
+        cached_case!(engine::try_execute_follows_on_error, Always),
+        cached_case!(engine::execute_runs_once_and_replays, Always),
+        cached_case!(engine::complete_is_idempotent_for_its_holder, Always),
+        cached_case!(engine::expired_key_is_claimed_afresh, Always),
+        cached_case!(engine::heartbeat_keeps_the_lease, Always),
+        cached_case!(engine::wait_for_original_returns_its_outcome, Always),
+        cached_case!(engine::wait_for_original_gives_up_after_max, Always),
+        cached_case!(model::matches_core_model, Always),
+        cached_case!(model::regression_one_key_one_record, Always),
+        cached_case!(model::regression_duplicate_is_in_progress, Always),
+        cached_case!(model::regression_expired_record_is_invisible, Always),
+        cached_case!(model::regression_claim_over_expired_record, Always),
+        cached_case!(model::regression_purge_keeps_live_claim, Always),
+        cached_case!(model::regression_complete_after_release, Always),
+        cached_case!(model::regression_zombie_complete_after_new_claim, Always),
+        cached_case!(model::regression_zombie_release_after_new_claim, Always),
+        cached_case!(
+            model::rule_zombie_release_after_takeover_and_release,
+            Always
+        ),
+        cached_case!(model::rule_extend_of_lapsed_lease_before_takeover, Always),
+        cached_case!(model::rule_reclaim_after_retryable_failure, Always),
     ]
+}
+
+/// The size of the cache of finished records the `*_cached` variants give
+/// every engine: room for every record of any case (the largest outcome is
+/// 1 MiB + 5 bytes).
+pub(crate) const CACHE_BYTES: usize = 64 << 20;
+
+/// What a `*_cached` variant learns of the engines its case built.
+type CacheReader = Box<dyn Fn() -> Option<CacheStats> + Send + Sync>;
+
+/// The engines a `*_cached` variant built (each read through its
+/// [`Engine::finished_cache`]); clones share them.
+#[derive(Clone, Default)]
+pub(crate) struct CacheProbe(Arc<Mutex<Vec<CacheReader>>>);
+
+impl CacheProbe {
+    fn register<S: Store>(&self, engine: &Engine<S, ManualClock>) {
+        let engine = engine.clone();
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(move || engine.finished_cache()));
+    }
+
+    fn stats(&self) -> Vec<Option<CacheStats>> {
+        let readers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        readers.iter().map(|read| read()).collect()
+    }
+}
+
+tokio::task_local! {
+    /// Set while a `*_cached` variant runs: [`engine_on`] turns the cache on.
+    static FINISHED_CACHE: CacheProbe;
+}
+
+/// Runs `case` with the cache of finished records on in every engine it
+/// builds through [`engine_on`]; fails if it built none, or none of them
+/// consulted its cache (the variant would test nothing).
+pub(crate) async fn with_finished_cache(case: impl Future<Output = ()>) {
+    let probe = CacheProbe::default();
+    FINISHED_CACHE.scope(probe.clone(), case).await;
+    let stats = probe.stats();
+    assert!(
+        !stats.is_empty(),
+        "the case built no engine: its cached variant would test nothing"
+    );
+    assert!(
+        stats.iter().all(Option::is_some),
+        "an engine of the cached variant has no cache of finished records"
+    );
+    let lookups: u64 = stats.iter().flatten().map(|s| s.hits + s.misses).sum();
+    assert!(
+        lookups > 0,
+        "no engine of the case consulted its cache of finished records"
+    );
+}
+
+/// The running `*_cached` variant's probe, if any, to carry into work the
+/// case runs outside its task (see [`in_probe`]).
+pub(crate) fn current_probe() -> Option<CacheProbe> {
+    FINISHED_CACHE.try_with(Clone::clone).ok()
+}
+
+/// Runs `work` under `probe` (from [`current_probe`]), so that engines it
+/// builds follow the case's variant.
+pub(crate) async fn in_probe<T>(probe: Option<CacheProbe>, work: impl Future<Output = T>) -> T {
+    match probe {
+        Some(probe) => FINISHED_CACHE.scope(probe, work).await,
+        None => work.await,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -183,14 +314,25 @@ pub(crate) fn engine<S: Store>(store: S) -> (Engine<S, ManualClock>, ManualClock
 
 /// An engine over `store` with `policy`, on `clock` (which engines over
 /// two instances share).
+///
+/// In a `*_cached` variant ([`with_finished_cache`]) the engine keeps
+/// finished records ([`CACHE_BYTES`]).
 pub(crate) fn engine_on<S: Store>(
     store: S,
     clock: &ManualClock,
     policy: Policy,
 ) -> Engine<S, ManualClock> {
-    Engine::with_clock(store, clock.clone())
+    let engine = Engine::with_clock(store, clock.clone())
         .with_policy(policy)
-        .expect("valid policy")
+        .expect("valid policy");
+    match current_probe() {
+        Some(probe) => {
+            let engine = engine.with_finished_cache(CACHE_BYTES);
+            probe.register(&engine);
+            engine
+        }
+        None => engine,
+    }
 }
 
 /// The scope of the store cases.
@@ -281,7 +423,7 @@ impl<S: Store + ?Sized> Must<'_, S> {
     pub(crate) async fn swap(
         &self,
         k: &RecordKey,
-        from: Revision,
+        from: &Versioned,
         to: &Versioned,
         now: Timestamp,
     ) -> SwapOutcome {
@@ -292,7 +434,7 @@ impl<S: Store + ?Sized> Must<'_, S> {
     }
 
     /// `delete_if`.
-    pub(crate) async fn delete(&self, k: &RecordKey, rev: Revision, now: Timestamp) -> bool {
+    pub(crate) async fn delete(&self, k: &RecordKey, rev: &Versioned, now: Timestamp) -> bool {
         ok(self.0.delete_if(k, rev, now).await, "delete_if")
     }
 
@@ -303,6 +445,15 @@ impl<S: Store + ?Sized> Must<'_, S> {
 }
 
 /// An in-flight claim under `token`, written at `now`, living `ttl_secs`.
+/// `v` under another revision: what a caller holding a stale read passes
+/// as `expected`.
+pub(crate) fn stale(v: &Versioned, rev: u64) -> Versioned {
+    Versioned {
+        revision: Revision::from_u64(rev),
+        record: v.record.clone(),
+    }
+}
+
 pub(crate) fn claim(rev: u64, token: u128, now: Timestamp, ttl_secs: u64) -> Versioned {
     let ttl = Duration::from_secs(ttl_secs);
     Versioned {
@@ -438,7 +589,17 @@ mod tests {
         for name in &names {
             let (module, case) = name.split_once("::").expect("module::case");
             assert!(
-                ["store", "transactional", "race", "engine", "model"].contains(&module),
+                [
+                    "store",
+                    "transactional",
+                    "race",
+                    "engine",
+                    "model",
+                    "race_cached",
+                    "engine_cached",
+                    "model_cached"
+                ]
+                .contains(&module),
                 "{name}"
             );
             assert!(
@@ -449,6 +610,45 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// The cases that drive an engine, by name: each has a `*_cached::` twin.
+    fn drives_an_engine(name: &str) -> bool {
+        name.starts_with("engine::")
+            || name.starts_with("model::")
+            || matches!(
+                name,
+                "race::engine_32_tasks_run_once"
+                    | "race::engine_two_instances_run_once"
+                    | "race::takeover_32_tasks_one_wins"
+                    | "race::zombie_complete_vs_takeover_one_wins"
+            )
+    }
+
+    /// No case that drives an engine is left out of the cached run, and
+    /// each cached variant has its plain case, with the same requirement.
+    #[test]
+    fn every_case_driving_an_engine_runs_cached_too() {
+        let cases = all::<MemoryFactory>();
+        let find = |name: &str| cases.iter().find(|c| c.name() == name);
+        let mut twins = 0;
+        for case in &cases {
+            let name = case.name();
+            if let Some((module, rest)) = name.split_once("_cached::") {
+                let plain = format!("{module}::{rest}");
+                let plain = find(&plain).unwrap_or_else(|| panic!("{name} has no plain case"));
+                assert!(drives_an_engine(plain.name()), "{name}");
+                assert_eq!(plain.requires(), case.requires(), "{name}");
+            } else if drives_an_engine(name) {
+                let (module, rest) = name.split_once("::").expect("module::case");
+                assert!(
+                    find(&format!("{module}_cached::{rest}")).is_some(),
+                    "{name} does not run with the cache of finished records"
+                );
+                twins += 1;
+            }
+        }
+        assert!(twins >= 30, "{twins}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use idem_core::store::codec::record_size;
 use idem_core::store::{
-    Capabilities, Census, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, InsertOutcome, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{RecordKey, Timestamp};
 
@@ -359,7 +359,7 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
@@ -367,7 +367,7 @@ impl<S: Store> Store for FaultyStore<S> {
             Op::CompareAndSwap,
             Some(key),
             Some(record),
-            Some(expected),
+            Some(expected.revision),
             now,
         );
         let apply = self.inner.compare_and_swap(key, expected, record, now);
@@ -377,10 +377,10 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let call = Call::of(Op::DeleteIf, Some(key), None, Some(expected), now);
+        let call = Call::of(Op::DeleteIf, Some(key), None, Some(expected.revision), now);
         self.run(call, self.inner.delete_if(key, expected, now))
             .await
     }

@@ -433,7 +433,7 @@ impl Store for Flawed {
                 let k = key.clone();
                 if let Some(current) = self.inner.get(&k, now).await? {
                     self.inner
-                        .compare_and_swap(&k, current.revision, &record, now)
+                        .compare_and_swap(&k, &current, &record, now)
                         .await?;
                     return Ok(InsertOutcome::Inserted);
                 }
@@ -460,7 +460,7 @@ impl Store for Flawed {
                         // Writes unconditionally, as `SET` without `NX` would.
                         if let Some(current) = self.raw(&key).await {
                             self.inner
-                                .delete_if(&key, current.revision, Timestamp::from_millis(0))
+                                .delete_if(&key, &current, Timestamp::from_millis(0))
                                 .await?;
                         }
                         self.inner.insert_if_absent(&key, &record, now).await?;
@@ -483,23 +483,18 @@ impl Store for Flawed {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
         self.check_size(record)?;
         let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
-        let expected = self
-            .mangle(&Versioned {
-                revision: expected,
-                record: record.record.clone(),
-            })
-            .revision;
+        let expected = self.mangle(expected);
         match self.flaw {
             Flaw::CasIgnoresRevision => match self.inner.get(&key, now).await? {
                 Some(current) => {
                     self.inner
-                        .compare_and_swap(&key, current.revision, &record, now)
+                        .compare_and_swap(&key, &current, &record, now)
                         .await
                 }
                 None => Ok(SwapOutcome::Conflict(None)),
@@ -511,7 +506,7 @@ impl Store for Flawed {
                 }
                 Some(_) => {
                     self.inner
-                        .compare_and_swap(&key, expected, &record, now)
+                        .compare_and_swap(&key, &expected, &record, now)
                         .await
                 }
             },
@@ -519,11 +514,11 @@ impl Store for Flawed {
                 let seen = self.inner.get(&key, now).await?;
                 self.hold_the_window().await;
                 match seen {
-                    Some(current) if current.revision == expected => {
+                    Some(current) if current.revision == expected.revision => {
                         // Writes whatever is there now, as GET-then-SET would.
                         if let Some(now_there) = self.inner.get(&key, now).await? {
                             self.inner
-                                .compare_and_swap(&key, now_there.revision, &record, now)
+                                .compare_and_swap(&key, &now_there, &record, now)
                                 .await?;
                         }
                         Ok(SwapOutcome::Swapped)
@@ -533,7 +528,7 @@ impl Store for Flawed {
             }
             _ => {
                 self.inner
-                    .compare_and_swap(&key, expected, &record, now)
+                    .compare_and_swap(&key, &expected, &record, now)
                     .await
             }
         }
@@ -542,22 +537,25 @@ impl Store for Flawed {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let (key, now) = (self.key(key), self.now(now));
         let expected = if self.flaw == Flaw::NarrowRevisions {
-            Revision::from_u64(expected.as_u64() & (u64::MAX >> 1))
+            Versioned {
+                revision: Revision::from_u64(expected.revision.as_u64() & (u64::MAX >> 1)),
+                record: expected.record.clone(),
+            }
         } else {
-            expected
+            expected.clone()
         };
         if self.flaw == Flaw::DeleteIgnoresRevision {
             return match self.inner.get(&key, now).await? {
-                Some(current) => self.inner.delete_if(&key, current.revision, now).await,
+                Some(current) => self.inner.delete_if(&key, &current, now).await,
                 None => Ok(false),
             };
         }
-        self.inner.delete_if(&key, expected, now).await
+        self.inner.delete_if(&key, &expected, now).await
     }
 
     async fn purge_expired(&self, now: Timestamp, limit: usize) -> Result<u64, StoreError> {
@@ -663,7 +661,7 @@ impl StoreFactory for FlawedFactory {
         match current {
             Some(live) => {
                 store
-                    .compare_and_swap(key, live.revision, &transition.next, now)
+                    .compare_and_swap(key, &live, &transition.next, now)
                     .await
                     .map_err(fail)?;
             }
@@ -714,7 +712,7 @@ impl Store for CorruptAsAbsent {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
@@ -723,7 +721,7 @@ impl Store for CorruptAsAbsent {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         self.0.delete_if(key, expected, now).await

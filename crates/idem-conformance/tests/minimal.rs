@@ -113,14 +113,14 @@ impl Store for MiniStore {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
         let new = encode(record)?;
         let mut rows = self.rows();
         match live(&rows, key, now) {
-            Some(current) if current.revision == expected => {
+            Some(current) if current.revision == expected.revision => {
                 rows.insert(*key.digest(), new);
                 Ok(SwapOutcome::Swapped)
             }
@@ -132,12 +132,12 @@ impl Store for MiniStore {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let mut rows = self.rows();
         match live(&rows, key, now) {
-            Some(current) if current.revision == expected => {
+            Some(current) if current.revision == expected.revision => {
                 rows.remove(key.digest());
                 Ok(true)
             }

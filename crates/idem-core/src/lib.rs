@@ -43,8 +43,8 @@ pub mod store;
 mod time;
 
 pub use engine::{
-    Begin, DeadLetterReason, DefaultClock, Delivery, Ending, Engine, Executed, Handled, MIN_RETRY,
-    OnError, Replay, ReplayKind, RetryReason, Shutdown,
+    Begin, CACHE_ENTRY_OVERHEAD, CacheStats, DeadLetterReason, DefaultClock, Delivery, Ending,
+    Engine, Executed, Handled, MIN_RETRY, OnError, Replay, ReplayKind, RetryReason, Shutdown,
 };
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{FINGERPRINT_CONTEXT, Fingerprint, FingerprintBuilder};

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use crate::store::{
-    Capabilities, Census, CensusSupport, Coverage, InsertOutcome, Revision, Store, StoreError,
-    SwapOutcome, Versioned,
+    Capabilities, Census, CensusSupport, Coverage, InsertOutcome, Store, StoreError, SwapOutcome,
+    Versioned,
 };
 use crate::{RecordKey, Timestamp};
 
@@ -92,13 +92,13 @@ impl Store for MemoryStore {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
         let mut records = self.lock();
         match live(records.get(key.digest()), now) {
-            Some(current) if current.revision == expected => {
+            Some(current) if current.revision == expected.revision => {
                 records.insert(*key.digest(), record.clone());
                 Ok(SwapOutcome::Swapped)
             }
@@ -109,12 +109,12 @@ impl Store for MemoryStore {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let mut records = self.lock();
         match live(records.get(key.digest()), now) {
-            Some(current) if current.revision == expected => {
+            Some(current) if current.revision == expected.revision => {
                 records.remove(key.digest());
                 Ok(true)
             }

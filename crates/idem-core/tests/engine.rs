@@ -314,7 +314,7 @@ async fn mark_applied_finishes_the_lease_and_refuses_foreign_transitions() {
     // What a SQL store's `apply_in` does inside the caller's transaction.
     let applied = engine
         .store()
-        .compare_and_swap(&done.key, lease.record().revision, &done.next, clock.now())
+        .compare_and_swap(&done.key, &lease.record(), &done.next, clock.now())
         .await
         .unwrap();
     assert!(matches!(applied, SwapOutcome::Swapped));

@@ -43,11 +43,27 @@ fn policy() -> Policy {
     Policy::default().with_lease(LEASE)
 }
 
-fn engine_over(store: Faulty, policy: Policy) -> (Arc<Engine<Faulty, ManualClock>>, ManualClock) {
+/// Whether the engine keeps finished records ([`Engine::with_finished_cache`]):
+/// every row runs both ways (`plain::<row>`, `cached::<row>`).
+#[derive(Clone, Copy, Debug)]
+enum Cache {
+    Off,
+    On,
+}
+
+fn engine_over(
+    store: Faulty,
+    policy: Policy,
+    cache: Cache,
+) -> (Arc<Engine<Faulty, ManualClock>>, ManualClock) {
     let clock = ManualClock::new(T0);
     let engine = Engine::with_clock(store, clock.clone())
         .with_policy(policy)
         .unwrap();
+    let engine = match cache {
+        Cache::Off => engine,
+        Cache::On => engine.with_finished_cache(16 << 20),
+    };
     (Arc::new(engine), clock)
 }
 
@@ -113,11 +129,10 @@ async fn state<S: Store, C: Clock>(engine: &Engine<S, C>, k: &str) -> Option<&'s
 /// Situation 2: one heartbeat fails with an error classified as permanent.
 /// The heartbeat goes on, so a duplicate arriving after the original lease
 /// deadline still finds the key in progress and never takes it over.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_permanent_heartbeat_error_does_not_stop_the_heartbeat() {
+async fn one_permanent_heartbeat_error_does_not_stop_the_heartbeat(cache: Cache) {
     let store = faulty();
     let beat = store.inject(failing_beats(Some(1)));
-    let (engine, clock) = engine_over(store.clone(), policy());
+    let (engine, clock) = engine_over(store.clone(), policy(), cache);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("k"), fp).await.unwrap() else {
         panic!("the first request claims")
@@ -166,11 +181,10 @@ async fn one_permanent_heartbeat_error_does_not_stop_the_heartbeat() {
 /// told (`Lease::lost`) once its deadline has passed, and the heartbeat
 /// keeps trying; when the store recovers before anyone took over, the claim
 /// is held again and completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying() {
+async fn heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying(cache: Cache) {
     let store = faulty();
     let down = store.inject(failing_beats(None));
-    let (engine, clock) = engine_over(store.clone(), policy());
+    let (engine, clock) = engine_over(store.clone(), policy(), cache);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("k"), fp).await.unwrap() else {
         panic!("claims")
@@ -202,9 +216,8 @@ async fn heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying() {
 /// Situation 6: with `max_cas_retries(0)`, duplicates of a finished key get
 /// the replay, of a running key "in progress", of another request the
 /// mismatch: finding the key is not a lost race.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zero_cas_retries_still_replays_and_reports_in_progress() {
-    let (engine, _clock) = engine_over(faulty(), policy().with_max_cas_retries(0));
+async fn zero_cas_retries_still_replays_and_reports_in_progress(cache: Cache) {
+    let (engine, _clock) = engine_over(faulty(), policy().with_max_cas_retries(0), cache);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("k"), fp).await.unwrap() else {
         panic!("claims")
@@ -258,10 +271,9 @@ async fn zero_cas_retries_still_replays_and_reports_in_progress() {
 /// Situation 3 at the engine level: the effective outcome limit is the
 /// smaller of the policy's and the store's; a value too large for the store
 /// ends the key as outcome unknown instead of leaving it to run again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_store_record_limit_bounds_outcomes_and_never_leaves_a_key_to_run_again() {
+async fn the_store_record_limit_bounds_outcomes_and_never_leaves_a_key_to_run_again(cache: Cache) {
     let store = faulty().with_max_record_bytes(Some(1_000));
-    let (engine, _clock) = engine_over(store, policy());
+    let (engine, _clock) = engine_over(store, policy(), cache);
     let limit = 1_000 - idem_core::store::codec::RECORD_OVERHEAD;
     assert_eq!(engine.outcome_limit(), limit);
     let fp = Fingerprint::of(b"big");
@@ -299,9 +311,8 @@ async fn the_store_record_limit_bounds_outcomes_and_never_leaves_a_key_to_run_ag
 
 /// Dropping `execute`'s future after the work started ends the key as
 /// outcome unknown (in the background): the retry does not run it again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_execute_ends_the_key_unknown() {
-    let (engine, _clock) = engine_over(faulty(), policy());
+async fn a_dropped_execute_ends_the_key_unknown(cache: Cache) {
+    let (engine, _clock) = engine_over(faulty(), policy(), cache);
     let fp = Fingerprint::of(b"pay");
     let entered = Arc::new(Notify::new());
     let runs = Arc::new(AtomicUsize::new(0));
@@ -335,9 +346,8 @@ async fn a_dropped_execute_ends_the_key_unknown() {
 }
 
 /// A panic in `execute`'s work ends the key as outcome unknown.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_execute_ends_the_key_unknown() {
-    let (engine, _clock) = engine_over(faulty(), policy());
+async fn a_panicking_execute_ends_the_key_unknown(cache: Cache) {
+    let (engine, _clock) = engine_over(faulty(), policy(), cache);
     let fp = Fingerprint::of(b"pay");
     let runs = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn({
@@ -370,10 +380,9 @@ async fn a_panicking_execute_ends_the_key_unknown() {
 
 /// `max_hold` ends a claim held that long as outcome unknown and tells the
 /// holder; the duplicate gets the unknown answer, not a second run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_hold_ends_a_hung_claim_as_unknown() {
+async fn max_hold_ends_a_hung_claim_as_unknown(cache: Cache) {
     let hold = LEASE * 3;
-    let (engine, clock) = engine_over(faulty(), policy().with_max_hold(Some(hold)));
+    let (engine, clock) = engine_over(faulty(), policy().with_max_hold(Some(hold)), cache);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(lease) = engine.begin(&scope(), &key("h"), fp).await.unwrap() else {
         panic!("claims")
@@ -403,9 +412,8 @@ async fn max_hold_ends_a_hung_claim_as_unknown() {
 
 /// A graceful shutdown refuses new claims, waits for running ones, and ends
 /// those still running after the grace period as outcome unknown.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_waits_then_ends_the_rest_unknown() {
-    let (engine, clock) = engine_over(faulty(), policy());
+async fn shutdown_waits_then_ends_the_rest_unknown(cache: Cache) {
+    let (engine, clock) = engine_over(faulty(), policy(), cache);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(quick) = engine.begin(&scope(), &key("quick"), fp).await.unwrap() else {
         panic!("claims")
@@ -503,14 +511,13 @@ fn bad_policies_are_refused_when_the_engine_is_built() {
 
 /// The longest accepted wait with the longest poll backs off without
 /// overflowing (`poll * 8`), and ends with "in progress".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_longest_wait_does_not_overflow() {
+async fn the_longest_wait_does_not_overflow(cache: Cache) {
     let day = Duration::from_secs(86_400);
     let policy = policy().with_in_flight(InFlightPolicy::Wait {
         max: day,
         poll: day,
     });
-    let (engine, clock) = engine_over(faulty(), policy);
+    let (engine, clock) = engine_over(faulty(), policy, cache);
     let fp = Fingerprint::of(b"pay");
     let Begin::Proceed(_held) = engine.begin(&scope(), &key("w"), fp).await.unwrap() else {
         panic!("claims")
@@ -525,3 +532,38 @@ async fn the_longest_wait_does_not_overflow() {
         Begin::InProgress { .. } | Begin::Proceed(_)
     ));
 }
+
+/// Each row as a test, once without and once with the cache of finished
+/// records.
+macro_rules! rows {
+    ($($row:ident),* $(,)?) => {
+        mod plain {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $row() {
+                    super::$row(super::Cache::Off).await;
+                }
+            )*
+        }
+        mod cached {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $row() {
+                    super::$row(super::Cache::On).await;
+                }
+            )*
+        }
+    };
+}
+
+rows!(
+    one_permanent_heartbeat_error_does_not_stop_the_heartbeat,
+    heartbeats_failing_past_the_deadline_signal_lost_and_keep_trying,
+    zero_cas_retries_still_replays_and_reports_in_progress,
+    the_store_record_limit_bounds_outcomes_and_never_leaves_a_key_to_run_again,
+    a_dropped_execute_ends_the_key_unknown,
+    a_panicking_execute_ends_the_key_unknown,
+    max_hold_ends_a_hung_claim_as_unknown,
+    shutdown_waits_then_ends_the_rest_unknown,
+    the_longest_wait_does_not_overflow,
+);

@@ -22,33 +22,60 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// server.
 ///
 /// # Behavior
-/// Both modes are atomic and linearizable per key and pass the same
-/// conformance suite; they differ only in round trips and server work:
+/// Every mode is atomic and linearizable per key and passes the same
+/// conformance suite; stores in different modes can share one table at the
+/// same time. They differ only in statements (round trips) and server work:
 ///
-/// | | new key | replay or "in progress" |
+/// | | new key | replay, "in progress" or mismatch |
 /// |---|---|---|
-/// | [`SingleStatement`](Self::SingleStatement) | 1 statement | 1 statement (the claim statement, which writes nothing) |
-/// | [`ReadFirst`](Self::ReadFirst) | 2 (a `SELECT` that finds nothing, then a plain `INSERT … ON CONFLICT`) | 1 plain `SELECT` |
+/// | [`Adaptive`](Self::Adaptive) (default), while most claims find no record | 1 (a plain `INSERT … ON CONFLICT (digest) DO NOTHING`) | 2 (that insert, which finds the record and writes nothing, then a plain `SELECT`) |
+/// | [`Adaptive`](Self::Adaptive), while most claims find a live record | 2 (a `SELECT` that finds nothing, then a plain `INSERT … ON CONFLICT`) | 1 (a plain `SELECT`) |
+/// | [`ReadFirst`](Self::ReadFirst) | 2 (as above) | 1 (a plain `SELECT`) |
+/// | [`SingleStatement`](Self::SingleStatement) | 1 (a data-modifying CTE) | 1 (the same CTE, which writes nothing) |
 ///
-/// The single claim statement (a data-modifying CTE) costs the server about
-/// half as much again as a plain `SELECT` even when it inserts nothing, and
-/// binds 16 parameters where the `SELECT` binds 2. `ReadFirst` therefore
-/// serves a replay with 25–30% less CPU (client and server), and pays one
-/// more round trip for each new key (about 50 µs on loopback).
-/// docs/benchmarks.md measures both.
+/// A claim over an expired record that was not purged yet takes one more
+/// statement when it starts with the plain insert (3), and 1 with
+/// [`SingleStatement`](Self::SingleStatement). In every mode a replay writes
+/// nothing: no row lock, no WAL, no commit flush.
+///
+/// The single claim statement costs the server about 1.7 times a plain
+/// `SELECT` when it finds a record, and about a quarter more than the plain
+/// insert when it inserts: every execution starts the `INSERT` with its `ON
+/// CONFLICT … DO UPDATE` projection, the CTE scans and the portal that
+/// materialises a data-modifying statement's result, whatever it then
+/// does. [`Adaptive`](Self::Adaptive) uses the plain statements only, in
+/// the order the traffic favours; docs/benchmarks.md measures every mode.
 ///
 /// [`Engine::begin`]: idem_core::Engine::begin
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ClaimMode {
-    /// One statement per claim, whatever it finds (the default): the fewest
-    /// round trips for new keys, which are most of the traffic.
-    #[default]
+    /// One statement per claim, whatever it finds: the fewest round trips
+    /// for a mix of new keys and duplicates, at the highest server cost per
+    /// statement.
     SingleStatement,
     /// A `SELECT` of the live record first, an insert only when there is
-    /// none: cheaper replays (retry storms, redelivered messages), one more
-    /// round trip per new key.
+    /// none: the cheapest replays (retry storms, redelivered messages), one
+    /// more round trip per new key.
     ReadFirst,
+    /// The default: a plain insert first while most of the store's recent
+    /// claims carried new keys, a `SELECT` first while most found a live
+    /// record.
+    ///
+    /// # Behavior
+    /// - Each store (and its clones) keeps an exponentially weighted share
+    ///   of its claims that found a live record, updated lock-free after
+    ///   every claim; each claim weighs 1/16. Claims read first once the
+    ///   share reaches 5/8 and insert first again once it falls to 3/8, so
+    ///   16 claims of the other kind in a row switch the way from either
+    ///   extreme, and a mix near one half (where both ways cost the same)
+    ///   does not make the store switch back and forth.
+    /// - A new store inserts first.
+    ///   [`PostgresStore::reads_first`](crate::PostgresStore::reads_first)
+    ///   tells which way the next claim starts.
+    /// - Which way a claim starts changes only its cost, never its result.
+    #[default]
+    Adaptive,
 }
 
 /// Options for a [`PostgresStore`]; start with [`PostgresStore::builder`].
@@ -61,7 +88,7 @@ pub enum ClaimMode {
 /// - [`with_max_record_bytes`](Self::with_max_record_bytes): the largest
 ///   record accepted (default [`DEFAULT_MAX_RECORD_BYTES`]).
 /// - [`with_claim_mode`](Self::with_claim_mode): how a claim asks the server
-///   (default [`ClaimMode::SingleStatement`]).
+///   (default [`ClaimMode::Adaptive`]).
 /// - [`open`](Self::open) makes a store over the application's pool; it is
 ///   infallible: it checks nothing and sends nothing (the table name was
 ///   validated by [`TableName::new`]; call
@@ -139,11 +166,11 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Claims keys in `mode` (default [`ClaimMode::SingleStatement`]).
+    /// Claims keys in `mode` (default [`ClaimMode::Adaptive`]).
     ///
     /// # Behavior
     /// Changes only how many statements a claim takes (see [`ClaimMode`]);
-    /// stores in either mode can share one table at the same time.
+    /// stores in different modes can share one table at the same time.
     #[must_use]
     pub fn with_claim_mode(mut self, mode: ClaimMode) -> Self {
         self.claim = mode;

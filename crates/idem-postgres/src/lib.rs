@@ -69,16 +69,19 @@
 //! Each primitive takes **one statement** on its happy path, hence one round
 //! trip once sqlx has prepared it on the connection (the first use of a
 //! statement on a connection adds one for `Parse`/`Describe`; sqlx caches it
-//! afterwards). No explicit transaction on the hot path: each statement is
-//! atomic on its own. Statements are plain `INSERT`/`UPDATE`/`SELECT` where
-//! one suffices: a data-modifying CTE costs the server 10–20% more than the
-//! plain statement (docs/benchmarks.md), so only the single-statement claim
-//! uses one.
+//! afterwards). The claim takes one for what the traffic mostly brings
+//! (see [`ClaimMode`]). No explicit transaction on the hot path: each
+//! statement is atomic on its own. Statements are plain
+//! `INSERT`/`UPDATE`/`SELECT`: a data-modifying CTE costs the server about
+//! a quarter more than the plain insert when it inserts and 1.7 times a
+//! `SELECT` when it only reads (docs/benchmarks.md), so only
+//! [`ClaimMode::SingleStatement`] uses one.
 //!
 //! | primitive | statement |
 //! |---|---|
-//! | `insert_if_absent` ([`ClaimMode::SingleStatement`], default) | `WITH existing AS (SELECT … live) , inserted AS (INSERT … SELECT … WHERE NOT EXISTS (existing) ON CONFLICT (digest) DO UPDATE SET … WHERE <expired>) SELECT …` |
-//! | `insert_if_absent` ([`ClaimMode::ReadFirst`]) | the `get` statement; if it finds nothing, `INSERT … VALUES … ON CONFLICT (digest) DO UPDATE SET … WHERE <expired> RETURNING 1` |
+//! | `insert_if_absent` ([`ClaimMode::Adaptive`], default, inserting first) | `INSERT … SELECT $1, … WHERE NOT EXISTS (SELECT 1 … WHERE digest = $1) ON CONFLICT (digest) DO NOTHING`; only if it inserted nothing, the read-first claim below |
+//! | `insert_if_absent` ([`ClaimMode::ReadFirst`], and [`ClaimMode::Adaptive`] reading first) | the `get` statement; if it finds nothing, `INSERT … VALUES … ON CONFLICT (digest) DO UPDATE SET … WHERE <expired> RETURNING 1` |
+//! | `insert_if_absent` ([`ClaimMode::SingleStatement`]) | `WITH existing AS (SELECT … live) , inserted AS (INSERT … SELECT … WHERE NOT EXISTS (existing) ON CONFLICT (digest) DO UPDATE SET … WHERE <expired>) SELECT …` |
 //! | `get` | `SELECT … WHERE digest = $1 AND <live>` |
 //! | `compare_and_swap` | `UPDATE … WHERE digest = $1 AND revision = $2 AND <live>`; only if it matched nothing, the `get` statement, to report the conflict |
 //! | `delete_if` | `DELETE … WHERE digest = $1 AND revision = $2 AND <live>` |
@@ -90,10 +93,10 @@
 //!
 //! | step | round trips |
 //! |---|---|
-//! | claim of a new key (`begin`) | 1 (2 with [`ClaimMode::ReadFirst`]) |
-//! | replay of a finished key, or "in progress" (`begin`) | 1, **read-only**: no row lock, no WAL, no commit flush (with [`ClaimMode::ReadFirst`], a plain `SELECT`) |
-//! | claim over an expired record (`begin`) | 1 |
-//! | takeover of a lapsed lease or retryable failure (`begin`) | 2 (read via the claim statement, then compare-and-swap) |
+//! | claim of a new key (`begin`) | 1 (2 with [`ClaimMode::ReadFirst`], and in [`ClaimMode::Adaptive`] while most claims find a record) |
+//! | replay of a finished key, or "in progress" (`begin`) | **read-only** in every mode: no row lock, no WAL, no commit flush. 1 (a plain `SELECT` with [`ClaimMode::ReadFirst`], and in [`ClaimMode::Adaptive`] while most claims find a record; the claim CTE with [`ClaimMode::SingleStatement`]); 2 in [`ClaimMode::Adaptive`] while most claims carry new keys (the insert, which inserts nothing, then the `SELECT`) |
+//! | claim over an expired record (`begin`) | 1 with [`ClaimMode::SingleStatement`], 2 reading first, 3 inserting first |
+//! | takeover of a lapsed lease or retryable failure (`begin`) | the claim's statements for a live record (it reads the record), then 1 compare-and-swap |
 //! | `complete`, `fail`, `extend` (heartbeat) | 1 (2 when the lease was lost meanwhile: the `SELECT` that reports the conflict) |
 //! | `release` | 1 |
 //! | `apply_in` in the caller's transaction | 1 (plus 1 `SELECT` only when the lease was lost) |
@@ -139,6 +142,16 @@
 //!   committed after the `SELECT` is in its way, it returns no row (and
 //!   holds that row's lock until its own statement ends: only in such a
 //!   race), and the store reads again.
+//! - **Insert-first claim** ([`ClaimMode::Adaptive`] while most claims
+//!   carry new keys). The insert runs only if its snapshot shows no row at
+//!   all under the key, and `ON CONFLICT DO NOTHING` gives way to a row
+//!   committed after the snapshot: it inserts only where nothing was, so it
+//!   can never overwrite a record. The snapshot of a duplicate shows the
+//!   row (committed before the duplicate came), so it writes nothing, locks
+//!   nothing and waits for no transaction (not even the caller's, open
+//!   between [`apply_in`](PostgresStore::apply_in) and its commit). If it
+//!   inserted nothing, the read-first claim above reports the live record or
+//!   replaces the expired one.
 //! - **Compare-and-swap.** The `UPDATE` matches the expected revision on the
 //!   latest version (fact 2), so of N concurrent swaps at most one wins. When
 //!   it matches nothing, a `SELECT` reports the live record; being a new
@@ -255,6 +268,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adaptive;
 mod builder;
 mod census;
 mod error;

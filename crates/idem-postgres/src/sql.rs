@@ -47,10 +47,16 @@ pub(crate) struct Statements {
     /// Claim: `$1` digest, `$2..$5` tenant, principal, operation, key,
     /// `$6..$15` the record columns, `$16` now. Returns `(inserted, record columns)`.
     pub(crate) insert: Arc<str>,
-    /// Claim after a read found nothing (`ClaimMode::ReadFirst`): the
+    /// Claim after a read found nothing (`ClaimMode::ReadFirst`, and
+    /// `ClaimMode::Adaptive` after `insert_new` met a record): the
     /// parameters of `insert`; a row if it inserted (or replaced an expired
     /// record), none if a live record is in place.
     pub(crate) insert_only: Arc<str>,
+    /// Claim before any read (`ClaimMode::Adaptive` while inserting first):
+    /// `$1..$15` as for `insert`. One row affected if it inserted, none if
+    /// a row (live or expired) holds the key: then nothing is written or
+    /// locked, and `get` tells which.
+    pub(crate) insert_new: Arc<str>,
     /// `$1` digest, `$2` now.
     pub(crate) get: Arc<str>,
     /// `$1` digest, `$2` expected revision, `$3..$12` the record columns, `$13` now.
@@ -141,6 +147,19 @@ impl Statements {
         let insert_only = format!(
             "INSERT INTO {t} AS cur ({INSERT_COLUMNS}) VALUES ({INSERT_VALUES}) {on_conflict}"
         );
+        // Inserts only if the snapshot shows no row under the key, live or
+        // expired (then the read-first claim decides), so that a duplicate
+        // neither locks nor writes the row in the way, nor waits for a
+        // transaction that holds it (the caller's, between `apply_in` and
+        // its commit): `ON CONFLICT DO NOTHING` alone would wait for it,
+        // and `DO UPDATE … WHERE` would lock the row even when its `WHERE`
+        // refuses. A row committed after the snapshot is the arbiter's:
+        // nothing is inserted.
+        let insert_new = format!(
+            "INSERT INTO {t} ({INSERT_COLUMNS}) \
+             SELECT {INSERT_VALUES} WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE digest = $1) \
+             ON CONFLICT (digest) DO NOTHING"
+        );
         let get = format!(
             "SELECT {RECORD_COLUMNS} FROM {t} WHERE digest = $1 AND {}",
             live("expires_at", "$2")
@@ -183,6 +202,7 @@ impl Statements {
         Self {
             insert: insert.into(),
             insert_only: insert_only.into(),
+            insert_new: insert_new.into(),
             get: get.into(),
             cas: cas.into(),
             delete: delete.into(),

@@ -17,11 +17,13 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, SqlSafeStr};
 
 use crate::TableName;
+use crate::adaptive::Adaptive;
 use crate::builder::{ClaimMode, PostgresStoreBuilder};
 use crate::error::PostgresError;
 use crate::row::{self, Columns, ts};
 use crate::sql::{self, Statements};
 
+mod claim;
 mod primitives;
 mod transaction;
 
@@ -74,7 +76,7 @@ pub struct PostgresStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Inner {
     pool: PgPool,
     table: TableName,
@@ -82,6 +84,8 @@ struct Inner {
     timeout: Option<Duration>,
     max_record_bytes: usize,
     claim: ClaimMode,
+    /// Which way claims start in [`ClaimMode::Adaptive`] (shared by clones).
+    adaptive: Adaptive,
 }
 
 impl PostgresStore {
@@ -114,6 +118,7 @@ impl PostgresStore {
                 timeout: builder.timeout,
                 max_record_bytes: builder.max_record_bytes,
                 claim: builder.claim,
+                adaptive: Adaptive::default(),
             }),
         }
     }
@@ -132,6 +137,23 @@ impl PostgresStore {
     /// How this store claims keys.
     pub fn claim_mode(&self) -> ClaimMode {
         self.inner.claim
+    }
+
+    /// Whether this store's next claim starts with a `SELECT` of the live
+    /// record (rather than with an insert).
+    ///
+    /// # Behavior
+    /// Always `true` in [`ClaimMode::ReadFirst`] and `false` in
+    /// [`ClaimMode::SingleStatement`]. In [`ClaimMode::Adaptive`] it follows
+    /// the store's recent claims (see there): `false` for a new store, `true`
+    /// after most recent claims found a live record. Shared by clones; a
+    /// snapshot, which concurrent claims may change at once.
+    pub fn reads_first(&self) -> bool {
+        match self.inner.claim {
+            ClaimMode::SingleStatement => false,
+            ClaimMode::ReadFirst => true,
+            ClaimMode::Adaptive => self.inner.adaptive.reads_first(),
+        }
     }
 
     /// The pool (shared with the application).

@@ -42,6 +42,9 @@ fn main() -> std::process::ExitCode {
     idem_testkit::cases!(Suite::empty(support::factory());
         "store::one_statement_per_step" => one_statement_per_step,
         "store::read_first_statements_per_step" => read_first_statements_per_step,
+        "store::adaptive_statements_per_step" => adaptive_statements_per_step,
+        "store::adaptive_switches_both_ways" => adaptive_switches_both_ways,
+        "store::adaptive_is_the_default" => adaptive_is_the_default,
         "tx::commit_stores_record_and_business_row" => tx_commit,
         "tx::rollback_then_release_runs_once" => tx_rollback_then_release,
         "tx::rollback_then_lease_expiry_runs_once" => tx_rollback_then_expiry,
@@ -60,6 +63,10 @@ fn main() -> std::process::ExitCode {
             read_first_insert_behind_a_concurrent_insert,
         "race::read_first_insert_over_expired_behind_a_concurrent_claim_rereads" =>
             read_first_insert_over_expired_behind_a_concurrent_claim,
+        "race::adaptive_insert_behind_a_concurrent_insert_rereads" =>
+            adaptive_insert_behind_a_concurrent_insert,
+        "race::adaptive_insert_over_expired_behind_a_concurrent_claim_rereads" =>
+            adaptive_insert_over_expired_behind_a_concurrent_claim,
         "race::concurrent_purges_remove_each_record_once" => race_concurrent_purges,
         "store::replay_path_writes_nothing" => replay_path_writes_nothing,
         "store::scope_columns_are_readable" => scope_columns_are_readable,
@@ -537,12 +544,8 @@ async fn race_cas_losers_see_winner(factory: Arc<Factory>) {
         let (k, candidates) = (k.clone(), candidates.clone());
         on_two_pools(&pools, 32, move |i, store| {
             let (k, rec) = (k.clone(), candidates[i].clone());
-            async move {
-                store
-                    .compare_and_swap(&k, Revision::from_u64(7), &rec, T0)
-                    .await
-                    .unwrap()
-            }
+            let base = completed(7, 7, T0, 60, b"base");
+            async move { store.compare_and_swap(&k, &base, &rec, T0).await.unwrap() }
         })
         .await
     };
@@ -633,7 +636,7 @@ async fn cas_behind_a_concurrent_commit(factory: Arc<Factory>) {
     let next = completed(9, 7, T0, 60, b"mine");
     let swapped = behind(&store, writer, |store| async move {
         store
-            .compare_and_swap(&k, Revision::from_u64(7), &next, T0)
+            .compare_and_swap(&k, &completed(7, 7, T0, 60, b"base"), &next, T0)
             .await
     })
     .await;
@@ -650,7 +653,8 @@ async fn cas_behind_a_concurrent_commit(factory: Arc<Factory>) {
 /// claim starts; the claim's INSERT waits, then conflicts with a live
 /// record its snapshot cannot see. The result must be that record.
 async fn insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
-    insert_behind_a_concurrent_insert_in(open(&factory).await).await;
+    let store = with_mode(&open(&factory).await, ClaimMode::SingleStatement);
+    insert_behind_a_concurrent_insert_in(store).await;
 }
 
 /// The same in [`ClaimMode::ReadFirst`]: the read finds nothing, the insert
@@ -660,8 +664,17 @@ async fn read_first_insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
     insert_behind_a_concurrent_insert_in(store).await;
 }
 
+/// The same in [`ClaimMode::Adaptive`] while inserting first: the plain
+/// insert waits, then meets the committed record and does nothing; the
+/// read that follows shows it.
+async fn adaptive_insert_behind_a_concurrent_insert(factory: Arc<Factory>) {
+    let store = with_mode(&open(&factory).await, ClaimMode::Adaptive);
+    insert_behind_a_concurrent_insert_in(store).await;
+}
+
 async fn insert_behind_a_concurrent_insert_in(store: PostgresStore) {
     let store = Arc::new(store);
+    let reads_first = store.reads_first();
     let (k, elsewhere) = (rkey("stale-insert"), rkey("stale-insert-source"));
     let theirs = completed(5, 5, T0, 60, b"theirs");
     store
@@ -686,6 +699,11 @@ async fn insert_behind_a_concurrent_insert_in(store: PostgresStore) {
         InsertOutcome::Exists(theirs),
         "the claim must lose to the committed record and return it"
     );
+    assert_eq!(
+        store.reads_first(),
+        reads_first,
+        "two claims switch nothing"
+    );
 }
 
 /// Deterministic stale snapshot over an expired record: another
@@ -693,13 +711,22 @@ async fn insert_behind_a_concurrent_insert_in(store: PostgresStore) {
 /// claim's snapshot sees it expired, its ON CONFLICT waits, then finds it
 /// live. The result must be the revived record, not a replacement.
 async fn insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
-    insert_over_expired_behind_a_concurrent_claim_in(open(&factory).await).await;
+    let store = with_mode(&open(&factory).await, ClaimMode::SingleStatement);
+    insert_over_expired_behind_a_concurrent_claim_in(store).await;
 }
 
 /// The same in [`ClaimMode::ReadFirst`]: the read sees the record expired,
 /// the insert's `ON CONFLICT` waits and then finds it live.
 async fn read_first_insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
     let store = with_mode(&open(&factory).await, ClaimMode::ReadFirst);
+    insert_over_expired_behind_a_concurrent_claim_in(store).await;
+}
+
+/// The same in [`ClaimMode::Adaptive`] while inserting first: the plain
+/// insert waits for the reviving transaction, then meets the live record
+/// and does nothing; the read that follows shows it.
+async fn adaptive_insert_over_expired_behind_a_concurrent_claim(factory: Arc<Factory>) {
+    let store = with_mode(&open(&factory).await, ClaimMode::Adaptive);
     insert_over_expired_behind_a_concurrent_claim_in(store).await;
 }
 
@@ -851,11 +878,13 @@ mod statements {
     }
 }
 
-/// Each engine step costs the statements the crate docs promise: one per
-/// claim, replay, "in progress", heartbeat, completion, release, read and
-/// purge batch, and inside the caller's transaction; two for a takeover.
+/// Each engine step costs the statements the crate docs promise: in
+/// [`ClaimMode::SingleStatement`], one per claim, replay, "in progress",
+/// heartbeat, completion, release, read and purge batch, and inside the
+/// caller's transaction; two for a takeover.
 async fn one_statement_per_step(factory: Arc<Factory>) {
-    statements_per_step(open(&factory).await, 1).await;
+    let store = with_mode(&open(&factory).await, ClaimMode::SingleStatement);
+    statements_per_step(store, 1, 1).await;
 }
 
 /// The same steps in [`ClaimMode::ReadFirst`]: a claim of a new key is a
@@ -864,12 +893,26 @@ async fn one_statement_per_step(factory: Arc<Factory>) {
 async fn read_first_statements_per_step(factory: Arc<Factory>) {
     let store = with_mode(&open(&factory).await, ClaimMode::ReadFirst);
     assert_eq!(store.claim_mode(), ClaimMode::ReadFirst);
-    statements_per_step(store, 2).await;
+    statements_per_step(store, 2, 1).await;
+}
+
+/// The same steps in [`ClaimMode::Adaptive`], which inserts first in a new
+/// store (and keeps doing so over these few claims): a claim of a new key
+/// is one plain insert; a claim that finds a live record is that insert
+/// plus a `SELECT`.
+async fn adaptive_statements_per_step(factory: Arc<Factory>) {
+    let store = with_mode(&open(&factory).await, ClaimMode::Adaptive);
+    assert!(!store.reads_first());
+    statements_per_step(store.clone(), 1, 2).await;
+    assert!(
+        !store.reads_first(),
+        "3 duplicates in 6 claims switch nothing"
+    );
 }
 
 /// Counts the statements of each engine step; a claim of a new key takes
-/// `new_claim`.
-async fn statements_per_step(store: PostgresStore, new_claim: usize) {
+/// `new_claim`, a claim that finds a live record `found_claim`.
+async fn statements_per_step(store: PostgresStore, new_claim: usize, found_claim: usize) {
     let schema = format!("\"{}\"", store.table().schema());
     let clock = ManualClock::new(T0);
     let engine = engine(store.clone(), &clock);
@@ -882,7 +925,7 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
     let lease = proceed(&engine, "steps").await;
     step("claim of a new key", new_claim);
     in_progress(&engine, "steps").await;
-    step("duplicate while in flight", 1);
+    step("duplicate while in flight", found_claim);
     engine.extend(&lease).await.unwrap();
     step("heartbeat", 1);
     engine
@@ -891,7 +934,7 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
         .unwrap();
     step("completion", 1);
     replays(&engine, "steps", b"ok").await;
-    step("replay", 1);
+    step("replay", found_claim);
     store.get(&rkey("steps"), clock.now()).await.unwrap();
     step("get", 1);
     let other = proceed(&engine, "steps-2").await;
@@ -903,7 +946,10 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
     clock.advance(LEASE + Duration::from_millis(1));
     let taker = proceed(&engine, "steps-3").await;
     assert_ne!(taker.token(), third.token());
-    step("takeover (read by the claim, then compare-and-swap)", 2);
+    step(
+        "takeover (read by the claim, then compare-and-swap)",
+        found_claim + 1,
+    );
     let done = engine
         .prepare_complete(&taker, Outcome::new(&b"tx"[..]))
         .unwrap();
@@ -914,6 +960,102 @@ async fn statements_per_step(store: PostgresStore, new_claim: usize) {
         .await
         .unwrap();
     step("purge batch", 1);
+}
+
+/// How many claims of the other kind in a row switch the way an adaptive
+/// store's claims start (the [`ClaimMode::Adaptive`] docs).
+const SWITCH_AFTER: usize = 16;
+
+/// Claims `key` on `store` directly (a completed record); what the store
+/// answered and how many statements it ran.
+async fn claim_counted(store: &PostgresStore, key: &str) -> (InsertOutcome, usize) {
+    let schema = format!("\"{}\"", store.table().schema());
+    let before = statements::mentioning(&schema);
+    let outcome = store
+        .insert_if_absent(&rkey(key), &completed(1, 1, T0, 3600, b"x"), T0)
+        .await
+        .unwrap();
+    (outcome, statements::mentioning(&schema) - before)
+}
+
+/// Claims one existing key until `store` reads first (at most
+/// [`SWITCH_AFTER`] claims).
+async fn drive_until_it_reads_first(store: &PostgresStore) {
+    claim_counted(store, "drive-duplicate").await;
+    for _ in 0..SWITCH_AFTER {
+        if store.reads_first() {
+            return;
+        }
+        let (outcome, _) = claim_counted(store, "drive-duplicate").await;
+        assert!(matches!(outcome, InsertOutcome::Exists(_)));
+    }
+    assert!(store.reads_first(), "never switched to reading first");
+}
+
+/// [`ClaimMode::Adaptive`] is driven by the claims alone (no clock, no
+/// timing): a new store inserts first; [`SWITCH_AFTER`] claims in a row
+/// that find a live record make it read first, and as many claims of new
+/// keys make it insert first again. Each way costs what the docs say: one
+/// statement for the claim it favours, two for the other.
+async fn adaptive_switches_both_ways(factory: Arc<Factory>) {
+    let store = with_mode(&open(&factory).await, ClaimMode::Adaptive);
+    assert_eq!(store.claim_mode(), ClaimMode::Adaptive);
+    assert!(!store.reads_first(), "a new store inserts first");
+    let mut fresh = (0..).map(|i| format!("switch-new-{i}"));
+    let mut new_key = || fresh.next().unwrap();
+
+    // New keys keep it inserting first: one statement each.
+    for _ in 0..3 * SWITCH_AFTER {
+        assert_eq!(claim_counted(&store, &new_key()).await.1, 1);
+        assert!(!store.reads_first());
+    }
+    // Duplicates: the insert, then the read, until the switch.
+    let dup = new_key();
+    assert_eq!(claim_counted(&store, &dup).await.1, 1);
+    for i in 1..=SWITCH_AFTER {
+        let (outcome, ran) = claim_counted(&store, &dup).await;
+        assert!(matches!(outcome, InsertOutcome::Exists(_)), "{outcome:?}");
+        assert_eq!(ran, 2, "duplicate {i} while inserting first");
+        assert_eq!(
+            store.reads_first(),
+            i == SWITCH_AFTER,
+            "after duplicate {i}"
+        );
+    }
+    // Reading first: a duplicate is one `SELECT`; more of them change
+    // nothing (these many take the share of duplicates to 1 exactly, from
+    // which the way back is as long as the way here).
+    for _ in 0..10 * SWITCH_AFTER {
+        let (outcome, ran) = claim_counted(&store, &dup).await;
+        assert!(matches!(outcome, InsertOutcome::Exists(_)));
+        assert_eq!(ran, 1, "a duplicate while reading first");
+        assert!(store.reads_first());
+    }
+    // New keys: the read, then the insert, until the switch back.
+    for i in 1..=SWITCH_AFTER {
+        let (outcome, ran) = claim_counted(&store, &new_key()).await;
+        assert_eq!(outcome, InsertOutcome::Inserted);
+        assert_eq!(ran, 2, "new key {i} while reading first");
+        assert_eq!(store.reads_first(), i != SWITCH_AFTER, "after new key {i}");
+    }
+    assert_eq!(claim_counted(&store, &new_key()).await.1, 1);
+    // Clones share the state; another store over the same table has its own.
+    assert!(!store.clone().reads_first());
+    drive_until_it_reads_first(&store).await;
+    assert!(store.clone().reads_first());
+    assert!(!with_mode(&store, ClaimMode::Adaptive).reads_first());
+}
+
+/// A store built with the defaults claims adaptively.
+async fn adaptive_is_the_default(factory: Arc<Factory>) {
+    let store = open(&factory).await;
+    let default = PostgresStore::builder()
+        .with_table(store.table().clone())
+        .open(store.pool().clone());
+    assert_eq!(default.claim_mode(), ClaimMode::Adaptive);
+    assert_eq!(ClaimMode::default(), ClaimMode::Adaptive);
+    assert!(!with_mode(&store, ClaimMode::SingleStatement).reads_first());
+    assert!(with_mode(&store, ClaimMode::ReadFirst).reads_first());
 }
 
 async fn row_version(store: &PostgresStore, k: &RecordKey) -> (String, String, String) {
@@ -929,35 +1071,61 @@ async fn row_version(store: &PostgresStore, k: &RecordKey) -> (String, String, S
     (row.get(0), row.get(1), row.get(2))
 }
 
-/// Replays and "in progress" answers are read-only: the row keeps its
-/// tuple (ctid, xmin) and gets no lock (xmax stays 0), so no WAL and no
-/// commit flush per duplicate.
+/// Replays and "in progress" answers are read-only in every claim mode
+/// (and either way [`ClaimMode::Adaptive`] starts): the row keeps its tuple
+/// (ctid, xmin) and gets no lock (xmax stays 0), so no WAL and no commit
+/// flush per duplicate.
 async fn replay_path_writes_nothing(factory: Arc<Factory>) {
-    let (store, _clock, engine) = setup(&factory).await;
-    let lease = proceed(&engine, "quiet").await;
-    let in_flight = row_version(&store, &rkey("quiet")).await;
-    in_progress(&engine, "quiet").await;
-    assert_eq!(row_version(&store, &rkey("quiet")).await, in_flight);
+    let base = open(&factory).await;
+    for mode in [
+        ClaimMode::SingleStatement,
+        ClaimMode::ReadFirst,
+        ClaimMode::Adaptive,
+    ] {
+        replay_path_writes_nothing_in(with_mode(&base, mode), "").await;
+    }
+    let adaptive = with_mode(&base, ClaimMode::Adaptive);
+    drive_until_it_reads_first(&adaptive).await;
+    replay_path_writes_nothing_in(adaptive.clone(), "-read-first").await;
+    assert!(adaptive.reads_first());
+}
+
+async fn replay_path_writes_nothing_in(store: PostgresStore, suffix: &str) {
+    let mode = store.claim_mode();
+    let quiet = format!("quiet-{mode:?}{suffix}");
+    let quiet = quiet.as_str();
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    let reads_first = store.reads_first();
+    let lease = proceed(&engine, quiet).await;
+    let in_flight = row_version(&store, &rkey(quiet)).await;
+    in_progress(&engine, quiet).await;
+    assert_eq!(row_version(&store, &rkey(quiet)).await, in_flight);
     engine
         .complete(&lease, Outcome::new(&b"done"[..]))
         .await
         .unwrap();
-    let done = row_version(&store, &rkey("quiet")).await;
+    let done = row_version(&store, &rkey(quiet)).await;
     assert_eq!(done.2, "0", "a completed row carries no lock");
     for _ in 0..3 {
-        replays(&engine, "quiet", b"done").await;
+        replays(&engine, quiet, b"done").await;
         assert!(matches!(
             engine
-                .begin(&scope(), &ikey("quiet"), Fingerprint::of(b"other"))
+                .begin(&scope(), &ikey(quiet), Fingerprint::of(b"other"))
                 .await
                 .unwrap(),
             Begin::Mismatch
         ));
     }
     assert_eq!(
-        row_version(&store, &rkey("quiet")).await,
+        row_version(&store, &rkey(quiet)).await,
         done,
-        "replays must not write, lock or rewrite the row"
+        "{mode:?}: replays must not write, lock or rewrite the row"
+    );
+    assert_eq!(
+        store.reads_first(),
+        reads_first,
+        "{mode:?}: 8 claims switch nothing"
     );
 }
 
@@ -1059,7 +1227,7 @@ async fn corrupt_rows_of_every_kind(factory: Arc<Factory>) {
             "{what}: the row must stay as it was"
         );
         let got = store
-            .compare_and_swap(&k, Revision::from_u64(9), &fresh, T0)
+            .compare_and_swap(&k, &completed(9, 9, T0, 60, b"x"), &fresh, T0)
             .await;
         assert!(
             matches!(got, Err(StoreError::Corrupt { .. })),

@@ -264,7 +264,8 @@ impl Connection {
     /// Sends one command. If the connection broke, the call timed out, or
     /// (standalone) a replica answered `READONLY`/`MASTERDOWN` (the
     /// connection is then replaced), sends it once more on a fresh
-    /// connection: every write is idempotent under re-sending (write ids),
+    /// connection: every write is idempotent under re-sending (a write finds
+    /// its own bytes),
     /// and a replica ran nothing.
     pub(crate) async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
         self.send(cmd, Target::Routed).await

@@ -5,13 +5,20 @@
 //!      0     1  layout tag, 0x01
 //!      1     8  expires_at, ms since the Unix epoch, u64 big-endian
 //!      9     8  revision, u64 big-endian
-//!     17     8  write id of the call that wrote the value, u64 big-endian
+//!     17     8  reserved: 0 (idem-redis before round 5 wrote a random
+//!                 write id here; such values still decode)
 //!     25     …  the record, idem_core::store::codec::encode_record
 //! ```
 //!
 //! The scripts read only the fixed-size header; the record itself is decoded
 //! here. The header's `expires_at` must equal the record's: a mismatch is a
 //! corrupt value.
+//!
+//! The encoding is deterministic: a [`Versioned`] always encodes to the same
+//! bytes, so the store can rebuild the exact stored value of a record it read
+//! and hand it to the server's own compare (`SET … IFEQ`, `DELIFEQ`), and a
+//! write re-sent after a lost reply is recognised by equal bytes (revisions
+//! and tokens are random per write, so equal bytes mean the same write).
 
 use idem_core::Timestamp;
 use idem_core::store::{
@@ -36,8 +43,8 @@ pub(crate) enum Unreadable {
     Codec(CodecError),
 }
 
-/// Encodes `versioned` with the write id `write_id`.
-pub(crate) fn encode(versioned: &Versioned, write_id: u64) -> Result<Vec<u8>, CodecError> {
+/// Encodes `versioned`: deterministic, see the module docs.
+pub(crate) fn encode(versioned: &Versioned) -> Result<Vec<u8>, CodecError> {
     // One allocation and one copy of the outcome: the header, then the
     // record encoded in place behind it.
     let mut out =
@@ -45,7 +52,7 @@ pub(crate) fn encode(versioned: &Versioned, write_id: u64) -> Result<Vec<u8>, Co
     out.push(LAYOUT_V1);
     out.extend_from_slice(&versioned.record.expires_at.as_millis().to_be_bytes());
     out.extend_from_slice(&versioned.revision.as_u64().to_be_bytes());
-    out.extend_from_slice(&write_id.to_be_bytes());
+    out.extend_from_slice(&0_u64.to_be_bytes());
     codec::encode_record_into(&versioned.record, &mut out)?;
     Ok(out)
 }
@@ -78,15 +85,6 @@ pub(crate) fn header(bytes: &[u8]) -> Result<Header, Unreadable> {
             revision: Revision::from_u64(revision),
         }),
         _ => Err(Unreadable::Layout("the value is shorter than the header")),
-    }
-}
-
-/// Whether two values were written by the same call: same revision and
-/// write id (header bytes 9..25).
-pub(crate) fn same_write(a: &[u8], b: &[u8]) -> bool {
-    match (a.get(9..HEADER_LEN), b.get(9..HEADER_LEN)) {
-        (Some(a), Some(b)) => a == b,
-        _ => false,
     }
 }
 
@@ -125,30 +123,36 @@ mod tests {
     #[test]
     fn round_trips_with_a_fixed_header() {
         let v = sample();
-        let bytes = encode(&v, 0x0102_0304_0506_0708).unwrap();
+        let bytes = encode(&v).unwrap();
         assert_eq!(bytes[0], LAYOUT_V1);
         assert_eq!(&bytes[1..9], &v.record.expires_at.as_millis().to_be_bytes());
         assert_eq!(&bytes[9..17], &(u64::MAX - 3).to_be_bytes());
-        assert_eq!(&bytes[17..25], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&bytes[17..25], &[0; 8]);
         assert_eq!(decode(&bytes).unwrap(), v);
     }
 
     #[test]
-    fn same_write_compares_revision_and_write_id() {
+    fn encoding_is_deterministic_and_tells_writes_apart() {
         let v = sample();
-        let sent = encode(&v, 7).unwrap();
-        assert!(same_write(&sent, &encode(&v, 7).unwrap()));
-        assert!(!same_write(&sent, &encode(&v, 8).unwrap()));
+        let bytes = encode(&v).unwrap();
+        assert_eq!(bytes, encode(&decode(&bytes).unwrap()).unwrap());
         let mut other = v.clone();
         other.revision = Revision::from_u64(1);
-        assert!(!same_write(&sent, &encode(&other, 7).unwrap()));
-        assert!(!same_write(&sent, &sent[..HEADER_LEN - 1]));
-        assert!(!same_write(b"", b""));
+        assert_ne!(bytes, encode(&other).unwrap());
+    }
+
+    #[test]
+    fn values_with_a_write_id_still_decode() {
+        let v = sample();
+        let mut legacy = encode(&v).unwrap();
+        legacy[17..25].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(decode(&legacy).unwrap(), v);
+        assert_ne!(legacy, encode(&v).unwrap());
     }
 
     #[test]
     fn refuses_foreign_and_damaged_values() {
-        let bytes = encode(&sample(), 1).unwrap();
+        let bytes = encode(&sample()).unwrap();
         assert!(matches!(decode(b""), Err(Unreadable::Layout(_))));
         assert!(matches!(decode(b"hello"), Err(Unreadable::Layout(_))));
         let mut foreign = bytes.clone();

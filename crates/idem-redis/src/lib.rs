@@ -36,7 +36,7 @@
 //!      0     1  layout tag 0x01
 //!      1     8  expires_at (ms since the Unix epoch, u64 big-endian)
 //!      9     8  revision (u64 big-endian)
-//!     17     8  write id of the call that wrote it (u64 big-endian)
+//!     17     8  reserved: 0 (before round 5: a random write id; still read)
 //!     25     …  the record, idem_core::store::codec::encode_record (its own format tag)
 //! ```
 //!
@@ -60,14 +60,23 @@
 //! |---|---|
 //! | `insert_if_absent` | one native `SET key value NX GET PX ms` (Redis ≥ 7.0): nil → inserted; a live record → returned, nothing written. Only if an expired record is still in place (within the grace) does the Lua script run: read header; live → return the value; else `SET … PX`. A server that refuses `SET … NX GET` (before 7.0) gets the script from then on |
 //! | `get` | one `GET`; expiry and decoding checked in the client |
-//! | `compare_and_swap` | Lua: read header; live and same revision → `SET … PX`; else return the live value (or nothing) |
-//! | `delete_if` | Lua: read header; live and same revision → `UNLINK` |
+//! | `compare_and_swap` | Valkey ≥ 8.1: one native `SET key new IFEQ old PX ms GET`, `old` being the exact bytes of the expected record (re-encoded: the encoding is deterministic); the old value it returns is the answer (equal to `old` or to `new` → swapped; nil or expired → conflict with nothing; another record → conflict with it). Elsewhere Lua: read header; live and same revision → `SET … PX`; else return the live value (or nothing) |
+//! | `delete_if` | Valkey ≥ 9.0: one native `DELIFEQ key old`; when it deletes nothing, one `GET` tells a stale revision from an older encoding. Elsewhere Lua: read header; live and same revision → `UNLINK` |
 //! | `purge_expired` | nothing: Redis expires keys itself; returns 0 |
 //! | `census` ([`CensusSupport::Sampled`](idem_core::store::CensusSupport::Sampled)) | not atomic (reads only; a key written meanwhile may or may not be counted): `SCAN cursor MATCH <prefix><32 × ?> COUNT 1000` on the server or on each master of a cluster in turn, then one `MGET` per batch of new keys (split by slot on a cluster); records tallied in the client with `Census::tally`, each key once, stopping at the first record beyond the sample. Values under the prefix that are not records are skipped (logged), not an error |
 //!
 //! - `SET … NX GET` writes nothing when any value is in place, so it is
-//!   atomic by itself; the client decodes what it returns (its own write id
+//!   atomic by itself; the client decodes what it returns (its own bytes
 //!   → "inserted", a resend; an unreadable value → corrupt, untouched).
+//! - [`RedisStore::write_paths`] says which path each conditional write
+//!   takes; the server's `INFO server` decides it at connect (every master
+//!   of a cluster), and a server that later refuses a native command (a
+//!   reconnect to an older node, a proxy) gets the script from then on.
+//!   Redis 8.4's conditional `SET`/`DELEX` are not used yet (untested here):
+//!   on Redis, compare-and-swap and delete stay scripts. A value written by
+//!   an idem-redis that still put a write id in its header has the expected
+//!   revision but other bytes: the native compare misses and the script
+//!   decides, so an upgrade in place needs nothing.
 //! - The revision check and the write happen in the same script. Each script
 //!   touches exactly one key (`KEYS[1]`), so it is valid on Redis Cluster with
 //!   no hash tag. Scripts are static text; keys and arguments are passed as
@@ -81,10 +90,12 @@
 //!   engine-supplied `now` with the stored `expires_at` (exactly, as two
 //!   32-bit halves). A record with `expires_at <= now` is absent to every
 //!   primitive, whether or not Redis still holds it.
-//! - Writes carry a random write id. If a connection breaks after the server
+//! - A record encodes to the same bytes every time, and every write has a
+//!   fresh random revision (and a claim a fresh random token), so equal
+//!   bytes mean the same write. If a connection breaks after the server
 //!   ran a write but before the reply arrived, the driver (cluster client) or
-//!   this store (standalone, once) sends it again; the script then finds its
-//!   own write id in place and answers "done" instead of reporting a
+//!   this store (standalone, once) sends it again; the store then finds its
+//!   own bytes in place and answers "done" instead of reporting a
 //!   conflict with itself. No claim is lost and none is made twice.
 //! - Stored bytes that are not a record of this layout (foreign values,
 //!   truncated or undecodable records, another Redis type at the key) are
@@ -193,7 +204,7 @@
 //! | I/O error: connection refused, reset, aborted, broken pipe, EOF, DNS | server down, restarting, shutting down, network cut | transient `Unavailable` | the connection is re-dialled; a broken call is re-sent once first |
 //! | I/O timeout (`TimedOut`) | no reply within the response timeout | transient `Unavailable` | the connection is replaced and the call re-sent once first |
 //! | `ClusterConnectionNotFound` | no connection to the node owning the slot | transient `Unavailable` | the cluster client reconnects and refreshes slots |
-//! | `Parse` (unparsable reply) | the byte stream is garbled (a proxy, a cut) | transient `Unavailable` | the driver drops the connection; the call's effect is unknown, as for a lost reply, and write ids make a re-send exact |
+//! | `Parse` (unparsable reply) | the byte stream is garbled (a proxy, a cut) | transient `Unavailable` | the driver drops the connection; the call's effect is unknown, as for a lost reply, and deterministic values make a re-send exact |
 //! | `OOM` | `maxmemory` reached under `noeviction` | transient `Unavailable` | nothing was written; memory frees as records expire or the operator raises the limit. Replays still work: Redis refuses `SET … NX GET` even for a key that exists, so the claim falls back to its script, which reads first and writes only for a new key |
 //! | `NOREPLICAS` | fewer replicas than `min-replicas-to-write` | transient `Unavailable` | nothing was written; a replica reconnecting ends it. Replays still work, as for `OOM` |
 //! | `READONLY` | a node demoted to replica by a failover | transient `Unavailable` | the cluster client refreshes slots; standalone replaces the connection and re-sends once, so a fresh dial finds the new primary |
@@ -236,9 +247,11 @@ mod connection;
 mod envelope;
 mod error;
 mod scripts;
+mod server;
 mod store;
 
 pub use builder::RedisStoreBuilder;
 pub use connection::Topology;
 pub use error::RedisError;
+pub use server::{WritePath, WritePaths};
 pub use store::RedisStore;

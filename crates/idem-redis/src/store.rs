@@ -1,13 +1,13 @@
 //! [`RedisStore`]: the store's handle (connecting, its key layout, the
 //! mapping of stored values and errors to records and [`StoreError`]s). The
 //! [`Store`](idem_core::store::Store) primitives are in `store/primitives.rs`; the
-//! connection, the scripts, the write ids and the errors have modules of
-//! their own.
+//! connection, the scripts, the server's native commands and the errors
+//! have modules of their own.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use idem_core::store::{IdGenerator, StoreError, Versioned};
+use idem_core::store::{StoreError, Versioned};
 use idem_core::{RecordKey, Timestamp};
 use redis::cluster::ClusterClient;
 use redis::{Client, Value};
@@ -15,11 +15,13 @@ use redis::{Client, Value};
 use crate::RedisStoreBuilder;
 
 mod census;
+mod conditional;
 mod primitives;
 use crate::connection::{Connection, Topology};
 use crate::envelope::{self, Unreadable};
 use crate::error::{self, CLUSTER, Class, RedisError, STANDALONE};
 use crate::scripts::{self, Lua, Refusal, Reply};
+use crate::server::{self, WritePath, WritePaths};
 
 /// The longest physical TTL set, in ms (about 2,200 years): records whose
 /// logical expiry lies further out are kept that long, i.e. for good.
@@ -30,14 +32,16 @@ struct Inner {
     prefix: String,
     grace_ms: u64,
     conn: Connection,
-    /// The id each write carries, so that a write the driver re-sends after
-    /// losing the reply is recognised as done instead of as a conflict with
-    /// itself (the core's one id generator, as the engine's tokens).
-    write_ids: IdGenerator,
     /// Whether `insert_if_absent` tries the native `SET … NX GET PX` first;
     /// cleared (for the life of the store) when a server refuses it (Redis
     /// before 7.0, a proxy that does not know it).
     native_insert: AtomicBool,
+    /// Whether `compare_and_swap` is `SET … IFEQ … GET` (Valkey ≥ 8.1);
+    /// cleared when a server refuses it.
+    native_swap: AtomicBool,
+    /// Whether `delete_if` is `DELIFEQ` (Valkey ≥ 9.0); cleared when a
+    /// server refuses it.
+    native_delete: AtomicBool,
 }
 
 /// An idem [`Store`](idem_core::store::Store) in Redis: standalone or Redis Cluster, one atomic
@@ -50,13 +54,18 @@ struct Inner {
 ///   are in the crate docs.
 /// - `insert_if_absent` is one native `SET key value NX GET PX ms` (the
 ///   Lua script only when an expired record is still in place, or on a
-///   server before Redis 7.0); `compare_and_swap` and `delete_if` are each
-///   one Lua script over exactly that one key, run by SHA (`EVALSHA`); after a
+///   server before Redis 7.0). On Valkey ≥ 8.1 `compare_and_swap` is one
+///   native `SET key new IFEQ old PX ms GET`, and on Valkey ≥ 9.0
+///   `delete_if` one `DELIFEQ key old`: the server compares the whole stored
+///   value with the exact bytes of the expected record. Elsewhere each is one
+///   Lua script over exactly that one key, run by SHA (`EVALSHA`); after a
 ///   `SCRIPT FLUSH` or a server restart the script is sent again with `EVAL`
-///   transparently. `get` is one `GET`. One round trip on the happy path.
-/// - Every write carries a fresh write id, so a write the driver re-sends
-///   after losing the reply is recognised and reported as done instead of
-///   as a conflict with itself.
+///   transparently. [`write_paths`](Self::write_paths) says which path each
+///   takes. `get` is one `GET`. One round trip on the happy path.
+/// - Values are encoded deterministically and every write has a fresh
+///   random revision, so a write the driver re-sends after losing the reply
+///   is recognised by its bytes and reported as done instead of as a
+///   conflict with itself.
 /// - Connection loss, timeouts and the passing server states (`OOM`,
 ///   `NOREPLICAS`, `READONLY`, `LOADING`, `CLUSTERDOWN`, …) are
 ///   [`StoreError::Unavailable`] (the table is in the crate docs, "Error
@@ -182,15 +191,49 @@ impl RedisStore {
                 prefix: config.prefix().to_string(),
                 grace_ms,
                 conn,
-                write_ids: IdGenerator::new(),
                 native_insert: AtomicBool::new(true),
+                native_swap: AtomicBool::new(false),
+                native_delete: AtomicBool::new(false),
             }),
         };
-        // On every node of a cluster, so that the first calls run by SHA.
+        // On every node of a cluster, so that the first calls run by SHA
+        // (also on servers with the native commands: an expired record in
+        // place, or a node that refuses them, needs the scripts).
         scripts::load(&store.inner.conn)
             .await
             .map_err(|e| RedisError::driver(e, topology))?;
+        let features = server::detect(&store.inner.conn).await;
+        store
+            .inner
+            .native_swap
+            .store(features.set_ifeq, Ordering::Relaxed);
+        store
+            .inner
+            .native_delete
+            .store(features.delifeq, Ordering::Relaxed);
+        tracing::debug!(
+            store = name,
+            paths = ?store.write_paths(),
+            "idem-redis: connected"
+        );
         Ok(store)
+    }
+
+    /// The path each conditional write takes on this store's connection:
+    /// native commands or Lua scripts (see [`WritePaths`]).
+    pub fn write_paths(&self) -> WritePaths {
+        let path = |native: &AtomicBool| {
+            if native.load(Ordering::Relaxed) {
+                WritePath::Native
+            } else {
+                WritePath::Script
+            }
+        };
+        WritePaths {
+            insert_if_absent: path(&self.inner.native_insert),
+            compare_and_swap: path(&self.inner.native_swap),
+            delete_if: path(&self.inner.native_delete),
+        }
     }
 
     /// Standalone or cluster.
@@ -295,7 +338,7 @@ impl RedisStore {
     }
 
     fn encode(&self, record: &Versioned) -> Result<Vec<u8>, StoreError> {
-        envelope::encode(record, self.inner.write_ids.next_u64())
+        envelope::encode(record)
             .map_err(|e| RedisError::Unencodable(e).into_store_error(self.inner.name))
     }
 }
@@ -303,13 +346,6 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn write_ids_do_not_repeat() {
-        let ids = IdGenerator::new();
-        let seen: std::collections::HashSet<u64> = (0..10_000).map(|_| ids.next_u64()).collect();
-        assert_eq!(seen.len(), 10_000);
-    }
 
     #[test]
     fn keys_print_like_redis_cli() {

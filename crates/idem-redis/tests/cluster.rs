@@ -20,6 +20,9 @@ fn main() -> std::process::ExitCode {
         "cluster::layout_and_memory_per_record" => layout_and_memory_per_record,
         "cluster::resent_write_is_recognised" => resent_write_is_recognised,
         "cluster::hash_tag_prefix_is_rejected" => hash_tag_prefix_is_rejected,
+        "cluster::write_paths_follow_the_server" => write_paths_follow_the_server,
+        "cluster::values_with_a_write_id_are_still_swapped" =>
+            values_with_a_write_id_are_still_swapped,
         "cluster::census_counts_every_master_and_only_its_records" =>
             census_counts_every_master_and_only_its_records,
     )

@@ -22,6 +22,9 @@ fn main() -> std::process::ExitCode {
         "redis::layout_and_memory_per_record" => layout_and_memory_per_record,
         "redis::resent_write_is_recognised" => resent_write_is_recognised,
         "redis::hash_tag_prefix_is_rejected" => hash_tag_prefix_is_rejected,
+        "redis::write_paths_follow_the_server" => write_paths_follow_the_server,
+        "redis::values_with_a_write_id_are_still_swapped" =>
+            values_with_a_write_id_are_still_swapped,
         "redis::census_counts_every_master_and_only_its_records" =>
             census_counts_every_master_and_only_its_records,
     )

@@ -317,7 +317,7 @@ impl<'a> Raw<'a> {
                     .unwrap();
                 RawValue::Postgres(row)
             }
-            BackendKind::Redis | BackendKind::RedisCluster => {
+            BackendKind::Redis | BackendKind::RedisCluster | BackendKind::Valkey => {
                 let key = self.fixture.redis().redis_key(rk);
                 let admin = self.admin.as_mut().unwrap();
                 let kind: String = admin.query(redis::cmd("TYPE").arg(&key)).await.unwrap();
@@ -357,7 +357,7 @@ impl<'a> Raw<'a> {
             BackendKind::Sqlite | BackendKind::Postgres => {
                 self.sql_update(rk, damage.sql_set(backend), None).await;
             }
-            BackendKind::Redis | BackendKind::RedisCluster => {
+            BackendKind::Redis | BackendKind::RedisCluster | BackendKind::Valkey => {
                 let key = self.fixture.redis().redis_key(rk);
                 let good = self.redis_get(&key).await;
                 assert!(good.len() > 26, "a layout v1 value");
@@ -445,7 +445,7 @@ impl<'a> Raw<'a> {
                 };
                 assert_eq!(
                     store
-                        .compare_and_swap(rk, current.revision, &next, now)
+                        .compare_and_swap(rk, &current, &next, now)
                         .await
                         .unwrap(),
                     SwapOutcome::Swapped
@@ -473,7 +473,7 @@ impl<'a> Raw<'a> {
                 let bad = damage.outcome(&outcome);
                 self.sql_update(rk, "outcome = $2", Some(bad)).await;
             }
-            BackendKind::Redis | BackendKind::RedisCluster => {
+            BackendKind::Redis | BackendKind::RedisCluster | BackendKind::Valkey => {
                 // A well-formed value (same header) whose record carries the
                 // foreign outcome.
                 let key = self.fixture.redis().redis_key(rk);

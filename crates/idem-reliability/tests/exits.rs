@@ -42,6 +42,11 @@
 //! | `shutdown_within_grace` | a graceful shutdown while the handler runs; it finishes in time | 1 (0 for a request during the shutdown: 503 `shutting-down`) | the stored 201 (another instance) |
 //! | `shutdown_past_grace` | the handler outlives the grace period | 1 | 500 `outcome-unknown` (another instance; the handler's own client gets its 201) |
 //!
+//! Every row runs twice on every backend: as `exits::<row>::<backend>`, and
+//! as `exits_cached::<row>::<backend>` with the engines' cache of finished
+//! records on (`Engine::with_finished_cache`): the same effects and answers
+//! must hold whether a retry is answered from the store or from the cache.
+//!
 //! Unreachable servers: IGNORED (FAILED under `CI=true` /
 //! `IDEM_REQUIRE_BACKENDS=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -62,7 +67,7 @@ use futures_util::FutureExt as _;
 use idem_conformance::{Fault, FaultKind, FaultyStore, Op};
 use idem_core::store::codec::RECORD_OVERHEAD;
 use idem_core::store::{BoxError, State as KeyState, Store, Versioned};
-use idem_core::{Clock, Engine, ManualClock, Policy, Shutdown, SystemClock};
+use idem_core::{CacheStats, Clock, Engine, ManualClock, Policy, Shutdown, SystemClock};
 use idem_reliability::engine::engine;
 use idem_reliability::http::{Reply, Service, bearer_scope, record_key};
 use idem_reliability::wait;
@@ -88,6 +93,7 @@ const BODY: &str = r#"{"amount":1000,"currency":"EUR"}"#;
 const PANIC_MARKER: &str = "exits: deliberate panic";
 
 type Faulty = FaultyStore<Arc<dyn Store>>;
+type Eng = Engine<Faulty, ManualClock>;
 type Svc = BoxCloneSyncService<Request<Body>, Response<ResponseBody<Body>>, BoxError>;
 
 // ---------------------------------------------------------------------------
@@ -299,7 +305,8 @@ impl Rig {
         let clock = ManualClock::new(SystemClock.now());
         let policy = policy_of(policy());
         let store = store(FaultyStore::new(fixture.store()));
-        let engine = Arc::new(engine(store, clock.clone(), policy.clone()));
+        let engine = engine(store, clock.clone(), policy.clone());
+        let engine = Arc::new(cache_if_cached(engine));
         let app = App::default();
         let (layer, svc) = service(engine.clone(), &app);
         Self {
@@ -352,8 +359,8 @@ impl Rig {
     async fn second(&self) -> Svc {
         let store = self.fixture.reopen().await.expect("a second instance");
         let store = FaultyStore::new(store.erased());
-        let engine = Arc::new(engine(store, self.clock.clone(), self.policy.clone()));
-        service(engine, &self.app).1
+        let engine = engine(store, self.clock.clone(), self.policy.clone());
+        service(Arc::new(cache_if_cached(engine)), &self.app).1
     }
 
     /// Moves the clock forward `step` at a time, each time one of the
@@ -427,6 +434,66 @@ impl Rig {
         })
         .await;
     }
+}
+
+impl Drop for Rig {
+    /// In a cached run, reports what the rig's engine cache did.
+    fn drop(&mut self) {
+        let stats = self.engine.finished_cache();
+        let _ = CACHED.try_with(|seen| seen.lock().unwrap().push(stats));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cached runs.
+// ---------------------------------------------------------------------------
+
+/// The cache of finished records each engine of a cached run keeps.
+const CACHE_BYTES: usize = 64 << 20;
+
+tokio::task_local! {
+    /// Set while a row runs as `exits_cached::…`: its engines keep finished
+    /// records, and each rig reports its engine's cache here when dropped.
+    static CACHED: Arc<Mutex<Vec<Option<CacheStats>>>>;
+}
+
+/// `engine` with the cache of finished records on, in a cached run.
+fn cache_if_cached(engine: Eng) -> Eng {
+    if CACHED.try_with(|_| ()).is_ok() {
+        engine.with_finished_cache(CACHE_BYTES)
+    } else {
+        engine
+    }
+}
+
+/// Runs `row` as a cached run; fails if its rig's engine never consulted
+/// the cache (the run would test nothing).
+async fn cached(row: impl Future<Output = ()>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    CACHED.scope(seen.clone(), row).await;
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty(), "the row built no rig");
+    assert!(
+        seen.iter().all(Option::is_some),
+        "a rig of the cached run has no cache: {seen:?}"
+    );
+    assert!(
+        seen.iter().flatten().any(|s| s.hits + s.misses > 0),
+        "no request of the cached run consulted the cache: {seen:?}"
+    );
+}
+
+/// Registers each row twice on every backend: `<name>` and, with the
+/// cache of finished records on, `<module>_cached::<row>`.
+macro_rules! rows {
+    ($suite:expr, { $($name:literal => $test:expr),* $(,)? }) => {{
+        let suite = $suite $(.each(&BackendKind::ALL, $name, $test))*;
+        suite $(.each(
+            &BackendKind::ALL,
+            &$name.replacen("::", "_cached::", 1),
+            move |b| cached(($test)(b)),
+        ))*
+    }};
 }
 
 async fn replay_on(svc: &Svc, key: &str) -> Reply {
@@ -909,7 +976,7 @@ fn main() -> std::process::ExitCode {
             default_hook(info);
         }
     }));
-    idem_reliability::each!(Suite::new("exits"), &BackendKind::ALL, {
+    rows!(Suite::new("exits"), {
         "exits::ok_2xx" => |b| stored_and_replayed(b, "ok", 201),
         "exits::client_error_4xx" => |b| stored_and_replayed(b, "status:400", 400),
         "exits::server_error_5xx" => server_error_5xx,

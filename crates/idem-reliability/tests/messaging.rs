@@ -85,8 +85,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(150);
 const SHUFFLE_WINDOW: usize = 200;
 
 /// How long before its consumer's death a settlement may have been lost
-/// with the connection (see [`analyse`]).
-const EXPOSURE: Duration = Duration::from_millis(50);
+/// with the connection (see [`analyse`]). 50 ms was too tight on a loaded
+/// two-core machine: a clean-clone CI run saw an acknowledgement logged
+/// 53 ms before the SIGKILL come back as a redelivery.
+const EXPOSURE: Duration = Duration::from_millis(100);
 
 /// How long a consumer may take to start; how long the drain may take.
 const START_DEADLINE: Duration = Duration::from_secs(30);

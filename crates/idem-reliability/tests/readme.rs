@@ -119,7 +119,7 @@ async fn bad_parameter_is_named(kind: BackendKind) {
         BackendKind::Memory => ("colour", None),
         BackendKind::Sqlite => ("colour", Some(("durability", "sometimes"))),
         BackendKind::Postgres => ("colour", Some(("max_connections", "0"))),
-        BackendKind::Redis | BackendKind::RedisCluster => {
+        BackendKind::Redis | BackendKind::RedisCluster | BackendKind::Valkey => {
             ("colour", Some(("response_timeout", "soon")))
         }
     };

@@ -849,7 +849,7 @@ async fn inconsistent_rows_are_corrupt_errors_and_never_overwritten() {
             "{set}: {got:?}"
         );
         let got = store
-            .compare_and_swap(&k, Revision::from_u64(9), &claim(3, T0), T0)
+            .compare_and_swap(&k, &claim(9, T0), &claim(3, T0), T0)
             .await;
         assert!(
             matches!(got, Err(StoreError::Corrupt { .. })),

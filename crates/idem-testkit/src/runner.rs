@@ -46,12 +46,15 @@ pub struct Suite {
 impl Suite {
     /// An empty suite; `name` appears in the banners.
     pub fn new(name: &str) -> Self {
-        let runner = BackendKind::ALL.into_iter().fold(
-            Runner::new(name)
-                .with_worker_threads(WORKER_THREADS)
-                .with_default_test_threads(DEFAULT_TEST_THREADS),
-            |runner, kind| runner.requirement(kind.name(), move || kind.probe()),
-        );
+        let runner = BackendKind::ALL
+            .into_iter()
+            .chain([BackendKind::Valkey])
+            .fold(
+                Runner::new(name)
+                    .with_worker_threads(WORKER_THREADS)
+                    .with_default_test_threads(DEFAULT_TEST_THREADS),
+                |runner, kind| runner.requirement(kind.name(), move || kind.probe()),
+            );
         Self { runner }
     }
 

@@ -473,7 +473,7 @@ async fn unreadable_stored_record_is_500_and_nothing_runs() {
     let swapped = idem_core::store::Store::compare_and_swap(
         h.engine.store().inner(),
         &rk,
-        current.revision,
+        &current,
         &next,
         h.engine.clock().now(),
     )

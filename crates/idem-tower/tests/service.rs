@@ -401,7 +401,7 @@ impl Store for SlowClaim {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: idem_core::store::Revision,
+        expected: &idem_core::store::Versioned,
         record: &idem_core::store::Versioned,
         now: idem_core::Timestamp,
     ) -> Result<idem_core::store::SwapOutcome, idem_core::StoreError> {
@@ -412,7 +412,7 @@ impl Store for SlowClaim {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: idem_core::store::Revision,
+        expected: &idem_core::store::Versioned,
         now: idem_core::Timestamp,
     ) -> Result<bool, idem_core::StoreError> {
         self.inner.delete_if(key, expected, now).await

@@ -80,7 +80,7 @@
 //! | postgres | `table` | table (default `idempotency_records`) | `with_table` |
 //! | postgres | `timeout` | duration, bound on every call | `with_timeout` |
 //! | postgres | `max_record_bytes` | bytes, ≥ 1 | `with_max_record_bytes` |
-//! | postgres | `claim_mode` | `single-statement` (default) or `read-first` | `with_claim_mode` |
+//! | postgres | `claim_mode` | `adaptive` (default), `single-statement` or `read-first` | `with_claim_mode` |
 //! | postgres | `max_connections` | pool size, ≥ 1 (default 10) | `PgPoolOptions::max_connections` |
 //! | postgres | `acquire_timeout` | duration (default 5 s); also bounds the first connection | `PgPoolOptions::acquire_timeout` |
 //! | postgres | `migrate` | `true` (default) or `false` | `PostgresStore::migrate` on open |

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use idem_core::store::{
-    Capabilities, Census, InsertOutcome, Revision, Store, StoreError, SwapOutcome, Versioned,
+    Capabilities, Census, InsertOutcome, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{MemoryStore, RecordKey, Timestamp};
 
@@ -173,7 +173,7 @@ impl Store for Opened {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
@@ -184,7 +184,7 @@ impl Store for Opened {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         self.erased.delete_if(key, expected, now).await

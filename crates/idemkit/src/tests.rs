@@ -244,6 +244,8 @@ fn display_parses_back() {
         "sqlite://data/app.db",
         "sqlite:///abs/app.db?table=t&durability=normal&busy_timeout=1500ms&max_batch=2",
         "postgres://u@h:5432/db?schema=s&table=t&timeout=3s&claim_mode=read-first&max_connections=3&acquire_timeout=2m&migrate=false&application_name=x",
+        "postgres://h/db?claim_mode=adaptive",
+        "postgres://h/db?claim_mode=single-statement",
         "redis://h:6379/1?prefix=a%26b%3D%20c&expiry_grace=1h&reconnect_attempts=2&protocol=resp3",
         "redis+cluster://a:1,b:2?connection_timeout=10ms",
         "rediss://h:1#insecure",

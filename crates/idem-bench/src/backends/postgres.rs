@@ -22,9 +22,10 @@ pub(crate) const POOL_SIZE: u32 = 16;
 const APP_NAME: &str = "idem-bench";
 
 pub(crate) struct PostgresBackend {
-    /// How the store claims keys; `postgres-read-first` is the same backend
-    /// in [`ClaimMode::ReadFirst`].
-    pub(crate) mode: ClaimMode,
+    /// How the store claims keys: `None` for the store's default (the
+    /// `postgres` target); `postgres-read-first` and
+    /// `postgres-single-statement` are the same backend in another mode.
+    pub(crate) mode: Option<ClaimMode>,
 }
 
 fn failed(e: impl std::fmt::Display) -> BenchError {
@@ -37,7 +38,7 @@ fn unreachable(e: Unavailable) -> BenchError {
 
 /// The environment's server (see [`idem_testkit::env`]) with the bench's
 /// pool size, claim mode and `application_name`.
-fn url(mode: ClaimMode) -> Result<StoreUrl, BenchError> {
+fn url(mode: Option<ClaimMode>) -> Result<StoreUrl, BenchError> {
     let StoreUrl::Postgres(server) = BackendKind::Postgres.url().map_err(unreachable)? else {
         return Err(failed("not a PostgreSQL URL"));
     };
@@ -48,10 +49,16 @@ fn url(mode: ClaimMode) -> Result<StoreUrl, BenchError> {
         StoreUrl::parse(&format!("{base}{sep}application_name={APP_NAME}")).map_err(failed)?;
     if let StoreUrl::Postgres(pg) = &mut url {
         pg.max_connections = Some(POOL_SIZE);
-        pg.claim_mode = Some(match mode {
-            ClaimMode::ReadFirst => idemkit::ClaimMode::ReadFirst,
-            _ => idemkit::ClaimMode::SingleStatement,
-        });
+        pg.claim_mode = match mode {
+            None => None,
+            Some(ClaimMode::ReadFirst) => Some(idemkit::ClaimMode::ReadFirst),
+            Some(ClaimMode::SingleStatement) => Some(idemkit::ClaimMode::SingleStatement),
+            Some(other) => {
+                return Err(failed(format!(
+                    "claim mode {other:?} cannot be named in a URL"
+                )));
+            }
+        };
     }
     Ok(url)
 }
@@ -64,14 +71,16 @@ fn sql(text: String) -> AssertSqlSafe<Arc<str>> {
 impl Backend for PostgresBackend {
     fn name(&self) -> &'static str {
         match self.mode {
-            ClaimMode::ReadFirst => "postgres-read-first",
-            _ => "postgres",
+            None => "postgres",
+            Some(ClaimMode::ReadFirst) => "postgres-read-first",
+            Some(ClaimMode::SingleStatement) => "postgres-single-statement",
+            Some(_) => "postgres-other-mode",
         }
     }
 
     fn measures(&self, workload: Workload) -> bool {
         // Only the claim differs between the modes.
-        self.mode == ClaimMode::SingleStatement
+        self.mode.is_none()
             || matches!(
                 workload,
                 Workload::Fresh | Workload::Replay | Workload::HotKey
@@ -346,10 +355,23 @@ impl Instance for PostgresInstance {
             .collect()
     }
 
+    async fn server_version(&self) -> Option<String> {
+        let version: String = sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&self.pool)
+            .await
+            .ok()?;
+        // `15.8 (Debian 15.8-0+deb12u1)`: the number is what matters.
+        let number = version.split_whitespace().next()?;
+        Some(format!("PostgreSQL {number}"))
+    }
+
     fn notes(&self) -> Vec<String> {
-        vec![format!(
-            "one PgPool of {POOL_SIZE} connections (PostgresStore::pool_options) shared by the store and the raw statements; raw table (key BYTEA PRIMARY KEY, value BYTEA, expires_at BIGINT) with an index on expires_at like the store's"
-        )]
+        vec![
+            format!("store claim mode: {:?}", self.store.claim_mode()),
+            format!(
+                "one PgPool of {POOL_SIZE} connections (PostgresStore::pool_options) shared by the store and the raw statements; raw table (key BYTEA PRIMARY KEY, value BYTEA, expires_at BIGINT) with an index on expires_at like the store's"
+            ),
+        ]
     }
 
     async fn close(self: Box<Self>) -> Result<(), BenchError> {

@@ -20,12 +20,56 @@ use super::redis_raw::{RedisRaw, failed, memory_usage};
 use crate::backend::{Backend, Instance, Raw};
 use crate::{BenchError, Plan};
 
-/// A standalone server (`IDEM_REDIS_URL`) or a cluster
-/// (`IDEM_REDIS_CLUSTER_URLS`), from the environment (see
-/// [`idem_testkit::env`]).
+/// A standalone server (`IDEM_REDIS_URL`), a Valkey server
+/// (`IDEM_VALKEY_URL`) or a cluster (`IDEM_REDIS_CLUSTER_URLS`), from the
+/// environment (see [`idem_testkit::env`]).
 pub(crate) struct RedisBackend {
-    /// [`BackendKind::Redis`] or [`BackendKind::RedisCluster`].
-    pub(crate) kind: BackendKind,
+    /// Which server.
+    pub(crate) server: Server,
+}
+
+/// The servers `idem-redis` is measured on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Server {
+    /// The standalone server at `IDEM_REDIS_URL`.
+    Redis,
+    /// The Valkey server at `IDEM_VALKEY_URL` (no default: unset, the
+    /// target is skipped).
+    Valkey,
+    /// The cluster at `IDEM_REDIS_CLUSTER_URLS`.
+    Cluster,
+}
+
+/// The variable naming the Valkey server.
+pub(crate) const VALKEY_URL_VAR: &str = "IDEM_VALKEY_URL";
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Redis => BackendKind::Redis.name(),
+            Self::Valkey => "valkey",
+            Self::Cluster => BackendKind::RedisCluster.name(),
+        }
+    }
+
+    /// The server's URL, from the environment.
+    fn url(self) -> Result<StoreUrl, BenchError> {
+        match self {
+            Self::Redis => BackendKind::Redis.url(),
+            Self::Cluster => BackendKind::RedisCluster.url(),
+            Self::Valkey => {
+                let url = std::env::var(VALKEY_URL_VAR).unwrap_or_default();
+                if url.trim().is_empty() {
+                    return Err(BenchError::Unreachable(format!(
+                        "{VALKEY_URL_VAR} is not set (`cargo xtask bench` starts a Valkey server when it can)"
+                    )));
+                }
+                return StoreUrl::parse(url.trim())
+                    .map_err(|e| BenchError::Unreachable(format!("{VALKEY_URL_VAR}: {e}")));
+            }
+        }
+        .map_err(|e| BenchError::Unreachable(e.to_string()))
+    }
 }
 
 /// The store's defaults (`RedisStore::builder()`): the raw connection gets the same.
@@ -46,7 +90,7 @@ enum Conn {
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
-        self.kind.name()
+        self.server.name()
     }
 
     fn concurrencies(&self, plan: &Plan) -> Vec<usize> {
@@ -63,10 +107,7 @@ impl Backend for RedisBackend {
         let prefix = format!("ib{:08x}:", salt as u32);
         let store_prefix = format!("{prefix}i:");
         let raw_prefix = format!("{prefix}r:");
-        let mut url = self
-            .kind
-            .url()
-            .map_err(|e| BenchError::Unreachable(e.to_string()))?;
+        let mut url = self.server.url()?;
         let StoreUrl::Redis(r) = &mut url else {
             return Err(BenchError::Failed(format!("not a Redis URL: {url}")));
         };
@@ -293,13 +334,24 @@ impl Instance for RedisInstance {
             let pid = info(node, "server", "process_id").await.ok().flatten();
             let pid = pid.and_then(|p| u32::try_from(p).ok());
             // Only a server on this machine (same pid namespace).
-            if let Some(pid) =
-                pid.filter(|&p| crate::cpu::comm(p).is_some_and(|c| c.starts_with("redis")))
-            {
+            if let Some(pid) = pid.filter(|&p| {
+                crate::cpu::comm(p)
+                    .is_some_and(|c| c.starts_with("redis") || c.starts_with("valkey"))
+            }) {
                 pids.push(pid);
             }
         }
         pids
+    }
+
+    async fn server_version(&self) -> Option<String> {
+        let node = self.nodes.first()?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut node.clone())
+            .await
+            .ok()?;
+        server_version(&info)
     }
 
     fn notes(&self) -> Vec<String> {
@@ -332,4 +384,33 @@ async fn info(
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
     Ok(value.and_then(|v| v.trim().parse().ok()))
+}
+
+/// `valkey 9.1.0` or `redis 7.0.15` from the text of `INFO server` (Valkey
+/// also reports a `redis_version`, the Redis version it is compatible with).
+fn server_version(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    field("valkey_version")
+        .map(|v| format!("valkey {v}"))
+        .or_else(|| field("redis_version").map(|v| format!("redis {v}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_version;
+
+    #[test]
+    fn names_valkey_before_its_redis_compatibility_version() {
+        let valkey =
+            "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:9.1.0\r\n";
+        assert_eq!(server_version(valkey).as_deref(), Some("valkey 9.1.0"));
+        let redis = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n";
+        assert_eq!(server_version(redis).as_deref(), Some("redis 7.0.15"));
+        assert_eq!(server_version("# Server\r\n"), None);
+    }
 }

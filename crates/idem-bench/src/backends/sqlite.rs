@@ -143,6 +143,14 @@ impl Instance for SqliteInstance {
         file_bytes(&self.path).map(Some)
     }
 
+    async fn server_version(&self) -> Option<String> {
+        let conn = self.connect().ok()?;
+        let version: String = conn
+            .query_row("SELECT sqlite_version()", [], |r| r.get(0))
+            .ok()?;
+        Some(format!("SQLite {version}"))
+    }
+
     async fn settle(&self) -> Result<(), BenchError> {
         let conn = self.connect()?;
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))

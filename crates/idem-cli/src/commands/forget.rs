@@ -49,7 +49,7 @@ pub(crate) async fn run(args: Forget, timeout: Duration) -> Result<Exit, Failure
     let revision = found.revision;
     let deleted = target
         .call("delete the key", async {
-            store.delete_if(&key, revision, now()).await
+            store.delete_if(&key, &found, now()).await
         })
         .await?;
     if !deleted {

@@ -458,6 +458,8 @@ pub fn cases() -> u32 {
 pub async fn matches_core_model<F: StoreFactory>(factory: Arc<F>) {
     let stores = stores(&*factory).await;
     let handle = tokio::runtime::Handle::current();
+    // The sequences run off the case's task: carry its variant along.
+    let probe = super::current_probe();
     let cases = cases();
     let result = tokio::task::spawn_blocking(move || {
         let mut runner = TestRunner::new(Config {
@@ -469,7 +471,10 @@ pub async fn matches_core_model<F: StoreFactory>(factory: Arc<F>) {
         runner
             .run(&ops(), |ops| {
                 handle
-                    .block_on(check_sequence(&stores, &ops))
+                    .block_on(super::in_probe(
+                        probe.clone(),
+                        check_sequence(&stores, &ops),
+                    ))
                     .map_err(TestCaseError::fail)
             })
             .map_err(|e| match e {

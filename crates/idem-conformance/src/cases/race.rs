@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use idem_core::store::{InsertOutcome, Revision, State, Store, SwapOutcome, Versioned};
+use idem_core::store::{InsertOutcome, State, Store, SwapOutcome, Versioned};
 use idem_core::{Begin, Clock, Error, Executed, Fingerprint, Outcome, RecordKey, Timestamp};
 
 use super::{
@@ -116,8 +116,8 @@ async fn cas_race<S: Store>(a: Arc<S>, b: Arc<S>, k: RecordKey, what: &str) {
     must(&a).insert(&k, &claim(1_000, 1_000, T0, 60), T0).await;
     let candidates = candidates(at(1));
     let results = race_on((a, b), &k, &candidates, |store, k, rec| async move {
-        let from = Revision::from_u64(1_000);
-        must(&store).swap(&k, from, &rec, at(1)).await
+        let from = claim(1_000, 1_000, T0, 60);
+        must(&store).swap(&k, &from, &rec, at(1)).await
     })
     .await;
     let calls = "CAS calls on revision 1000";
@@ -150,7 +150,7 @@ pub async fn delete_if_32_tasks_one_wins<F: StoreFactory>(factory: Arc<F>) {
         (store.clone(), store.clone()),
         &k,
         &same,
-        |store, k, rec| async move { must(&store).delete(&k, rec.revision, at(1)).await },
+        |store, k, rec| async move { must(&store).delete(&k, &rec, at(1)).await },
     )
     .await;
     let deleted = results.iter().filter(|d| **d).count();

@@ -3,7 +3,7 @@
 use std::error::Error as _;
 
 use idem_core::store::codec::RECORD_OVERHEAD;
-use idem_core::store::{FencingToken, State};
+use idem_core::store::{FencingToken, Revision, State};
 use idem_core::{FailureKind, MemoryStore, Outcome};
 
 use super::*;
@@ -37,12 +37,10 @@ async fn without_faults_it_is_transparent_and_counts() {
     assert_eq!(s.get(&k, T0).await.unwrap(), Some(rec.clone()));
     let next = completed(2, 1, T0, 60, b"ok");
     assert_eq!(
-        s.compare_and_swap(&k, rec.revision, &next, T0)
-            .await
-            .unwrap(),
+        s.compare_and_swap(&k, &rec, &next, T0).await.unwrap(),
         SwapOutcome::Swapped
     );
-    assert!(s.delete_if(&k, next.revision, T0).await.unwrap());
+    assert!(s.delete_if(&k, &next, T0).await.unwrap());
     assert_eq!(s.purge_expired(T0, 10).await.unwrap(), 0);
     assert_eq!(s.census(T0, 10).await.unwrap().total(), 0);
     for op in Op::ALL {
@@ -102,7 +100,7 @@ async fn always_until_removed() {
     let id = s.inject(Fault::new(Op::DeleteIf, FaultKind::Rejected));
     for _ in 0..3 {
         assert!(matches!(
-            s.delete_if(&k, Revision::from_u64(1), T0).await,
+            s.delete_if(&k, &claim(1, 1, T0, 60), T0).await,
             Err(StoreError::Rejected {
                 store: "faulty",
                 ..
@@ -111,7 +109,7 @@ async fn always_until_removed() {
     }
     assert!(s.remove(id));
     assert!(!s.remove(id));
-    assert!(!s.delete_if(&k, Revision::from_u64(1), T0).await.unwrap());
+    assert!(!s.delete_if(&k, &claim(1, 1, T0, 60), T0).await.unwrap());
     assert_eq!(s.hits(id), 3, "hits survive removal");
     let again = s.inject(Fault::new(Op::PurgeExpired, FaultKind::Corrupt));
     assert!(matches!(
@@ -139,20 +137,16 @@ async fn before_apply_writes_nothing_after_apply_writes() {
 
     let next = completed(2, 1, T0, 60, b"done");
     lose_next_reply(&s, Op::CompareAndSwap, FaultKind::Unavailable);
-    s.compare_and_swap(&k, rec.revision, &next, T0)
-        .await
-        .unwrap_err();
+    s.compare_and_swap(&k, &rec, &next, T0).await.unwrap_err();
     assert_eq!(s.inner().get(&k, T0).await.unwrap(), Some(next.clone()));
 
     lose_next_reply(&s, Op::DeleteIf, FaultKind::Generic);
-    s.delete_if(&k, next.revision, T0).await.unwrap_err();
+    s.delete_if(&k, &next, T0).await.unwrap_err();
     assert_eq!(s.inner().get(&k, T0).await.unwrap(), None);
     // The wrapped store's own answer wins over an after-apply fault when
     // it fails: here it conflicts (not an error), so the fault strikes.
     lose_next_reply(&s, Op::CompareAndSwap, FaultKind::Generic);
-    s.compare_and_swap(&k, rec.revision, &next, T0)
-        .await
-        .unwrap_err();
+    s.compare_and_swap(&k, &rec, &next, T0).await.unwrap_err();
     assert_eq!(s.inner().get(&k, T0).await.unwrap(), None);
 }
 
@@ -171,7 +165,7 @@ async fn predicates_tell_heartbeats_from_completions() {
     for (i, fails) in [(2, false), (3, true), (4, false)] {
         let mut beat = current.clone();
         beat.revision = Revision::from_u64(i);
-        let got = s.compare_and_swap(&k, current.revision, &beat, T0).await;
+        let got = s.compare_and_swap(&k, &current, &beat, T0).await;
         assert_eq!(got.is_err(), fails, "heartbeat {i}");
         if !fails {
             current = beat;
@@ -190,7 +184,7 @@ async fn predicates_tell_heartbeats_from_completions() {
         outcome: Outcome::default(),
     };
     let e = s
-        .compare_and_swap(&k, current.revision, &finished, T0)
+        .compare_and_swap(&k, &current, &finished, T0)
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::Rejected { .. }));
@@ -238,7 +232,7 @@ async fn a_declared_limit_is_enforced_by_record_size() {
         Err(StoreError::Rejected { .. })
     ));
     assert!(matches!(
-        s.compare_and_swap(&k, at.revision, &over, T0).await,
+        s.compare_and_swap(&k, &at, &over, T0).await,
         Err(StoreError::Rejected { .. })
     ));
     assert_eq!(s.get(&k2, T0).await.unwrap(), None);

@@ -66,13 +66,24 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// calls on one key, at most one gets `Proceed` per claim. After
     /// [`shutdown`](Self::shutdown) began: [`Error::ShuttingDown`], nothing
     /// read or written.
+    ///
+    /// With the cache of finished records on
+    /// ([`with_finished_cache`](Self::with_finished_cache)), a finished key
+    /// this engine has seen is answered from it (`Replay` or `Mismatch`, by
+    /// the same [`decide`]) without a store call.
     pub async fn begin(
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
         fingerprint: Fingerprint,
     ) -> Result<Begin, Error> {
-        self.begin_key(RecordKey::new(scope, key), fingerprint)
+        if self.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(answer) = self.cached_answer(scope, key, &fingerprint) {
+            return Ok(answer);
+        }
+        self.begin_in_store(RecordKey::new(scope, key), fingerprint)
             .await
     }
 
@@ -85,6 +96,37 @@ impl<S: Store, C: Clock> Engine<S, C> {
         if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
+        if let Some(answer) = self.cached_answer(key.scope(), key.key(), &fingerprint) {
+            return Ok(answer);
+        }
+        self.begin_in_store(key, fingerprint).await
+    }
+
+    /// The answer of the cache of finished records, if it is on and holds
+    /// a live entry for the key: what [`decide`] says of that record.
+    fn cached_answer(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &Fingerprint,
+    ) -> Option<Begin> {
+        let cache = self.finished.as_deref()?;
+        let now = self.shared.clock.now();
+        let record = cache.lookup(scope, key, now)?;
+        match decide(Some(&record), fingerprint, now) {
+            Decision::Replay => replay_of(record.state).map(Begin::Replay),
+            Decision::Mismatch => Some(Begin::Mismatch),
+            // Not for a live final record; the store decides.
+            Decision::Claim | Decision::Reclaim(_) | Decision::InProgress { .. } => None,
+        }
+    }
+
+    /// `begin` past the cache: [`decide`] on what the store holds.
+    async fn begin_in_store(
+        &self,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Begin, Error> {
         let (store, clock, ids) = (&self.shared.store, &self.shared.clock, &self.shared.ids);
         let started = clock.now();
         let wait_until = match self.policy.in_flight {
@@ -111,6 +153,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     inserts += 1;
                     match store.insert_if_absent(&key, &claim, now).await? {
                         InsertOutcome::Inserted => {
+                            // Over an absent or expired record: drop what the
+                            // cache may still hold of an expired one.
+                            self.evict_finished(&key);
                             return Ok(Begin::Proceed(self.lease(key, claim)));
                         }
                         InsertOutcome::Exists(current) => {
@@ -126,11 +171,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
                         revision: ids.revision(),
                         record: current.record.reclaim(ids.token(), now, &self.policy),
                     };
-                    match store
-                        .compare_and_swap(&key, current.revision, &next, now)
-                        .await?
-                    {
+                    match store.compare_and_swap(&key, &current, &next, now).await? {
                         SwapOutcome::Swapped => {
+                            self.evict_finished(&key);
                             tracing::debug!(
                                 ?reason,
                                 attempt = next.record.attempts,
@@ -142,27 +185,17 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     }
                 }
                 (Decision::Replay, Some(current)) => {
-                    return match current.record.state {
-                        State::Completed { outcome, .. } => Ok(Begin::Replay(Replay {
-                            outcome,
-                            kind: ReplayKind::Completed,
-                        })),
-                        State::Failed {
-                            kind: FailureKind::Unknown,
-                            outcome,
-                            ..
-                        } => Ok(Begin::Replay(Replay {
-                            outcome,
-                            kind: ReplayKind::Unknown,
-                        })),
-                        State::Failed { outcome, .. } => Ok(Begin::Replay(Replay {
-                            outcome,
-                            kind: ReplayKind::Failed,
-                        })),
-                        State::InFlight { .. } => Err(Error::Contention),
-                    };
+                    self.fill_finished(&key, &current.record);
+                    return replay_of(current.record.state)
+                        .map(Begin::Replay)
+                        .ok_or(Error::Contention);
                 }
-                (Decision::Mismatch, _) => return Ok(Begin::Mismatch),
+                (Decision::Mismatch, current) => {
+                    if let Some(current) = current {
+                        self.fill_finished(&key, &current.record);
+                    }
+                    return Ok(Begin::Mismatch);
+                }
                 (Decision::InProgress { retry_after }, _) => {
                     let Some((until, _)) = wait_until.filter(|(until, _)| now < *until) else {
                         return Ok(Begin::InProgress { retry_after });
@@ -191,5 +224,43 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
     fn lease(&self, key: RecordKey, current: Versioned) -> Lease {
         Lease::new(key, current, Some(&self.shared.claims))
+    }
+
+    /// Keeps `record` in the cache of finished records if it is on and the
+    /// record is final.
+    pub(super) fn fill_finished(&self, key: &RecordKey, record: &Record) {
+        if let Some(cache) = &self.finished {
+            cache.fill(key, record);
+        }
+    }
+
+    /// Drops `key` from the cache of finished records, if it is on.
+    pub(super) fn evict_finished(&self, key: &RecordKey) {
+        if let Some(cache) = &self.finished {
+            cache.evict(key);
+        }
+    }
+}
+
+/// What a finished `state` replays; `None` for a claim in flight.
+fn replay_of(state: State) -> Option<Replay> {
+    match state {
+        State::Completed { outcome, .. } => Some(Replay {
+            outcome,
+            kind: ReplayKind::Completed,
+        }),
+        State::Failed {
+            kind: FailureKind::Unknown,
+            outcome,
+            ..
+        } => Some(Replay {
+            outcome,
+            kind: ReplayKind::Unknown,
+        }),
+        State::Failed { outcome, .. } => Some(Replay {
+            outcome,
+            kind: ReplayKind::Failed,
+        }),
+        State::InFlight { .. } => None,
     }
 }

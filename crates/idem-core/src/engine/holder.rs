@@ -111,7 +111,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 lease.mark_lost();
                 return Err(Error::LeaseLost(fenced));
             }
-            if store.delete_if(lease.key(), current.revision, now).await? {
+            if store.delete_if(lease.key(), &current, now).await? {
+                self.evict_finished(lease.key());
                 lease.set_finished();
                 return Ok(());
             }
@@ -205,8 +206,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
         step: impl Fn(&Record, Timestamp) -> Result<Record, Fenced>,
     ) -> Result<(), Error> {
         let result = self.holder_write_inner(lease, write, step).await;
-        if matches!(result, Err(Error::LeaseLost(_))) && !lease.is_finished() {
-            lease.mark_lost();
+        match &result {
+            // This holder's final record is stored: keep it if it is final
+            // and the cache of finished records is on.
+            Ok(()) if write.finishes() && self.finished.is_some() => {
+                self.fill_finished(lease.key(), &lease.record().record);
+            }
+            Err(Error::LeaseLost(_)) if !lease.is_finished() => lease.mark_lost(),
+            _ => {}
         }
         result
     }
@@ -227,7 +234,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             match self
                 .shared
                 .store
-                .compare_and_swap(lease.key(), current.revision, &next, now)
+                .compare_and_swap(lease.key(), &current, &next, now)
                 .await?
             {
                 SwapOutcome::Swapped => {

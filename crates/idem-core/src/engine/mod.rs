@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `mod.rs` | [`Engine`], its construction and settings |
 //! | `begin.rs` | [`Engine::begin`]: claim, replay or refuse ([`Begin`], [`Replay`]) |
+//! | `cache.rs` | the opt-in cache of finished records ([`Engine::with_finished_cache`], [`CacheStats`]) |
 //! | `holder.rs` | the holder's writes: complete, fail, extend, release, and the transactional `prepare_*` |
 //! | `settle.rs` | [`Engine::settle`] ([`Ending`]) and the guard that ends a dropped claim |
 //! | `heartbeat.rs` | [`Engine::keep_alive`] and [`Engine::run_with_heartbeat`] |
@@ -21,6 +22,7 @@ use crate::store::{IdGenerator, Store};
 use crate::{Clock, Policy, PolicyError};
 
 mod begin;
+mod cache;
 mod consume;
 mod execute;
 mod heartbeat;
@@ -29,6 +31,7 @@ mod settle;
 mod shutdown;
 
 pub use begin::{Begin, Replay, ReplayKind};
+pub use cache::{CACHE_ENTRY_OVERHEAD, CacheStats};
 pub use consume::{DeadLetterReason, Delivery, Handled, MIN_RETRY, RetryReason};
 pub use execute::{Executed, OnError};
 pub use settle::Ending;
@@ -39,17 +42,23 @@ pub use shutdown::Shutdown;
 /// # Behavior
 /// - [`begin`](Self::begin) makes one store call for a new key (the claim) and
 ///   one for a finished key (the replay); [`complete`](Self::complete) makes one.
+///   With the opt-in cache of finished records
+///   ([`with_finished_cache`](Self::with_finished_cache)), a replay of a
+///   finished key this engine has seen makes none.
 /// - Races on a key are settled by the store's atomic primitives; the engine
 ///   re-reads and decides again after losing one, at most
 ///   [`Policy::max_cas_retries`] times.
 /// - Every time decision uses the injected [`Clock`].
-/// - Clones share the store, the clock and the registry of running claims
-///   that [`shutdown`](Self::shutdown) waits for; cloning is cheap.
+/// - Clones share the store, the clock, the registry of running claims
+///   that [`shutdown`](Self::shutdown) waits for, and the cache of finished
+///   records if it is on; cloning is cheap.
 #[derive(Debug)]
 pub struct Engine<S, C = DefaultClock> {
     shared: Arc<Shared<S, C>>,
     policy: Arc<Policy>,
     outcome_limit: usize,
+    /// The opt-in cache of finished records (`cache.rs`).
+    finished: Option<Arc<cache::FinishedCache>>,
 }
 
 #[derive(Debug)]
@@ -66,6 +75,7 @@ impl<S, C> Clone for Engine<S, C> {
             shared: Arc::clone(&self.shared),
             policy: Arc::clone(&self.policy),
             outcome_limit: self.outcome_limit,
+            finished: self.finished.clone(),
         }
     }
 }
@@ -101,6 +111,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             }),
             policy: Arc::new(policy),
             outcome_limit,
+            finished: None,
         }
     }
 

@@ -177,6 +177,11 @@ pub trait Store: Send + Sync + 'static {
     ///   [`InsertOutcome::Exists`].
     /// - Of N concurrent calls on one absent key, exactly one inserts; the
     ///   others see its record.
+    /// - A live record with `record`'s revision but any other field different
+    ///   is another caller's: [`InsertOutcome::Exists`]. Only `record` itself
+    ///   (every field equal: this call, re-sent after a lost reply) may be
+    ///   answered [`InsertOutcome::Inserted`] (or `Exists`), since the live
+    ///   record is then the caller's.
     async fn insert_if_absent(
         &self,
         key: &RecordKey,
@@ -190,31 +195,41 @@ pub trait Store: Send + Sync + 'static {
     /// `None` when the key is absent or its record expired.
     async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError>;
 
-    /// Replaces the live record under `key` with `record` if its revision is `expected`.
+    /// Replaces the live record under `key` with `record` if it is still
+    /// `expected` (the record as this store returned it).
     ///
     /// # Behavior
-    /// - Live record with revision `expected`: writes `record` (with its own,
+    /// - Live record with `expected.revision`: writes `record` (with its own,
     ///   new revision) and returns [`SwapOutcome::Swapped`].
     /// - Otherwise writes nothing and returns [`SwapOutcome::Conflict`] with the
     ///   live record, or `None` if the key is absent or expired.
     /// - Of N concurrent calls with the same `expected`, at most one swaps.
+    /// - `expected` must be a record exactly as read from this store
+    ///   ([`get`](Store::get), [`InsertOutcome::Exists`],
+    ///   [`SwapOutcome::Conflict`]) or as written by this caller. Revisions
+    ///   are never reused, so comparing the revision alone is enough; a store
+    ///   whose server compares whole values (Redis `SET … IFEQ`) may compare
+    ///   the whole record instead, and then a doctored `expected` with the
+    ///   right revision is a conflict, never a swap.
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError>;
 
-    /// Deletes the live record under `key` if its revision is `expected`.
+    /// Deletes the live record under `key` if it is still `expected` (the
+    /// record as this store returned it).
     ///
     /// # Behavior
     /// Returns `true` if it deleted; `false`, changing nothing, if the key is
-    /// absent, expired, or holds another revision.
+    /// absent, expired, or holds another revision. `expected` is compared as
+    /// in [`compare_and_swap`](Store::compare_and_swap).
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError>;
 
@@ -268,7 +283,7 @@ macro_rules! forward_store {
             async fn compare_and_swap(
                 &self,
                 key: &RecordKey,
-                expected: Revision,
+                expected: &Versioned,
                 record: &Versioned,
                 now: Timestamp,
             ) -> Result<SwapOutcome, StoreError> {
@@ -277,7 +292,7 @@ macro_rules! forward_store {
             async fn delete_if(
                 &self,
                 key: &RecordKey,
-                expected: Revision,
+                expected: &Versioned,
                 now: Timestamp,
             ) -> Result<bool, StoreError> {
                 (**self).delete_if(key, expected, now).await

@@ -4,16 +4,14 @@
 
 use async_trait::async_trait;
 use idem_core::store::{
-    Capabilities, Census, CensusSupport, InsertOutcome, Revision, Store, StoreError, SwapOutcome,
-    Versioned,
+    Capabilities, Census, CensusSupport, InsertOutcome, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{RecordKey, Timestamp};
 use sqlx::AssertSqlSafe;
 
 use super::{PostgresStore, ROUNDS, bind_record};
-use crate::ClaimMode;
 use crate::PostgresError;
-use crate::row::{self, Columns, ts};
+use crate::row::{Columns, ts};
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -29,51 +27,8 @@ impl Store for PostgresStore {
         record: &Versioned,
         now: Timestamp,
     ) -> Result<InsertOutcome, StoreError> {
-        let cols = Columns::of(record);
-        self.check_size(&cols)?;
-        let scope = key.scope();
-        let tenant = row::text(scope.tenant_id());
-        let principal = scope.principal().map(row::text);
-        let operation = scope.operation().map(row::text);
-        let read_first = self.inner.claim == ClaimMode::ReadFirst;
-        let deadline = self.deadline();
-        let mut conn = self.acquire(deadline).await?;
-        for round in 1..=ROUNDS {
-            if read_first {
-                // A live record seen by this statement's snapshot was live
-                // during the call: reporting it is linearizable. Absent or
-                // expired: the insert below decides, on the latest version.
-                if let Some(found) = self.read_live(&mut conn, deadline, key, now).await? {
-                    return Ok(InsertOutcome::Exists(found));
-                }
-            }
-            let sql = if read_first {
-                &self.inner.sql.insert_only
-            } else {
-                &self.inner.sql.insert
-            };
-            let query = sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(&key.digest()[..])
-                .bind(tenant.as_ref())
-                .bind(principal.as_deref())
-                .bind(operation.as_deref())
-                .bind(key.key().as_str());
-            let query = bind_record(query, &cols).bind(ts(now));
-            let result = self.limit(deadline, query.fetch_optional(&mut *conn)).await;
-            match self.settle(&mut conn, result)? {
-                Some(row) if read_first || self.flag(&row)? => return Ok(InsertOutcome::Inserted),
-                Some(row) => return Ok(InsertOutcome::Exists(self.decode(&row, 1)?)),
-                // A live record was committed after this statement's snapshot
-                // (read first: after the read): the insert lost, but this
-                // statement cannot show the winner. A new one can.
-                None => tracing::debug!(round, "idem-postgres: insert lost a race; re-reading"),
-            }
-        }
-        Err(PostgresError::Unsettled {
-            attempts: ROUNDS,
-            operation: "insert_if_absent",
-        }
-        .into())
+        // Each claim mode's statements are in `store/claim.rs`.
+        self.claim(key, record, now).await
     }
 
     async fn get(&self, key: &RecordKey, now: Timestamp) -> Result<Option<Versioned>, StoreError> {
@@ -85,7 +40,7 @@ impl Store for PostgresStore {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
@@ -96,7 +51,7 @@ impl Store for PostgresStore {
         for round in 1..=ROUNDS {
             let query = sqlx::query(AssertSqlSafe(self.inner.sql.cas.clone()))
                 .bind(&key.digest()[..])
-                .bind(expected.as_i64());
+                .bind(expected.revision.as_i64());
             let query = bind_record(query, &cols).bind(ts(now));
             let result = self.limit(deadline, query.execute(&mut *conn)).await;
             if self.settle(&mut conn, result)?.rows_affected() == 1 {
@@ -107,7 +62,7 @@ impl Store for PostgresStore {
             // write that beat the update.
             match self.read_live(&mut conn, deadline, key, now).await? {
                 None => return Ok(SwapOutcome::Conflict(None)),
-                Some(current) if current.revision != expected => {
+                Some(current) if current.revision != expected.revision => {
                     return Ok(SwapOutcome::Conflict(Some(current)));
                 }
                 // `expected` is back (the update's snapshot was older than
@@ -128,14 +83,14 @@ impl Store for PostgresStore {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let deadline = self.deadline();
         let mut conn = self.acquire(deadline).await?;
         let query = sqlx::query(AssertSqlSafe(self.inner.sql.delete.clone()))
             .bind(&key.digest()[..])
-            .bind(expected.as_i64())
+            .bind(expected.revision.as_i64())
             .bind(ts(now));
         let result = self.limit(deadline, query.execute(&mut *conn)).await;
         Ok(self.settle(&mut conn, result)?.rows_affected() == 1)

@@ -18,9 +18,18 @@ pub(crate) struct Pg;
 /// The factory of the PostgreSQL test targets.
 pub(crate) type Factory = idem_testkit::Factory<Pg>;
 
-/// Stores in the default claim mode, [`ClaimMode::SingleStatement`].
+/// Stores in the default claim mode, [`ClaimMode::Adaptive`].
 pub(crate) fn factory() -> Factory {
     Factory::new(BackendKind::Postgres, Pg)
+}
+
+/// Stores in [`ClaimMode::SingleStatement`].
+pub(crate) fn single_statement() -> Factory {
+    factory().with_options("postgres-single-statement", |url| {
+        if let StoreUrl::Postgres(pg) = url {
+            pg.claim_mode = Some(idem_testkit::idemkit::ClaimMode::SingleStatement);
+        }
+    })
 }
 
 /// Stores in [`ClaimMode::ReadFirst`].

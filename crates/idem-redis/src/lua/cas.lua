@@ -14,9 +14,10 @@ if string.sub(h, 10, 17) == ARGV[2] then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   return 1
 end
--- Same revision and write id as the new value: this very call already
--- swapped it in (a retry after a lost reply).
-if string.sub(h, 10, 25) == string.sub(ARGV[3], 10, 25) then
+-- The very bytes of the new value: this call already swapped them in (a
+-- retry after a lost reply).
+local live = redis.call('GET', KEYS[1])
+if live == ARGV[3] then
   return 1
 end
-return redis.call('GET', KEYS[1])
+return live

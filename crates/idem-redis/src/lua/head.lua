@@ -2,7 +2,7 @@
 --   byte 1       layout tag, 0x01
 --   bytes 2-9    expires_at, ms since the Unix epoch, u64 big-endian
 --   bytes 10-17  revision, u64 big-endian
---   bytes 18-25  write id of the call that wrote the value, u64 big-endian
+--   bytes 18-25  reserved, 0 (a random write id before round 5)
 --   bytes 26-    the record, idem_core::codec
 -- Every script touches exactly one key, KEYS[1]. ARGV[1] is the engine's
 -- `now` (ms since the Unix epoch, u64 big-endian): expiry is decided by the

@@ -6,12 +6,14 @@ if state == 'corrupt' then
   return {'corrupt', h}
 end
 if state == 'live' then
-  -- Same revision and write id: this very call already wrote it (a retry
-  -- after a lost reply), so report it as written.
-  if string.sub(h, 10, 25) == string.sub(ARGV[2], 10, 25) then
+  -- The very same bytes: this call already wrote them (a retry after a
+  -- lost reply; revisions and tokens are random per write), so report it
+  -- as written.
+  local live = redis.call('GET', KEYS[1])
+  if live == ARGV[2] then
     return 1
   end
-  return redis.call('GET', KEYS[1])
+  return live
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1

@@ -6,13 +6,13 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use idem_core::store::{
-    Capabilities, Census, CensusSupport, InsertOutcome, Revision, Store, StoreError, SwapOutcome,
-    Versioned,
+    Capabilities, Census, CensusSupport, InsertOutcome, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{RecordKey, Timestamp};
 use redis::{Cmd, Value};
 
 use super::RedisStore;
+use super::conditional::Native as Conditional;
 use crate::envelope;
 use crate::error::{self, Class};
 use crate::scripts::{self, Reply};
@@ -87,7 +87,9 @@ impl RedisStore {
                 if head.expires_at <= now {
                     return Ok(Native::Expired);
                 }
-                if envelope::same_write(&bytes, value) {
+                // This call's own bytes: a re-send after a lost reply
+                // (revisions and tokens are random per write).
+                if bytes == value {
                     return Ok(Native::Settled(InsertOutcome::Inserted));
                 }
                 self.decode(redis_key, &bytes)
@@ -177,15 +179,23 @@ impl Store for RedisStore {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
         let redis_key = self.redis_key(key);
         let value = self.encode(record)?;
-        let px = self.px(record.record.expires_at, now).to_string();
+        let px = self.px(record.record.expires_at, now);
+        if self.inner.native_swap.load(Ordering::Relaxed)
+            && let Conditional::Settled(outcome) = self
+                .swap_native(key, &redis_key, expected, &value, px, now)
+                .await?
+        {
+            return Ok(outcome);
+        }
+        let px = px.to_string();
         let now = now.as_millis().to_be_bytes();
-        let expected = expected.as_u64().to_be_bytes();
+        let expected = expected.revision.as_u64().to_be_bytes();
         match self
             .eval(
                 &scripts::CAS,
@@ -205,12 +215,18 @@ impl Store for RedisStore {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let redis_key = self.redis_key(key);
+        if self.inner.native_delete.load(Ordering::Relaxed)
+            && let Conditional::Settled(deleted) =
+                self.delete_native(&redis_key, expected, now).await?
+        {
+            return Ok(deleted);
+        }
         let now = now.as_millis().to_be_bytes();
-        let expected = expected.as_u64().to_be_bytes();
+        let expected = expected.revision.as_u64().to_be_bytes();
         match self
             .eval(&scripts::DELETE, &redis_key, &[&now, &expected])
             .await?

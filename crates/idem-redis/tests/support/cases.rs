@@ -17,7 +17,7 @@ use idem_core::{
     Scope, Timestamp,
 };
 use idem_faults::{Fault, FaultProxy};
-use idem_redis::{RedisStore, RedisStoreBuilder};
+use idem_redis::{RedisStore, RedisStoreBuilder, WritePath};
 use idem_testkit::fixtures::{T0, begin, proceed, race, replays};
 use idem_testkit::redis::{Deployment, Keyed, node};
 use idem_testkit::{StoreUrl, chain};
@@ -161,24 +161,14 @@ pub async fn script_flush_mid_run(f: Arc<Factory>) {
         flush_scripts(&masters).await;
         assert_eq!(
             store
-                .compare_and_swap(&k, winner.revision, &next, T0)
+                .compare_and_swap(&k, &winner, &next, T0)
                 .await
                 .expect("cas"),
             SwapOutcome::Swapped
         );
         flush_scripts(&masters).await;
-        assert!(
-            !store
-                .delete_if(&k, winner.revision, T0)
-                .await
-                .expect("delete")
-        );
-        assert!(
-            store
-                .delete_if(&k, next.revision, T0)
-                .await
-                .expect("delete")
-        );
+        assert!(!store.delete_if(&k, &winner, T0).await.expect("delete"));
+        assert!(store.delete_if(&k, &next, T0).await.expect("delete"));
         assert_eq!(store.get(&k, T0).await.expect("get"), None);
     }
 }
@@ -395,7 +385,7 @@ pub async fn server_gone_then_back(f: Arc<Factory>) {
     let next = claim(3, 3, T0);
     assert_eq!(
         store
-            .compare_and_swap(&k, rec.revision, &next, T0)
+            .compare_and_swap(&k, &rec, &next, T0)
             .await
             .expect("cas"),
         SwapOutcome::Swapped
@@ -459,10 +449,10 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
         let ins = store.insert_if_absent(&k, &claim(8, 8, T0), T0).await;
         assert!(is_corrupt(&ins), "{what}: insert gave {ins:?}");
         let cas = store
-            .compare_and_swap(&k, Revision::from_u64(1234), &claim(9, 9, T0), T0)
+            .compare_and_swap(&k, &claim(1234, 1234, T0), &claim(9, 9, T0), T0)
             .await;
         assert!(is_corrupt(&cas), "{what}: cas gave {cas:?}");
-        let del = store.delete_if(&k, Revision::from_u64(1234), T0).await;
+        let del = store.delete_if(&k, &claim(1234, 1234, T0), T0).await;
         if header_ok {
             // delete_if reads only the header: another revision is not deleted.
             assert!(!del.expect("delete"), "{what}");
@@ -482,11 +472,10 @@ pub async fn corrupt_values_are_reported_and_kept(f: Arc<Factory>) {
         &store.insert_if_absent(&k, &claim(1, 1, T0), T0).await
     ));
     let other = claim(2, 2, T0);
-    let cas = store.compare_and_swap(&k, Revision::from_u64(1), &other, T0);
+    let expected = claim(1, 1, T0);
+    let cas = store.compare_and_swap(&k, &expected, &other, T0);
     assert!(is_corrupt(&cas.await));
-    assert!(is_corrupt(
-        &store.delete_if(&k, Revision::from_u64(1), T0).await
-    ));
+    assert!(is_corrupt(&store.delete_if(&k, &claim(1, 1, T0), T0).await));
     let kind: String = query(&mut admin, redis::cmd("TYPE").arg(&rk)).await;
     assert_eq!(kind, "hash");
 
@@ -554,7 +543,7 @@ pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
     let longer = record(2, T0, &policy.clone().with_ttl(Duration::from_secs(100)));
     assert_eq!(
         store
-            .compare_and_swap(&k, first.revision, &longer, T0)
+            .compare_and_swap(&k, &first, &longer, T0)
             .await
             .expect("cas"),
         SwapOutcome::Swapped
@@ -570,12 +559,7 @@ pub async fn physical_expiry_follows_logical_expiry(f: Arc<Factory>) {
     assert_eq!(store.get(&k, later).await.expect("get"), None);
     let exists: i64 = query(&mut admin, redis::cmd("EXISTS").arg(&rk)).await;
     assert_eq!(exists, 1, "physically still there");
-    assert!(
-        !store
-            .delete_if(&k, longer.revision, later)
-            .await
-            .expect("delete")
-    );
+    assert!(!store.delete_if(&k, &longer, later).await.expect("delete"));
 
     // A record already expired when written lives only for the grace.
     let k2 = rkey("ttl-expired");
@@ -850,4 +834,164 @@ pub async fn census_counts_every_master_and_only_its_records(f: Arc<Factory>) {
         .max(completed(2, 1, T0, 16).record.expires_at);
     let census = store.census(later, 10_000).await.expect("census");
     assert_eq!((census.live(), census.expired), (0, 200));
+}
+
+/// `major.minor` of the server's Valkey version, from `INFO server`; `None`
+/// on Redis.
+async fn valkey_version(admin: &mut Keyed) -> Option<(u32, u32)> {
+    let info = info_text(admin, "server").await;
+    let version = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("valkey_version:"))?;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// How many times the server ran `command` (`INFO commandstats`).
+async fn calls(admin: &mut Keyed, command: &str) -> u64 {
+    let info = info_text(admin, "commandstats").await;
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `INFO section` as text: the one server's, or every node's of a cluster
+/// (which answers a map from node to text), one after the other.
+async fn info_text(admin: &mut Keyed, section: &str) -> String {
+    let reply: Value = query(admin, redis::cmd("INFO").arg(section)).await;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        other => panic!("unexpected INFO reply {other:?}"),
+    };
+    match &reply {
+        Value::Map(nodes) => nodes
+            .iter()
+            .map(|(_, v)| text(v))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        other => text(other),
+    }
+}
+
+/// The write paths follow the server: `SET … NX GET` for the claim on every
+/// server this crate supports; `SET … IFEQ … GET` and `DELIFEQ` only on
+/// Valkey ≥ 8.1 and ≥ 9.0, scripts on Redis.
+pub async fn write_paths_follow_the_server(f: Arc<Factory>) {
+    let (store, mut admin) = open_with_admin(&f).await;
+    let version = valkey_version(&mut admin).await;
+    let paths = store.write_paths();
+    let want = |native: bool| {
+        if native {
+            WritePath::Native
+        } else {
+            WritePath::Script
+        }
+    };
+    assert_eq!(paths.insert_if_absent, WritePath::Native, "{paths:?}");
+    assert_eq!(
+        paths.compare_and_swap,
+        want(version.is_some_and(|v| v >= (8, 1))),
+        "server {version:?}: {paths:?}"
+    );
+    assert_eq!(
+        paths.delete_if,
+        want(version.is_some_and(|v| v >= (9, 0))),
+        "server {version:?}: {paths:?}"
+    );
+}
+
+/// On Valkey 9, compare-and-swap and delete are one native command each: no
+/// script runs for a claim, a completion, a conflict and a release.
+pub async fn native_commands_do_the_swaps(f: Arc<Factory>) {
+    let (store, mut admin) = open_with_admin(&f).await;
+    let version = valkey_version(&mut admin).await;
+    assert!(
+        version.is_some_and(|v| v >= (9, 0)),
+        "this target needs Valkey ≥ 9.0 at IDEM_VALKEY_URL, found {version:?}"
+    );
+    let paths = store.write_paths();
+    assert_eq!(
+        (
+            paths.insert_if_absent,
+            paths.compare_and_swap,
+            paths.delete_if
+        ),
+        (WritePath::Native, WritePath::Native, WritePath::Native)
+    );
+    let scripts_before = calls(&mut admin, "evalsha").await + calls(&mut admin, "eval").await;
+    let delifeq_before = calls(&mut admin, "delifeq").await;
+    let k = rkey("native");
+    let first = claim(21, 1, T0);
+    let done = completed(21, 1, T0, 1024);
+    assert_eq!(
+        store
+            .insert_if_absent(&k, &first, T0)
+            .await
+            .expect("insert"),
+        InsertOutcome::Inserted
+    );
+    assert_eq!(
+        store
+            .compare_and_swap(&k, &first, &done, T0)
+            .await
+            .expect("swap"),
+        SwapOutcome::Swapped
+    );
+    assert_eq!(
+        store
+            .compare_and_swap(&k, &first, &claim(40, 4, T0), T0)
+            .await
+            .expect("stale swap"),
+        SwapOutcome::Conflict(Some(done.clone())),
+        "a stale swap conflicts with the live record"
+    );
+    assert!(
+        !store.delete_if(&k, &first, T0).await.expect("stale delete"),
+        "a stale delete changes nothing"
+    );
+    assert!(store.delete_if(&k, &done, T0).await.expect("delete"));
+    assert_eq!(store.get(&k, T0).await.expect("get"), None);
+    assert_eq!(
+        store
+            .compare_and_swap(&k, &done, &claim(41, 5, T0), T0)
+            .await
+            .expect("swap on absent"),
+        SwapOutcome::Conflict(None),
+        "no upsert"
+    );
+    let scripts_after = calls(&mut admin, "evalsha").await + calls(&mut admin, "eval").await;
+    assert_eq!(scripts_after, scripts_before, "no script ran");
+    assert!(calls(&mut admin, "delifeq").await >= delifeq_before + 2);
+}
+
+/// A value written with a random write id in its header (idem-redis before
+/// the deterministic encoding) is still swapped and deleted by its revision:
+/// the native compare misses, the script decides.
+pub async fn values_with_a_write_id_are_still_swapped(f: Arc<Factory>) {
+    let (store, mut admin) = open_with_admin(&f).await;
+    let k = rkey("legacy");
+    let rk = store.redis_key(&k);
+    let old = claim(31, 1, T0);
+    let set = |v: &Versioned| {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&rk).arg(envelope(v, 0xABCD)).arg("PX").arg(600_000);
+        cmd
+    };
+    let () = query(&mut admin, &set(&old)).await;
+    assert_eq!(store.get(&k, T0).await.expect("get"), Some(old.clone()));
+    let next = completed(31, 1, T0, 64);
+    assert_eq!(
+        store
+            .compare_and_swap(&k, &old, &next, T0)
+            .await
+            .expect("swap"),
+        SwapOutcome::Swapped
+    );
+    assert_eq!(store.get(&k, T0).await.expect("get"), Some(next));
+    let () = query(&mut admin, &set(&old)).await;
+    assert!(store.delete_if(&k, &old, T0).await.expect("delete"));
+    assert_eq!(store.get(&k, T0).await.expect("get"), None);
 }

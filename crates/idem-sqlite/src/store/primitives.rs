@@ -3,8 +3,7 @@
 
 use async_trait::async_trait;
 use idem_core::store::{
-    Capabilities, Census, CensusSupport, InsertOutcome, Revision, Store, StoreError, SwapOutcome,
-    Versioned,
+    Capabilities, Census, CensusSupport, InsertOutcome, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{RecordKey, Timestamp};
 
@@ -45,7 +44,7 @@ impl Store for SqliteStore {
     async fn compare_and_swap(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
@@ -53,7 +52,7 @@ impl Store for SqliteStore {
         let (digest, record) = (*key.digest(), record.clone());
         let request = |reply| Request::Cas {
             digest,
-            expected,
+            expected: expected.revision,
             record,
             now,
             reply,
@@ -64,13 +63,13 @@ impl Store for SqliteStore {
     async fn delete_if(
         &self,
         key: &RecordKey,
-        expected: Revision,
+        expected: &Versioned,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let digest = *key.digest();
         let request = |reply| Request::Delete {
             digest,
-            expected,
+            expected: expected.revision,
             now,
             reply,
         };

@@ -62,7 +62,7 @@ pub async fn apply(store: &TestStore, t: &Transition) -> Result<(), Error> {
         .check_holder(t.token, now)
         .map_err(Error::LeaseLost)?;
     match store
-        .compare_and_swap(&t.key, current.revision, &t.next, now)
+        .compare_and_swap(&t.key, &current, &t.next, now)
         .await?
     {
         SwapOutcome::Swapped => Ok(()),

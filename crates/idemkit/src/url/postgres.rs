@@ -11,7 +11,10 @@ use crate::{StoreUrl, StoreUrlError};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ClaimMode {
-    /// `single-statement`: one statement per claim (the store's default).
+    /// `adaptive`: a plain insert or a plain `SELECT` first, whichever the
+    /// recent traffic favours (the store's default).
+    Adaptive,
+    /// `single-statement`: one statement per claim.
     SingleStatement,
     /// `read-first`: a `SELECT` first, an insert only for a new key.
     ReadFirst,
@@ -31,7 +34,7 @@ pub struct PostgresUrl {
     pub timeout: Option<Duration>,
     /// `max_record_bytes`: the largest record accepted.
     pub max_record_bytes: Option<usize>,
-    /// `claim_mode`: `single-statement` or `read-first`.
+    /// `claim_mode`: `adaptive`, `single-statement` or `read-first`.
     pub claim_mode: Option<ClaimMode>,
     /// `max_connections`: the size of the pool (default 10).
     pub max_connections: Option<u32>,
@@ -93,6 +96,7 @@ impl PostgresUrl {
                 }
                 "claim_mode" => {
                     let choices = [
+                        ("adaptive", ClaimMode::Adaptive),
                         ("single-statement", ClaimMode::SingleStatement),
                         ("read-first", ClaimMode::ReadFirst),
                     ];
@@ -133,6 +137,7 @@ impl PostgresUrl {
             (
                 "claim_mode",
                 self.claim_mode.map(|m| match m {
+                    ClaimMode::Adaptive => "adaptive".to_string(),
                     ClaimMode::SingleStatement => "single-statement".to_string(),
                     ClaimMode::ReadFirst => "read-first".to_string(),
                 }),
@@ -200,7 +205,8 @@ mod open {
             .optionally(u.max_connections, PgPoolOptions::max_connections);
         let claim_mode = u.claim_mode.map(|mode| match mode {
             crate::ClaimMode::ReadFirst => ClaimMode::ReadFirst,
-            _ => ClaimMode::SingleStatement,
+            crate::ClaimMode::SingleStatement => ClaimMode::SingleStatement,
+            crate::ClaimMode::Adaptive => ClaimMode::Adaptive,
         });
         let builder = PostgresStore::builder()
             .with_table(table)

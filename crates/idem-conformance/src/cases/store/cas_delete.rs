@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use idem_core::store::{InsertOutcome, Revision, SwapOutcome};
+use idem_core::store::{InsertOutcome, SwapOutcome};
 
-use super::super::{T0, at, claim, completed, key, must, open, open_with, secs};
+use super::super::{T0, at, claim, completed, key, must, open, open_with, secs, stale};
 use crate::StoreFactory;
 
 /// CAS with the live record's revision writes the new record (with its own
@@ -16,7 +16,7 @@ pub async fn cas_right_revision_swaps<F: StoreFactory>(factory: Arc<F>) {
     let s = must(&store);
     let second = completed(2, 1, at(1), 60, b"done");
     assert_eq!(
-        s.swap(&k, first.revision, &second, at(1)).await,
+        s.swap(&k, &first, &second, at(1)).await,
         SwapOutcome::Swapped,
         "CAS with the live revision must swap"
     );
@@ -27,12 +27,12 @@ pub async fn cas_right_revision_swaps<F: StoreFactory>(factory: Arc<F>) {
     );
     let third = completed(3, 1, at(2), 60, b"again");
     assert_eq!(
-        s.swap(&k, first.revision, &third, at(2)).await,
+        s.swap(&k, &first, &third, at(2)).await,
         SwapOutcome::Conflict(Some(second.clone())),
         "the replaced revision must no longer match"
     );
     assert_eq!(
-        s.swap(&k, second.revision, &third, at(2)).await,
+        s.swap(&k, &second, &third, at(2)).await,
         SwapOutcome::Swapped,
         "the new revision must match"
     );
@@ -45,11 +45,11 @@ pub async fn cas_stale_revision_changes_nothing<F: StoreFactory>(factory: Arc<F>
     let (store, k) = open_with(&*factory, "stale", &live).await;
     let s = must(&store);
     let attempt = completed(3, 2, at(1), 60, b"zombie");
-    for stale in [2, 0, u64::MAX, 1 << 63] {
+    for n in [2, 0, u64::MAX, 1 << 63] {
         assert_eq!(
-            s.swap(&k, Revision::from_u64(stale), &attempt, at(1)).await,
+            s.swap(&k, &stale(&live, n), &attempt, at(1)).await,
             SwapOutcome::Conflict(Some(live.clone())),
-            "CAS with revision {stale} (live is 1) must conflict and return the live record"
+            "CAS with revision {n} (live is 1) must conflict and return the live record"
         );
     }
     assert_eq!(
@@ -65,7 +65,7 @@ pub async fn cas_on_absent_or_expired_changes_nothing<F: StoreFactory>(factory: 
     let store = open(&*factory).await;
     let (s, k) = (must(&store), key("cas-absent"));
     assert_eq!(
-        s.swap(&k, Revision::from_u64(1), &claim(7, 7, T0, 60), T0)
+        s.swap(&k, &claim(1, 1, T0, 60), &claim(7, 7, T0, 60), T0)
             .await,
         SwapOutcome::Conflict(None),
         "CAS on an absent key must report Conflict(None)"
@@ -81,7 +81,7 @@ pub async fn cas_on_absent_or_expired_changes_nothing<F: StoreFactory>(factory: 
     s.insert(&k, &old, T0).await;
     let next = completed(2, 1, at(secs(10)), 60, b"late");
     assert_eq!(
-        s.swap(&k, old.revision, &next, at(secs(10))).await,
+        s.swap(&k, &old, &next, at(secs(10))).await,
         SwapOutcome::Conflict(None),
         "CAS on an expired record must conflict with None, even with its revision"
     );
@@ -105,12 +105,12 @@ pub async fn delete_if_right_revision_deletes<F: StoreFactory>(factory: Arc<F>) 
     let (store, k) = open_with(&*factory, "delete", &rec).await;
     let s = must(&store);
     assert!(
-        s.delete(&k, rec.revision, at(1)).await,
+        s.delete(&k, &rec, at(1)).await,
         "delete_if with the live revision must delete and return true"
     );
     assert_eq!(s.get(&k, at(1)).await, None);
     assert!(
-        !s.delete(&k, rec.revision, at(1)).await,
+        !s.delete(&k, &rec, at(1)).await,
         "a second delete_if finds nothing"
     );
     assert_eq!(
@@ -125,10 +125,10 @@ pub async fn delete_if_stale_revision_changes_nothing<F: StoreFactory>(factory: 
     let rec = claim(1, 1, T0, 60);
     let (store, k) = open_with(&*factory, "keep", &rec).await;
     let s = must(&store);
-    for stale in [2, 0, u64::MAX] {
+    for n in [2, 0, u64::MAX] {
         assert!(
-            !s.delete(&k, Revision::from_u64(stale), at(1)).await,
-            "delete_if with revision {stale} (live is 1) must return false"
+            !s.delete(&k, &stale(&rec, n), at(1)).await,
+            "delete_if with revision {n} (live is 1) must return false"
         );
     }
     assert_eq!(
@@ -143,14 +143,14 @@ pub async fn delete_if_absent_or_expired_is_false<F: StoreFactory>(factory: Arc<
     let store = open(&*factory).await;
     let s = must(&store);
     assert!(
-        !s.delete(&key("nothing"), Revision::from_u64(1), T0).await,
+        !s.delete(&key("nothing"), &claim(1, 1, T0, 60), T0).await,
         "delete_if on an absent key must return false"
     );
     let k = key("gone");
     let rec = claim(1, 1, T0, 10);
     s.insert(&k, &rec, T0).await;
     assert!(
-        !s.delete(&k, rec.revision, at(secs(10))).await,
+        !s.delete(&k, &rec, at(secs(10))).await,
         "delete_if on an expired record must return false, even with its revision"
     );
     assert_eq!(s.get(&k, at(secs(10))).await, None);

@@ -47,11 +47,13 @@ pub async fn insert_on_existing_returns_it<F: StoreFactory>(factory: Arc<F>) {
     );
 }
 
-/// Inserting a record identical to the live one (same revision, same
-/// bytes) is not an insert: the store writes nothing and returns the live
-/// record as `Exists`, also for a record written by CAS. A store that takes
-/// "my revision is already there" for its own write and answers `Inserted`
-/// tells a second claimant that it won.
+/// Inserting another record under the live record's revision is not an
+/// insert: the store writes nothing and returns the live record as
+/// `Exists`, also for a record written by CAS. A store that takes "my
+/// revision is already there" for its own write and answers `Inserted`
+/// tells a second claimant that it won. The identical record again (every
+/// field equal: a call re-sent after a lost reply) may be answered either
+/// way, since the live record is then the caller's, byte for byte.
 pub async fn reinsert_of_the_live_record_returns_it<F: StoreFactory>(factory: Arc<F>) {
     let store = open(&*factory).await;
     let (s, k) = (must(&store), key("identical"));
@@ -61,20 +63,29 @@ pub async fn reinsert_of_the_live_record_returns_it<F: StoreFactory>(factory: Ar
         InsertOutcome::Inserted,
         "insert on an absent key must insert"
     );
+    // Another claimant's record under the same revision: not a re-send.
+    let rival = claim(1, 2, at(5), 60);
     assert_eq!(
-        s.insert(&k, &first, at(5)).await,
+        s.insert(&k, &rival, at(5)).await,
         InsertOutcome::Exists(first.clone()),
-        "re-inserting the record that is live (same revision) must return it as Exists, not Inserted"
+        "inserting another record with the live record's revision must return the live one as Exists, not Inserted"
+    );
+    // The very same record again (a re-sent call): either answer is true.
+    let again = s.insert(&k, &first, at(5)).await;
+    assert!(
+        again == InsertOutcome::Inserted || again == InsertOutcome::Exists(first.clone()),
+        "re-inserting the identical live record must say Inserted or Exists(it), got {again:?}"
     );
     let done = completed(2, 1, at(10), 60, b"done");
     assert_eq!(
-        s.swap(&k, first.revision, &done, at(10)).await,
+        s.swap(&k, &first, &done, at(10)).await,
         SwapOutcome::Swapped
     );
+    let rival_done = completed(2, 2, at(20), 60, b"rival");
     assert_eq!(
-        s.insert(&k, &done, at(20)).await,
+        s.insert(&k, &rival_done, at(20)).await,
         InsertOutcome::Exists(done.clone()),
-        "re-inserting the record a CAS wrote (same revision) must return it as Exists, not Inserted"
+        "inserting another record with the revision a CAS wrote must return the live one as Exists, not Inserted"
     );
     assert_eq!(
         s.get(&k, at(20)).await,
@@ -160,8 +171,7 @@ pub async fn expiry_uses_the_callers_now<F: StoreFactory>(factory: Arc<F>) {
         "a record live at the caller's `now` must be returned, whatever the store's clock says"
     );
     assert_eq!(
-        s.swap(&k, old.revision, &claim(2, 1, later, 10), later)
-            .await,
+        s.swap(&k, &old, &claim(2, 1, later, 10), later).await,
         SwapOutcome::Swapped,
         "CAS on a record live at the caller's `now` must swap"
     );

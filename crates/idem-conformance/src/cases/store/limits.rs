@@ -52,7 +52,7 @@ pub async fn oversized_record_is_rejected<F: StoreFactory>(factory: Arc<F>) {
     let mut huge = huge;
     huge.revision = Revision::from_u64(3);
     let what = format!("CAS to a record over the limit of {limit} bytes");
-    let refused = store.compare_and_swap(&k, small.revision, &huge, T0).await;
+    let refused = store.compare_and_swap(&k, &small, &huge, T0).await;
     rejected(&*store, refused, &what, &k, Some(small)).await;
 }
 
@@ -129,10 +129,7 @@ pub async fn declared_record_limit_is_honest<F: StoreFactory>(factory: Arc<F>) {
         outcome: fits.clone(),
     };
     assert_eq!(codec::record_size(&failed.record), limit);
-    match store
-        .compare_and_swap(&k, small.revision, &failed, T0)
-        .await
-    {
+    match store.compare_and_swap(&k, &small, &failed, T0).await {
         Ok(SwapOutcome::Swapped) => {}
         other => panic!(
             "CAS to a record of exactly the declared limit ({limit} bytes) must swap, got {other:?}"
@@ -148,7 +145,7 @@ pub async fn declared_record_limit_is_honest<F: StoreFactory>(factory: Arc<F>) {
         "CAS to a record of the declared limit + 1 ({} bytes)",
         limit + 1
     );
-    let refused = store.compare_and_swap(&k, failed.revision, &over, T0).await;
+    let refused = store.compare_and_swap(&k, &failed, &over, T0).await;
     rejected(&*store, refused, &what, &k, Some(failed)).await;
 }
 

@@ -11,7 +11,7 @@ use idem_core::store::{
 };
 use idem_core::{FailureKind, Fingerprint, IdempotencyKey, Outcome, RecordKey, Scope, Timestamp};
 
-use super::super::{T0, at, claim, completed, key, must, noise, open, same_bytes, secs};
+use super::super::{T0, at, claim, completed, key, must, noise, open, same_bytes, secs, stale};
 use crate::StoreFactory;
 
 /// Builds records with extreme and distinct values in every field, one per
@@ -117,30 +117,22 @@ pub async fn records_round_trip_every_field<F: StoreFactory>(factory: Arc<F>) {
             "InsertOutcome::Exists must carry every field exactly ({what})"
         );
         assert_eq!(
-            s.swap(
-                &k,
-                Revision::from_u64(rec.revision.as_u64() ^ 1),
-                &other,
-                now
-            )
-            .await,
+            s.swap(&k, &stale(&rec, rec.revision.as_u64() ^ 1), &other, now)
+                .await,
             SwapOutcome::Conflict(Some(rec.clone())),
             "SwapOutcome::Conflict must carry every field exactly ({what})"
         );
         // Written by CAS.
         let k = key(&format!("swapped-{i}"));
         s.insert(&k, &other, now).await;
-        assert_eq!(
-            s.swap(&k, other.revision, &rec, now).await,
-            SwapOutcome::Swapped
-        );
+        assert_eq!(s.swap(&k, &other, &rec, now).await, SwapOutcome::Swapped);
         assert_eq!(
             s.get(&k, now).await,
             Some(rec.clone()),
             "get after CAS must return every field exactly ({what})"
         );
         assert!(
-            s.delete(&k, rec.revision, now).await,
+            s.delete(&k, &rec, now).await,
             "delete_if must match the revision as written ({what})"
         );
     }
@@ -183,7 +175,7 @@ pub async fn far_future_expiry_round_trips<F: StoreFactory>(factory: Arc<F>) {
         let mut next = rec.clone();
         next.revision = Revision::from_u64(3);
         assert_eq!(
-            s.swap(&k, rec.revision, &next, at(1)).await,
+            s.swap(&k, &rec, &next, at(1)).await,
             SwapOutcome::Swapped,
             "a record expiring at {expires_at:?} is live for CAS"
         );
@@ -214,10 +206,7 @@ pub async fn large_record_round_trips<F: StoreFactory>(factory: Arc<F>) {
         kind: FailureKind::Permanent,
         outcome: Outcome::new(bigger.clone()),
     };
-    assert_eq!(
-        s.swap(&k, rec.revision, &next, at(1)).await,
-        SwapOutcome::Swapped
-    );
+    assert_eq!(s.swap(&k, &rec, &next, at(1)).await, SwapOutcome::Swapped);
     let got = s
         .get(&k, at(1))
         .await
