@@ -12,7 +12,7 @@ Exit codes:
   2  bad input: usage, malformed URL or key, unknown URL parameter, empty tenant,
      forget without --yes when stdin is not a terminal
   3  the store failed: unreachable, timed out, store error, no idem table
-  4  not done: forget refused a key in flight (no --force), the confirmation was
+  4  not done: forget refused a key in flight or with a checkpoint (no --force), the confirmation was
      declined, or the record changed meanwhile; stats or purge --dry-run on a store
      that cannot count records
 
@@ -119,7 +119,8 @@ pub(crate) struct Forget {
     pub(crate) yes: bool,
     /// Forget a key even while a request holds it (in flight): the request
     /// may still be running, and a retry may then run the operation a second
-    /// time.
+    /// time. Also needed for a key with a checkpoint (a multi-step operation
+    /// part-way through): its recorded steps would run again.
     #[arg(long)]
     pub(crate) force: bool,
     /// Print one JSON object.

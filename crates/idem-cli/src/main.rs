@@ -20,8 +20,8 @@
 //!
 //! | command | what it does |
 //! |---|---|
-//! | `inspect` | reads one key's record: state, request fingerprint, lease holder and deadline (in flight) or the holder that finished it, attempts, created/updated/expires (RFC 3339, UTC), outcome size and a preview of its first bytes (64 by default, at most 1024; non-printable bytes escaped), the record's digest and revision |
-//! | `forget` | deletes one key's record, only if it is still the revision just read (a record that changed meanwhile is left alone). Refuses a key in flight unless `--force`; asks for confirmation on a terminal, requires `--yes` otherwise. A retry of a forgotten key runs the operation again |
+//! | `inspect` | reads one key's record: state, request fingerprint, lease holder and deadline (in flight) or the holder that finished it, attempts, created/updated/expires (RFC 3339, UTC), outcome size and a preview of its first bytes (64 by default, at most 1024; non-printable bytes escaped), the checkpoint of a multi-step operation (sequence number, last step, state size), the record's digest and revision |
+//! | `forget` | deletes one key's record, only if it is still the revision just read (a record that changed meanwhile is left alone). Refuses a key in flight, or one with a checkpoint (a multi-step operation part-way through), unless `--force`; asks for confirmation on a terminal, requires `--yes` otherwise. A retry of a forgotten key runs the operation again |
 //! | `purge` | removes the records that have expired, in batches of `--batch` (default 1000), until none is left; a spinner on a terminal, then the count. Stores that expire records themselves (Redis) have nothing to purge. `--dry-run` counts them instead (where the store can count) |
 //! | `stats` | counts records by state, expired records not yet purged, and live records by time left until they expire; exact on SQL stores, a sample of the first `--sample` records (default 10 000) on Redis, labelled as such |
 //! | `migrate` | creates or upgrades the table of a SQL store (idempotent: running it again changes nothing); Redis has no schema |

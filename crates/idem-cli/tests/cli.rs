@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use idem_core::store::Store;
 use idem_core::{
-    Begin, Clock as _, Engine, FailureKind, ManualClock, Outcome, Policy, SystemClock, Timestamp,
+    Begin, Clock as _, Ending, Engine, FailureKind, ManualClock, Outcome, Policy, SystemClock,
+    Timestamp,
 };
 use idem_testkit::fixtures::{fp, ikey, proceed, rkey, scope};
 use idem_testkit::runner::Suite;
@@ -456,6 +457,39 @@ async fn forget_through_the_contract(kind: BackendKind) {
     assert!(run.stderr.contains("may take effect twice"), "{run:#?}");
     assert!(!live(&store, LAPSED).await);
 
+    // A multi-step operation that failed retryably after a recorded step:
+    // inspect shows the checkpoint; forget refuses without --force (a retry
+    // would run every step again with new downstream keys).
+    const PHASED: &str = "order-phased";
+    let e = Engine::new(store.clone());
+    let lease = proceed(&e, PHASED).await;
+    let mut phases = e.phases(&lease).unwrap();
+    let _: String = phases
+        .external("charge", |_| async {
+            Ok::<_, std::io::Error>("ch_9".to_string())
+        })
+        .await
+        .unwrap();
+    e.settle(&lease, Ending::Unknown).await.unwrap();
+    let run = on_key("inspect", &url, PHASED, &[]).await.expect(0);
+    assert!(
+        run.stdout.contains("state        failed_retryable"),
+        "{run:#?}"
+    );
+    assert!(
+        run.stdout.contains("checkpoint   #1 after step \"charge\""),
+        "{run:#?}"
+    );
+    let run = on_key("inspect", &url, PHASED, &["--json"]).await.expect(0);
+    assert_eq!(run.json()["checkpoint"]["step"], "charge");
+    let run = on_key("forget", &url, PHASED, &["--yes"]).await.expect(4);
+    run.one_line_error(&["recorded progress", "--force", "downstream"]);
+    assert!(live(&store, PHASED).await);
+    on_key("forget", &url, PHASED, &["--yes", "--force"])
+        .await
+        .expect(0);
+    assert!(!live(&store, PHASED).await);
+
     // Failed: deleted; absent: exit 1, nothing else touched.
     on_key("forget", &url, FAILED, &["-y"]).await.expect(0);
     let run = on_key("forget", &url, FAILED, &["--yes"]).await.expect(1);
@@ -608,13 +642,13 @@ async fn migrate_twice(kind: BackendKind) {
             let run = idem(&["migrate", "--store", &url]).await.expect(0);
             assert!(
                 run.stdout.contains("created table `payments_idem`")
-                    && run.stdout.contains("at schema version 1"),
+                    && run.stdout.contains("at schema version 2"),
                 "{run:#?}"
             );
             let run = idem(&["migrate", "--store", &url]).await.expect(0);
             assert!(
                 run.stdout
-                    .contains("at schema version 1, the current one: nothing to do"),
+                    .contains("at schema version 2, the current one: nothing to do"),
                 "{run:#?}"
             );
             let run = idem(&["stats", "--store", &url, "--json"]).await.expect(0);
@@ -638,13 +672,13 @@ async fn migrate_twice(kind: BackendKind) {
             let run = idem(&["migrate", "--store", &url]).await.expect(0);
             assert!(
                 run.stdout.contains("created table \"idem_test_")
-                    && run.stdout.contains("at schema version 2"),
+                    && run.stdout.contains("at schema version 3"),
                 "{run:#?}"
             );
             let run = idem(&["migrate", "--store", &url]).await.expect(0);
             assert!(
                 run.stdout
-                    .contains("at schema version 2, the current one: nothing to do"),
+                    .contains("at schema version 3, the current one: nothing to do"),
                 "{run:#?}"
             );
             on_key("inspect", &url, COMPLETED, &[]).await.expect(1);

@@ -7,7 +7,7 @@
 //! | [`store`] | every clause of the [`Store`] trait's `# Behavior`, one primitive at a time |
 //! | [`transactional`] | completion inside the caller's transaction, for the backends that offer it |
 //! | [`race`](mod@race) | the same clauses under real races: tasks released together by a barrier, exact counts |
-//! | [`engine`] | the engine's guarantees through the store (replay, mismatch, fencing, release, failures, waiting) |
+//! | [`engine`] | the engine's guarantees through the store (replay, mismatch, fencing, release, failures, waiting, checkpoints, phases, the completer) |
 //! | [`model`] | random operation sequences, engine + store against the pure core model |
 //!
 //! Every case that drives an engine (`engine::*`, `model::*` and the
@@ -101,6 +101,15 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         case!(store::oversized_record_is_rejected, RecordLimit),
         case!(store::declared_record_limit_is_honest, RecordLimit),
         case!(store::corrupt_record_is_an_error_not_absent, Corruption),
+        // Checkpoints, and the search for abandoned records (optional).
+        case!(store::checkpoint_round_trips_every_path, Always),
+        case!(store::large_checkpoint_round_trips, Always),
+        case!(store::abandoned_is_supported_as_declared, Always),
+        case!(
+            store::abandoned_finds_exactly_lapsed_leases_with_a_checkpoint,
+            Abandoned
+        ),
+        case!(store::abandoned_respects_its_limit, Abandoned),
         // Completion inside the caller's transaction, where offered.
         case!(
             transactional::commit_applies_complete_and_fail,
@@ -126,6 +135,7 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         case!(race::engine_two_instances_run_once, SharedInstances),
         case!(race::takeover_32_tasks_one_wins, Always),
         case!(race::zombie_complete_vs_takeover_one_wins, Always),
+        case!(race::completer_vs_client_retry_one_resume, Abandoned),
         // The engine through the store.
         case!(engine::replay_returns_byte_exact_outcome, Always),
         case!(engine::large_outcome_replays_byte_exact, Always),
@@ -146,6 +156,29 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         case!(engine::heartbeat_keeps_the_lease, Always),
         case!(engine::wait_for_original_returns_its_outcome, Always),
         case!(engine::wait_for_original_gives_up_after_max, Always),
+        // Recovery points, phases and the completer.
+        case!(engine::checkpoint_is_fenced, Always),
+        case!(engine::next_holder_resumes_from_the_checkpoint, Always),
+        case!(
+            engine::next_holder_resumes_across_instances,
+            SharedInstances
+        ),
+        case!(
+            engine::phases_run_each_external_phase_once_across_a_crash,
+            Always
+        ),
+        case!(
+            engine::ambiguous_ending_with_a_checkpoint_is_resumed,
+            Always
+        ),
+        case!(
+            engine::completer_drives_an_abandoned_key_to_completion,
+            Abandoned
+        ),
+        case!(
+            engine::completer_skips_operations_without_a_resume,
+            Abandoned
+        ),
         // The model-based test and the sequences it once shrank to.
         case!(model::matches_core_model, Always),
         case!(model::regression_one_key_one_record, Always),
@@ -162,12 +195,22 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         ),
         case!(model::rule_extend_of_lapsed_lease_before_takeover, Always),
         case!(model::rule_reclaim_after_retryable_failure, Always),
+        case!(model::rule_checkpoint_survives_a_takeover, Always),
+        case!(
+            model::rule_ambiguous_ending_with_a_checkpoint_is_resumed,
+            Always
+        ),
+        case!(
+            model::rule_checkpoint_of_a_lapsed_lease_before_takeover,
+            Always
+        ),
         // Every case that drives an engine, again with its cache of
         // finished records on.
         cached_case!(race::engine_32_tasks_run_once, Always),
         cached_case!(race::engine_two_instances_run_once, SharedInstances),
         cached_case!(race::takeover_32_tasks_one_wins, Always),
         cached_case!(race::zombie_complete_vs_takeover_one_wins, Always),
+        cached_case!(race::completer_vs_client_retry_one_resume, Abandoned),
         cached_case!(engine::replay_returns_byte_exact_outcome, Always),
         cached_case!(engine::large_outcome_replays_byte_exact, Always),
         cached_case!(engine::fingerprint_mismatch_in_every_state, Always),
@@ -187,6 +230,28 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         cached_case!(engine::heartbeat_keeps_the_lease, Always),
         cached_case!(engine::wait_for_original_returns_its_outcome, Always),
         cached_case!(engine::wait_for_original_gives_up_after_max, Always),
+        cached_case!(engine::checkpoint_is_fenced, Always),
+        cached_case!(engine::next_holder_resumes_from_the_checkpoint, Always),
+        cached_case!(
+            engine::next_holder_resumes_across_instances,
+            SharedInstances
+        ),
+        cached_case!(
+            engine::phases_run_each_external_phase_once_across_a_crash,
+            Always
+        ),
+        cached_case!(
+            engine::ambiguous_ending_with_a_checkpoint_is_resumed,
+            Always
+        ),
+        cached_case!(
+            engine::completer_drives_an_abandoned_key_to_completion,
+            Abandoned
+        ),
+        cached_case!(
+            engine::completer_skips_operations_without_a_resume,
+            Abandoned
+        ),
         cached_case!(model::matches_core_model, Always),
         cached_case!(model::regression_one_key_one_record, Always),
         cached_case!(model::regression_duplicate_is_in_progress, Always),
@@ -202,6 +267,15 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         ),
         cached_case!(model::rule_extend_of_lapsed_lease_before_takeover, Always),
         cached_case!(model::rule_reclaim_after_retryable_failure, Always),
+        cached_case!(model::rule_checkpoint_survives_a_takeover, Always),
+        cached_case!(
+            model::rule_ambiguous_ending_with_a_checkpoint_is_resumed,
+            Always
+        ),
+        cached_case!(
+            model::rule_checkpoint_of_a_lapsed_lease_before_takeover,
+            Always
+        ),
     ]
 }
 
@@ -622,6 +696,7 @@ mod tests {
                     | "race::engine_two_instances_run_once"
                     | "race::takeover_32_tasks_one_wins"
                     | "race::zombie_complete_vs_takeover_one_wins"
+                    | "race::completer_vs_client_retry_one_resume"
             )
     }
 

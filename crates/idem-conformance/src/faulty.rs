@@ -69,9 +69,9 @@ struct Schedule {
     faults: Vec<Active>,
     /// Hits of faults that were removed, so `hits` still answers.
     removed_hits: Vec<(FaultId, u64)>,
-    calls: [u64; 6],
-    injected: [u64; 6],
-    oversized: [u64; 6],
+    calls: [u64; Op::ALL.len()],
+    injected: [u64; Op::ALL.len()],
+    oversized: [u64; Op::ALL.len()],
 }
 
 /// What to do with one call.
@@ -392,5 +392,10 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
         let call = Call::of(Op::Census, None, None, None, now);
         self.run(call, self.inner.census(now, sample)).await
+    }
+
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        let call = Call::of(Op::Abandoned, None, None, None, now);
+        self.run(call, self.inner.abandoned(now, limit)).await
     }
 }

@@ -55,6 +55,13 @@ pub enum Requires {
     /// the caller's transaction, through their factory
     /// ([`StoreFactory::can_apply_transition`]).
     Transactional,
+    /// Backends that find abandoned records
+    /// ([`Capabilities::abandoned`]: [`Store::abandoned`], what the
+    /// [`Completer`](idem_core::Completer) needs). A backend that does not
+    /// declare it is still checked to answer
+    /// [`StoreError::Unsupported`](idem_core::StoreError::Unsupported)
+    /// (`store::abandoned_is_supported_as_declared`).
+    Abandoned,
 }
 
 /// The largest declared record limit the [`Requires::RecordLimit`] cases
@@ -93,6 +100,10 @@ impl Requires {
             Self::Transactional if probe.transactional => Ok(()),
             Self::Transactional => Err(
                 "the factory does not apply transitions in a transaction (can_apply_transition is false)",
+            ),
+            Self::Abandoned if probe.caps.abandoned => Ok(()),
+            Self::Abandoned => Err(
+                "the backend does not find abandoned records (Capabilities::abandoned is false)",
             ),
         }
     }

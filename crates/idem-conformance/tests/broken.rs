@@ -9,15 +9,15 @@
 mod minimal;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use idem_conformance::{Report, StoreFactory, Suite, TransactionEnd, Unavailable, Verdict};
 use idem_core::machine::Fenced;
 use idem_core::store::{
     Capabilities, Census, CensusSupport, InsertOutcome, Revision, State, Store, StoreError,
-    SwapOutcome, Versioned,
+    SwapOutcome, Versioned, is_abandoned,
 };
 use idem_core::{
     Clock, Error, IdempotencyKey, MemoryStore, Outcome, RecordKey, Scope, SystemClock, Timestamp,
@@ -88,6 +88,26 @@ enum Flaw {
     /// Declares a 4 MiB record limit but refuses a record of exactly 4 MiB
     /// (`>=` instead of `>`).
     LimitOffByOne,
+    /// CAS writes the record without its checkpoint (a checkpoint column
+    /// left out of the UPDATE).
+    CasDropsCheckpoint,
+    /// CAS keeps the stored checkpoint when the new record has none
+    /// (`COALESCE(new, old)` on a checkpoint column).
+    CasKeepsCheckpoint,
+    /// `abandoned` returns in-flight records with a checkpoint whose lease
+    /// is still live.
+    AbandonedIgnoresLease,
+    /// `abandoned` returns expired records too.
+    AbandonedIgnoresExpiry,
+    /// `abandoned` returns records in the order they were written, not by
+    /// lapse.
+    AbandonedUnordered,
+    /// `abandoned` takes the `limit` earliest lapsed leases, then leaves out
+    /// those without a checkpoint (fewer than it should).
+    AbandonedLimitBeforeFilter,
+    /// Declares `abandoned` but does not implement it (a wrapper that does
+    /// not forward it): `Unsupported`.
+    AbandonedUndeclared,
 }
 
 /// The record limit the `Limit*` flaws declare.
@@ -283,6 +303,80 @@ const FLAWS: &[(Flaw, &str, &[&str])] = &[
         &["store::declared_record_limit_is_honest"],
     ),
     (
+        Flaw::CasDropsCheckpoint,
+        "cas_drops_the_checkpoint",
+        &[
+            "store::checkpoint_round_trips_every_path",
+            "store::large_checkpoint_round_trips",
+            "engine::checkpoint_is_fenced",
+            "engine::next_holder_resumes_from_the_checkpoint",
+            "engine::next_holder_resumes_across_instances",
+            "engine::phases_run_each_external_phase_once_across_a_crash",
+            "engine::ambiguous_ending_with_a_checkpoint_is_resumed",
+            "engine::completer_drives_an_abandoned_key_to_completion",
+            "race::completer_vs_client_retry_one_resume",
+            "model::rule_checkpoint_survives_a_takeover",
+            "model::rule_ambiguous_ending_with_a_checkpoint_is_resumed",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::CasKeepsCheckpoint,
+        "cas_keeps_a_dropped_checkpoint",
+        &[
+            "store::checkpoint_round_trips_every_path",
+            "engine::checkpoint_is_fenced",
+            "model::rule_checkpoint_survives_a_takeover",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::AbandonedIgnoresLease,
+        "abandoned_returns_live_leases",
+        &[
+            "store::abandoned_finds_exactly_lapsed_leases_with_a_checkpoint",
+            "engine::completer_drives_an_abandoned_key_to_completion",
+            "model::rule_checkpoint_survives_a_takeover",
+            "model::rule_checkpoint_of_a_lapsed_lease_before_takeover",
+            "model::matches_core_model",
+        ],
+    ),
+    (
+        Flaw::AbandonedIgnoresExpiry,
+        "abandoned_returns_expired_records",
+        &[
+            "store::abandoned_finds_exactly_lapsed_leases_with_a_checkpoint",
+            "store::abandoned_respects_its_limit",
+            "model::rule_checkpoint_of_a_lapsed_lease_before_takeover",
+        ],
+    ),
+    (
+        Flaw::AbandonedUnordered,
+        "abandoned_not_ordered_by_lapse",
+        &[
+            "store::abandoned_finds_exactly_lapsed_leases_with_a_checkpoint",
+            "store::abandoned_respects_its_limit",
+        ],
+    ),
+    (
+        Flaw::AbandonedLimitBeforeFilter,
+        "abandoned_limits_before_filtering",
+        &["store::abandoned_respects_its_limit"],
+    ),
+    (
+        Flaw::AbandonedUndeclared,
+        "abandoned_declared_but_not_forwarded",
+        &[
+            "store::abandoned_is_supported_as_declared",
+            "store::abandoned_finds_exactly_lapsed_leases_with_a_checkpoint",
+            "store::abandoned_respects_its_limit",
+            "engine::completer_drives_an_abandoned_key_to_completion",
+            "engine::completer_skips_operations_without_a_resume",
+            "race::completer_vs_client_retry_one_resume",
+            "model::rule_checkpoint_survives_a_takeover",
+        ],
+    ),
+    (
         Flaw::InstancesDoNotShare,
         "instances_do_not_share_records",
         &[
@@ -303,6 +397,8 @@ struct Flawed {
     /// `InsertNotAtomic`, `CasNotAtomic`: how many read-then-write calls
     /// have read so far (shared by the instances over the same records).
     reads: Arc<AtomicUsize>,
+    /// Every key written, in order (the `Abandoned*` flaws' own index).
+    written: Arc<Mutex<Vec<RecordKey>>>,
 }
 
 impl Flawed {
@@ -395,6 +491,63 @@ impl Flawed {
         Ok(())
     }
 
+    /// Remembers `key` as written (the `Abandoned*` flaws' index).
+    fn remember(&self, key: &RecordKey) {
+        let mut written = self.written.lock().unwrap();
+        if !written.contains(key) {
+            written.push(key.clone());
+        }
+    }
+
+    /// The flawed searches for abandoned records, over every record ever
+    /// written (raw: expired ones included), in the order written.
+    async fn flawed_abandoned(&self, now: Timestamp, limit: usize) -> Vec<Versioned> {
+        let keys = self.written.lock().unwrap().clone();
+        let mut all = Vec::new();
+        for key in &keys {
+            all.extend(self.raw(key).await);
+        }
+        let lapse = |v: &Versioned| match v.record.state {
+            State::InFlight { lease_deadline, .. } => lease_deadline,
+            _ => v.record.expires_at,
+        };
+        let in_flight = |v: &Versioned| matches!(v.record.state, State::InFlight { .. });
+        let mut found: Vec<Versioned> = match self.flaw {
+            Flaw::AbandonedIgnoresLease => all
+                .into_iter()
+                .filter(|v| {
+                    in_flight(v) && !v.record.is_expired(now) && v.record.checkpoint.is_some()
+                })
+                .collect(),
+            Flaw::AbandonedIgnoresExpiry => all
+                .into_iter()
+                .filter(|v| in_flight(v) && lapse(v) <= now && v.record.checkpoint.is_some())
+                .collect(),
+            Flaw::AbandonedUnordered => {
+                let mut found: Vec<Versioned> = all
+                    .into_iter()
+                    .filter(|v| is_abandoned(&v.record, now))
+                    .collect();
+                found.truncate(limit);
+                return found;
+            }
+            Flaw::AbandonedLimitBeforeFilter => {
+                let mut lapsed: Vec<Versioned> = all
+                    .into_iter()
+                    .filter(|v| in_flight(v) && lapse(v) <= now && !v.record.is_expired(now))
+                    .collect();
+                lapsed.sort_by_key(lapse);
+                lapsed.truncate(limit);
+                lapsed.retain(|v| v.record.checkpoint.is_some());
+                return lapsed;
+            }
+            _ => unreachable!("not an abandoned flaw"),
+        };
+        found.sort_by_key(lapse);
+        found.truncate(limit);
+        found
+    }
+
     /// Reads the raw entry, expired or not.
     async fn raw(&self, key: &RecordKey) -> Option<Versioned> {
         self.inner
@@ -428,6 +581,7 @@ impl Store for Flawed {
     ) -> Result<InsertOutcome, StoreError> {
         self.check_size(record)?;
         let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
+        self.remember(&key);
         match self.flaw {
             Flaw::InsertOverwrites => {
                 let k = key.clone();
@@ -488,8 +642,17 @@ impl Store for Flawed {
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
         self.check_size(record)?;
-        let (key, now, record) = (self.key(key), self.now(now), self.mangle(record));
+        let (key, now, mut record) = (self.key(key), self.now(now), self.mangle(record));
         let expected = self.mangle(expected);
+        match self.flaw {
+            Flaw::CasDropsCheckpoint => record.record.checkpoint = None,
+            Flaw::CasKeepsCheckpoint if record.record.checkpoint.is_none() => {
+                if let Some(current) = self.inner.get(&key, now).await? {
+                    record.record.checkpoint = current.record.checkpoint;
+                }
+            }
+            _ => {}
+        }
         match self.flaw {
             Flaw::CasIgnoresRevision => match self.inner.get(&key, now).await? {
                 Some(current) => {
@@ -578,6 +741,18 @@ impl Store for Flawed {
             _ => self.inner.census(self.now(now), sample).await,
         }
     }
+
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        let now = self.now(now);
+        match self.flaw {
+            Flaw::AbandonedUndeclared => Err(StoreError::unsupported("flawed", "abandoned")),
+            Flaw::AbandonedIgnoresLease
+            | Flaw::AbandonedIgnoresExpiry
+            | Flaw::AbandonedUnordered
+            | Flaw::AbandonedLimitBeforeFilter => Ok(self.flawed_abandoned(now, limit).await),
+            _ => self.inner.abandoned(now, limit).await,
+        }
+    }
 }
 
 struct FlawedFactory(Flaw);
@@ -621,6 +796,7 @@ impl StoreFactory for FlawedFactory {
             inner: MemoryStore::new(),
             flaw: self.0,
             reads: Arc::default(),
+            written: Arc::default(),
         })
     }
     async fn reopen(&self, store: &Flawed) -> Result<Option<Flawed>, Unavailable> {
@@ -629,6 +805,7 @@ impl StoreFactory for FlawedFactory {
                 inner: MemoryStore::new(),
                 flaw: self.0,
                 reads: Arc::default(),
+                written: Arc::default(),
             }));
         }
         Ok(Some(store.clone()))
@@ -731,6 +908,9 @@ impl Store for CorruptAsAbsent {
     }
     async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
         self.0.census(now, sample).await
+    }
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        self.0.abandoned(now, limit).await
     }
 }
 

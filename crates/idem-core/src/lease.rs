@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use event_listener::Event;
 
 use crate::machine::Fenced;
-use crate::store::{FencingToken, State, Versioned};
+use crate::store::{Checkpoint, FencingToken, State, Versioned};
 use crate::{Error, RecordKey, Timestamp};
 
 /// The claim on a key held by the request that may run it.
@@ -45,6 +45,8 @@ pub(crate) struct LeaseInner {
     claimed_at: Timestamp,
     state: Mutex<LeaseState>,
     lost: AtomicBool,
+    /// A phase of a multi-step operation started under this claim.
+    phase_started: AtomicBool,
     lost_event: Event,
     registry: Option<(Weak<Claims>, u64)>,
 }
@@ -79,6 +81,7 @@ impl Lease {
                 finished: false,
             }),
             lost: AtomicBool::new(false),
+            phase_started: AtomicBool::new(false),
             lost_event: Event::new(),
             registry,
         }));
@@ -190,13 +193,39 @@ impl Lease {
         }
     }
 
+    /// Records that a phase of a multi-step operation started under this
+    /// claim (its work may have had an effect).
+    pub(crate) fn mark_phase_started(&self) {
+        self.0.phase_started.store(true, Ordering::Release);
+    }
+
+    /// Whether this claim made progress that a retry must resume rather
+    /// than redo or forget: its record has a checkpoint, or a phase started
+    /// under it. Such a claim is never released nor finished as outcome
+    /// unknown (see [`Engine::fail`](crate::Engine::fail)).
+    pub fn has_progress(&self) -> bool {
+        self.0.phase_started.load(Ordering::Acquire)
+            || self.lock().current.record.checkpoint.is_some()
+    }
+
+    /// The last checkpoint of this claim's record: on a claim that took over
+    /// a lapsed lease or a retryable failure, the previous holder's
+    /// progress, to resume from (see [`Engine::checkpoint`](crate::Engine::checkpoint)).
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.lock().current.record.checkpoint.clone()
+    }
+
     /// Records that `transition` (prepared from this lease) was applied by a
     /// store inside the caller's transaction and that transaction committed.
     ///
     /// # Behavior
-    /// - The lease becomes finished: [`Engine::keep_alive`](crate::Engine::keep_alive)
+    /// - A finishing transition ([`Engine::prepare_complete`](crate::Engine::prepare_complete),
+    ///   [`prepare_fail`](crate::Engine::prepare_fail)) finishes the lease:
+    ///   [`Engine::keep_alive`](crate::Engine::keep_alive)
     ///   returns `Ok` at its next beat instead of reporting the key as lost,
     ///   and integrations (the HTTP layer) see that nothing is left to store.
+    /// - A checkpoint ([`Engine::prepare_checkpoint`](crate::Engine::prepare_checkpoint))
+    ///   keeps the lease open; later writes start from the checkpointed record.
     /// - Call it only after the commit: if the transaction rolled back, the
     ///   claim is still in flight and should be released or left to lapse.
     /// - A transition prepared from another lease (another key or fencing
@@ -205,10 +234,11 @@ impl Lease {
         if transition.token != self.token() || transition.key != *self.key() {
             return Err(Error::LeaseLost(Fenced::TakenOver));
         }
+        let finished = !matches!(transition.next.record.state, State::InFlight { .. });
         {
             let mut state = self.lock();
             state.current = transition.next.clone();
-            state.finished = true;
+            state.finished = finished;
         }
         self.notify_registry();
         Ok(())

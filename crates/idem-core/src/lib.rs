@@ -38,13 +38,15 @@ mod lease;
 pub mod machine;
 mod memory;
 mod outcome;
+mod phases;
 mod policy;
 pub mod store;
 mod time;
 
 pub use engine::{
-    Begin, CACHE_ENTRY_OVERHEAD, CacheStats, DeadLetterReason, DefaultClock, Delivery, Ending,
-    Engine, Executed, Handled, MIN_RETRY, OnError, Replay, ReplayKind, RetryReason, Shutdown,
+    Begin, CACHE_ENTRY_OVERHEAD, CacheStats, Completer, CompleterTotals, DeadLetterReason,
+    DefaultClock, Delivery, Ending, Engine, Executed, Handled, MIN_RETRY, OnError, Pass, Replay,
+    ReplayKind, RetryReason, Shutdown,
 };
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{FINGERPRINT_CONTEXT, Fingerprint, FingerprintBuilder};
@@ -52,6 +54,7 @@ pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordKey, Scope};
 pub use lease::{Lease, Transition};
 pub use memory::MemoryStore;
 pub use outcome::{FailureKind, Outcome};
+pub use phases::{CheckpointWriter, PhaseError, Phases, WriteFuture, downstream_key};
 pub use policy::{InFlightPolicy, MAX_DURATION, MAX_WAIT, Policy, PolicyError};
 #[cfg(feature = "tokio")]
 pub use time::SystemClock;

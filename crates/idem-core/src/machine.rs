@@ -3,7 +3,8 @@
 //! [`decide`] says what a request meets at a key; the transitions on
 //! [`Record`] ([`new_claim`](Record::new_claim), [`reclaim`](Record::reclaim),
 //! [`check_holder`](Record::check_holder), [`complete`](Record::complete),
-//! [`fail`](Record::fail), [`extend`](Record::extend)) build the next record,
+//! [`fail`](Record::fail), [`extend`](Record::extend),
+//! [`checkpoint`](Record::checkpoint)) build the next record,
 //! or refuse with [`Fenced`]. None of them touches a store or a clock: the
 //! engine feeds them what the store returned and the time its clock read, and
 //! the model check (`idem-model`) and the conformance suite replay them as
@@ -15,7 +16,7 @@
 
 use std::time::Duration;
 
-use crate::store::{FencingToken, Record, State};
+use crate::store::{Checkpoint, FencingToken, Record, State};
 use crate::{FailureKind, Fingerprint, Outcome, Policy, Timestamp};
 
 /// Why a key that exists may be claimed again.
@@ -98,6 +99,15 @@ pub enum Fenced {
     /// The record expired.
     #[error("the record expired")]
     Expired,
+    /// A checkpoint that does not move forward: its sequence number is not
+    /// above the stored one's (a holder replaying an older step).
+    #[error("checkpoint {offered} does not move past the stored checkpoint {stored}")]
+    Backwards {
+        /// The stored checkpoint's sequence number.
+        stored: u32,
+        /// The offered checkpoint's sequence number.
+        offered: u32,
+    },
 }
 
 impl Record {
@@ -123,6 +133,7 @@ impl Record {
             updated_at: now,
             expires_at: now.plus(policy.ttl).max(lease_deadline),
             attempts: 1,
+            checkpoint: None,
         }
     }
 
@@ -130,9 +141,9 @@ impl Record {
     /// retryable failure).
     ///
     /// # Behavior
-    /// Keeps the fingerprint and creation time, counts one more attempt, and
-    /// holds under the new `token` until `now + policy.lease`; the expiry only
-    /// moves later.
+    /// Keeps the fingerprint, the creation time and the checkpoint (the new
+    /// holder resumes from it), counts one more attempt, and holds under the
+    /// new `token` until `now + policy.lease`; the expiry only moves later.
     #[must_use]
     pub fn reclaim(&self, token: FencingToken, now: Timestamp, policy: &Policy) -> Self {
         let lease_deadline = now.plus(policy.lease);
@@ -146,6 +157,7 @@ impl Record {
             updated_at: now,
             expires_at: self.expires_at.max(lease_deadline),
             attempts: self.attempts.saturating_add(1),
+            checkpoint: self.checkpoint.clone(),
         }
     }
 
@@ -173,7 +185,8 @@ impl Record {
     ///
     /// # Behavior
     /// Only the holder ([`check_holder`](Self::check_holder)); the record is
-    /// then kept until `now + policy.ttl`. Any other token changes nothing.
+    /// then kept until `now + policy.ttl`, without its checkpoint (the
+    /// outcome replaces it). Any other token changes nothing.
     pub fn complete(
         &self,
         token: FencingToken,
@@ -188,7 +201,8 @@ impl Record {
     ///
     /// # Behavior
     /// As [`complete`](Self::complete). A `Retryable` failure lets the same
-    /// request claim again; a `Permanent` one is replayed.
+    /// request claim again and keeps the checkpoint for it; a `Permanent`
+    /// (or `Unknown`) one is replayed.
     pub fn fail(
         &self,
         token: FencingToken,
@@ -217,6 +231,13 @@ impl Record {
         policy: &Policy,
     ) -> Result<Self, Fenced> {
         self.check_holder(token, now)?;
+        let checkpoint = match state {
+            State::Failed {
+                kind: FailureKind::Retryable,
+                ..
+            } => self.checkpoint.clone(),
+            _ => None,
+        };
         Ok(Self {
             fingerprint: self.fingerprint,
             state,
@@ -224,7 +245,37 @@ impl Record {
             updated_at: now,
             expires_at: now.plus(policy.ttl),
             attempts: self.attempts,
+            checkpoint,
         })
+    }
+
+    /// The holder `token` records `checkpoint` as its progress.
+    ///
+    /// # Behavior
+    /// - Only the holder ([`check_holder`](Self::check_holder)).
+    /// - Only forward: `checkpoint.seq` must be above the stored
+    ///   checkpoint's, else [`Fenced::Backwards`].
+    /// - It is also a heartbeat: the lease is extended as by
+    ///   [`extend`](Self::extend).
+    pub fn checkpoint(
+        &self,
+        token: FencingToken,
+        checkpoint: Checkpoint,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<Self, Fenced> {
+        if let Some(stored) = &self.checkpoint
+            && checkpoint.seq <= stored.seq
+        {
+            self.check_holder(token, now)?;
+            return Err(Fenced::Backwards {
+                stored: stored.seq,
+                offered: checkpoint.seq,
+            });
+        }
+        let mut next = self.extend(token, now, policy)?;
+        next.checkpoint = Some(checkpoint);
+        Ok(next)
     }
 
     /// The holder `token` extends its lease to `now + policy.lease` (heartbeat).
@@ -252,6 +303,7 @@ impl Record {
             updated_at: now,
             expires_at: self.expires_at.max(lease_deadline),
             attempts: self.attempts,
+            checkpoint: self.checkpoint.clone(),
         })
     }
 }

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use crate::store::{
-    Capabilities, Census, CensusSupport, Coverage, InsertOutcome, Store, StoreError, SwapOutcome,
-    Versioned,
+    Capabilities, Census, CensusSupport, Coverage, InsertOutcome, State, Store, StoreError,
+    SwapOutcome, Versioned, is_abandoned,
 };
 use crate::{RecordKey, Timestamp};
 
@@ -68,7 +68,9 @@ fn live(entry: Option<&Versioned>, now: Timestamp) -> Option<&Versioned> {
 #[async_trait]
 impl Store for MemoryStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_census(CensusSupport::Exact)
+        Capabilities::new()
+            .with_census(CensusSupport::Exact)
+            .with_abandoned(true)
     }
 
     async fn insert_if_absent(
@@ -142,5 +144,20 @@ impl Store for MemoryStore {
             census.tally(&versioned.record, now);
         }
         Ok(census)
+    }
+
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        let mut found: Vec<Versioned> = self
+            .lock()
+            .values()
+            .filter(|v| is_abandoned(&v.record, now))
+            .cloned()
+            .collect();
+        found.sort_by_key(|v| match v.record.state {
+            State::InFlight { lease_deadline, .. } => lease_deadline,
+            _ => v.record.expires_at,
+        });
+        found.truncate(limit);
+        Ok(found)
     }
 }

@@ -425,8 +425,11 @@ async fn shutdown_waits_then_ends_the_rest_unknown(cache: Cache) {
         let engine = engine.clone();
         async move { engine.shutdown(Duration::from_secs(30)).await }
     });
-    eventually("the shutdown to begin", || async {
-        engine.is_shutting_down()
+    // Until the shutdown waits on the clock: it has counted the running
+    // claims by then (on a multi-threaded runtime, completing `quick` as
+    // soon as the flag is up could finish it before the count).
+    eventually("the shutdown to begin and wait", || async {
+        engine.is_shutting_down() && clock.pending_sleepers() > 0
     })
     .await;
     assert!(matches!(

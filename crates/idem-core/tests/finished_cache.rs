@@ -81,6 +81,10 @@ impl Store for Counting {
         self.count();
         self.inner.purge_expired(now, limit).await
     }
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        self.count();
+        self.inner.abandoned(now, limit).await
+    }
 }
 
 type Eng = Engine<Counting, ManualClock>;

@@ -23,6 +23,13 @@
 //! `GET /payments` lists the tenant's payments, oldest first, so anyone can
 //! count the charges.
 //!
+//! `POST /orders` (same authentication, its own idempotency scope
+//! [`ORDER_OPERATION`]) is a multi-step operation written with idem's
+//! phases: reserve stock, charge at the card network, record the receipt;
+//! see the `orders` module below and [`OrderCompleter`]. `GET /orders` lists
+//! the tenant's reservations with their receipts, `GET /stock` every sku's
+//! stock.
+//!
 //! # The external effect (`--effect-log`)
 //!
 //! With an [`EffectLog`] (`idem-demo --effect-log PATH`, or
@@ -43,11 +50,16 @@
 //! The router, authentication and the shared responses are here; the
 //! [`Payment`], the [`Ledger`] trait and the [`CrashPlan`] in `app/ledger.rs`;
 //! the [`EffectLog`] in `app/effect.rs`; the `POST /payments` handler and its
-//! body validation in `app/payments.rs`. Every public item is re-exported
-//! here, at its `app::` path.
+//! body validation in `app/payments.rs`; the orders' flow, handler and
+//! completer in `app/orders.rs`, their ledger trait in
+//! `app/order_ledger.rs`, the card network client in `app/card.rs`. Every
+//! public item is re-exported here, at its `app::` path.
 
+mod card;
 mod effect;
 mod ledger;
+mod order_ledger;
+mod orders;
 mod payments;
 
 use std::collections::HashSet;
@@ -64,8 +76,15 @@ use idem_core::store::Store;
 use idem_core::{Engine, Scope};
 use idem_tower::{IdempotencyLayer, PROBLEM_JSON, scope_from_extension};
 
+pub use card::{CardError, CardNetworkClient};
 pub use effect::EffectLog;
-pub use ledger::{CrashPlan, Ledger, LedgerError, Payment};
+pub use ledger::{CrashPlan, Ledger, LedgerError, OrderCrashPoint, Payment};
+pub use order_ledger::{NewReservation, OrderLedger, OrderRow, Receipt, Reservation, Stock};
+pub use orders::{
+    CHARGE, MAX_QUANTITY, MAX_SKU_LEN, ORDER_OPERATION, Order, OrderCompleter, RECEIPT, RESERVE,
+    order_scope,
+};
+use orders::{OrderFlow, create_order, list_orders, list_stock, order_completer};
 use payments::create_payment;
 
 /// The operation name in every payment's idempotency scope.
@@ -105,6 +124,8 @@ struct AppState {
     /// The external effect of a charge, if any.
     effects: Option<EffectLog>,
     backend: &'static str,
+    /// The orders' phase code and ledger.
+    orders: OrderFlow,
 }
 
 impl AppState {
@@ -122,44 +143,96 @@ impl AppState {
     }
 }
 
-/// The service over `engine` (the idempotency store) and `ledger`.
+/// What the service is made of besides the idempotency engine.
+#[derive(Clone)]
+pub struct AppParts {
+    /// The payments ledger.
+    pub ledger: Arc<dyn Ledger>,
+    /// The orders' ledger.
+    pub orders: Arc<dyn OrderLedger>,
+    /// The card network orders are charged at (`None`: `POST /orders`
+    /// answers 503).
+    pub card_network: Option<CardNetworkClient>,
+    /// Test-only fault injection.
+    pub crash: CrashPlan,
+    /// The payments' external effect, if any.
+    pub effects: Option<EffectLog>,
+    /// `sqlite`, `postgres`, `redis` or `memory` (for `/health`).
+    pub backend: &'static str,
+    /// Whether to build the [`OrderCompleter`].
+    pub completer: bool,
+}
+
+/// The service, and the completer of its orders if asked for.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct App {
+    /// The routes.
+    pub router: Router,
+    /// The completer of abandoned orders (run it beside the router).
+    pub completer: Option<OrderCompleter>,
+}
+
+/// The service over `engine` (the idempotency store) and `parts`.
 ///
 /// # Behavior
 /// - `GET /health`: 200 `{"status":"ok","store":backend}`, no authentication.
-/// - `POST /payments`, `GET /payments`: see the [module docs](self).
+/// - `POST /payments`, `GET /payments`, `POST /orders`, `GET /orders`,
+///   `GET /stock`: see the [module docs](self).
 /// - Every request runs in a task of its own: a client that disconnects
 ///   (timeout) does not cancel its charge, so its retry gets 409 while the
 ///   charge runs, then the replay.
 /// - With `effects`, each charge appends its line to the [`EffectLog`]
 ///   before the ledger write (the external call outside the transaction).
-pub fn router<S: Store>(
-    engine: Arc<Engine<S>>,
-    ledger: Arc<dyn Ledger>,
-    crash: CrashPlan,
-    effects: Option<EffectLog>,
-    backend: &'static str,
-) -> Router {
-    let idempotency =
-        IdempotencyLayer::builder(engine, scope_from_extension(|t: &Tenant| scope_for(&t.0)))
-            .required(true)
-            .max_body_bytes(MAX_BODY_BYTES)
-            .build();
+/// - With `completer`, [`App::completer`] resumes abandoned orders with the
+///   same phase code, answering what the handler would have.
+pub fn build<S: Store>(engine: Arc<Engine<S>>, parts: AppParts) -> App {
+    let idempotency = IdempotencyLayer::builder(
+        engine.clone(),
+        scope_from_extension(|t: &Tenant| scope_for(&t.0)),
+    )
+    .required(true)
+    .max_body_bytes(MAX_BODY_BYTES)
+    .build();
+    let order_idempotency = IdempotencyLayer::builder(
+        engine.clone(),
+        scope_from_extension(|t: &Tenant| order_scope(&t.0)),
+    )
+    .required(true)
+    .max_body_bytes(MAX_BODY_BYTES)
+    .build();
+    let flow = OrderFlow {
+        ledger: parts.orders,
+        card: parts.card_network,
+        crash: parts.crash,
+    };
+    let completer = parts
+        .completer
+        .then(|| order_completer(&engine, order_idempotency.clone(), flow.clone()));
     let state = AppState {
-        ledger,
+        ledger: parts.ledger,
         failed_once: Arc::default(),
-        crash,
-        effects,
-        backend,
+        crash: parts.crash,
+        effects: parts.effects,
+        backend: parts.backend,
+        orders: flow,
     };
     let payments = Router::new()
         .route("/payments", get(list_payments).post(create_payment))
         .layer(idempotency)
         .layer(middleware::from_fn(authenticate));
-    Router::new()
+    let orders = Router::new()
+        .route("/orders", get(list_orders).post(create_order))
+        .route("/stock", get(list_stock))
+        .layer(order_idempotency)
+        .layer(middleware::from_fn(authenticate));
+    let router = Router::new()
         .route("/health", get(health))
         .merge(payments)
+        .merge(orders)
         .layer(middleware::from_fn(detach))
-        .with_state(state)
+        .with_state(state);
+    App { router, completer }
 }
 
 /// An RFC 9457 problem response of the demo.

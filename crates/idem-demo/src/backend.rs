@@ -1,11 +1,11 @@
 //! Opening the store a URL names (parsed by [`idemkit`]), and the ledger
 //! that goes with it.
 //!
-//! | URL | idempotency records | payments ledger |
+//! | URL | idempotency records | payments and orders ledger |
 //! |---|---|---|
-//! | `sqlite://PATH` (or `sqlite://` for a temporary directory) | table `idem_records` in PATH | table `payments` in PATH, same transaction |
-//! | `postgres://…` | `<schema>.idempotency_records` | `<schema>.payments`, same transaction |
-//! | `redis://…`, `redis+cluster://…`, `memory://` | keys `<prefix><digest>` (or this process's memory) | table `payments` in a separate SQLite file (`--ledger`) |
+//! | `sqlite://PATH` (or `sqlite://` for a temporary directory) | table `idem_records` in PATH | tables `payments`, `order_*` in PATH, same transaction |
+//! | `postgres://…` | `<schema>.idempotency_records` | `<schema>.payments`, `<schema>.order_*`, same transaction |
+//! | `redis://…`, `redis+cluster://…`, `memory://` | keys `<prefix><digest>` (or this process's memory) | tables `payments`, `order_*` in a separate SQLite file (`--ledger`) |
 //!
 //! Store options are the URL's query parameters (see [`idemkit`]): for
 //! example `sqlite://payments.db?durability=normal` or
@@ -26,13 +26,17 @@ use idemkit::{AnyStore, Opened};
 use tempfile::TempDir;
 
 use crate::DemoError;
-use crate::app::{self, CrashPlan, EffectLog};
+use crate::app::{self, AppParts, CardNetworkClient, CrashPlan, EffectLog, OrderCompleter};
 
 mod postgres_ledger;
+mod postgres_orders;
 mod sqlite_ledger;
+mod sqlite_orders;
 
 use postgres_ledger::PostgresLedger;
+use postgres_orders::PostgresOrders;
 use sqlite_ledger::{FileLedger, SqliteLedger};
+use sqlite_orders::{FileOrders, SqliteOrders};
 
 /// The default PostgreSQL schema of the demo.
 pub const DEFAULT_PG_SCHEMA: &str = "idem_demo";
@@ -42,6 +46,9 @@ pub const DEFAULT_REDIS_PREFIX: &str = "idem-demo:";
 
 /// The default idempotency lease.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// The stock each sku is seeded with on its first reservation, by default.
+pub const DEFAULT_STOCK: u64 = 1_000_000_000;
 
 /// Everything besides the URL that the backends need.
 #[derive(Clone, Debug)]
@@ -67,6 +74,14 @@ pub struct BackendOptions {
     pub effect_log: Option<PathBuf>,
     /// Test-only fault injection.
     pub crash: CrashPlan,
+    /// The stock each sku is seeded with on its first reservation.
+    pub stock: u64,
+    /// The card network orders are charged at (`http://HOST:PORT`); without
+    /// one, `POST /orders` answers 503.
+    pub card_network: Option<String>,
+    /// Whether to build the completer of abandoned orders
+    /// ([`Backend::completer`], run by [`RunningServer`](crate::RunningServer)).
+    pub completer: bool,
 }
 
 impl Default for BackendOptions {
@@ -79,6 +94,9 @@ impl Default for BackendOptions {
             ledger: None,
             effect_log: None,
             crash: CrashPlan::default(),
+            stock: DEFAULT_STOCK,
+            card_network: None,
+            completer: false,
         }
     }
 }
@@ -106,6 +124,7 @@ impl BackendOptions {
 /// An opened store and ledger, ready to serve.
 pub struct Backend {
     router: Router,
+    completer: Option<OrderCompleter>,
     name: &'static str,
     description: Vec<String>,
     exactly_once: bool,
@@ -137,6 +156,10 @@ impl Backend {
     ///   file `options.ledger` (a temporary one by default).
     /// - With `options.effect_log`, that file is opened for appending (created
     ///   if absent) and every charge appends its line to it first.
+    /// - The orders' ledger is beside the payments' (same database, or the
+    ///   same separate SQLite file); with `options.completer`, the
+    ///   [`completer`](Self::completer) of abandoned orders is built (it
+    ///   needs a store that can list abandoned keys: all of the demo's).
     pub async fn open(url: &StoreUrl, options: &BackendOptions) -> Result<Self, DemoError> {
         if options.lease < Duration::from_millis(30) {
             return Err(DemoError::InvalidOption(
@@ -149,7 +172,27 @@ impl Backend {
             })?),
             None => None,
         };
-        let mut backend = Self::open_store(&options.apply(url), options, effects.clone()).await?;
+        let card_network = options
+            .card_network
+            .as_deref()
+            .map(CardNetworkClient::new)
+            .transpose()?;
+        let mut backend =
+            Self::open_store(&options.apply(url), options, effects.clone(), card_network).await?;
+        match &options.card_network {
+            Some(url) => backend
+                .description
+                .push(format!("card network: {url} (orders are charged there)")),
+            None => backend
+                .description
+                .push("card network: none (POST /orders answers 503)".to_string()),
+        }
+        if backend.completer.is_some() {
+            backend.description.push(
+                "completer: on (orders abandoned mid-way are finished in the background)"
+                    .to_string(),
+            );
+        }
         if let Some(effects) = &effects {
             backend.description.push(format!(
                 "external effect: each charge appends `<tenant> <key> <payment id>` to {} before the ledger write (outside the store's transaction: at least once on a crash)",
@@ -163,20 +206,35 @@ impl Backend {
         url: &StoreUrl,
         options: &BackendOptions,
         effects: Option<EffectLog>,
+        card_network: Option<CardNetworkClient>,
     ) -> Result<Self, DemoError> {
         let policy = Policy::default().with_lease(options.lease);
         let opened = url.open().await?;
+        let parts = |ledger: Arc<dyn app::Ledger>,
+                     orders: Arc<dyn app::OrderLedger>,
+                     backend: &'static str| AppParts {
+            ledger,
+            orders,
+            card_network: card_network.clone(),
+            crash: options.crash,
+            effects: effects.clone(),
+            backend,
+            completer: options.completer,
+        };
         match opened.store().clone() {
             AnyStore::Sqlite(store) => {
                 let path = store.path().map(Path::to_path_buf).unwrap_or_default();
                 let ledger = SqliteLedger::new(store.clone()).await?;
+                let orders = SqliteOrders::new(store.clone(), options.stock).await?;
                 let engine = Arc::new(Engine::new(store).with_policy(policy)?);
+                let app = app::build(engine, parts(Arc::new(ledger), Arc::new(orders), "sqlite"));
                 Ok(Self {
-                    router: app::router(engine, Arc::new(ledger), options.crash, effects, "sqlite"),
+                    router: app.router,
+                    completer: app.completer,
                     name: "sqlite",
                     description: vec![
                         format!("store: SQLite, {}", path.display()),
-                        "ledger: table `payments` in the same file; each charge commits in the same transaction as its idempotency record (exactly once)".to_string(),
+                        "ledger: tables `payments` and `order_*` in the same file; each charge, and each order's reservation and receipt, commits in the same transaction as its idempotency record (exactly once)".to_string(),
                     ],
                     exactly_once: true,
                     _store: opened,
@@ -188,20 +246,26 @@ impl Backend {
                 let payments = PgTableName::new(records.schema(), "payments")?;
                 let ledger =
                     PostgresLedger::new(store.pool().clone(), store.clone(), &payments).await?;
+                let orders = PostgresOrders::new(
+                    store.pool().clone(),
+                    store.clone(),
+                    records.schema(),
+                    options.stock,
+                )
+                .await?;
                 let engine = Arc::new(Engine::new(store).with_policy(policy)?);
+                let app = app::build(
+                    engine,
+                    parts(Arc::new(ledger), Arc::new(orders), "postgres"),
+                );
                 Ok(Self {
-                    router: app::router(
-                        engine,
-                        Arc::new(ledger),
-                        options.crash,
-                        effects,
-                        "postgres",
-                    ),
+                    router: app.router,
+                    completer: app.completer,
                     name: "postgres",
                     description: vec![
                         format!("store: {url}, table {records}"),
                         format!(
-                            "ledger: table {payments} in the same database; each charge commits in the same transaction as its idempotency record (exactly once)"
+                            "ledger: tables {payments} and order_* in the same schema; each charge, and each order's reservation and receipt, commits in the same transaction as its idempotency record (exactly once)"
                         ),
                     ],
                     exactly_once: true,
@@ -218,6 +282,7 @@ impl Backend {
                     }
                 };
                 let ledger = FileLedger::open(&path).await?;
+                let orders = FileOrders::open(&path, options.stock).await?;
                 let (name, records) = match &store {
                     AnyStore::Redis(r) => (
                         "redis",
@@ -229,13 +294,15 @@ impl Backend {
                     ),
                 };
                 let engine = Arc::new(Engine::new(opened.erased()).with_policy(policy)?);
+                let app = app::build(engine, parts(Arc::new(ledger), Arc::new(orders), name));
                 Ok(Self {
-                    router: app::router(engine, Arc::new(ledger), options.crash, effects, name),
+                    router: app.router,
+                    completer: app.completer,
                     name,
                     description: vec![
                         records,
                         format!(
-                            "ledger: SQLite file {} (NOT in the store's transaction: a crash between the charge and the completion of the key charges again once the lease lapses — the at-least-once window)",
+                            "ledger: SQLite file {} (NOT in the store's transaction: a crash between a payment's charge and the completion of its key charges again once the lease lapses — the at-least-once window; orders are written with phases, each write idempotent by its key: reserved and charged once)",
                             path.display()
                         ),
                     ],
@@ -250,6 +317,12 @@ impl Backend {
     /// The service.
     pub fn router(&self) -> Router {
         self.router.clone()
+    }
+
+    /// The completer of abandoned orders, if
+    /// [`BackendOptions::completer`] asked for it.
+    pub fn completer(&self) -> Option<&OrderCompleter> {
+        self.completer.as_ref()
     }
 
     /// `sqlite`, `postgres`, `redis` or `memory`.

@@ -1,4 +1,4 @@
-//! The command line: `idem-demo [serve | storm]`.
+//! The command line: `idem-demo [serve | storm | card-network]`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,8 +8,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::DemoError;
-use crate::app::CrashPlan;
-use crate::backend::{Backend, BackendOptions, DEFAULT_PG_SCHEMA, DEFAULT_REDIS_PREFIX, StoreUrl};
+use crate::app::{CrashPlan, OrderCrashPoint};
+use crate::backend::{
+    Backend, BackendOptions, DEFAULT_PG_SCHEMA, DEFAULT_REDIS_PREFIX, DEFAULT_STOCK, StoreUrl,
+};
+use crate::card_network::{CardNetworkOptions, RunningCardNetwork};
 use crate::report::StormReport;
 use crate::server::RunningServer;
 use crate::storm::{self, StormConfig};
@@ -42,6 +45,31 @@ pub enum Command {
     /// Run the retry storm, against a service started in this process on
     /// `--store`, or against a running one (`--target`).
     Storm(StormArgs),
+    /// Run the simulated card network that `POST /orders` charges at, until
+    /// Ctrl-C. Prints `listening on http://ADDR`.
+    CardNetwork(CardNetworkArgs),
+}
+
+/// `idem-demo card-network`.
+#[derive(Debug, Args)]
+pub struct CardNetworkArgs {
+    /// The address to listen on (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3001")]
+    pub listen: SocketAddr,
+    /// The charge log: one line `<key> <charge id> <order> <amount>` per
+    /// charge, appended before the answer; charges already in it are
+    /// remembered (their keys still honoured).
+    #[arg(long, value_name = "FILE")]
+    pub log: PathBuf,
+    /// Probability of answering 503 before charging.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Probability of charging, then answering 502 (the answer is lost).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// The longest random delay before charging, and again before answering.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub delay_ms: u64,
 }
 
 /// Where the records and the ledger live.
@@ -92,6 +120,16 @@ pub struct StoreArgs {
     /// the answer.
     #[arg(long, hide = true, value_name = "P", default_value_t = 0.0)]
     pub crash_after_charge: f64,
+    /// Test only: probability of aborting at each crash point of an order.
+    #[arg(long, hide = true, value_name = "P", default_value_t = 0.0)]
+    pub crash_orders: f64,
+    /// Test only: abort every time an order reaches this point.
+    #[arg(long, hide = true, value_name = "POINT")]
+    pub crash_order_at: Option<OrderCrashPoint>,
+    /// The stock each sku of `POST /orders` is seeded with on its first
+    /// reservation.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STOCK)]
+    pub stock: u64,
 }
 
 impl StoreArgs {
@@ -115,7 +153,11 @@ impl StoreArgs {
             crash: CrashPlan {
                 in_charge: probability("--crash-in-charge", self.crash_in_charge)?,
                 after_charge: probability("--crash-after-charge", self.crash_after_charge)?,
+                orders: probability("--crash-orders", self.crash_orders)?,
+                order_at: self.crash_order_at,
             },
+            stock: self.stock,
+            ..BackendOptions::default()
         };
         Ok((StoreUrl::parse(&self.store)?, options))
     }
@@ -127,6 +169,16 @@ pub struct ServeArgs {
     /// The address to listen on (port 0: any free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
     pub addr: SocketAddr,
+    /// The card network `POST /orders` charges at (`http://HOST:PORT`, e.g.
+    /// an `idem-demo card-network`); default: one started in this process,
+    /// logging to a temporary file.
+    #[arg(long, value_name = "URL")]
+    pub card_network: Option<String>,
+    /// Run the completer: orders abandoned mid-way (their server died after
+    /// a phase, and their lease lapsed) are finished in the background
+    /// without waiting for the client's retry.
+    #[arg(long)]
+    pub completer: bool,
     /// The store.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -173,6 +225,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args).await.map(|()| ExitCode::SUCCESS),
         Some(Command::Storm(args)) => storm_command(args).await,
+        Some(Command::CardNetwork(args)) => card_network(args).await.map(|()| ExitCode::SUCCESS),
         // No command: `idem-demo storm` with the options given.
         None => storm_command(cli.storm).await,
     };
@@ -191,7 +244,29 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), DemoError> {
-    let (url, options) = args.store.resolve()?;
+    let (url, mut options) = args.store.resolve()?;
+    options.completer = args.completer;
+    // Without `--card-network`, a card network in this process.
+    let mut local_network = None;
+    match args.card_network {
+        Some(url) => options.card_network = Some(url),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("idem-demo-card-network-")
+                .tempdir()?;
+            let network = RunningCardNetwork::start(
+                ([127, 0, 0, 1], 0).into(),
+                CardNetworkOptions::new(dir.path().join("charges.log")),
+            )
+            .await?;
+            println!(
+                "card network: in this process, charges logged to {}",
+                network.log().display()
+            );
+            options.card_network = Some(network.url());
+            local_network = Some((network, dir));
+        }
+    }
     let backend = Backend::open(&url, &options).await?;
     for line in backend.description() {
         println!("{line}");
@@ -206,6 +281,32 @@ async fn serve(args: ServeArgs) -> Result<(), DemoError> {
     }
     println!("shutting down");
     server.shutdown().await;
+    if let Some((network, _dir)) = local_network {
+        network.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn card_network(args: CardNetworkArgs) -> Result<(), DemoError> {
+    let options = CardNetworkOptions {
+        log: args.log,
+        fail_rate: args.fail_rate,
+        drop_rate: args.drop_rate,
+        delay: Duration::from_millis(args.delay_ms),
+    };
+    let mut network = RunningCardNetwork::start(args.listen, options).await?;
+    println!(
+        "card network: charges logged to {}",
+        network.log().display()
+    );
+    // The line a parent process waits for.
+    println!("listening on {}", network.url());
+    tokio::select! {
+        result = network.wait() => return result,
+        () = shutdown_signal() => {}
+    }
+    println!("shutting down");
+    network.shutdown().await;
     Ok(())
 }
 
@@ -325,6 +426,65 @@ mod tests {
             }
             other => panic!("not serve: {other:?}"),
         }
+    }
+
+    #[test]
+    fn serve_and_the_card_network_take_their_order_options() {
+        let cli = Cli::try_parse_from([
+            "idem-demo",
+            "serve",
+            "--card-network",
+            "http://127.0.0.1:4000",
+            "--completer",
+            "--stock",
+            "7",
+            "--crash-orders",
+            "0.5",
+            "--crash-order-at",
+            "after-charge",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.card_network.as_deref(), Some("http://127.0.0.1:4000"));
+        assert!(args.completer);
+        let (_, options) = args.store.resolve().unwrap();
+        assert_eq!(options.stock, 7);
+        assert_eq!(options.crash.orders, 0.5);
+        assert_eq!(
+            options.crash.order_at,
+            Some(crate::app::OrderCrashPoint::AfterCharge)
+        );
+        let bad = Cli::try_parse_from(["idem-demo", "serve", "--crash-orders", "2"]).unwrap();
+        let Some(Command::Serve(args)) = bad.command else {
+            panic!("not serve")
+        };
+        assert!(args.store.resolve().is_err());
+
+        let cli = Cli::try_parse_from([
+            "idem-demo",
+            "card-network",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "/tmp/charges.log",
+            "--fail-rate",
+            "0.1",
+            "--drop-rate",
+            "0.2",
+            "--delay-ms",
+            "30",
+        ])
+        .unwrap();
+        let Some(Command::CardNetwork(args)) = cli.command else {
+            panic!("not card-network")
+        };
+        assert_eq!(args.listen.port(), 0);
+        assert_eq!(
+            (args.fail_rate, args.drop_rate, args.delay_ms),
+            (0.1, 0.2, 30)
+        );
     }
 
     #[test]

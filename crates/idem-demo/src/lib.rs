@@ -13,7 +13,11 @@
 //! code:
 //!
 //! - [`app`]: the axum service (`POST /payments`, `GET /payments`,
-//!   `GET /health`) and its ledgers.
+//!   `POST /orders`, `GET /orders`, `GET /stock`, `GET /health`), its
+//!   ledgers, and the completer of abandoned orders.
+//! - [`card_network`]: the simulated card network that orders are charged
+//!   at (`idem-demo card-network`), with its own idempotency keys and
+//!   charge log.
 //! - [`backend`]: opening the store a URL names (`sqlite://`, `postgres://`,
 //!   `redis://`, …, parsed by [`idemkit`]) and the ledger it goes with.
 //! - [`server`]: binding and running the service.
@@ -28,18 +32,36 @@
 //! | SQLite | same database file, same transaction as the idempotency record | impossible: both commit or neither does |
 //! | PostgreSQL | same database (schema `idem_demo`), same transaction | impossible: both commit or neither does |
 //! | Redis | a separate SQLite file | **at-least-once window**: the charge committed, the record not yet completed; after the lease lapses a retry charges again |
+//!
+//! Orders (`POST /orders`) are written with idem's phases (reserve stock →
+//! charge at the [`card_network`] with a downstream idempotency key → record
+//! the receipt): on **every** store, stock is reserved once and the card
+//! network charged once per order, through crashes between and inside the
+//! phases, and an order abandoned mid-way is finished by a retry or by the
+//! completer (`serve --completer`); `tests/orders_crash.rs` proves it with
+//! SIGKILLs on SQLite, PostgreSQL and Redis.
+//!
+//! ```text
+//! idem-demo card-network --listen 127.0.0.1:3001 --log charges.log
+//! idem-demo serve --store redis://127.0.0.1:6379 --card-network http://127.0.0.1:3001 --completer
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod backend;
+pub mod card_network;
 pub mod cli;
 pub mod report;
 pub mod server;
 pub mod storm;
 mod time;
 
-pub use app::{CrashPlan, Ledger, LedgerError, Payment, scope_for};
+pub use app::{
+    CrashPlan, Ledger, LedgerError, Order, OrderCompleter, OrderCrashPoint, OrderRow, Payment,
+    Stock, order_scope, scope_for,
+};
 pub use backend::{Backend, BackendOptions, StoreUrl};
+pub use card_network::{CardNetworkOptions, ChargeLine, RunningCardNetwork};
 pub use report::{ScenarioStats, StormReport};
 pub use server::RunningServer;
 pub use storm::{Scenario, StormConfig};

@@ -19,11 +19,15 @@ pub struct RunningServer {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The completer of abandoned orders, running beside the server.
+    completer: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     backend: Backend,
 }
 
 impl RunningServer {
-    /// Binds `addr` (port 0 for a free port) and serves `backend` on it.
+    /// Binds `addr` (port 0 for a free port) and serves `backend` on it,
+    /// with the backend's [completer](Backend::completer) running beside it
+    /// if it has one.
     pub async fn start(addr: SocketAddr, backend: Backend) -> Result<Self, DemoError> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -36,10 +40,22 @@ impl RunningServer {
                 })
                 .await
         });
+        let completer = backend.completer().cloned().map(|completer| {
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                completer
+                    .run(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+            (stop, task)
+        });
         Ok(Self {
             addr,
             stop: Some(stop),
             task,
+            completer,
             backend,
         })
     }
@@ -67,8 +83,18 @@ impl RunningServer {
         }
     }
 
-    /// Stops accepting connections and waits (up to 5 s) for open ones.
+    /// Stops the completer (after its pass under way) and accepting
+    /// connections, and waits (up to 5 s each) for open ones.
     pub async fn shutdown(mut self) {
+        if let Some((stop, mut task)) = self.completer.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

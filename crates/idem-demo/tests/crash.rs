@@ -46,12 +46,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use idem_core::store::{State, Store};
-use idem_core::{Clock, IdempotencyKey, RecordKey, SystemClock, Timestamp};
+use idem_core::{IdempotencyKey, RecordKey};
 use idem_demo::{Payment, scope_for};
-use idem_postgres::sqlx::{self, AssertSqlSafe};
 use idem_testkit::runner::{self, Suite};
-use idem_testkit::{AnyStore, BackendKind, Isolated};
+use idem_testkit::{BackendKind, Isolated};
 use idem_tower::ProblemType;
 use libtest_mimic::Failed;
 use reqwest::StatusCode;
@@ -559,7 +557,8 @@ async fn run(target: &Target, plan: &Plan) -> Result<Figures, Failed> {
     }
     figures.unexpected = charged.values().map(|rows| rows.len() as u64).sum();
 
-    let (stuck, left) = in_flight_records(&target.isolated, &outcomes).await?;
+    let (stuck, left) =
+        support::in_flight_records(&target.isolated, &record_keys(&outcomes)?).await?;
     figures.stuck = stuck;
     figures.in_flight_left = left;
 
@@ -791,65 +790,13 @@ async fn list(http: &reqwest::Client, base: &str, tenant: &str) -> Result<Vec<Pa
         .map_err(|e: reqwest::Error| format!("GET /payments: {e}"))?)
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(SystemClock.now().as_millis()).unwrap()
-}
-
-/// (records in flight whose lease has lapsed, records in flight at all),
-/// read from the store itself: every row of the SQL tables, and every key
-/// the clients used in Redis.
-async fn in_flight_records(
-    isolated: &Isolated,
-    outcomes: &[Outcome],
-) -> Result<(u64, u64), Failed> {
-    // (in flight past the lease at `now`, in flight) in `table`.
-    let sql = |table: String, now: &str| {
-        format!(
-            "SELECT COALESCE(SUM(CASE WHEN lease_deadline < {now} THEN 1 ELSE 0 END), 0), \
-             COUNT(*) FROM {table} WHERE state = 'in_flight'"
-        )
-    };
-    let failed = |e: &dyn fmt::Display| format!("reading the records: {e}");
-    let now = now_ms();
-    let counts: (i64, i64) = match isolated.handle() {
-        AnyStore::Sqlite(store) => {
-            let store = store.clone();
-            let sql = sql(format!("\"{}\"", store.table()), "?1");
-            tokio::task::spawn_blocking(move || {
-                let conn = store.connect().map_err(|e| failed(&e))?;
-                conn.query_row(&sql, [now], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .map_err(|e| failed(&e))
-            })
-            .await
-            .map_err(|e| format!("{e}"))??
-        }
-        AnyStore::Postgres(store) => {
-            sqlx::query_as(AssertSqlSafe(sql(store.table().to_string(), "$1")))
-                .bind(now)
-                .fetch_one(store.pool())
-                .await
-                .map_err(|e| failed(&e))?
-        }
-        _ => {
-            let now = Timestamp::from_millis(now as u64);
-            let (mut stuck, mut left) = (0, 0);
-            for o in outcomes {
-                let key = IdempotencyKey::parse(&o.key).map_err(|e| format!("{e}"))?;
-                let record_key = RecordKey::new(&scope_for(&o.tenant), &key);
-                let record = isolated
-                    .store()
-                    .get(&record_key, now)
-                    .await
-                    .map_err(|e| format!("{e}"))?;
-                if let Some(v) = record
-                    && let State::InFlight { lease_deadline, .. } = v.record.state
-                {
-                    left += 1;
-                    stuck += i64::from(lease_deadline < now);
-                }
-            }
-            (stuck, left)
-        }
-    };
-    Ok((counts.0 as u64, counts.1 as u64))
+/// The record keys of `outcomes` (every key the clients used).
+fn record_keys(outcomes: &[Outcome]) -> Result<Vec<RecordKey>, Failed> {
+    outcomes
+        .iter()
+        .map(|o| {
+            let key = IdempotencyKey::parse(&o.key).map_err(|e| format!("{e}"))?;
+            Ok(RecordKey::new(&scope_for(&o.tenant), &key))
+        })
+        .collect()
 }

@@ -20,7 +20,8 @@ use crate::{STORE, TableName};
 /// - Converted to [`StoreError`] (and from there to [`idem_core::Error`]):
 ///   transient errors become [`StoreError::Unavailable`], undecodable rows and
 ///   damaged table files [`StoreError::Corrupt`], values the server refuses,
-///   records above the limit and newer schemas [`StoreError::Rejected`],
+///   records above the limit, checkpoints that cannot be encoded and newer
+///   schemas [`StoreError::Rejected`],
 ///   anything else [`StoreError::Generic`]. The driver's error is kept as the
 ///   source. The classification of every driver error and SQLSTATE is the
 ///   table in the crate docs, "Error classification".
@@ -52,6 +53,11 @@ pub enum PostgresError {
         /// The limit.
         limit: usize,
     },
+    /// A record's checkpoint could not be encoded for its column
+    /// ([`codec::encode_checkpoint`](idem_core::store::codec::encode_checkpoint));
+    /// nothing was written.
+    #[error("the record's checkpoint could not be encoded")]
+    Encode(#[source] idem_core::store::codec::CodecError),
     /// Concurrent writers kept changing the row between snapshot and write.
     #[error("the row kept changing under {attempts} attempts of {operation}; retry later")]
     Unsettled {
@@ -123,7 +129,7 @@ impl PostgresError {
             },
             Self::Timeout(_) | Self::Unsettled { .. } => Class::Unavailable,
             Self::NotMigrated { .. } => Class::NotMigrated,
-            Self::TooLarge { .. } => Class::Rejected,
+            Self::TooLarge { .. } | Self::Encode(_) => Class::Rejected,
             Self::CorruptRow { .. } => Class::Corrupt,
             // A table migrated by a newer version, or whose migrations were
             // modified: the schema is not this version's.

@@ -55,13 +55,14 @@
 //! | `lease_deadline` / `outcome` | `BIGINT` / `BYTEA`, nullable | in flight / finished |
 //! | `created_at`, `updated_at`, `expires_at` | `BIGINT` | ms of the engine's clock; index on `expires_at` |
 //! | `attempts`, `revision` | `BIGINT` | |
+//! | `checkpoint` | `BYTEA`, nullable | the holder's [`Checkpoint`](idem_core::store::Checkpoint) ([`codec::encode_checkpoint`](idem_core::store::codec::encode_checkpoint)); partial index on `lease_deadline` of in-flight rows that have one, `<table>_lease_deadline_idx` (migration 3) |
 //!
 //! u64 values (timestamps, revisions) are stored bit for bit, so every real
 //! timestamp reads as itself; the statements compare timestamps with the
 //! sign bit flipped (`(expires_at # x) > ($now # x)`), so even expiries
 //! beyond 2^63 ms order correctly. A row that does not make a record (a
 //! fingerprint of the wrong length, an unknown state, a finished state
-//! without outcome, …) is [`StoreError::Corrupt`](idem_core::StoreError::Corrupt)
+//! without outcome, a checkpoint that does not decode, …) is [`StoreError::Corrupt`](idem_core::StoreError::Corrupt)
 //! and is never overwritten while it is live.
 //!
 //! ## Statements and round trips
@@ -86,7 +87,8 @@
 //! | `compare_and_swap` | `UPDATE … WHERE digest = $1 AND revision = $2 AND <live>`; only if it matched nothing, the `get` statement, to report the conflict |
 //! | `delete_if` | `DELETE … WHERE digest = $1 AND revision = $2 AND <live>` |
 //! | `purge_expired` | `DELETE … WHERE ctid = ANY(ARRAY(SELECT ctid … <expired> LIMIT $n FOR UPDATE SKIP LOCKED)) AND <expired>` |
-//! | [`apply_in`](PostgresStore::apply_in) | `UPDATE … WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND <live>` |
+//! | [`apply_in`](PostgresStore::apply_in) | `UPDATE … WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND <live>`; for a checkpoint, first `SELECT checkpoint … FOR UPDATE` of the holder's row (by primary key) to check that it moves forward |
+//! | `abandoned` (declared in [`Capabilities`](idem_core::store::Capabilities)) | `SELECT … WHERE state = 'in_flight' AND checkpoint IS NOT NULL AND lease_deadline <= $1 AND <live> ORDER BY lease_deadline LIMIT $2`: a range of the partial index, read-only |
 //! | `census` ([`CensusSupport::Exact`](idem_core::store::CensusSupport::Exact)) | `SELECT count(*) FILTER (WHERE s > 0 AND b < 0), …, count(*) FILTER (WHERE s > 0 AND b = 5), … FROM (SELECT CASE state … END AS s, CASE WHEN <expired> THEN -1 WHEN expires_at <= now + 1m THEN 0 … ELSE 5 END AS b FROM … OFFSET 0)`: one sequential scan of every row, one row of counts, bounded by the store's timeout |
 //!
 //! Through the [`Engine`](idem_core::Engine), that makes:
@@ -99,7 +101,8 @@
 //! | takeover of a lapsed lease or retryable failure (`begin`) | the claim's statements for a live record (it reads the record), then 1 compare-and-swap |
 //! | `complete`, `fail`, `extend` (heartbeat) | 1 (2 when the lease was lost meanwhile: the `SELECT` that reports the conflict) |
 //! | `release` | 1 |
-//! | `apply_in` in the caller's transaction | 1 (plus 1 `SELECT` only when the lease was lost) |
+//! | `apply_in` in the caller's transaction | 1 (plus 1 `SELECT` only when the lease was lost); 2 for a checkpoint (a local phase) |
+//! | `abandoned` (the [`Completer`](idem_core::Completer)) | 1 |
 //! | `purge_expired` | 1 per batch |
 //! | `census` | 1 (reads the whole table) |
 //!
@@ -187,6 +190,23 @@
 //! operation at once) or let the lease lapse (a retry then takes over).
 //! Either way the business write rolled back too, so the operation takes
 //! effect exactly once.
+//!
+//! ## Multi-step operations: local phases and abandoned records
+//!
+//! A step of a multi-step operation whose writes live in this database is a
+//! *local phase* ([`Phases`](idem_core::Phases), docs/phases.md): in the
+//! caller's transaction, write its rows, then apply
+//! [`Phases::prepare_local`](idem_core::Phases::prepare_local) with
+//! [`PostgresStore::apply_in`]; the rows and the phase's checkpoint commit
+//! together, or neither does, and a holder whose lease was taken over
+//! cannot commit either (see [`PostgresStore::apply_in`] for the example).
+//! After the commit, [`Phases::applied`](idem_core::Phases::applied).
+//!
+//! [`Store::abandoned`](idem_core::store::Store::abandoned) (for the
+//! [`Completer`](idem_core::Completer)) is one range scan of a partial index
+//! that holds only in-flight rows with a checkpoint: its cost grows with the
+//! number of abandoned records returned (and of expired ones not purged
+//! yet), not with the table.
 //!
 //! ## Errors
 //!

@@ -28,7 +28,10 @@ const MIGRATIONS_SUFFIX: &str = "_migrations";
 /// - The default is `idem.idempotency_records`.
 /// - [`PostgresStore::migrate`](crate::PostgresStore::migrate) creates the
 ///   schema if needed, the table, its expiry index `<table>_expires_at_idx`,
-///   and the migrations bookkeeping table `<table>_migrations` in the same schema.
+///   its index of abandoned records (named by PostgreSQL:
+///   `<table>_lease_deadline_idx`, the table's part shortened if the whole
+///   would exceed 63 bytes), and the migrations bookkeeping table
+///   `<table>_migrations` in the same schema.
 ///
 /// ```
 /// use idem_postgres::TableName;

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use idem_core::store::{FencingToken, Record, Revision, State, StoreError, Versioned};
+use idem_core::store::{FencingToken, Record, Revision, State, StoreError, Versioned, codec};
 use idem_core::{FailureKind, Fingerprint, Outcome, Timestamp};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -47,10 +47,15 @@ pub(crate) struct Columns<'a> {
     pub(crate) expires_at: i64,
     pub(crate) attempts: i64,
     pub(crate) revision: i64,
+    pub(crate) checkpoint: Option<Vec<u8>>,
 }
 
 impl<'a> Columns<'a> {
-    pub(crate) fn of(v: &'a Versioned) -> Self {
+    /// The columns of `v`.
+    ///
+    /// # Behavior
+    /// A checkpoint that cannot be encoded is [`PostgresError::Encode`].
+    pub(crate) fn of(v: &'a Versioned) -> Result<Self, PostgresError> {
         let r = &v.record;
         let (lease_deadline, outcome) = match &r.state {
             State::InFlight { lease_deadline, .. } => (Some(ts(*lease_deadline)), None),
@@ -58,7 +63,13 @@ impl<'a> Columns<'a> {
                 (None, Some(outcome.as_bytes()))
             }
         };
-        Self {
+        let checkpoint = r
+            .checkpoint
+            .as_ref()
+            .map(codec::encode_checkpoint)
+            .transpose()
+            .map_err(PostgresError::Encode)?;
+        Ok(Self {
             state: r.state.name(),
             fingerprint: r.fingerprint.as_bytes(),
             token: r.state.token().to_be_bytes(),
@@ -69,14 +80,16 @@ impl<'a> Columns<'a> {
             expires_at: ts(r.expires_at),
             attempts: i64::from(r.attempts),
             revision: v.revision.as_i64(),
-        }
+            checkpoint,
+        })
     }
+}
 
-    /// The record's size as the core measures it for the record size limit
-    /// ([`idem_core::store::codec::record_size`]: the outcome plus a fixed overhead).
-    pub(crate) fn size(&self) -> usize {
-        idem_core::store::codec::RECORD_OVERHEAD.saturating_add(self.outcome.map_or(0, <[u8]>::len))
-    }
+/// The record's size as the core measures it for the record size limit
+/// ([`codec::record_size`]: the outcome, the checkpoint and a fixed
+/// overhead).
+pub(crate) fn size(v: &Versioned) -> usize {
+    codec::record_size(&v.record)
 }
 
 /// Decodes the record columns starting at column `first` of `row`.
@@ -84,7 +97,9 @@ impl<'a> Columns<'a> {
 /// # Behavior
 /// A column of the wrong type, a NULL where the state needs a value, a value
 /// where the state has none, a fingerprint or token of the wrong length, an
-/// unknown state or attempts outside u32 are each [`StoreError::Corrupt`].
+/// unknown state, attempts outside u32 or a checkpoint that does not decode
+/// ([`codec::decode_checkpoint`]) are each [`StoreError::Corrupt`]. A NULL
+/// checkpoint is none.
 pub(crate) fn decode(row: &PgRow, first: usize, table: &str) -> Result<Versioned, StoreError> {
     let corrupt = |why: String| {
         StoreError::from(PostgresError::CorruptRow {
@@ -109,6 +124,12 @@ pub(crate) fn decode(row: &PgRow, first: usize, table: &str) -> Result<Versioned
     let expires_at: i64 = get!(i64, 7, "expires_at");
     let attempts: i64 = get!(i64, 8, "attempts");
     let revision: i64 = get!(i64, 9, "revision");
+    let checkpoint: Option<Vec<u8>> = get!(Option<Vec<u8>>, 10, "checkpoint");
+    let checkpoint = checkpoint
+        .as_deref()
+        .map(codec::decode_checkpoint)
+        .transpose()
+        .map_err(|e| corrupt(format!("column checkpoint does not decode: {e}")))?;
 
     let fingerprint: [u8; 32] = fingerprint.as_slice().try_into().map_err(|_| {
         corrupt(format!(
@@ -165,7 +186,8 @@ pub(crate) fn decode(row: &PgRow, first: usize, table: &str) -> Result<Versioned
             at(updated_at),
             at(expires_at),
             attempts,
-        ),
+        )
+        .with_checkpoint(checkpoint),
     })
 }
 

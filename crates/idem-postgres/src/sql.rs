@@ -14,18 +14,19 @@ const SIGN: &str = "(-9223372036854775808)::bigint";
 
 /// The record columns, in the order [`crate::row`] decodes them.
 pub(crate) const RECORD_COLUMNS: &str = "state, fingerprint, token, lease_deadline, outcome, \
-     created_at, updated_at, expires_at, attempts, revision";
+     created_at, updated_at, expires_at, attempts, revision, checkpoint";
 
 /// The columns a claim inserts: the key, the scope and the record.
 const INSERT_COLUMNS: &str = "digest, tenant, principal, operation, \"key\", state, fingerprint, \
-     token, lease_deadline, outcome, created_at, updated_at, expires_at, attempts, revision";
+     token, lease_deadline, outcome, created_at, updated_at, expires_at, attempts, revision, \
+     checkpoint";
 
 /// The placeholders of [`INSERT_COLUMNS`].
-const INSERT_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15";
+const INSERT_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16";
 
 /// The record columns as typed NULLs (the branch of a `UNION` that has none).
 const NULL_COLUMNS: &str = "NULL::text, NULL::bytea, NULL::bytea, NULL::bigint, NULL::bytea, \
-     NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint";
+     NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bytea";
 
 /// The migration templates shipped with the crate: (version, description, SQL).
 pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -39,13 +40,18 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "idem failed_unknown state",
         include_str!("../migrations/0002_failed_unknown.sql"),
     ),
+    (
+        3,
+        "idem checkpoint and abandoned index",
+        include_str!("../migrations/0003_checkpoint.sql"),
+    ),
 ];
 
 /// Every statement of one store.
 #[derive(Debug)]
 pub(crate) struct Statements {
     /// Claim: `$1` digest, `$2..$5` tenant, principal, operation, key,
-    /// `$6..$15` the record columns, `$16` now. Returns `(inserted, record columns)`.
+    /// `$6..$16` the record columns, `$17` now. Returns `(inserted, record columns)`.
     pub(crate) insert: Arc<str>,
     /// Claim after a read found nothing (`ClaimMode::ReadFirst`, and
     /// `ClaimMode::Adaptive` after `insert_new` met a record): the
@@ -53,13 +59,13 @@ pub(crate) struct Statements {
     /// record), none if a live record is in place.
     pub(crate) insert_only: Arc<str>,
     /// Claim before any read (`ClaimMode::Adaptive` while inserting first):
-    /// `$1..$15` as for `insert`. One row affected if it inserted, none if
+    /// `$1..$16` as for `insert`. One row affected if it inserted, none if
     /// a row (live or expired) holds the key: then nothing is written or
     /// locked, and `get` tells which.
     pub(crate) insert_new: Arc<str>,
     /// `$1` digest, `$2` now.
     pub(crate) get: Arc<str>,
-    /// `$1` digest, `$2` expected revision, `$3..$12` the record columns, `$13` now.
+    /// `$1` digest, `$2` expected revision, `$3..$13` the record columns, `$14` now.
     /// One row affected if it swapped; when none, `get` tells why.
     pub(crate) cas: Arc<str>,
     /// `$1` digest, `$2` expected revision, `$3` now.
@@ -68,8 +74,21 @@ pub(crate) struct Statements {
     pub(crate) purge_low: Arc<str>,
     /// `$1` now (2^63 or more, i.e. negative as BIGINT), `$2` limit.
     pub(crate) purge_high: Arc<str>,
-    /// `$1` digest, `$2` token, `$3..$12` the record columns, `$13` now.
+    /// `$1` digest, `$2` token, `$3..$13` the record columns, `$14` now.
     pub(crate) apply: Arc<str>,
+    /// `$1` digest, `$2` token, `$3` now: the live record's checkpoint if
+    /// it is in flight under the token (no row otherwise), locking the row
+    /// (`FOR UPDATE`) until the caller's transaction ends; read before a
+    /// checkpoint is applied, to check that it moves forward.
+    pub(crate) holder_checkpoint: Arc<str>,
+    /// [`Store::abandoned`](idem_core::store::Store::abandoned): `$1` now
+    /// (below 2^63), `$2` limit. The record columns of live in-flight
+    /// records with a checkpoint whose lease lapsed, earliest first: a range
+    /// of the partial index on `lease_deadline`, in its order.
+    pub(crate) abandoned_low: Arc<str>,
+    /// As `abandoned_low`, for `$1` now at 2^63 or more (negative as
+    /// BIGINT): two ranges of the index, sorted.
+    pub(crate) abandoned_high: Arc<str>,
     /// The census: `$1` now, `$2..$6` the histogram's thresholds (`now` plus
     /// each of [`EXPIRY_BUCKETS`](idem_core::store::EXPIRY_BUCKETS),
     /// saturating). One row, the columns of [`CENSUS_COLUMNS`].
@@ -122,10 +141,11 @@ impl Statements {
                  token = EXCLUDED.token, lease_deadline = EXCLUDED.lease_deadline, \
                  outcome = EXCLUDED.outcome, created_at = EXCLUDED.created_at, \
                  updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, \
-                 attempts = EXCLUDED.attempts, revision = EXCLUDED.revision \
+                 attempts = EXCLUDED.attempts, revision = EXCLUDED.revision, \
+                 checkpoint = EXCLUDED.checkpoint \
              WHERE NOT {live_cur} \
              RETURNING 1",
-            live_cur = live("cur.expires_at", "$16"),
+            live_cur = live("cur.expires_at", "$17"),
         );
         // The insert runs only when the snapshot shows no live record, so a
         // replay never reaches `ON CONFLICT … DO UPDATE` (which locks the
@@ -142,7 +162,7 @@ impl Statements {
              SELECT true, {NULL_COLUMNS} FROM inserted \
              UNION ALL \
              SELECT false, {RECORD_COLUMNS} FROM existing",
-            live_e = live("expires_at", "$16"),
+            live_e = live("expires_at", "$17"),
         );
         let insert_only = format!(
             "INSERT INTO {t} AS cur ({INSERT_COLUMNS}) VALUES ({INSERT_VALUES}) {on_conflict}"
@@ -166,11 +186,11 @@ impl Statements {
         );
         let set_record = "state = $3, fingerprint = $4, token = $5, lease_deadline = $6, \
              outcome = $7, created_at = $8, updated_at = $9, expires_at = $10, \
-             attempts = $11, revision = $12";
-        let live13 = live("expires_at", "$13");
+             attempts = $11, revision = $12, checkpoint = $13";
         let cas = format!(
             "UPDATE {t} SET {set_record} \
-             WHERE digest = $1 AND revision = $2 AND {live13}"
+             WHERE digest = $1 AND revision = $2 AND {}",
+            live("expires_at", "$14")
         );
         let delete = format!(
             "DELETE FROM {t} WHERE digest = $1 AND revision = $2 AND {}",
@@ -196,7 +216,33 @@ impl Statements {
         let purge_high = purge("(expires_at >= 0 OR expires_at <= $1)");
         let apply = format!(
             "UPDATE {t} SET {set_record} \
-             WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND {live13}"
+             WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND {}",
+            live("expires_at", "$14")
+        );
+        let holder_checkpoint = format!(
+            "SELECT checkpoint FROM {t} \
+             WHERE digest = $1 AND state = 'in_flight' AND token = $2 AND {} \
+             FOR UPDATE",
+            live("expires_at", "$3")
+        );
+        // Lapsed at `now` = `lease_deadline <= now` as u64, split as for the
+        // purge. The conditions on `state` and `checkpoint` are the partial
+        // index's own, so that the planner may use it (for the generic plan
+        // of the prepared statement too); the index holds only in-flight
+        // records with a checkpoint.
+        let abandoned_low = format!(
+            "SELECT {RECORD_COLUMNS} FROM {t} \
+             WHERE state = 'in_flight' AND checkpoint IS NOT NULL \
+             AND lease_deadline BETWEEN 0 AND $1 AND {} \
+             ORDER BY lease_deadline LIMIT $2",
+            live("expires_at", "$1")
+        );
+        let abandoned_high = format!(
+            "SELECT {RECORD_COLUMNS} FROM {t} \
+             WHERE state = 'in_flight' AND checkpoint IS NOT NULL \
+             AND (lease_deadline >= 0 OR lease_deadline <= $1) AND {} \
+             ORDER BY (lease_deadline # {SIGN}) LIMIT $2",
+            live("expires_at", "$1")
         );
         let census = census(&t, live);
         Self {
@@ -209,6 +255,9 @@ impl Statements {
             purge_low: purge_low.into(),
             purge_high: purge_high.into(),
             apply: apply.into(),
+            holder_checkpoint: holder_checkpoint.into(),
+            abandoned_low: abandoned_low.into(),
+            abandoned_high: abandoned_high.into(),
             census: census.into(),
         }
     }

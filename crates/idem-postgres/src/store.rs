@@ -37,8 +37,8 @@ const ROUNDS: usize = 16;
 ///
 /// # Behavior
 /// - One table (default `idem.idempotency_records`, see [`TableName`]) with
-///   typed columns and an index on `expires_at`, created by
-///   [`migrate`](Self::migrate).
+///   typed columns, an index on `expires_at` and a partial index of
+///   abandoned records, created by [`migrate`](Self::migrate).
 /// - One statement per primitive on the happy path (one round trip once the
 ///   statement is prepared on the connection); statements are prepared once
 ///   per connection and cached by sqlx. See the crate docs for each
@@ -166,9 +166,13 @@ impl PostgresStore {
         &self.inner.table
     }
 
-    /// Creates or upgrades the schema, the table and its index.
+    /// Creates or upgrades the schema, the table and its indexes.
     ///
     /// # Behavior
+    /// - A table created by an earlier version is upgraded in place
+    ///   (migration 3 adds the nullable `checkpoint` column, without a
+    ///   rewrite, and builds the partial index of abandoned records, which
+    ///   reads the table once and blocks its writes meanwhile).
     /// - Runs the migrations shipped with this crate (`migrations/*.sql`)
     ///   with sqlx's migrator, bookkept in `<table>_migrations` in the same
     ///   schema. Idempotent, and safe to call from every instance at start-up:
@@ -217,8 +221,10 @@ impl PostgresStore {
         }
     }
 
-    fn check_size(&self, cols: &Columns<'_>) -> Result<(), StoreError> {
-        let size = cols.size();
+    /// Refuses a record above the size limit ([`row::size`]: the outcome
+    /// and the checkpoint count).
+    fn check_size(&self, record: &Versioned) -> Result<(), StoreError> {
+        let size = row::size(record);
         if size > self.inner.max_record_bytes {
             return Err(PostgresError::TooLarge {
                 size,
@@ -325,7 +331,7 @@ impl PostgresStore {
 #[derive(Clone, Copy, Debug)]
 struct Deadline(Option<(tokio::time::Instant, Duration)>);
 
-/// Binds the record columns (`$n..$n+9`) in [`sql::RECORD_COLUMNS`] order.
+/// Binds the record columns (`$n..$n+10`) in [`sql::RECORD_COLUMNS`] order.
 fn bind_record<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     cols: &'q Columns<'q>,
@@ -341,6 +347,7 @@ fn bind_record<'q>(
         .bind(cols.expires_at)
         .bind(cols.attempts)
         .bind(cols.revision)
+        .bind(cols.checkpoint.as_deref())
 }
 
 #[cfg(test)]

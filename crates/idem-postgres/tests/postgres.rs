@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use idem_conformance::{StoreFactory, Suite, open_store};
 use idem_core::machine::Fenced;
 use idem_core::store::{
-    Census, Coverage, EXPIRY_BUCKETS, FencingToken, InsertOutcome, Record, Revision, State, Store,
-    StoreError, SwapOutcome, Versioned,
+    Census, Checkpoint, Coverage, EXPIRY_BUCKETS, FencingToken, InsertOutcome, Record, Revision,
+    State, Store, StoreError, SwapOutcome, Versioned,
 };
 use idem_core::{
     Begin, Clock, Engine, Error, FailureKind, Fingerprint, Lease, ManualClock, Outcome, RecordKey,
@@ -52,6 +52,14 @@ fn main() -> std::process::ExitCode {
         "tx::heartbeat_before_apply_is_fine" => tx_heartbeat_before_apply,
         "tx::permanent_failure_in_transaction_is_replayed" => tx_fail,
         "tx::duplicates_do_not_block_on_an_open_transaction" => tx_duplicates_do_not_block,
+        "tx::local_phase_commits_its_rows_with_its_checkpoint_or_neither" => tx_local_phase,
+        "store::abandoned_returns_only_lapsed_checkpointed_records_of_its_schema" =>
+            abandoned_only_lapsed_checkpointed,
+        "store::abandoned_orders_deadlines_as_unsigned" => abandoned_unsigned,
+        "store::abandoned_skips_an_undecodable_checkpoint" => abandoned_corrupt,
+        "store::abandoned_among_10000_records_returns_exactly_the_abandoned" => abandoned_10000,
+        "store::records_with_large_checkpoints_are_rejected" => large_checkpoint_rejected,
+        "store::checkpoints_round_trip_in_every_claim_mode" => checkpoints_in_every_claim_mode,
         "race::two_pools_64_tasks_pay_once" => race_two_pools_pay_once,
         "race::two_pools_insert_over_expired_one_wins" => race_insert_over_expired,
         "race::two_pools_cas_losers_see_the_winner" => race_cas_losers_see_winner,
@@ -75,6 +83,7 @@ fn main() -> std::process::ExitCode {
         "store::census_agrees_with_tally_across_2_pow_63" => census_agrees_with_tally,
         "migrate::idempotent_and_concurrent" => migrate_idempotent,
         "migrate::newer_schema_is_rejected_and_lock_released" => migrate_newer_rejected,
+        "migrate::a_table_without_checkpoints_gains_them" => migrate_adds_checkpoint,
         "pool::unreachable_server_is_transient" => unreachable_is_transient,
         "pool::closed_pool_is_transient" => closed_pool_is_transient,
         "pool::exhausted_pool_times_out_as_transient" => exhausted_pool,
@@ -1196,6 +1205,8 @@ async fn corrupt_rows_of_every_kind(factory: Arc<Factory>) {
         ),
         ("attempts = -1", "negative attempts"),
         ("attempts = 4294967296", "attempts beyond u32"),
+        ("checkpoint = '\\x00'::bytea", "a checkpoint of no format"),
+        ("checkpoint = '\\x0103'::bytea", "a truncated checkpoint"),
     ];
     let table = store.table().to_string();
     for (i, (set, what)) in cases.iter().enumerate() {
@@ -1359,10 +1370,11 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
         r.expect("concurrent migrate");
     }
     store.migrate().await.expect("migrate again");
-    // One row per migration shipped (1: the table, 2: the failed_unknown state).
+    // One row per migration shipped (1: the table, 2: the failed_unknown
+    // state, 3: the checkpoint and the index of abandoned records).
     assert_eq!(
         rows(&store, table.schema(), "custom_records_migrations").await,
-        2
+        3
     );
     let indexes = sqlx::query_scalar::<_, String>(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'custom_records'",
@@ -1376,6 +1388,32 @@ async fn migrate_idempotent(factory: Arc<Factory>) {
             .iter()
             .any(|d| d.contains("custom_records_expires_at_idx") && d.contains("(expires_at)")),
         "an index on expires_at: {indexes:?}"
+    );
+    assert!(
+        indexes.iter().any(|d| d.contains("(lease_deadline)")
+            && d.contains("WHERE ((state = 'in_flight'::text) AND (checkpoint IS NOT NULL))")),
+        "a partial index of abandoned records: {indexes:?}"
+    );
+    assert_eq!(
+        columns(&store, &table).await,
+        [
+            "digest",
+            "tenant",
+            "principal",
+            "operation",
+            "key",
+            "state",
+            "fingerprint",
+            "token",
+            "lease_deadline",
+            "outcome",
+            "created_at",
+            "updated_at",
+            "expires_at",
+            "attempts",
+            "revision",
+            "checkpoint",
+        ]
     );
     let rec = completed(1, 1, T0, 60, b"works");
     assert_eq!(
@@ -1605,4 +1643,539 @@ async fn lost_reply_on_complete(factory: Arc<Factory>) {
         }
     }
     replays(&engine, "lost-reply", b"done").await;
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints: the column, local phases, abandoned records
+// ---------------------------------------------------------------------------
+
+/// The column names of `table`, in order.
+async fn columns(store: &PostgresStore, table: &TableName) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+    )
+    .bind(table.schema())
+    .bind(table.table())
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+/// A table migrated before checkpoints existed (migrations 1 and 2) gains
+/// the column and the index when `migrate` runs again, and keeps its
+/// records (read back without a checkpoint).
+async fn migrate_adds_checkpoint(factory: Arc<Factory>) {
+    let (store, clock, engine) = setup(&factory).await;
+    let table = store.table().clone();
+    let done = completed(1, 1, T0, 60, b"before");
+    store
+        .insert_if_absent(&rkey("old"), &done, T0)
+        .await
+        .unwrap();
+    proceed(&engine, "old-in-flight").await;
+    // Back to what idem-postgres before checkpoints left behind.
+    let migrations = format!("\"{}\".\"{}_migrations\"", table.schema(), table.table());
+    for sql in [
+        format!(
+            "DROP INDEX \"{}\".\"{}_lease_deadline_idx\"",
+            table.schema(),
+            table.table()
+        ),
+        format!("ALTER TABLE {table} DROP COLUMN checkpoint"),
+        format!("DELETE FROM {migrations} WHERE version = 3"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+    assert!(
+        !columns(&store, &table)
+            .await
+            .contains(&"checkpoint".to_string())
+    );
+
+    store.migrate().await.expect("migrate the older table");
+    assert!(
+        columns(&store, &table)
+            .await
+            .contains(&"checkpoint".to_string())
+    );
+    assert_eq!(
+        rows(
+            &store,
+            table.schema(),
+            &format!("{}_migrations", table.table())
+        )
+        .await,
+        3
+    );
+    assert_eq!(store.get(&rkey("old"), T0).await.unwrap(), Some(done));
+    let old = stored(&store, &rkey("old-in-flight"), clock.now()).await;
+    assert_eq!(old.record.checkpoint, None);
+    clock.advance(LEASE + Duration::from_millis(1));
+    let taker = proceed(&engine, "old-in-flight").await;
+    engine
+        .checkpoint(&taker, "reserve", &b"r"[..])
+        .await
+        .unwrap();
+    clock.advance(LEASE + Duration::from_millis(1));
+    let found = store.abandoned(clock.now(), 10).await.unwrap();
+    assert_eq!(found, [stored(&store, taker.key(), clock.now()).await]);
+}
+
+/// `"schema".reservations`, the business table of a local phase.
+async fn reservations_table(store: &PostgresStore) -> String {
+    let name = format!("\"{}\".reservations", store.table().schema());
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {name} (id BIGSERIAL PRIMARY KEY, order_key TEXT NOT NULL)"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await
+        .expect("create reservations");
+    name
+}
+
+/// How many reservations `key` has in `table`.
+async fn reservations(store: &PostgresStore, table: &str, key: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table} WHERE order_key = $1");
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(key)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+/// A local phase: the reservation row of `key` and the phase's checkpoint
+/// in one sqlx transaction, committed if `commit`, rolled back otherwise.
+async fn reserve(
+    store: &PostgresStore,
+    phases: &idem_core::Phases,
+    table: &str,
+    key: &str,
+    commit: bool,
+) -> Result<idem_core::Transition, Error> {
+    let mut tx = store.pool().begin().await.unwrap();
+    let sql = format!("INSERT INTO {table} (order_key) VALUES ($1) RETURNING id");
+    let id: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let t = phases.prepare_local("reserve", &id)?;
+    // On error the transaction is dropped: rolled back.
+    store.apply_in(&mut tx, &t).await?;
+    if commit {
+        tx.commit().await.unwrap();
+    } else {
+        tx.rollback().await.unwrap();
+    }
+    Ok(t)
+}
+
+/// A local phase commits its business row and its checkpoint in one
+/// transaction; a rollback leaves neither; the same checkpoint cannot be
+/// applied twice; a holder whose lease was taken over cannot apply one, and
+/// its business row rolls back; the taker resumes after the phase.
+async fn tx_local_phase(factory: Arc<Factory>) {
+    let (store, clock, engine) = setup(&factory).await;
+    let table = reservations_table(&store).await;
+    let lease = proceed(&engine, "order-1").await;
+    let mut phases = engine.phases(&lease).unwrap();
+
+    // Rollback: neither the row nor the checkpoint.
+    reserve(&store, &phases, &table, "order-1", false)
+        .await
+        .unwrap();
+    assert_eq!(reservations(&store, &table, "order-1").await, 0);
+    let record = stored(&store, lease.key(), clock.now()).await;
+    assert_eq!(record.record.checkpoint, None);
+
+    // Commit: both, and the record stays in flight under the same lease.
+    let applied = reserve(&store, &phases, &table, "order-1", true)
+        .await
+        .unwrap();
+    phases.applied(&applied).unwrap();
+    assert_eq!(reservations(&store, &table, "order-1").await, 1);
+    let record = stored(&store, lease.key(), clock.now()).await;
+    assert_eq!(record, applied.next);
+    assert!(matches!(record.record.state, State::InFlight { token, .. } if token == lease.token()));
+    let checkpoint = record.record.checkpoint.clone().expect("a checkpoint");
+    assert_eq!((checkpoint.seq, checkpoint.step.as_str()), (1, "reserve"));
+    assert!(phases.is_recorded("reserve"));
+
+    // The same checkpoint again: it would not move forward.
+    let mut tx = store.pool().begin().await.unwrap();
+    match store.apply_in(&mut tx, &applied).await {
+        Err(Error::LeaseLost(Fenced::Backwards {
+            stored: 1,
+            offered: 1,
+        })) => {}
+        other => panic!("expected LeaseLost(Backwards), got {other:?}"),
+    }
+    drop(tx);
+
+    // The lease lapses and another holder takes over: the old holder's next
+    // local phase is refused, and its row rolls back.
+    clock.advance(LEASE + Duration::from_millis(1));
+    let taker = proceed(&engine, "order-1").await;
+    match reserve(&store, &phases, &table, "order-1", true).await {
+        Err(Error::LeaseLost(Fenced::TakenOver)) => {}
+        other => panic!("expected LeaseLost(TakenOver), got {other:?}"),
+    }
+    assert_eq!(
+        reservations(&store, &table, "order-1").await,
+        1,
+        "the stale row rolled back"
+    );
+
+    // The taker resumes after the committed phase.
+    let resumed = engine.phases(&taker).unwrap();
+    assert_eq!(resumed.resumed_from(), Some("reserve"));
+    let id: i64 = resumed.result("reserve").unwrap().expect("recorded");
+    assert!(id > 0);
+    engine
+        .complete(&taker, Outcome::new(&b"ordered"[..]))
+        .await
+        .unwrap();
+    replays(&engine, "order-1", b"ordered").await;
+    let done = stored(&store, taker.key(), clock.now()).await;
+    assert_eq!(
+        done.record.checkpoint, None,
+        "completion drops the checkpoint"
+    );
+}
+
+/// The record keys of `found` (from their checkpoints).
+fn keys_of(found: &[Versioned]) -> Vec<RecordKey> {
+    found
+        .iter()
+        .map(|v| {
+            v.record
+                .checkpoint
+                .as_ref()
+                .expect("a checkpoint")
+                .record_key()
+        })
+        .collect()
+}
+
+/// `abandoned` returns exactly the live in-flight records whose lease
+/// lapsed and that carry a checkpoint, earliest lapse first, at most
+/// `limit`, and only from the store's own schema.
+async fn abandoned_only_lapsed_checkpointed(factory: Arc<Factory>) {
+    let (store, clock, engine) = setup(&factory).await;
+    assert!(store.capabilities().abandoned);
+    let other = open(&factory).await;
+    let other_engine = idem_testkit::fixtures::engine(other.clone(), &clock);
+
+    let first = proceed(&engine, "first").await;
+    engine.checkpoint(&first, "a", &b"1"[..]).await.unwrap();
+    let _plain = proceed(&engine, "no-checkpoint").await;
+    let elsewhere = proceed(&other_engine, "other-schema").await;
+    other_engine
+        .checkpoint(&elsewhere, "a", &b"1"[..])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(1));
+    let second = proceed(&engine, "second").await;
+    engine.checkpoint(&second, "a", &b"2"[..]).await.unwrap();
+    let done = proceed(&engine, "completed").await;
+    engine.checkpoint(&done, "a", &b"3"[..]).await.unwrap();
+    engine
+        .complete(&done, Outcome::new(&b"ok"[..]))
+        .await
+        .unwrap();
+    let retry = proceed(&engine, "failed-retryable").await;
+    engine.checkpoint(&retry, "a", &b"4"[..]).await.unwrap();
+    engine
+        .fail(&retry, FailureKind::Retryable, Outcome::new(&b"later"[..]))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(11));
+    let live = proceed(&engine, "live-lease").await;
+    engine.checkpoint(&live, "a", &b"5"[..]).await.unwrap();
+
+    let now = clock.now();
+    let found = store.abandoned(now, 100).await.unwrap();
+    assert_eq!(keys_of(&found), [rkey("first"), rkey("second")]);
+    for v in &found {
+        let key = v.record.checkpoint.as_ref().unwrap().record_key();
+        assert_eq!(*v, stored(&store, &key, now).await, "as stored");
+        assert!(idem_core::store::is_abandoned(&v.record, now));
+    }
+    assert_eq!(store.abandoned(now, 1).await.unwrap(), found[..1]);
+    assert_eq!(store.abandoned(now, 0).await.unwrap(), []);
+    assert_eq!(
+        keys_of(&other.abandoned(now, 100).await.unwrap()),
+        [rkey("other-schema")]
+    );
+    let live_deadline = match stored(&store, live.key(), now).await.record.state {
+        State::InFlight { lease_deadline, .. } => lease_deadline,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(store.abandoned(live_deadline, 100).await.unwrap().len(), 3);
+    let later = T0.plus(Duration::from_secs(61));
+    assert_eq!(
+        keys_of(&store.abandoned(later, 100).await.unwrap()),
+        [rkey("live-lease")],
+        "the others expired"
+    );
+}
+
+/// An in-flight record under `key` (token 1) whose lease lapses at
+/// `deadline`, expiring at `expires`, with a checkpoint.
+fn in_flight_with_checkpoint(key: &RecordKey, deadline: Timestamp, expires: Timestamp) -> Record {
+    Record::from_parts(
+        Fingerprint::of(b"req"),
+        State::InFlight {
+            token: FencingToken::from_u128(1),
+            lease_deadline: deadline,
+        },
+        Timestamp::EPOCH,
+        Timestamp::EPOCH,
+        expires,
+        1,
+    )
+    .with_checkpoint(Some(Checkpoint::new(key, 1, "reserve", &b"state"[..])))
+}
+
+/// Deadlines on both sides of 2^63 ms (stored as negative BIGINTs) are
+/// ordered and compared as unsigned numbers.
+async fn abandoned_unsigned(factory: Arc<Factory>) {
+    let store = open(&factory).await;
+    let deadlines = [5_u64, 1 << 62, (1 << 63) + 5, 1 << 63, u64::MAX - 10];
+    for (i, d) in deadlines.iter().enumerate() {
+        let k = rkey(&format!("d{i}"));
+        let record = in_flight_with_checkpoint(
+            &k,
+            Timestamp::from_millis(*d),
+            Timestamp::from_millis(u64::MAX),
+        );
+        let v = Versioned::new(Revision::from_u64(i as u64 + 1), record);
+        store
+            .insert_if_absent(&k, &v, Timestamp::EPOCH)
+            .await
+            .unwrap();
+    }
+    let deadline_of = |v: &Versioned| match v.record.state {
+        State::InFlight { lease_deadline, .. } => lease_deadline.as_millis(),
+        _ => unreachable!(),
+    };
+    for now in [0, 5, 1 << 62, (1 << 63) + 4, (1 << 63) + 5, u64::MAX - 1] {
+        let found = store
+            .abandoned(Timestamp::from_millis(now), 100)
+            .await
+            .unwrap();
+        let got: Vec<u64> = found.iter().map(deadline_of).collect();
+        let mut want: Vec<u64> = deadlines.iter().copied().filter(|d| *d <= now).collect();
+        want.sort_unstable();
+        assert_eq!(got, want, "now = {now}");
+    }
+}
+
+/// A record whose checkpoint does not decode is skipped (and logged) by
+/// `abandoned`, so the completer goes on with every other key; `get` still
+/// reports it as `Corrupt`, never as absent.
+async fn abandoned_corrupt(factory: Arc<Factory>) {
+    let store = open(&factory).await;
+    let (k, other) = (rkey("damaged"), rkey("intact"));
+    for key in [&k, &other] {
+        let record = in_flight_with_checkpoint(key, T0, T0.plus(Duration::from_secs(60)));
+        store
+            .insert_if_absent(key, &Versioned::new(Revision::from_u64(1), record), T0)
+            .await
+            .unwrap();
+    }
+    let now = T0.plus(Duration::from_secs(1));
+    assert_eq!(store.abandoned(now, 10).await.unwrap().len(), 2);
+    let sql = format!(
+        "UPDATE {} SET checkpoint = '\\x01ff'::bytea WHERE digest = $1",
+        store.table()
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(&k.digest()[..])
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let got = store.abandoned(now, 10).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0].record.checkpoint.as_ref().unwrap().record_key(),
+        other
+    );
+    let read = store.get(&k, now).await;
+    assert!(matches!(read, Err(StoreError::Corrupt { .. })), "{read:?}");
+}
+
+/// The checkpoint counts against the record size limit.
+async fn large_checkpoint_rejected(factory: Arc<Factory>) {
+    let base = open(&factory).await;
+    let store = PostgresStore::builder()
+        .with_table(base.table().clone())
+        .with_max_record_bytes(1024)
+        .open(base.pool().clone());
+    let k = rkey("heavy");
+    let mut record = in_flight_with_checkpoint(&k, T0, T0.plus(Duration::from_secs(60)));
+    record.checkpoint = Some(Checkpoint::new(&k, 1, "reserve", vec![0u8; 2048]));
+    let got = store
+        .insert_if_absent(&k, &Versioned::new(Revision::from_u64(1), record), T0)
+        .await;
+    assert!(matches!(got, Err(StoreError::Rejected { .. })), "{got:?}");
+    assert_eq!(store.get(&k, T0).await.unwrap(), None);
+}
+
+/// 10,000 records, 100 of them abandoned (and, among the others, records
+/// in flight with a live lease, lapsed without a checkpoint, expired with a
+/// checkpoint, failed retryably with one, completed): `abandoned` returns
+/// exactly the 100, in lapse order. Prints how long one call takes (no
+/// timing is asserted).
+async fn abandoned_10000(factory: Arc<Factory>) {
+    let store = open(&factory).await;
+    let now = T0.plus(Duration::from_secs(3600));
+    let far = now.plus(Duration::from_secs(86_400));
+    let records: Vec<(RecordKey, Versioned)> = (0..10_000_u64)
+        .map(|i| {
+            let k = rkey(&format!("r{i}"));
+            let lapsed = T0.plus(Duration::from_millis(i));
+            let record = match i % 100 {
+                0 => in_flight_with_checkpoint(&k, lapsed, far),
+                1 => in_flight_with_checkpoint(&k, now.plus(LEASE), far),
+                2 => in_flight_with_checkpoint(&k, lapsed, far).with_checkpoint(None),
+                3 => in_flight_with_checkpoint(&k, lapsed, now),
+                4 => {
+                    let mut r = in_flight_with_checkpoint(&k, lapsed, far);
+                    r.state = State::Failed {
+                        token: FencingToken::from_u128(1),
+                        kind: FailureKind::Retryable,
+                        outcome: Outcome::default(),
+                    };
+                    r
+                }
+                _ => completed(i + 1, 1, T0, 86_400 * 2, b"done").record,
+            };
+            (k, Versioned::new(Revision::from_u64(i + 1), record))
+        })
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in records.chunks(1_000) {
+        let (store, chunk) = (store.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for (k, v) in chunk {
+                let inserted = store.insert_if_absent(&k, &v, T0).await.unwrap();
+                assert_eq!(inserted, InsertOutcome::Inserted);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let table = store.table().clone();
+    assert_eq!(rows(&store, table.schema(), table.table()).await, 10_000);
+    sqlx::query(AssertSqlSafe(format!("ANALYZE {table}")))
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let want: Vec<RecordKey> = (0..100).map(|i| rkey(&format!("r{}", i * 100))).collect();
+    let found = store.abandoned(now, 100).await.unwrap();
+    assert_eq!(keys_of(&found), want);
+    assert_eq!(store.abandoned(now, 10).await.unwrap(), found[..10]);
+
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let started = Instant::now();
+        let found = store.abandoned(now, 100).await.unwrap();
+        times.push(started.elapsed());
+        assert_eq!(found.len(), 100);
+    }
+    times.sort_unstable();
+    let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT digest FROM {table} \
+         WHERE state = 'in_flight' AND checkpoint IS NOT NULL \
+         AND lease_deadline BETWEEN 0 AND $1 ORDER BY lease_deadline LIMIT 100"
+    )))
+    .bind(now.as_millis().cast_signed())
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    eprintln!(
+        "postgres abandoned(now, 100) over 10,000 records (100 abandoned): median {:?}, min {:?}, max {:?}\n  {}",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1],
+        plan.join("\n  ")
+    );
+}
+
+/// Every claim path writes and reads the checkpoint: a new key, a key over
+/// an expired record, and a claim that finds a live record, in each
+/// [`ClaimMode`]; a compare-and-swap too.
+async fn checkpoints_in_every_claim_mode(factory: Arc<Factory>) {
+    let base = open(&factory).await;
+    let later = T0.plus(Duration::from_secs(2));
+    for (n, mode) in [
+        ClaimMode::SingleStatement,
+        ClaimMode::ReadFirst,
+        ClaimMode::Adaptive,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let store = with_mode(&base, mode);
+        let rev = |i: u64| Revision::from_u64(100 * n as u64 + i);
+        let fresh = rkey(&format!("fresh-{n}"));
+        let v = Versioned::new(
+            rev(1),
+            in_flight_with_checkpoint(&fresh, later, later.plus(Duration::from_secs(60))),
+        );
+        assert_eq!(
+            store.insert_if_absent(&fresh, &v, T0).await.unwrap(),
+            InsertOutcome::Inserted,
+            "{mode:?}"
+        );
+        assert_eq!(
+            store.get(&fresh, T0).await.unwrap().as_ref(),
+            Some(&v),
+            "{mode:?}"
+        );
+        let other = Versioned::new(rev(2), v.record.clone().with_checkpoint(None));
+        assert_eq!(
+            store.insert_if_absent(&fresh, &other, T0).await.unwrap(),
+            InsertOutcome::Exists(v.clone()),
+            "{mode:?}: the live record, with its checkpoint"
+        );
+
+        let over = rkey(&format!("over-expired-{n}"));
+        let short = completed(rev(3).as_u64(), 1, T0, 1, b"short");
+        store.insert_if_absent(&over, &short, T0).await.unwrap();
+        let v = Versioned::new(
+            rev(4),
+            in_flight_with_checkpoint(&over, later, later.plus(Duration::from_secs(60))),
+        );
+        assert_eq!(
+            store.insert_if_absent(&over, &v, later).await.unwrap(),
+            InsertOutcome::Inserted,
+            "{mode:?}"
+        );
+        assert_eq!(
+            store.get(&over, later).await.unwrap().as_ref(),
+            Some(&v),
+            "{mode:?}"
+        );
+
+        let mut next = v.record.clone();
+        next.checkpoint = Some(Checkpoint::new(&over, 2, "charge", &b"ch_1"[..]));
+        let next = Versioned::new(rev(5), next);
+        assert_eq!(
+            store
+                .compare_and_swap(&over, &v, &next, later)
+                .await
+                .unwrap(),
+            SwapOutcome::Swapped
+        );
+        assert_eq!(store.get(&over, later).await.unwrap(), Some(next));
+    }
 }

@@ -14,9 +14,11 @@ use redis::{Client, Value};
 
 use crate::RedisStoreBuilder;
 
+mod abandoned;
 mod census;
 mod conditional;
 mod primitives;
+mod scan;
 use crate::connection::{Connection, Topology};
 use crate::envelope::{self, Unreadable};
 use crate::error::{self, CLUSTER, Class, RedisError, STANDALONE};
@@ -74,8 +76,12 @@ struct Inner {
 ///   that a replica answered, is sent once more on a fresh connection before
 ///   the error is returned.
 /// - Undecodable values, and values of another Redis type at a record key,
-///   are [`StoreError::Corrupt`] and are never overwritten (a census skips
-///   them instead, see [`Store::census`](idem_core::store::Store::census)).
+///   are [`StoreError::Corrupt`] and are never overwritten (a census and
+///   the search for abandoned records skip them instead, see
+///   [`Store::census`](idem_core::store::Store::census)).
+/// - [`Store::abandoned`](idem_core::store::Store::abandoned) is a scan of
+///   the store's own keys, O(records under the prefix) per call; nothing is
+///   added to the write path (crate docs, "Finding abandoned records").
 /// - Clones share the connection.
 ///
 /// ```no_run

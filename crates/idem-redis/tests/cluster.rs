@@ -25,6 +25,10 @@ fn main() -> std::process::ExitCode {
             values_with_a_write_id_are_still_swapped,
         "cluster::census_counts_every_master_and_only_its_records" =>
             census_counts_every_master_and_only_its_records,
+        "cluster::records_of_the_first_format_still_work" => records_of_the_first_format_still_work,
+        "cluster::abandoned_finds_exactly_the_lapsed_checkpoints" =>
+            abandoned_finds_exactly_the_lapsed_checkpoints,
+        "cluster::abandoned_search_cost" => abandoned_search_cost,
     )
     .run()
 }

@@ -27,6 +27,10 @@ fn main() -> std::process::ExitCode {
             values_with_a_write_id_are_still_swapped,
         "redis::census_counts_every_master_and_only_its_records" =>
             census_counts_every_master_and_only_its_records,
+        "redis::records_of_the_first_format_still_work" => records_of_the_first_format_still_work,
+        "redis::abandoned_finds_exactly_the_lapsed_checkpoints" =>
+            abandoned_finds_exactly_the_lapsed_checkpoints,
+        "redis::abandoned_search_cost" => abandoned_search_cost,
     )
     .run()
 }

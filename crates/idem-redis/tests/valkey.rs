@@ -29,6 +29,10 @@ fn main() -> std::process::ExitCode {
         "valkey::hash_tag_prefix_is_rejected" => hash_tag_prefix_is_rejected,
         "valkey::census_counts_every_master_and_only_its_records" =>
             census_counts_every_master_and_only_its_records,
+        "valkey::records_of_the_first_format_still_work" => records_of_the_first_format_still_work,
+        "valkey::abandoned_finds_exactly_the_lapsed_checkpoints" =>
+            abandoned_finds_exactly_the_lapsed_checkpoints,
+        "valkey::abandoned_search_cost" => abandoned_search_cost,
     )
     .run()
 }

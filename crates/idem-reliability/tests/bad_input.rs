@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request};
-use idem_core::store::codec::{self, CodecError, DECODE_LIMIT, FORMAT_V1};
+use idem_core::store::codec::{self, CodecError, DECODE_LIMIT, FORMAT_V1, FORMAT_V2};
 use idem_core::store::{FencingToken, Record, State as KeyState, Versioned};
 use idem_core::{
     FailureKind, Fingerprint, IdempotencyKey, KeyError, MAX_KEY_LEN, MemoryStore, Outcome, Policy,
@@ -392,7 +392,7 @@ fn arb_damage() -> impl Strategy<Value = Damage> {
         )
             .prop_map(|(i, b)| Damage::Splice(i, b)),
         any::<u8>()
-            .prop_filter("not the current tag", |t| *t != FORMAT_V1)
+            .prop_filter("not a record tag", |t| *t != FORMAT_V1 && *t != FORMAT_V2)
             .prop_map(Damage::Tag),
     ]
 }
@@ -404,7 +404,12 @@ fn assert_codec_message(e: &CodecError) {
         CodecError::Empty => assert_eq!(msg, "stored value is empty"),
         CodecError::UnknownFormat(tag) => {
             assert!(msg.contains(&format!("unknown format tag {tag}")), "{msg}");
-            assert!(msg.contains(&format!("reads tag {FORMAT_V1}")), "{msg}");
+            assert!(
+                msg.contains(&format!(
+                    "writes tag {FORMAT_V1} for values and {FORMAT_V2} for records"
+                )),
+                "{msg}"
+            );
         }
         CodecError::Malformed(source) => {
             assert_eq!(msg, "stored value is malformed");
@@ -432,8 +437,9 @@ proptest! {
     fn decode_record_on_arbitrary_bytes(
         raw in prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..200),
-            // Starting with the right tag, to get past the first check.
+            // Starting with a record tag, to get past the first check.
             proptest::collection::vec(any::<u8>(), 0..200).prop_map(|mut v| { v.insert(0, FORMAT_V1); v }),
+            proptest::collection::vec(any::<u8>(), 0..200).prop_map(|mut v| { v.insert(0, FORMAT_V2); v }),
         ]
     ) {
         match codec::decode_record(&raw) {
@@ -444,7 +450,7 @@ proptest! {
             Err(e) => {
                 match raw.first() {
                     None => prop_assert!(matches!(e, CodecError::Empty)),
-                    Some(&tag) if tag != FORMAT_V1 => {
+                    Some(&tag) if tag != FORMAT_V1 && tag != FORMAT_V2 => {
                         prop_assert!(matches!(e, CodecError::UnknownFormat(t) if t == tag));
                     }
                     Some(_) => prop_assert!(matches!(

@@ -47,7 +47,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use idem_core::store::codec::{self, CodecError, FORMAT_V1};
+use idem_core::store::codec::{self, CodecError, FORMAT_V1, FORMAT_V2};
 use idem_core::store::{
     FencingToken, Record, Revision, State, Store, StoreError, SwapOutcome, Versioned,
 };
@@ -228,6 +228,7 @@ impl Damage {
 
 /// A raw snapshot of what is stored for one key, compared byte for byte.
 #[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // a few per test
 enum RawValue {
     /// The memory store's record.
     Memory(Option<Versioned>),
@@ -382,7 +383,7 @@ impl<'a> Raw<'a> {
                     Damage::UnknownCodecTag => {
                         // Byte 25: the record's codec format tag.
                         let mut v = good;
-                        assert_eq!(v[25], FORMAT_V1);
+                        assert_eq!(v[25], FORMAT_V2);
                         v[25] = 0x7f;
                         v
                     }

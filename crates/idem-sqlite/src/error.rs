@@ -18,8 +18,9 @@ use crate::STORE;
 ///   table name, a record too large).
 /// - Converted to [`StoreError`] (and from there to [`idem_core::Error`]):
 ///   transient errors become [`StoreError::Unavailable`], undecodable rows and
-///   corrupt files [`StoreError::Corrupt`], foreign files, schemas too new and
-///   records too large [`StoreError::Rejected`], anything else
+///   corrupt files [`StoreError::Corrupt`], foreign files, schemas too new,
+///   records too large and checkpoints that cannot be encoded
+///   [`StoreError::Rejected`], anything else
 ///   [`StoreError::Generic`]. The driver's error is kept as the source. The
 ///   classification of every SQLite result code is the table in the crate
 ///   docs, "Error classification".
@@ -98,6 +99,11 @@ pub enum SqliteError {
         /// What is wrong with it.
         why: String,
     },
+    /// A record's checkpoint could not be encoded for its column
+    /// ([`codec::encode_checkpoint`](idem_core::store::codec::encode_checkpoint));
+    /// nothing was written.
+    #[error("the record's checkpoint could not be encoded")]
+    Encode(#[source] Arc<idem_core::store::codec::CodecError>),
     /// A record larger than the store's limit.
     #[error("record of about {size} bytes exceeds the store's limit of {limit} bytes")]
     TooLarge {
@@ -152,6 +158,7 @@ impl SqliteError {
             Self::Open { source: e, .. } => classify(e, Phase::Open),
             Self::NotADatabase { .. } | Self::CorruptRow { .. } => Class::Corrupt,
             Self::TooLarge { .. }
+            | Self::Encode(_)
             | Self::SchemaTooNew { .. }
             | Self::ForeignDatabase { .. }
             | Self::ForeignTable { .. }

@@ -98,11 +98,13 @@
 //! | `lease_deadline` / `outcome` | `INTEGER` / `BLOB`, nullable | in flight / finished |
 //! | `created_at`, `updated_at`, `expires_at` | `INTEGER` | ms of the engine's clock; index on `expires_at` |
 //! | `attempts`, `revision` | `INTEGER` | ([`Revision::as_i64`](idem_core::store::Revision::as_i64)) |
+//! | `checkpoint` | `BLOB`, nullable | the holder's [`Checkpoint`](idem_core::store::Checkpoint) ([`codec::encode_checkpoint`](idem_core::store::codec::encode_checkpoint)); partial index `<table>_abandoned` on `lease_deadline` of in-flight rows that have one (schema version 2) |
 //!
 //! The table is `STRICT`: SQLite enforces the column types. Timestamps are
 //! u64 stored bit for bit, and the statements compare them as unsigned, so a
 //! record expiring at the end of time stays live. A row that does not make a
-//! record (unknown state, a blob of the wrong length, a missing outcome, …)
+//! record (unknown state, a blob of the wrong length, a missing outcome, a
+//! checkpoint that does not decode, …)
 //! is [`StoreError::Corrupt`](idem_core::StoreError::Corrupt), never a panic,
 //! and is never overwritten while it is live.
 //!
@@ -113,7 +115,8 @@
 //! | `compare_and_swap` | `UPDATE … WHERE digest = ? AND revision = ? AND <live> RETURNING 1`; only on a conflict, `SELECT` the live record |
 //! | `delete_if` | `DELETE … WHERE digest = ? AND revision = ? AND <live>` |
 //! | `purge_expired` | `DELETE … WHERE rowid IN (SELECT rowid … WHERE <expired, via the index> LIMIT ?)` |
-//! | [`apply_in`](SqliteStore::apply_in) | `UPDATE … WHERE digest = ? AND state = 'in_flight' AND token = ? AND <live>` |
+//! | [`apply_in`](SqliteStore::apply_in) | `UPDATE … WHERE digest = ? AND state = 'in_flight' AND token = ? AND <live>`; for a checkpoint, first `SELECT checkpoint` of the holder's row (by primary key) to check that it moves forward |
+//! | `abandoned` (declared in [`Capabilities`](idem_core::store::Capabilities)) | `SELECT … WHERE state = 'in_flight' AND checkpoint IS NOT NULL AND lease_deadline <= ? AND <live> ORDER BY lease_deadline LIMIT ?`: a range of the partial index `<table>_abandoned`, in a read transaction (no write lock) |
 //! | `census` ([`CensusSupport::Exact`](idem_core::store::CensusSupport::Exact)) | not in a batch: alone on the writer thread between batches, in the statement's own read transaction (no write lock: other connections and processes keep writing; this store's other calls wait). One `SELECT COALESCE(SUM(s > 0 AND b < 0), 0), …, COALESCE(SUM(s > 0 AND b = 5), 0), … FROM (SELECT CASE state … END AS s, CASE WHEN <expired> THEN -1 WHEN expires_at <= now + 1m THEN 0 … ELSE 5 END AS b FROM … LIMIT -1)`: one pass over every row, no sort, no index; rows of an unknown state are counted as `unreadable` and logged |
 //!
 //! ## Expiry
@@ -181,6 +184,24 @@
 //! so that a retry runs at once (or let the lease lapse). Either way the
 //! business write rolled back too, so the operation takes effect once. The
 //! complete program is `examples/transactional.rs`.
+//!
+//! ## Multi-step operations: local phases and abandoned records
+//!
+//! A step of a multi-step operation whose writes live in this database is a
+//! *local phase* ([`Phases`](idem_core::Phases), docs/phases.md): inside
+//! [`SqliteStore::transaction`], write its rows, then apply
+//! [`Phases::prepare_local`](idem_core::Phases::prepare_local) with
+//! [`SqliteStore::apply_in`]; the rows and the phase's checkpoint commit
+//! together, or neither does, and a holder whose lease was taken over cannot
+//! commit either (see [`SqliteStore::apply_in`] for the example). After the
+//! commit, [`Phases::applied`](idem_core::Phases::applied).
+//!
+//! [`Store::abandoned`](idem_core::store::Store::abandoned) (for the
+//! [`Completer`](idem_core::Completer)) is one range scan of the partial
+//! index `<table>_abandoned`, which holds only in-flight records that carry a
+//! checkpoint: its cost grows with the number of abandoned records returned
+//! (and of expired ones the purger has not removed yet), not with the
+//! table.
 //!
 //! ## Error classification
 //!

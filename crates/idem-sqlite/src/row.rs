@@ -1,6 +1,8 @@
 //! Records to typed columns and back.
 
-use idem_core::store::{FencingToken, Record, Revision, State, Versioned};
+use std::sync::Arc;
+
+use idem_core::store::{FencingToken, Record, Revision, State, Versioned, codec};
 use idem_core::{FailureKind, Fingerprint, Outcome, Timestamp};
 use rusqlite::Row;
 use rusqlite::types::{ToSql, ValueRef};
@@ -10,7 +12,10 @@ use crate::SqliteError;
 /// The record columns, in the order [`decode`] reads them and
 /// [`Columns::params`] binds them.
 pub(crate) const RECORD_COLUMNS: &str = "state, fingerprint, token, lease_deadline, outcome, \
-     created_at, updated_at, expires_at, attempts, revision";
+     created_at, updated_at, expires_at, attempts, revision, checkpoint";
+
+/// How many columns [`RECORD_COLUMNS`] names.
+pub(crate) const RECORD_COLUMN_COUNT: usize = 11;
 
 /// A u64 (timestamp) stored bit for bit in an `INTEGER` column.
 pub(crate) const fn to_i64(value: u64) -> i64 {
@@ -39,10 +44,15 @@ pub(crate) struct Columns<'a> {
     expires_at: i64,
     attempts: i64,
     revision: i64,
+    checkpoint: Option<Vec<u8>>,
 }
 
 impl<'a> Columns<'a> {
-    pub(crate) fn of(v: &'a Versioned) -> Self {
+    /// The columns of `v`.
+    ///
+    /// # Behavior
+    /// A checkpoint that cannot be encoded is [`SqliteError::Encode`].
+    pub(crate) fn of(v: &'a Versioned) -> Result<Self, SqliteError> {
         let r = &v.record;
         let (lease_deadline, outcome) = match &r.state {
             State::InFlight { lease_deadline, .. } => (Some(ts(*lease_deadline)), None),
@@ -50,7 +60,13 @@ impl<'a> Columns<'a> {
                 (None, Some(outcome.as_bytes()))
             }
         };
-        Self {
+        let checkpoint = r
+            .checkpoint
+            .as_ref()
+            .map(codec::encode_checkpoint)
+            .transpose()
+            .map_err(|e| SqliteError::Encode(Arc::new(e)))?;
+        Ok(Self {
             state: r.state.name(),
             fingerprint: r.fingerprint.as_bytes(),
             token: r.state.token().to_be_bytes(),
@@ -61,11 +77,12 @@ impl<'a> Columns<'a> {
             expires_at: ts(r.expires_at),
             attempts: i64::from(r.attempts),
             revision: v.revision.as_i64(),
-        }
+            checkpoint,
+        })
     }
 
-    /// The ten record columns, in [`RECORD_COLUMNS`] order.
-    pub(crate) fn params(&self) -> [&dyn ToSql; 10] {
+    /// The record columns, in [`RECORD_COLUMNS`] order.
+    pub(crate) fn params(&self) -> [&dyn ToSql; RECORD_COLUMN_COUNT] {
         [
             &self.state,
             &self.fingerprint,
@@ -77,23 +94,27 @@ impl<'a> Columns<'a> {
             &self.expires_at,
             &self.attempts,
             &self.revision,
+            &self.checkpoint,
         ]
     }
 }
 
 /// The record's size as the core measures it for the size limit
-/// ([`idem_core::store::codec::record_size`]).
+/// ([`idem_core::store::codec::record_size`]: the outcome, the checkpoint
+/// and a fixed overhead).
 pub(crate) fn record_size(v: &Versioned) -> usize {
-    idem_core::store::codec::record_size(&v.record)
+    codec::record_size(&v.record)
 }
 
-/// Decodes the ten record columns starting at column `first` of `row`.
+/// Decodes the record columns ([`RECORD_COLUMNS`]) starting at column
+/// `first` of `row`.
 ///
 /// # Behavior
 /// A value of the wrong type, a NULL where the state needs a value, a value
 /// where the state has none, a fingerprint or token of the wrong length, an
-/// unknown state or attempts outside u32 are each [`SqliteError::CorruptRow`];
-/// nothing panics.
+/// unknown state, attempts outside u32 or a checkpoint that does not decode
+/// ([`codec::decode_checkpoint`]) are each [`SqliteError::CorruptRow`];
+/// nothing panics. A NULL checkpoint is none.
 pub(crate) fn decode(row: &Row<'_>, first: usize, table: &str) -> Result<Versioned, SqliteError> {
     let corrupt = |why: String| SqliteError::CorruptRow {
         table: table.to_string(),
@@ -164,6 +185,10 @@ pub(crate) fn decode(row: &Row<'_>, first: usize, table: &str) -> Result<Version
     let expires_at = int(7, "expires_at")?;
     let attempts = int(8, "attempts")?;
     let revision = int(9, "revision")?;
+    let checkpoint = blob(10, "checkpoint")?
+        .map(codec::decode_checkpoint)
+        .transpose()
+        .map_err(|e| corrupt(format!("column checkpoint does not decode: {e}")))?;
 
     let attempts = u32::try_from(attempts)
         .map_err(|_| corrupt(format!("attempts {attempts} is not a u32")))?;
@@ -210,7 +235,8 @@ pub(crate) fn decode(row: &Row<'_>, first: usize, table: &str) -> Result<Version
             at(updated_at),
             at(expires_at),
             attempts,
-        ),
+        )
+        .with_checkpoint(checkpoint),
     })
 }
 
@@ -236,29 +262,69 @@ mod tests {
 
     #[test]
     fn inconsistent_rows_are_corrupt_not_panics() {
-        let good = "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7";
+        let good =
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7, NULL";
         let v = decode_row(good).unwrap();
         assert_eq!(v.revision, Revision::from_u64(7));
         assert_eq!(v.record.expires_at, Timestamp::from_millis(3));
+        assert_eq!(v.record.checkpoint, None);
         for bad in [
-            "SELECT 'bogus', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(31), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(17), NULL, x'01', 1, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, NULL, 1, 2, 3, 1, 7",
-            "SELECT 'in_flight', zeroblob(32), zeroblob(16), NULL, NULL, 1, 2, 3, 1, 7",
-            "SELECT 'in_flight', zeroblob(32), zeroblob(16), 5, x'00', 1, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, 'text', 1, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1.5, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, -1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 4294967296, 7",
-            "SELECT x'00', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
-            "SELECT 'completed', NULL, zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7",
-            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, NULL, 1, 7",
+            "SELECT 'bogus', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(31), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(17), NULL, x'01', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, NULL, 1, 2, 3, 1, 7, NULL",
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), NULL, NULL, 1, 2, 3, 1, 7, NULL",
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), 5, x'00', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, 'text', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1.5, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, -1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 4294967296, 7, NULL",
+            "SELECT x'00', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', NULL, zeroblob(16), NULL, x'01', 1, 2, 3, 1, 7, NULL",
+            "SELECT 'completed', zeroblob(32), zeroblob(16), NULL, x'01', 1, 2, NULL, 1, 7, NULL",
+            // A checkpoint that is not one: bytes of no format, text.
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), 5, NULL, 1, 2, 3, 1, 7, x'00'",
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), 5, NULL, 1, 2, 3, 1, 7, x'0102'",
+            "SELECT 'in_flight', zeroblob(32), zeroblob(16), 5, NULL, 1, 2, 3, 1, 7, 'cp'",
         ] {
             assert!(
                 matches!(decode_row(bad), Err(SqliteError::CorruptRow { .. })),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn checkpoints_round_trip_through_their_column() {
+        let key = idem_core::RecordKey::new(
+            &idem_core::Scope::tenant("t").with_operation("orders.create"),
+            &idem_core::IdempotencyKey::parse("k").unwrap(),
+        );
+        let checkpoint = idem_core::store::Checkpoint::new(&key, 2, "charge", vec![0, 1, 2]);
+        let record = Record::from_parts(
+            Fingerprint::of(b"r"),
+            State::InFlight {
+                token: FencingToken::from_u128(9),
+                lease_deadline: Timestamp::from_millis(5),
+            },
+            Timestamp::from_millis(1),
+            Timestamp::from_millis(2),
+            Timestamp::from_millis(3),
+            1,
+        )
+        .with_checkpoint(Some(checkpoint));
+        let v = Versioned::new(Revision::from_u64(7), record);
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let cols = Columns::of(&v).unwrap();
+        let sql = "SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11";
+        let back = conn
+            .query_row(sql, cols.params().as_slice(), |row| Ok(decode(row, 0, "t")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, v);
+        assert!(
+            record_size(&v) > codec::RECORD_OVERHEAD + 3,
+            "the checkpoint counts"
+        );
     }
 }

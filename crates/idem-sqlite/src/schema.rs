@@ -24,7 +24,8 @@ pub const MAX_TABLE_LEN: usize = 64;
 /// not starting with a digit ([`idem_core::store::check_table_name`]), not starting
 /// with `sqlite_` (reserved by SQLite), and not `idem_schema`. Anything else
 /// is an [`idem_core::store::TableNameError`]. The name is always quoted in SQL. The expiry index is named
-/// `<table>_expires_at`.
+/// `<table>_expires_at`, the index of abandoned records (see
+/// [`Store::abandoned`](idem_core::store::Store::abandoned)) `<table>_abandoned`.
 ///
 /// ```
 /// use idem_sqlite::TableName;
@@ -69,9 +70,10 @@ impl TableName {
         format!("\"{}\"", self.0)
     }
 
-    /// The expiry index's name, quoted.
-    pub(crate) fn quoted_index(&self) -> String {
-        format!("\"{}_expires_at\"", self.0)
+    /// The name of the table's index `suffix` (`expires_at`, `abandoned`),
+    /// quoted: `"<table>_<suffix>"`. `suffix` is a constant of this crate.
+    pub(crate) fn quoted_index(&self, suffix: &str) -> String {
+        format!("\"{}_{suffix}\"", self.0)
     }
 }
 
@@ -89,7 +91,8 @@ impl fmt::Display for TableName {
 
 /// The migrations, in order: migration `i` (0-based) brings the table from
 /// version `i` to version `i + 1`. `{table}` and `{index}` are replaced by
-/// the quoted names. Never edit a shipped migration; append a new one.
+/// the quoted names (`{abandoned_index}` too). Never edit a shipped
+/// migration; append a new one.
 const MIGRATIONS: &[&str] = &[
     // 1: the records table and its expiry index.
     "CREATE TABLE {table} (
@@ -110,6 +113,13 @@ const MIGRATIONS: &[&str] = &[
         revision INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX {index} ON {table} (expires_at);",
+    // 2: the checkpoint (`codec::encode_checkpoint`, NULL for none) and the
+    // index that serves `Store::abandoned`: in-flight records with a
+    // checkpoint, by lease deadline (records without a checkpoint, nearly
+    // all of them, are not in it).
+    "ALTER TABLE {table} ADD COLUMN checkpoint BLOB;
+    CREATE INDEX {abandoned_index} ON {table} (lease_deadline)
+        WHERE state = 'in_flight' AND checkpoint IS NOT NULL;",
 ];
 
 /// The schema version this crate creates and reads.
@@ -214,7 +224,8 @@ pub(crate) fn migrate(
         tx.execute_batch(
             &migration
                 .replace("{table}", &table.quoted())
-                .replace("{index}", &table.quoted_index()),
+                .replace("{index}", &table.quoted_index("expires_at"))
+                .replace("{abandoned_index}", &table.quoted_index("abandoned")),
         )?;
         tracing::info!(table = %table, version = i + 1, "idem-sqlite: migrated");
     }

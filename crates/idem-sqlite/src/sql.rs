@@ -21,13 +21,13 @@ pub(crate) struct Statements {
     /// The table, unquoted (for error messages).
     pub(crate) table: String,
     /// Claim: `?1` digest, `?2..?5` tenant, principal, operation, key,
-    /// `?6..?15` the record columns, `?16` now. Writes only over an absent or
+    /// `?6..?16` the record columns, `?17` now. Writes only over an absent or
     /// expired record; returns a row if it wrote.
     pub(crate) insert: String,
     /// `?1` digest, `?2` now: the live record's columns.
     pub(crate) get: String,
-    /// `?1` digest, `?2` expected revision, `?3..?12` the record columns,
-    /// `?13` now. Returns a row if it wrote.
+    /// `?1` digest, `?2` expected revision, `?3..?13` the record columns,
+    /// `?14` now. Returns a row if it wrote.
     pub(crate) cas: String,
     /// `?1` digest, `?2` expected revision, `?3` now.
     pub(crate) delete: String,
@@ -35,8 +35,20 @@ pub(crate) struct Statements {
     pub(crate) purge_low: String,
     /// `?1` now (2^63 or more, i.e. negative as INTEGER), `?2` limit.
     pub(crate) purge_high: String,
-    /// `?1` digest, `?2` token, `?3..?12` the record columns, `?13` now.
+    /// `?1` digest, `?2` token, `?3..?13` the record columns, `?14` now.
     pub(crate) apply: String,
+    /// `?1` digest, `?2` token, `?3` now: the live record's checkpoint if
+    /// it is in flight under the token (no row otherwise), read before a
+    /// checkpoint is applied to check that it moves forward.
+    pub(crate) holder_checkpoint: String,
+    /// [`Store::abandoned`](idem_core::store::Store::abandoned): `?1` now
+    /// (below 2^63), `?2` limit. The record columns of live in-flight
+    /// records with a checkpoint whose lease lapsed, earliest first: a range
+    /// of the partial index `<table>_abandoned`, in its order.
+    pub(crate) abandoned_low: String,
+    /// As `abandoned_low`, for `?1` now at 2^63 or more (negative as
+    /// INTEGER): two ranges of the index, sorted.
+    pub(crate) abandoned_high: String,
     /// The census: `?1` now, `?2..?6` the histogram's thresholds (`now` plus
     /// each of [`EXPIRY_BUCKETS`](idem_core::store::EXPIRY_BUCKETS),
     /// saturating). One row, the columns of [`CENSUS_COLUMNS`].
@@ -79,10 +91,10 @@ impl Statements {
         let t = table.quoted();
         let set_record = "state = ?3, fingerprint = ?4, token = ?5, lease_deadline = ?6, \
              outcome = ?7, created_at = ?8, updated_at = ?9, expires_at = ?10, \
-             attempts = ?11, revision = ?12";
+             attempts = ?11, revision = ?12, checkpoint = ?13";
         let insert = format!(
             "INSERT INTO {t} (digest, tenant, principal, operation, \"key\", {RECORD_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
              ON CONFLICT (digest) DO UPDATE SET \
                 tenant = excluded.tenant, principal = excluded.principal, \
                 operation = excluded.operation, \"key\" = excluded.\"key\", \
@@ -90,19 +102,20 @@ impl Statements {
                 token = excluded.token, lease_deadline = excluded.lease_deadline, \
                 outcome = excluded.outcome, created_at = excluded.created_at, \
                 updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
-                attempts = excluded.attempts, revision = excluded.revision \
+                attempts = excluded.attempts, revision = excluded.revision, \
+                checkpoint = excluded.checkpoint \
              WHERE NOT {} \
              RETURNING 1",
-            live(&format!("{t}.expires_at"), "?16"),
+            live(&format!("{t}.expires_at"), "?17"),
         );
         let get = format!(
             "SELECT {RECORD_COLUMNS} FROM {t} WHERE digest = ?1 AND {}",
             live("expires_at", "?2")
         );
-        let live13 = live("expires_at", "?13");
         let cas = format!(
-            "UPDATE {t} SET {set_record} WHERE digest = ?1 AND revision = ?2 AND {live13} \
-             RETURNING 1"
+            "UPDATE {t} SET {set_record} WHERE digest = ?1 AND revision = ?2 AND {} \
+             RETURNING 1",
+            live("expires_at", "?14")
         );
         let delete = format!(
             "DELETE FROM {t} WHERE digest = ?1 AND revision = ?2 AND {}",
@@ -123,7 +136,32 @@ impl Statements {
         let purge_high = purge("(expires_at >= 0 OR expires_at <= ?1)");
         let apply = format!(
             "UPDATE {t} SET {set_record} \
-             WHERE digest = ?1 AND state = 'in_flight' AND token = ?2 AND {live13}"
+             WHERE digest = ?1 AND state = 'in_flight' AND token = ?2 AND {}",
+            live("expires_at", "?14")
+        );
+        let holder_checkpoint = format!(
+            "SELECT checkpoint FROM {t} \
+             WHERE digest = ?1 AND state = 'in_flight' AND token = ?2 AND {}",
+            live("expires_at", "?3")
+        );
+        // Lapsed at `now` means `lease_deadline <= now` as u64, split as for
+        // the purge. The conditions on `state` and `checkpoint` are the
+        // partial index's own, so that the planner may use it; the index
+        // holds only in-flight records with a checkpoint, so the scan reads
+        // abandoned records (and expired ones not purged yet) only.
+        let abandoned_low = format!(
+            "SELECT {RECORD_COLUMNS} FROM {t} \
+             WHERE state = 'in_flight' AND checkpoint IS NOT NULL \
+             AND lease_deadline BETWEEN 0 AND ?1 AND {} \
+             ORDER BY lease_deadline LIMIT ?2",
+            live("expires_at", "?1")
+        );
+        let abandoned_high = format!(
+            "SELECT {RECORD_COLUMNS} FROM {t} \
+             WHERE state = 'in_flight' AND checkpoint IS NOT NULL \
+             AND (lease_deadline >= 0 OR lease_deadline <= ?1) AND {} \
+             ORDER BY lease_deadline < 0, lease_deadline LIMIT ?2",
+            live("expires_at", "?1")
         );
         let census = census(&t);
         Self {
@@ -135,6 +173,9 @@ impl Statements {
             purge_low,
             purge_high,
             apply,
+            holder_checkpoint,
+            abandoned_low,
+            abandoned_high,
             census,
         }
     }
@@ -294,5 +335,39 @@ mod tests {
                 assert_eq!(got, e > n, "{e} > {n}");
             }
         }
+    }
+
+    /// The plan of `statement` on a migrated in-memory table: one line per
+    /// step.
+    fn plan(statement: &str, params: impl rusqlite::Params) -> Vec<String> {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let table = TableName::default();
+        crate::schema::migrate(&mut conn, &table, std::path::Path::new(":memory:")).unwrap();
+        let statement = format!("EXPLAIN QUERY PLAN {statement}");
+        let mut stmt = conn.prepare(&statement).unwrap();
+        stmt.query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// `abandoned` is a range scan of the partial index, in its order (no
+    /// sort) below 2^63 ms; above, two ranges of it, sorted.
+    #[test]
+    fn abandoned_scans_the_partial_index() {
+        let sql = Statements::new(&TableName::default());
+        let low = plan(&sql.abandoned_low, rusqlite::params![5_i64, 100_i64]);
+        assert!(
+            low.iter().any(|l| l.contains(
+                "USING INDEX idem_records_abandoned (lease_deadline>? AND lease_deadline<?)"
+            )),
+            "{low:?}"
+        );
+        assert!(!low.iter().any(|l| l.contains("TEMP B-TREE")), "{low:?}");
+        let high = plan(&sql.abandoned_high, rusqlite::params![-5_i64, 100_i64]);
+        assert!(
+            high.iter().any(|l| l.contains("idem_records_abandoned")),
+            "{high:?}"
+        );
     }
 }

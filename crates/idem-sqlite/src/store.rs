@@ -116,8 +116,11 @@ impl SqliteStore {
     /// # Behavior
     /// - Switches the file to WAL mode, sets [`Durability::Full`] and a busy
     ///   timeout of [`DEFAULT_BUSY_TIMEOUT`](crate::DEFAULT_BUSY_TIMEOUT), then creates or migrates the
-    ///   records table and its expiry index in one transaction (several
-    ///   processes may open the same file at once).
+    ///   records table and its indexes in one transaction (several
+    ///   processes may open the same file at once). A table of an earlier
+    ///   schema version is upgraded in place (version 2 adds the nullable
+    ///   `checkpoint` column and builds the partial index of abandoned
+    ///   records, which reads the table once, under the write lock).
     /// - A file that is not a SQLite database is [`SqliteError::NotADatabase`];
     ///   a SQLite database of another application (a foreign
     ///   `application_id`) is [`SqliteError::ForeignDatabase`]; a table of the

@@ -12,7 +12,7 @@ use rusqlite::types::ToSql;
 use tokio::sync::oneshot;
 
 use crate::SqliteError;
-use crate::row::{self, Columns, ts};
+use crate::row::{self, Columns, RECORD_COLUMN_COUNT, ts};
 use crate::sql::Statements;
 
 /// Where a primitive's answer goes: a reply typed to that primitive.
@@ -51,12 +51,17 @@ pub(crate) enum Request {
         limit: usize,
         reply: Reply<u64>,
     },
+    Abandoned {
+        now: Timestamp,
+        limit: usize,
+        reply: Reply<Vec<Versioned>>,
+    },
 }
 
 impl Request {
     /// Whether the primitive may write (and so needs the write lock).
     fn writes(&self) -> bool {
-        !matches!(self, Self::Get { .. })
+        !matches!(self, Self::Get { .. } | Self::Abandoned { .. })
     }
 
     /// Runs the primitive inside the batch's transaction. Its answer waits
@@ -84,6 +89,9 @@ impl Request {
                 reply,
             } => Ran::Delete(reply, delete(conn, sql, &digest, expected, now)),
             Self::Purge { now, limit, reply } => Ran::Purge(reply, purge(conn, sql, now, limit)),
+            Self::Abandoned { now, limit, reply } => {
+                Ran::Abandoned(reply, abandoned(conn, sql, now, limit))
+            }
         }
     }
 
@@ -96,6 +104,7 @@ impl Request {
             Self::Cas { reply, .. } => answer(reply, Err(e.clone())),
             Self::Delete { reply, .. } => answer(reply, Err(e.clone())),
             Self::Purge { reply, .. } => answer(reply, Err(e.clone())),
+            Self::Abandoned { reply, .. } => answer(reply, Err(e.clone())),
         }
     }
 }
@@ -110,6 +119,7 @@ enum Ran {
     Cas(Reply<SwapOutcome>, Result<SwapOutcome, SqliteError>),
     Delete(Reply<bool>, Result<bool, SqliteError>),
     Purge(Reply<u64>, Result<u64, SqliteError>),
+    Abandoned(Reply<Vec<Versioned>>, Result<Vec<Versioned>, SqliteError>),
 }
 
 impl Ran {
@@ -121,6 +131,7 @@ impl Ran {
             Self::Cas(_, r) => r.as_ref().err(),
             Self::Delete(_, r) => r.as_ref().err(),
             Self::Purge(_, r) => r.as_ref().err(),
+            Self::Abandoned(_, r) => r.as_ref().err(),
         }
     }
 
@@ -132,6 +143,7 @@ impl Ran {
             Self::Cas(reply, r) => answer(reply, settled(r, committed)),
             Self::Delete(reply, r) => answer(reply, settled(r, committed)),
             Self::Purge(reply, r) => answer(reply, settled(r, committed)),
+            Self::Abandoned(reply, r) => answer(reply, settled(r, committed)),
         }
     }
 }
@@ -357,7 +369,7 @@ fn insert(
     if let Some(existing) = get(conn, sql, digest, now)? {
         return Ok(InsertOutcome::Exists(existing));
     }
-    let cols = Columns::of(record);
+    let cols = Columns::of(record)?;
     let scope = key.scope();
     let (tenant, principal, operation, ikey) = (
         scope.tenant_id(),
@@ -365,7 +377,7 @@ fn insert(
         scope.operation(),
         key.key().as_str(),
     );
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(16);
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(6 + RECORD_COLUMN_COUNT);
     params.extend_from_slice(&[&digest, &tenant, &principal, &operation, &ikey]);
     params.extend_from_slice(&cols.params());
     params.push(&now);
@@ -394,9 +406,9 @@ fn cas(
     record: &Versioned,
     now: Timestamp,
 ) -> Result<SwapOutcome, SqliteError> {
-    let cols = Columns::of(record);
+    let cols = Columns::of(record)?;
     let (digest, expected, now) = (&digest[..], expected.as_i64(), ts(now));
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(13);
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(3 + RECORD_COLUMN_COUNT);
     params.extend_from_slice(&[&digest, &expected]);
     params.extend_from_slice(&cols.params());
     params.push(&now);
@@ -446,6 +458,40 @@ fn purge(
         .prepare_cached(statement)?
         .execute(rusqlite::params![now, limit])?;
     Ok(purged as u64)
+}
+
+/// `abandoned`, inside the batch's (read) transaction: one range scan of
+/// the partial index of in-flight records with a checkpoint.
+fn abandoned(
+    conn: &Connection,
+    sql: &Statements,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<Versioned>, SqliteError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let now = ts(now);
+    let statement = if now >= 0 {
+        &sql.abandoned_low
+    } else {
+        &sql.abandoned_high
+    };
+    let mut stmt = conn.prepare_cached(statement)?;
+    let mut rows = stmt.query(rusqlite::params![now, limit])?;
+    let mut found = Vec::new();
+    while let Some(row) = rows.next()? {
+        match row::decode(row, 0, &sql.table) {
+            Ok(v) => found.push(v),
+            // One damaged row must not stop the completer for every other
+            // key; `get` still reports it as corrupt.
+            Err(e) => {
+                tracing::warn!(error = %e, table = %sql.table, "idem-sqlite: skipping an abandoned record that cannot be read")
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// The live record under `digest`, decoded.

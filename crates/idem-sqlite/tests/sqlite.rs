@@ -10,19 +10,20 @@ use std::time::Duration;
 
 use idem_core::machine::Fenced;
 use idem_core::store::{
-    Coverage, InsertOutcome, Record, Revision, State, Store, StoreError, Versioned,
+    Checkpoint, Coverage, FencingToken, InsertOutcome, Record, Revision, State, Store, StoreError,
+    Versioned,
 };
 use idem_core::{
-    Clock, Engine, Error, Executed, Fingerprint, ManualClock, Outcome, RecordKey, Timestamp,
-    Transition,
+    Clock, Engine, Error, Executed, FailureKind, Fingerprint, ManualClock, Outcome, RecordKey,
+    Timestamp, Transition,
 };
 use idem_sqlite::rusqlite::{Connection, Transaction, TransactionBehavior};
 use idem_sqlite::{
     DEFAULT_PAGE_CACHE_BYTES, Durability, SCHEMA_VERSION, SqliteError, SqliteStore, TableName,
 };
 use idem_testkit::fixtures::{
-    T0, engine, ikey, in_progress, policy, poll_until, prepared, proceed, race, replays, scope,
-    stored,
+    LEASE, T0, engine, ikey, in_progress, policy, poll_until, prepared, proceed, race, replays,
+    scope, stored,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -821,6 +822,9 @@ async fn inconsistent_rows_are_corrupt_errors_and_never_overwritten() {
         "state = 'completed', outcome = NULL, lease_deadline = NULL",
         "lease_deadline = NULL",
         "attempts = -1",
+        // A checkpoint that does not decode (no format; a truncated one).
+        "checkpoint = x'00'",
+        "checkpoint = x'0103'",
     ];
     for (i, set) in corruptions.iter().enumerate() {
         let k = rkey(&format!("corrupt-{i}"));
@@ -1062,6 +1066,19 @@ async fn records_over_the_limit_are_rejected() {
         Err(StoreError::Rejected { .. })
     ));
     assert_eq!(store.get(&k, T0).await.unwrap(), None);
+    // The checkpoint counts too (`codec::record_size`).
+    let heavy = claim(2, T0).record.with_checkpoint(Some(Checkpoint::new(
+        &k,
+        1,
+        "reserve",
+        vec![0u8; 2048],
+    )));
+    let heavy = Versioned::new(Revision::from_u64(2), heavy);
+    assert!(matches!(
+        store.insert_if_absent(&k, &heavy, T0).await,
+        Err(StoreError::Rejected { .. })
+    ));
+    assert_eq!(store.get(&k, T0).await.unwrap(), None);
 }
 
 /// Concurrent calls are committed in batches and each still gets its own,
@@ -1088,4 +1105,539 @@ async fn batched_calls_each_get_their_own_answer() {
         .count();
     assert_eq!(inserted, 64, "one insert per key");
     assert_eq!(rows(&db(&dir)), 64);
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints: the column, local phases, abandoned records
+// ---------------------------------------------------------------------------
+
+/// The column names of `table` in the file at `path`, in order.
+fn columns(path: &Path, table: &str) -> Vec<String> {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
+        .unwrap();
+    stmt.query_map([table], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// The `CREATE INDEX` statements of `table` in the file at `path`.
+fn indexes(path: &Path, table: &str) -> Vec<String> {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL")
+        .unwrap();
+    stmt.query_map([table], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A table of the first schema version (before checkpoints) migrates on
+/// open: it gains the checkpoint column and the index of abandoned records,
+/// keeps its records (read back without a checkpoint), and a record
+/// written before the migration can be checkpointed and found abandoned.
+#[tokio::test]
+async fn a_version_1_table_migrates_on_open_and_keeps_its_records() {
+    let (_dir, path) = temp_db();
+    let clock = ManualClock::new(T0);
+    {
+        let engine = engine(SqliteStore::open(&path).unwrap(), &clock);
+        let done = engine
+            .execute(
+                &scope(),
+                &ikey("old-done"),
+                Fingerprint::of(b"x"),
+                || async { 7_u8 },
+            )
+            .await
+            .unwrap();
+        assert_eq!(done, Executed::Fresh(7));
+        proceed(&engine, "old-in-flight").await;
+    }
+    // Back to version 1: what idem-sqlite before checkpoints left behind.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "DROP INDEX idem_records_abandoned;
+             ALTER TABLE idem_records DROP COLUMN checkpoint;
+             UPDATE idem_schema SET version = 1;",
+        )
+        .unwrap();
+    assert!(!columns(&path, "idem_records").contains(&"checkpoint".to_string()));
+
+    let store = SqliteStore::open(&path).unwrap();
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT version FROM idem_schema", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((version, SCHEMA_VERSION), (2, 2));
+    assert_eq!(
+        columns(&path, "idem_records"),
+        [
+            "digest",
+            "tenant",
+            "principal",
+            "operation",
+            "key",
+            "state",
+            "fingerprint",
+            "token",
+            "lease_deadline",
+            "outcome",
+            "created_at",
+            "updated_at",
+            "expires_at",
+            "attempts",
+            "revision",
+            "checkpoint",
+        ]
+    );
+    let abandoned_index = indexes(&path, "idem_records")
+        .into_iter()
+        .find(|sql| sql.contains("\"idem_records_abandoned\""))
+        .expect("the index of abandoned records");
+    assert!(
+        abandoned_index.contains("(lease_deadline)")
+            && abandoned_index.contains("WHERE state = 'in_flight' AND checkpoint IS NOT NULL"),
+        "{abandoned_index}"
+    );
+
+    let engine = engine(store.clone(), &clock);
+    let again = engine
+        .execute(
+            &scope(),
+            &ikey("old-done"),
+            Fingerprint::of(b"x"),
+            || async { 0_u8 },
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Executed::Replayed(7), "the old record replays");
+    let old = stored(&store, &rkey("old-in-flight"), clock.now()).await;
+    assert_eq!(old.record.checkpoint, None);
+    clock.advance(LEASE + Duration::from_millis(1));
+    let taker = proceed(&engine, "old-in-flight").await;
+    engine
+        .checkpoint(&taker, "reserve", &b"r"[..])
+        .await
+        .unwrap();
+    clock.advance(LEASE + Duration::from_millis(1));
+    let found = store.abandoned(clock.now(), 10).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0], stored(&store, taker.key(), clock.now()).await);
+}
+
+/// How many `reservations` rows `key` has in the file at `path`.
+fn reservations(path: &Path, key: &str) -> i64 {
+    let sql = "SELECT count(*) FROM reservations WHERE order_key = ?1";
+    let conn = Connection::open(path).unwrap();
+    conn.query_row(sql, [key], |r| r.get(0)).unwrap()
+}
+
+/// A local phase in `store.transaction`: the reservation row of `key` and
+/// the phase's checkpoint, applied with `apply_in`; the closure fails after
+/// both were written unless `commit`. Returns the transition applied.
+async fn reserve(
+    store: &SqliteStore,
+    phases: &idem_core::Phases,
+    key: &str,
+    commit: bool,
+) -> Result<Transition, BoxError> {
+    let (s, p, key) = (store.clone(), phases.clone(), key.to_string());
+    store
+        .transaction(move |tx| -> Result<Transition, BoxError> {
+            tx.execute("INSERT INTO reservations (order_key) VALUES (?1)", [&key])?;
+            let id = tx.last_insert_rowid();
+            let t = p.prepare_local("reserve", &id)?;
+            s.apply_in(tx, &t)?;
+            if commit {
+                Ok(t)
+            } else {
+                Err("the handler failed after the phase".into())
+            }
+        })
+        .await
+}
+
+/// A local phase commits its business row and its checkpoint in one
+/// transaction; a rollback leaves neither; the same checkpoint cannot be
+/// applied twice; a holder whose lease was taken over cannot apply one,
+/// and its business row rolls back; the taker resumes after the phase.
+#[tokio::test]
+async fn local_phase_commits_its_rows_with_its_checkpoint_or_neither() {
+    let (dir, store) = fresh();
+    store
+        .transaction(|tx| -> Result<(), SqliteError> {
+            Ok(tx.execute_batch(
+                "CREATE TABLE reservations (id INTEGER PRIMARY KEY, order_key TEXT NOT NULL)",
+            )?)
+        })
+        .await
+        .unwrap();
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    let lease = proceed(&engine, "order-1").await;
+    let mut phases = engine.phases(&lease).unwrap();
+
+    // Rollback: neither the row nor the checkpoint.
+    assert!(reserve(&store, &phases, "order-1", false).await.is_err());
+    assert_eq!(reservations(&db(&dir), "order-1"), 0);
+    let record = stored(&store, lease.key(), clock.now()).await;
+    assert_eq!(record.record.checkpoint, None);
+    assert!(matches!(record.record.state, State::InFlight { token, .. } if token == lease.token()));
+
+    // Commit: both, and the record stays in flight under the same lease.
+    let applied = reserve(&store, &phases, "order-1", true).await.unwrap();
+    phases.applied(&applied).unwrap();
+    assert_eq!(reservations(&db(&dir), "order-1"), 1);
+    let record = stored(&store, lease.key(), clock.now()).await;
+    assert_eq!(record, applied.next);
+    assert!(matches!(record.record.state, State::InFlight { token, .. } if token == lease.token()));
+    let checkpoint = record.record.checkpoint.clone().expect("a checkpoint");
+    assert_eq!((checkpoint.seq, checkpoint.step.as_str()), (1, "reserve"));
+    assert!(phases.is_recorded("reserve"));
+    assert_eq!(lease.checkpoint(), Some(checkpoint));
+
+    // The same checkpoint again: it would not move forward.
+    let (s, again) = (store.clone(), applied.clone());
+    let twice = store.transaction(move |tx| s.apply_in(tx, &again)).await;
+    assert!(
+        matches!(
+            twice,
+            Err(Error::LeaseLost(Fenced::Backwards {
+                stored: 1,
+                offered: 1
+            }))
+        ),
+        "{twice:?}"
+    );
+
+    // The lease lapses and another holder takes over: the old holder's
+    // next local phase is refused, and its row rolls back.
+    clock.advance(LEASE + Duration::from_millis(1));
+    let taker = proceed(&engine, "order-1").await;
+    let stale = reserve(&store, &phases, "order-1", true).await;
+    assert!(
+        matches!(
+            stale.as_ref().map_err(|e| e.downcast_ref::<Error>()),
+            Err(Some(Error::LeaseLost(Fenced::TakenOver)))
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(
+        reservations(&db(&dir), "order-1"),
+        1,
+        "the stale row rolled back"
+    );
+
+    // The taker resumes after the committed phase.
+    let resumed = engine.phases(&taker).unwrap();
+    assert_eq!(resumed.resumed_from(), Some("reserve"));
+    let id: i64 = resumed.result("reserve").unwrap().expect("recorded");
+    assert!(id > 0);
+    engine
+        .complete(&taker, Outcome::new(&b"ordered"[..]))
+        .await
+        .unwrap();
+    replays(&engine, "order-1", b"ordered").await;
+    let done = stored(&store, taker.key(), clock.now()).await;
+    assert_eq!(
+        done.record.checkpoint, None,
+        "completion drops the checkpoint"
+    );
+}
+
+/// A checkpoint prepared by `engine.prepare_checkpoint` applies on the
+/// application's own connection (`apply_transition`), and is fenced there
+/// too.
+#[tokio::test]
+async fn checkpoint_applies_on_the_applications_own_connection() {
+    let (dir, store, clock, engine) = with_payments().await;
+    let lease = proceed(&engine, "own-cp").await;
+    let mut conn = Connection::open(db(&dir)).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let step = engine
+        .prepare_checkpoint(&lease, "debit", &b"state"[..])
+        .unwrap();
+    let apply = |tx: &Transaction<'_>| idem_sqlite::apply_transition(tx, &step);
+    pay_on(&mut conn, "own-cp", apply, true);
+    lease.mark_applied(&step).unwrap();
+    assert_eq!(payments(&db(&dir), "own-cp"), 1);
+    let record = stored(&store, lease.key(), clock.now()).await;
+    assert_eq!(record.record.checkpoint, step.next.record.checkpoint);
+    // A later checkpoint through the engine builds on it.
+    let next = engine
+        .checkpoint(&lease, "credit", &b"s2"[..])
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 2);
+    // A stale one (prepared before) is refused, and nothing changes.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .unwrap();
+    let refused = idem_sqlite::apply_transition(&tx, &step);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::LeaseLost(Fenced::Backwards {
+                stored: 2,
+                offered: 1
+            }))
+        ),
+        "{refused:?}"
+    );
+    drop(tx);
+    let record = stored(&store, lease.key(), clock.now()).await;
+    assert_eq!(record.record.checkpoint, Some(next));
+}
+
+/// `abandoned` returns exactly the live in-flight records whose lease lapsed
+/// and that carry a checkpoint, earliest lapse first, at most `limit`, and
+/// only from the store's own table.
+#[tokio::test]
+async fn abandoned_returns_only_lapsed_checkpointed_records_of_its_table() {
+    let (dir, store) = fresh();
+    assert!(store.capabilities().abandoned);
+    let other = SqliteStore::builder()
+        .with_table(TableName::new("other_records").unwrap())
+        .open(db(&dir))
+        .unwrap();
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), &clock);
+    let other_engine = idem_testkit::fixtures::engine(other.clone(), &clock);
+
+    let first = proceed(&engine, "first").await;
+    engine.checkpoint(&first, "a", &b"1"[..]).await.unwrap();
+    let plain = proceed(&engine, "no-checkpoint").await;
+    let elsewhere = proceed(&other_engine, "other-table").await;
+    other_engine
+        .checkpoint(&elsewhere, "a", &b"1"[..])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(1));
+    let second = proceed(&engine, "second").await;
+    engine.checkpoint(&second, "a", &b"2"[..]).await.unwrap();
+    let done = proceed(&engine, "completed").await;
+    engine.checkpoint(&done, "a", &b"3"[..]).await.unwrap();
+    engine
+        .complete(&done, Outcome::new(&b"ok"[..]))
+        .await
+        .unwrap();
+    let retry = proceed(&engine, "failed-retryable").await;
+    engine.checkpoint(&retry, "a", &b"4"[..]).await.unwrap();
+    engine
+        .fail(&retry, FailureKind::Retryable, Outcome::new(&b"later"[..]))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(11));
+    let live = proceed(&engine, "live-lease").await;
+    engine.checkpoint(&live, "a", &b"5"[..]).await.unwrap();
+    drop(plain);
+
+    let now = clock.now();
+    let found = store.abandoned(now, 100).await.unwrap();
+    let keys: Vec<RecordKey> = found
+        .iter()
+        .map(|v| v.record.checkpoint.as_ref().unwrap().record_key())
+        .collect();
+    assert_eq!(keys, [rkey("first"), rkey("second")]);
+    for v in &found {
+        let key = v.record.checkpoint.as_ref().unwrap().record_key();
+        assert_eq!(*v, stored(&store, &key, now).await, "as stored");
+        assert!(idem_core::store::is_abandoned(&v.record, now));
+    }
+    assert_eq!(store.abandoned(now, 1).await.unwrap(), found[..1]);
+    assert_eq!(store.abandoned(now, 0).await.unwrap(), []);
+    let theirs = other.abandoned(now, 100).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(
+        theirs[0].record.checkpoint.as_ref().unwrap().record_key(),
+        rkey("other-table")
+    );
+    // At the lease's deadline it lapsed; once expired, it is gone.
+    let live_deadline = match stored(&store, live.key(), now).await.record.state {
+        State::InFlight { lease_deadline, .. } => lease_deadline,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(store.abandoned(live_deadline, 100).await.unwrap().len(), 3);
+    let later = T0.plus(Duration::from_secs(61));
+    let keys: Vec<RecordKey> = store
+        .abandoned(later, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.record.checkpoint.as_ref().unwrap().record_key())
+        .collect();
+    assert_eq!(keys, [rkey("live-lease")], "the others expired");
+}
+
+/// Deadlines on both sides of 2^63 ms (stored as negative INTEGERs) are
+/// ordered and compared as unsigned numbers.
+#[tokio::test]
+async fn abandoned_orders_deadlines_as_unsigned() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let deadlines = [5_u64, 1 << 62, (1 << 63) + 5, 1 << 63, u64::MAX - 10];
+    for (i, d) in deadlines.iter().enumerate() {
+        let k = rkey(&format!("d{i}"));
+        let record = in_flight_with_checkpoint(
+            &k,
+            Timestamp::from_millis(*d),
+            Timestamp::from_millis(u64::MAX),
+        );
+        store
+            .insert_if_absent(
+                &k,
+                &Versioned::new(Revision::from_u64(i as u64 + 1), record),
+                Timestamp::EPOCH,
+            )
+            .await
+            .unwrap();
+    }
+    let deadline_of = |v: &Versioned| match v.record.state {
+        State::InFlight { lease_deadline, .. } => lease_deadline.as_millis(),
+        _ => unreachable!(),
+    };
+    for now in [0, 5, 1 << 62, (1 << 63) + 4, (1 << 63) + 5, u64::MAX - 1] {
+        let found = store
+            .abandoned(Timestamp::from_millis(now), 100)
+            .await
+            .unwrap();
+        let got: Vec<u64> = found.iter().map(deadline_of).collect();
+        let mut want: Vec<u64> = deadlines.iter().copied().filter(|d| *d <= now).collect();
+        want.sort_unstable();
+        assert_eq!(got, want, "now = {now}");
+    }
+}
+
+/// An in-flight record under `key` (token 1) whose lease lapses at
+/// `deadline`, expiring at `expires`, with a checkpoint.
+fn in_flight_with_checkpoint(key: &RecordKey, deadline: Timestamp, expires: Timestamp) -> Record {
+    Record::from_parts(
+        Fingerprint::of(b"req"),
+        State::InFlight {
+            token: FencingToken::from_u128(1),
+            lease_deadline: deadline,
+        },
+        Timestamp::EPOCH,
+        Timestamp::EPOCH,
+        expires,
+        1,
+    )
+    .with_checkpoint(Some(Checkpoint::new(key, 1, "reserve", &b"state"[..])))
+}
+
+/// A record whose checkpoint does not decode is skipped (and logged) by
+/// `abandoned`, so the completer goes on with every other key; `get` still
+/// reports it as `Corrupt`, never as absent.
+#[tokio::test]
+async fn abandoned_skips_an_undecodable_checkpoint_and_get_reports_it() {
+    let (_dir, store) = fresh();
+    let (k, other) = (rkey("damaged"), rkey("intact"));
+    for key in [&k, &other] {
+        let record = in_flight_with_checkpoint(key, T0, T0.plus(Duration::from_secs(60)));
+        store
+            .insert_if_absent(key, &Versioned::new(Revision::from_u64(1), record), T0)
+            .await
+            .unwrap();
+    }
+    let now = T0.plus(Duration::from_secs(1));
+    assert_eq!(store.abandoned(now, 10).await.unwrap().len(), 2);
+    store
+        .connect()
+        .unwrap()
+        .execute(
+            "UPDATE idem_records SET checkpoint = x'01ff' WHERE digest = ?1",
+            [&k.digest()[..]],
+        )
+        .unwrap();
+    let got = store.abandoned(now, 10).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0].record.checkpoint.as_ref().unwrap().record_key(),
+        other
+    );
+    let read = store.get(&k, now).await;
+    assert!(matches!(read, Err(StoreError::Corrupt { .. })), "{read:?}");
+}
+
+/// 10,000 records, 100 of them abandoned (and, among the others, records
+/// in flight with a live lease, lapsed without a checkpoint, expired with a
+/// checkpoint, failed retryably with one, completed): `abandoned` returns
+/// exactly the 100, in lapse order. Prints how long one call takes (run
+/// with `--nocapture`; no timing is asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_among_10000_records_returns_exactly_the_abandoned() {
+    let (dir, path) = temp_db();
+    let store = SqliteStore::builder()
+        .with_durability(Durability::Normal)
+        .open(&path)
+        .unwrap();
+    let now = T0.plus(Duration::from_secs(3600));
+    let far = now.plus(Duration::from_secs(86_400));
+    let records: Vec<(RecordKey, Versioned)> = (0..10_000_u64)
+        .map(|i| {
+            let k = rkey(&format!("r{i}"));
+            let lapsed = T0.plus(Duration::from_millis(i));
+            let record = match i % 100 {
+                0 => in_flight_with_checkpoint(&k, lapsed, far),
+                1 => in_flight_with_checkpoint(&k, now.plus(LEASE), far),
+                2 => in_flight_with_checkpoint(&k, lapsed, far).with_checkpoint(None),
+                3 => in_flight_with_checkpoint(&k, lapsed, now),
+                4 => {
+                    let mut r = in_flight_with_checkpoint(&k, lapsed, far);
+                    r.state = State::Failed {
+                        token: FencingToken::from_u128(1),
+                        kind: FailureKind::Retryable,
+                        outcome: Outcome::default(),
+                    };
+                    r
+                }
+                _ => idem_testkit::fixtures::completed(i + 1, 1, T0, 86_400 * 2, b"done").record,
+            };
+            (k, Versioned::new(Revision::from_u64(i + 1), record))
+        })
+        .collect();
+    let store = Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in records.chunks(100) {
+        let (store, chunk) = (store.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for (k, v) in chunk {
+                let inserted = store.insert_if_absent(&k, &v, T0).await.unwrap();
+                assert_eq!(inserted, InsertOutcome::Inserted);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(rows(&path), 10_000);
+
+    let want: Vec<RecordKey> = (0..100).map(|i| rkey(&format!("r{}", i * 100))).collect();
+    let found = store.abandoned(now, 100).await.unwrap();
+    let keys: Vec<RecordKey> = found
+        .iter()
+        .map(|v| v.record.checkpoint.as_ref().unwrap().record_key())
+        .collect();
+    assert_eq!(keys, want);
+    assert_eq!(store.abandoned(now, 10).await.unwrap(), found[..10]);
+
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        let found = store.abandoned(now, 100).await.unwrap();
+        times.push(started.elapsed());
+        assert_eq!(found.len(), 100);
+    }
+    times.sort_unstable();
+    eprintln!(
+        "sqlite abandoned(now, 100) over 10,000 records (100 abandoned): median {:?}, min {:?}, max {:?}",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+    drop(dir);
 }

@@ -7,14 +7,15 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use idem_core::store::Store;
 use idem_core::{
-    Clock, Engine, Error, IdempotencyKey, Lease, Outcome, RecordKey, Scope, Transition,
+    CheckpointWriter, Clock, Engine, Error, IdempotencyKey, Lease, Outcome, Phases, RecordKey,
+    Scope, Transition,
 };
 
 use crate::effect::NoEffectFlag;
 use crate::stored::{HeaderFilter, StoredResponse};
 
 /// What the claim needs from the engine, without its type parameters.
-pub(crate) trait Prepare: Send + Sync + 'static {
+pub(crate) trait Prepare: CheckpointWriter {
     fn prepare_complete(&self, lease: &Lease, outcome: Outcome) -> Result<Transition, Error>;
 }
 
@@ -140,6 +141,20 @@ impl IdempotencyClaim {
     /// earlier attempt when it is above 1).
     pub fn attempt(&self) -> u32 {
         self.lease.attempt()
+    }
+
+    /// The phases of a multi-step operation under this claim (see
+    /// [`Phases`] and docs/phases.md): on a retry that took over a crashed
+    /// or failed attempt, the phases it recorded are not run again.
+    ///
+    /// # Behavior
+    /// As [`Engine::phases`]. While the key has a checkpoint, an ending the
+    /// layer would store as `outcome-unknown` (a 5xx, an error, a panic) is
+    /// stored as a retryable failure instead, so that the next retry
+    /// resumes after the recorded phases.
+    pub fn phases(&self) -> Result<Phases, Error> {
+        let writer: Arc<dyn CheckpointWriter> = self.engine.clone();
+        Phases::new(writer, self.lease.clone())
     }
 
     /// The engine's lease (for `Engine::prepare_fail` and other direct uses).

@@ -8,16 +8,17 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderName, Method, response};
+use http::{HeaderMap, HeaderName, Method, StatusCode, response};
 use idem_core::store::Store;
-use idem_core::{Clock, DefaultClock, Engine, Scope, Shutdown};
+use idem_core::{Clock, DefaultClock, Engine, Error, Outcome, Scope, Shutdown};
 use tower::Layer;
 
 use crate::config::{Config, MAX_RETRY_AFTER};
 use crate::scope::Rejection;
 use crate::service::Idempotency;
-use crate::stored::HeaderFilter;
+use crate::stored::{HeaderFilter, StoredResponse};
 
 /// A [`tower::Layer`] that makes `POST`/`PATCH` endpoints idempotent by the
 /// `Idempotency-Key` request header; see the [crate docs](crate) for the
@@ -106,6 +107,33 @@ impl<S: Store, C: Clock> IdempotencyLayer<S, C> {
     /// ```
     pub async fn shutdown(&self, grace: Duration) -> Shutdown {
         self.config.engine.shutdown(grace).await
+    }
+
+    /// The outcome this layer stores for a response: `status`, `headers`
+    /// (minus the hop-by-hop and denied ones) and `body`, encoded exactly as
+    /// the layer encodes a handler's response, so that a retry replays it
+    /// like any other.
+    ///
+    /// # Behavior
+    /// For code that ends a key of this layer's routes outside a request: a
+    /// [`Completer`](idem_core::Completer) resuming an abandoned multi-step
+    /// operation returns `Ending::Complete(layer.outcome_of(..)?)`.
+    /// [`Error::Codec`](idem_core::Error::Codec) if it cannot be encoded.
+    pub fn outcome_of(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Outcome, Error> {
+        StoredResponse::new(
+            status,
+            headers,
+            Bytes::copy_from_slice(body),
+            None,
+            &self.config.filter,
+        )
+        .encode()
+        .map_err(Error::from)
     }
 }
 

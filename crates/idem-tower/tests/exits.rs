@@ -225,3 +225,53 @@ async fn graceful_shutdown_finishes_running_handlers_and_refuses_new_ones() {
     );
     assert_eq!(effects.load(Ordering::SeqCst), 1, "the refused request ran");
 }
+
+/// A handler written with phases (`IdempotencyClaim::phases`) that fails
+/// after its external phase: the 5xx does not end the key as
+/// outcome-unknown; the retry resumes after the recorded phase (the effect
+/// is not repeated) and its answer is then replayed.
+#[tokio::test]
+async fn a_phased_handler_that_fails_after_a_phase_is_resumed_by_the_retry() {
+    use axum::Extension;
+    use idem_tower::IdempotencyClaim;
+
+    let charges = Arc::new(AtomicUsize::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (charges.clone(), runs.clone());
+    let route = post(move |Extension(claim): Extension<IdempotencyClaim>| {
+        let (charges, runs) = (c.clone(), r.clone());
+        async move {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            let mut phases = claim.phases().unwrap();
+            let charge: String = phases
+                .external("charge", |key| async move {
+                    charges.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(format!("ch_{}", &key[5..13]))
+                })
+                .await
+                .unwrap();
+            if run == 0 {
+                // The receipt step fails after the charge was recorded.
+                return (StatusCode::INTERNAL_SERVER_ERROR, "receipt failed").into_response();
+            }
+            (StatusCode::CREATED, charge).into_response()
+        }
+    });
+    let engine = Arc::new(Engine::new(MemoryStore::new()));
+    let app = Router::new()
+        .route("/orders", route)
+        .layer(IdempotencyLayer::new(engine, single_client_scope));
+
+    let first = send(&app, "/orders", "\"o-1\"", "{}").await;
+    assert_eq!(answer(first).await, (500, None, false));
+    let second = send(&app, "/orders", "\"o-1\"", "{}").await;
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert!(!second.headers().contains_key("idempotent-replayed"));
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    let third = send(&app, "/orders", "\"o-1\"", "{}").await;
+    assert_eq!(third.status(), StatusCode::CREATED);
+    assert!(third.headers().contains_key("idempotent-replayed"));
+    assert_eq!(third.into_body().collect().await.unwrap().to_bytes(), body);
+    assert_eq!(charges.load(Ordering::SeqCst), 1, "the charge ran once");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler ran twice");
+}

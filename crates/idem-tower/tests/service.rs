@@ -424,6 +424,13 @@ impl Store for SlowClaim {
     ) -> Result<u64, idem_core::StoreError> {
         self.inner.purge_expired(now, limit).await
     }
+    async fn abandoned(
+        &self,
+        now: idem_core::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<idem_core::store::Versioned>, idem_core::StoreError> {
+        self.inner.abandoned(now, limit).await
+    }
 }
 
 /// A client that gives up while its claim is on the way to the store (a

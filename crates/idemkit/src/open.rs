@@ -195,6 +195,9 @@ impl Store for Opened {
     async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
         self.erased.census(now, sample).await
     }
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        self.erased.abandoned(now, limit).await
+    }
 }
 
 impl StoreUrl {

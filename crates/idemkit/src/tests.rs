@@ -274,6 +274,39 @@ async fn memory_opens_without_features() {
     assert!(opened.temp_dir().is_none());
 }
 
+/// `Opened` forwards the optional search for abandoned records (what a
+/// `Completer` over an opened store needs), as the store declares it.
+#[tokio::test]
+async fn opened_forwards_abandoned() {
+    use idem_core::store::{Checkpoint, FencingToken, Record, Revision, State, Store, Versioned};
+    use idem_core::{Fingerprint, IdempotencyKey, RecordKey, Scope, Timestamp};
+
+    let opened = parse("memory://").open().await.unwrap();
+    assert!(opened.capabilities().abandoned);
+    let key = RecordKey::new(&Scope::tenant("t"), &IdempotencyKey::parse("k").unwrap());
+    let t0 = Timestamp::from_millis(1_000);
+    let lapsed = Timestamp::from_millis(2_000);
+    let record = Record::from_parts(
+        Fingerprint::of(b"r"),
+        State::InFlight {
+            token: FencingToken::from_u128(1),
+            lease_deadline: lapsed,
+        },
+        t0,
+        t0,
+        Timestamp::from_millis(60_000),
+        1,
+    )
+    .with_checkpoint(Some(Checkpoint::new(&key, 1, "step", vec![1])));
+    let v = Versioned {
+        revision: Revision::from_u64(1),
+        record,
+    };
+    opened.insert_if_absent(&key, &v, t0).await.unwrap();
+    assert_eq!(opened.abandoned(t0, 10).await.unwrap(), Vec::new());
+    assert_eq!(opened.abandoned(lapsed, 10).await.unwrap(), vec![v]);
+}
+
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_opens_in_a_temporary_directory_removed_with_the_store() {

@@ -38,6 +38,15 @@ pub(crate) async fn run(args: Forget, timeout: Duration) -> Result<Exit, Failure
             lease(*lease_deadline, read_at)
         )));
     }
+    if let Some(checkpoint) = &found.record.checkpoint
+        && !args.force
+    {
+        return Err(Failure::NotDone(format!(
+            "{what} has recorded progress (checkpoint #{} after step \"{}\"): forgetting it discards the steps that took effect, and a retry runs every step again with new downstream idempotency keys (a second charge at a provider); pass --force to forget it anyway",
+            checkpoint.seq,
+            format::preview(checkpoint.step.as_bytes(), 64).0
+        )));
+    }
     let warning = consequence(state);
     failure::warn(&warning);
     if !args.yes && !confirm(&format!("Forget {what} ({})?", summary(&found, read_at)))? {

@@ -82,6 +82,11 @@ fn to_json(
         "expires_at": format::rfc3339(record.expires_at),
         "expires_in_ms": format::millis_until(record.expires_at, now),
         "outcome": outcome,
+        "checkpoint": record.checkpoint.as_ref().map(|c| json!({
+            "seq": c.seq,
+            "step": c.step,
+            "state_bytes": c.state.len(),
+        })),
     })
 }
 
@@ -139,6 +144,14 @@ fn show(target: &Target, key: &RecordKey, found: &Versioned, now: Timestamp, pre
             };
             out!("outcome      {} bytes: \"{preview}\"{more}", bytes.len());
         }
+    }
+    if let Some(c) = &record.checkpoint {
+        out!(
+            "checkpoint   #{} after step \"{}\" ({} bytes of state)",
+            c.seq,
+            format::preview(c.step.as_bytes(), 64).0,
+            c.state.len()
+        );
     }
     out!("digest       {}", key.hex());
     out!("revision     {}", found.revision.as_u64());

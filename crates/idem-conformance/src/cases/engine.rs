@@ -19,7 +19,17 @@ use idem_core::{
 use super::{T0, engine, engine_on, ikey, must, noise, open, policy, reopen, same_bytes, scope};
 use crate::StoreFactory;
 
+pub(crate) mod checkpoint;
+pub(crate) mod completer;
 mod waiting;
+pub use checkpoint::{
+    ambiguous_ending_with_a_checkpoint_is_resumed, checkpoint_is_fenced,
+    next_holder_resumes_across_instances, next_holder_resumes_from_the_checkpoint,
+    phases_run_each_external_phase_once_across_a_crash,
+};
+pub use completer::{
+    completer_drives_an_abandoned_key_to_completion, completer_skips_operations_without_a_resume,
+};
 pub use waiting::{
     heartbeat_keeps_the_lease, wait_for_original_gives_up_after_max,
     wait_for_original_returns_its_outcome,

@@ -21,6 +21,13 @@
 //! wrote it, and whether it finished), because the engine answers some calls
 //! from that view without a store call: finishing again exactly as before is
 //! `Ok`, and releasing a key that is already absent is `Ok`.
+//!
+//! Checkpoints are part of the model: a holder's [`Op::Checkpoint`] is
+//! `Record::checkpoint` with the next sequence number, a takeover carries
+//! the checkpoint, and (as the engine decides from the holder's view) an
+//! unknown outcome or a release of a claim with a checkpoint is stored as a
+//! retryable failure keeping it. [`Op::Abandoned`] compares the store's
+//! `abandoned` with the model's records that `is_abandoned`.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -30,7 +37,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use idem_core::machine::{Decision, decide};
-use idem_core::store::{FencingToken, Record, State, Store};
+use idem_core::store::{Checkpoint, FencingToken, Record, State, Store, StoreError, is_abandoned};
 use idem_core::{
     Begin, Engine, Error, FailureKind, Fingerprint, IdempotencyKey, Lease, ManualClock, Outcome,
     RecordKey, ReplayKind, Scope, Timestamp,
@@ -91,6 +98,14 @@ fn complete_outcome(byte: u8) -> Outcome {
 
 fn fail_outcome(byte: u8) -> Outcome {
     Outcome::new(vec![b'f', byte])
+}
+
+/// The step name and state of [`Op::Checkpoint`].
+fn checkpoint_step(byte: u8) -> (String, Vec<u8>) {
+    (
+        format!("step-{}", byte % 4),
+        vec![byte; usize::from(byte % 5)],
+    )
 }
 
 /// A namespace per sequence, so sequences sharing one store never meet.
@@ -219,9 +234,14 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                 }
             }
             Op::Complete { lease, outcome } => {
-                finish(&mut model, engine, lease, None, complete_outcome(outcome))
-                    .await
-                    .map_err(ctx)?;
+                finish(
+                    &mut model,
+                    engine,
+                    lease,
+                    Finish::Complete(complete_outcome(outcome)),
+                )
+                .await
+                .map_err(ctx)?;
             }
             Op::Fail {
                 lease,
@@ -233,17 +253,21 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                 } else {
                     FailureKind::Permanent
                 };
-                finish(&mut model, engine, lease, Some(kind), fail_outcome(outcome))
-                    .await
-                    .map_err(ctx)?;
+                finish(
+                    &mut model,
+                    engine,
+                    lease,
+                    Finish::Fail(kind, fail_outcome(outcome)),
+                )
+                .await
+                .map_err(ctx)?;
             }
             Op::FailUnknown { lease } => {
                 finish(
                     &mut model,
                     engine,
                     lease,
-                    Some(FailureKind::Unknown),
-                    Outcome::default(),
+                    Finish::Fail(FailureKind::Unknown, Outcome::default()),
                 )
                 .await
                 .map_err(ctx)?;
@@ -271,7 +295,15 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                 }
             }
             Op::Release { lease } => {
-                if let Some(i) = model.pick(lease) {
+                if let Some(i) = model.pick(lease)
+                    && model.held[i].last.checkpoint.is_some()
+                {
+                    // Recorded steps took effect: the engine fails the
+                    // claim retryably instead of deleting it.
+                    finish(&mut model, engine, lease, Finish::Release)
+                        .await
+                        .map_err(ctx)?;
+                } else if let Some(i) = model.pick(lease) {
                     let held = &model.held[i];
                     let (slot, token) = (held.slot, held.token);
                     // The engine checks its own view first, then deletes the
@@ -296,6 +328,77 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                             )));
                         }
                     }
+                }
+            }
+            Op::Checkpoint { lease, state } => {
+                if let Some(i) = model.pick(lease) {
+                    let (slot, token) = (model.held[i].slot, model.held[i].token);
+                    let (step, bytes) = checkpoint_step(state);
+                    let next = model.live(slot).and_then(|r| {
+                        let seq = r.checkpoint.as_ref().map_or(1, |c| c.seq + 1);
+                        let cp = Checkpoint::new(&keys[slot], seq, step.clone(), bytes.clone());
+                        r.checkpoint(token, cp, now, &policy).ok()
+                    });
+                    let got = engine.checkpoint(&model.held[i].lease, &step, bytes).await;
+                    match (next, got) {
+                        (Some(next), Ok(written)) if next.checkpoint.as_ref() == Some(&written) => {
+                            model.records[slot] = Some(next.clone());
+                            model.held[i].last = next;
+                        }
+                        (None, Err(Error::LeaseLost(_))) => {}
+                        (next, got) => {
+                            return Err(ctx(format!(
+                                "checkpoint by lease {i}: the model expects {:?}, the engine returned {got:?}",
+                                next.map(|r| r.checkpoint)
+                            )));
+                        }
+                    }
+                }
+            }
+            Op::Abandoned => {
+                let store = engine.store();
+                let found = store.abandoned(now, 10_000).await;
+                if store.capabilities().abandoned {
+                    let found = found.map_err(|e| ctx(format!("abandoned failed: {e} ({e:?})")))?;
+                    let deadlines: Vec<Timestamp> =
+                        found.iter().map(|v| lapse(&v.record)).collect();
+                    if deadlines.windows(2).any(|w| w[0] > w[1]) {
+                        return Err(ctx(format!(
+                            "abandoned is not ordered by lapse: {deadlines:?}"
+                        )));
+                    }
+                    if let Some(v) = found.iter().find(|v| v.record.checkpoint.is_none()) {
+                        return Err(ctx(format!(
+                            "abandoned returned a record without a checkpoint: {v:?}"
+                        )));
+                    }
+                    // The store is shared by every sequence: keep this one's keys.
+                    let mut got: Vec<(usize, Record)> = found
+                        .into_iter()
+                        .filter_map(|v| {
+                            let key = v.record.checkpoint.as_ref()?.record_key();
+                            let slot = keys.iter().position(|k| *k == key)?;
+                            Some((slot, v.record))
+                        })
+                        .collect();
+                    got.sort_by_key(|(slot, _)| *slot);
+                    let want: Vec<(usize, Record)> = (0..keys.len())
+                        .filter_map(|slot| {
+                            model
+                                .live(slot)
+                                .filter(|r| is_abandoned(r, now))
+                                .map(|r| (slot, r.clone()))
+                        })
+                        .collect();
+                    if got != want {
+                        return Err(ctx(format!(
+                            "abandoned differs:\n store {got:?}\n model {want:?}"
+                        )));
+                    }
+                } else if !matches!(found, Err(StoreError::Unsupported { .. })) {
+                    return Err(ctx(format!(
+                        "a store declaring no `abandoned` must return Unsupported, got {found:?}"
+                    )));
                 }
             }
             Op::Advance { millis } => {
@@ -371,13 +474,32 @@ fn model_ms(clock: &ManualClock) -> u64 {
     clock.now().as_millis() - T0.as_millis()
 }
 
-/// `complete` (`kind` `None`) or `fail` by lease `idx`, in the engine and the model.
+/// How [`finish`] ends a claim.
+enum Finish {
+    /// `engine.complete` with this outcome.
+    Complete(Outcome),
+    /// `engine.fail` with this kind and outcome.
+    Fail(FailureKind, Outcome),
+    /// `engine.release` of a claim whose record has a checkpoint: a
+    /// retryable failure with an empty outcome.
+    Release,
+}
+
+/// The lapse of an in-flight record (its expiry otherwise).
+fn lapse(record: &Record) -> Timestamp {
+    match record.state {
+        State::InFlight { lease_deadline, .. } => lease_deadline,
+        _ => record.expires_at,
+    }
+}
+
+/// `complete` or `fail` (or a release that fails) by lease `idx`, in the
+/// engine and the model.
 async fn finish<S: Store>(
     model: &mut Model,
     engine: &Engine<Arc<S>, ManualClock>,
     idx: LeaseIdx,
-    kind: Option<FailureKind>,
-    outcome: Outcome,
+    how: Finish,
 ) -> Result<(), String> {
     let Some(i) = model.pick(idx) else {
         return Ok(());
@@ -386,6 +508,16 @@ async fn finish<S: Store>(
     let now = model.now;
     let held = &model.held[i];
     let (slot, token) = (held.slot, held.token);
+    // What the engine stores: with a checkpoint in the holder's view, an
+    // unknown outcome is a retryable failure (the next holder resumes).
+    let (kind, outcome) = match &how {
+        Finish::Complete(outcome) => (None, outcome.clone()),
+        Finish::Fail(FailureKind::Unknown, outcome) if held.last.checkpoint.is_some() => {
+            (Some(FailureKind::Retryable), outcome.clone())
+        }
+        Finish::Fail(kind, outcome) => (Some(*kind), outcome.clone()),
+        Finish::Release => (Some(FailureKind::Retryable), Outcome::default()),
+    };
     let target = match kind {
         None => State::Completed {
             token,
@@ -407,11 +539,14 @@ async fn finish<S: Store>(
         }
         .ok()
     });
-    let got = match kind {
-        None => engine.complete(&held.lease, outcome).await,
-        Some(kind) => engine.fail(&held.lease, kind, outcome).await,
+    let (got, verb) = match how {
+        Finish::Complete(outcome) => (engine.complete(&held.lease, outcome).await, "complete"),
+        Finish::Fail(kind, outcome) => (engine.fail(&held.lease, kind, outcome).await, "fail"),
+        Finish::Release => (
+            engine.release(&held.lease).await,
+            "release (with a checkpoint)",
+        ),
     };
-    let verb = if kind.is_some() { "fail" } else { "complete" };
     match (repeat, next, got) {
         (true, None, Ok(())) => Ok(()),
         (false, Some(next), Ok(())) => {
@@ -451,7 +586,8 @@ pub fn cases() -> u32 {
         .unwrap_or(DEFAULT_CASES)
 }
 
-/// Random sequences of begin/complete/fail/release/extend/advance/purge over
+/// Random sequences of begin/complete/fail/release/extend/checkpoint/
+/// abandoned/advance/purge over
 /// a few keys, scopes and fingerprints: the engine over the store under test
 /// must agree with the pure core model at every step. A failure is shrunk to
 /// a minimal sequence and reported ready to paste as a regression case.

@@ -390,3 +390,113 @@ pub async fn zombie_complete_vs_takeover_one_wins<F: StoreFactory>(factory: Arc<
         }
     }
 }
+
+/// What one racer of [`completer_vs_client_retry_one_resume`] did.
+#[derive(Debug)]
+enum Resumer {
+    /// A completer's pass.
+    Completer(idem_core::Pass),
+    /// A client's retry: whether it resumed the key itself.
+    Client(Result<bool, Error>),
+}
+
+/// Eight abandoned keys (lease lapsed after the charge was recorded); two
+/// completers (on two engines) and one client retry per key are released
+/// together: every key is resumed exactly once (its remaining phase's work
+/// runs once) by whoever claimed it first, every key ends completed, and
+/// every retry replays that outcome.
+pub async fn completer_vs_client_retry_one_resume<F: StoreFactory>(factory: Arc<F>) {
+    use super::engine::checkpoint::Shop;
+    use super::engine::completer::{abandon, completer, resume};
+
+    const KEYS: usize = RACERS / 4;
+    let store = open(&*factory).await;
+    let clock = idem_core::ManualClock::new(T0);
+    let client = Arc::new(engine_on(store.clone(), &clock, policy()));
+    let shop = Arc::new(Shop::default());
+    let names: Vec<String> = (0..KEYS).map(|i| format!("contended-order-{i}")).collect();
+    for name in &names {
+        abandon(&client, &shop, key(name)).await;
+    }
+    clock.advance(policy().lease);
+    let completers = Arc::new([
+        completer(&engine_on(store.clone(), &clock, policy()), &shop).with_concurrency(KEYS),
+        completer(&engine_on(store.clone(), &clock, policy()), &shop).with_concurrency(KEYS),
+    ]);
+    let fp = super::engine::fp("a");
+    let results = {
+        let (client, shop, names, completers) = (
+            client.clone(),
+            shop.clone(),
+            names.clone(),
+            completers.clone(),
+        );
+        race(KEYS + 2, move |i| {
+            let (client, shop, names, completers) = (
+                client.clone(),
+                shop.clone(),
+                names.clone(),
+                completers.clone(),
+            );
+            async move {
+                if i < 2 {
+                    return Resumer::Completer(completers[i].run_once().await.expect("a pass"));
+                }
+                let k = &names[i - 2];
+                Resumer::Client(match client.begin(&scope(), &ikey(k), fp).await {
+                    Ok(Begin::Proceed(lease)) => {
+                        let phases = client.phases(&lease).expect("phases");
+                        let ending = resume(&shop, phases).await;
+                        client.settle(&lease, ending).await.map(|_| true)
+                    }
+                    Ok(Begin::InProgress { .. } | Begin::Replay(_)) => Ok(false),
+                    Ok(other) => panic!("a client retry of `{k}` got {other:?}"),
+                    Err(e) => Err(e),
+                })
+            }
+        })
+        .await
+    };
+    let mut by_completers = 0;
+    let mut by_clients = 0;
+    for result in &results {
+        match result {
+            Resumer::Completer(pass) => {
+                assert_eq!(pass.errors, 0, "a completer's pass had errors: {pass:?}");
+                assert_eq!(pass.resumed, pass.ended, "{pass:?}");
+                by_completers += pass.resumed;
+            }
+            Resumer::Client(Ok(resumed)) => by_clients += usize::from(*resumed),
+            Resumer::Client(Err(e)) => panic!("a client retry failed: {e} ({e:?})"),
+        }
+    }
+    let resumes = shop.resumes.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (by_completers + by_clients, resumes),
+        (KEYS, KEYS),
+        "each of {KEYS} abandoned keys must be resumed exactly once \
+         (completers resumed {by_completers}, clients {by_clients}): {results:?}"
+    );
+    assert_eq!(
+        (shop.receipts.calls(), shop.receipts.effects()),
+        (KEYS, KEYS),
+        "the remaining phase's work ran once per key"
+    );
+    assert_eq!(
+        (shop.charges.calls(), shop.charges.effects()),
+        (KEYS, KEYS),
+        "the recorded phase never ran again"
+    );
+    for name in &names {
+        match client.begin(&scope(), &ikey(name), fp).await {
+            Ok(Begin::Replay(replay)) => {
+                let text = String::from_utf8_lossy(replay.outcome.as_bytes()).into_owned();
+                assert!(
+                    text.starts_with("order: stock 7, charge "),
+                    "`{name}`: a retry replays the order's outcome, got {text:?}"
+                );
+            }
+            other => panic!("`{name}` must be completed and replayed, got {other:?}"),
+        }
+    }
+}

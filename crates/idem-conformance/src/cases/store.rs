@@ -13,15 +13,23 @@
 //! | `store/round_trip.rs` | every field round-trips; keys and scopes never collide |
 //! | `store/purge.rs` | `purge_expired` |
 //! | `store/census.rs` | `census` (optional) |
+//! | `store/checkpoint.rs` | records with a checkpoint round-trip on every path; large checkpoints |
+//! | `store/abandoned.rs` | `abandoned` (optional): lapsed leases with a checkpoint, order, limit |
 //! | `store/limits.rs` | a declared record limit; corrupt records |
 
+mod abandoned;
 mod cas_delete;
 mod census;
+pub(crate) mod checkpoint;
 mod insert_get;
 mod limits;
 mod purge;
 mod round_trip;
 
+pub use abandoned::{
+    abandoned_finds_exactly_lapsed_leases_with_a_checkpoint, abandoned_is_supported_as_declared,
+    abandoned_respects_its_limit,
+};
 pub use cas_delete::{
     cas_on_absent_or_expired_changes_nothing, cas_right_revision_swaps,
     cas_stale_revision_changes_nothing, delete_if_absent_or_expired_is_false,
@@ -30,6 +38,7 @@ pub use cas_delete::{
 pub use census::{
     census_counts_by_state_and_expiry, census_is_supported_as_declared, census_respects_its_sample,
 };
+pub use checkpoint::{checkpoint_round_trips_every_path, large_checkpoint_round_trips};
 pub use insert_get::{
     expiry_uses_the_callers_now, get_absent_is_none, get_expired_is_none, insert_on_absent,
     insert_on_existing_returns_it, insert_over_expired_replaces_it,

@@ -25,17 +25,21 @@ pub enum Op {
     PurgeExpired,
     /// [`Store::census`](idem_core::store::Store::census).
     Census,
+    /// [`Store::abandoned`](idem_core::store::Store::abandoned) (a
+    /// [`Completer`](idem_core::Completer)'s search).
+    Abandoned,
 }
 
 impl Op {
     /// Every primitive.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::InsertIfAbsent,
         Self::Get,
         Self::CompareAndSwap,
         Self::DeleteIf,
         Self::PurgeExpired,
         Self::Census,
+        Self::Abandoned,
     ];
 
     /// The method's name (`insert_if_absent`, …).
@@ -47,6 +51,7 @@ impl Op {
             Self::DeleteIf => "delete_if",
             Self::PurgeExpired => "purge_expired",
             Self::Census => "census",
+            Self::Abandoned => "abandoned",
         }
     }
 
@@ -58,6 +63,7 @@ impl Op {
             Self::DeleteIf => 3,
             Self::PurgeExpired => 4,
             Self::Census => 5,
+            Self::Abandoned => 6,
         }
     }
 }
@@ -152,7 +158,7 @@ impl std::error::Error for InjectedFault {}
 pub struct Call<'a> {
     /// The primitive.
     pub op: Op,
-    /// The key (`None` for `purge_expired`).
+    /// The key (`None` for `purge_expired`, `census` and `abandoned`).
     pub key: Option<&'a RecordKey>,
     /// The record written (`insert_if_absent` and `compare_and_swap` only).
     pub record: Option<&'a Versioned>,

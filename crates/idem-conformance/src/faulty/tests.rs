@@ -43,6 +43,7 @@ async fn without_faults_it_is_transparent_and_counts() {
     assert!(s.delete_if(&k, &next, T0).await.unwrap());
     assert_eq!(s.purge_expired(T0, 10).await.unwrap(), 0);
     assert_eq!(s.census(T0, 10).await.unwrap().total(), 0);
+    assert_eq!(s.abandoned(T0, 10).await.unwrap(), Vec::new());
     for op in Op::ALL {
         assert_eq!(s.calls(op), 1, "{op}");
         assert_eq!(s.injected(op), 0, "{op}");
@@ -301,4 +302,39 @@ fn a_store_with_a_declared_limit_passes_the_store_cases() {
             "{report}"
         );
     }
+}
+
+#[tokio::test]
+async fn abandoned_is_forwarded_and_can_fail() {
+    let s = store();
+    assert!(
+        s.capabilities().abandoned,
+        "MemoryStore's capability is kept"
+    );
+    let k = key("abandoned");
+    let mut rec = claim(1, 1, T0, 60);
+    rec.record.checkpoint = Some(idem_core::store::Checkpoint::new(&k, 1, "step", vec![1]));
+    s.insert_if_absent(&k, &rec, T0).await.unwrap();
+    let lapsed = T0.plus(std::time::Duration::from_secs(10));
+    let id = s.inject(Fault::new(Op::Abandoned, FaultKind::Unavailable).next(1));
+    let e = s.abandoned(lapsed, 10).await.unwrap_err();
+    assert!(e.is_transient());
+    assert_eq!(
+        injected(&e),
+        &InjectedFault {
+            op: Op::Abandoned,
+            call: 1,
+            phase: Phase::BeforeApply
+        }
+    );
+    assert_eq!(s.abandoned(lapsed, 10).await.unwrap(), vec![rec]);
+    assert_eq!(s.abandoned(T0, 10).await.unwrap(), Vec::new(), "lease live");
+    assert_eq!(
+        (
+            s.hits(id),
+            s.calls(Op::Abandoned),
+            s.injected(Op::Abandoned)
+        ),
+        (1, 3, 1)
+    );
 }

@@ -25,7 +25,7 @@ use crate::{Clock, FailureKind, IdempotencyKey, RecordKey, Scope, Timestamp};
 /// the text of its key: the record's fixed fields, the key's digest, the
 /// allocations' headers and the table's bookkeeping. See
 /// [`Engine::with_finished_cache`].
-pub const CACHE_ENTRY_OVERHEAD: usize = 384;
+pub const CACHE_ENTRY_OVERHEAD: usize = 576;
 
 /// The most shards the table is split into (fewer for a small cache): each
 /// is locked on its own, so concurrent lookups of different keys rarely meet.

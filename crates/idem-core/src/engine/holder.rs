@@ -9,9 +9,19 @@ use crate::machine::Fenced;
 use crate::store::{Record, State, Store, SwapOutcome, Versioned};
 use crate::{Clock, Error, FailureKind, Lease, Outcome, Timestamp, Transition};
 
+/// The failure kind actually stored: `Unknown` becomes `Retryable` for a
+/// claim with progress ([`Lease::has_progress`]; see [`Engine::fail`]).
+fn resumable(lease: &Lease, kind: FailureKind) -> FailureKind {
+    if kind == FailureKind::Unknown && lease.has_progress() {
+        FailureKind::Retryable
+    } else {
+        kind
+    }
+}
+
 /// What one conditional write by the holder does to its lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum HolderWrite {
+pub(super) enum HolderWrite {
     /// The write ends the claim (complete, fail): on success the lease is
     /// finished, and finding the same final state already written by this
     /// holder (an earlier attempt whose reply was lost) counts as success.
@@ -57,7 +67,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// Fails the claim, storing `outcome`; see [`FailureKind`].
     ///
     /// # Behavior
-    /// As [`complete`](Self::complete).
+    /// As [`complete`](Self::complete). A claim with progress
+    /// ([`Lease::has_progress`]: its record has a checkpoint, see
+    /// [`checkpoint`](Self::checkpoint), or a [`Phases`](crate::Phases)
+    /// phase started under it) is never finished as
+    /// [`FailureKind::Unknown`]: the failure is stored as
+    /// [`FailureKind::Retryable`], keeping the checkpoint, so that the next
+    /// holder resumes after the recorded steps instead of leaving the
+    /// operation half done.
     pub async fn fail(
         &self,
         lease: &Lease,
@@ -65,6 +82,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         outcome: Outcome,
     ) -> Result<(), Error> {
         self.check_size(&outcome)?;
+        let kind = resumable(lease, kind);
         let done = State::Failed {
             token: lease.token(),
             kind,
@@ -102,7 +120,18 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ///   was taken over, the new holder released it too), the release returns
     ///   `Ok`: there is nothing to undo, and nothing is written. Only a
     ///   record that someone else holds or finished is reported as lost.
+    /// - A claim with progress ([`Lease::has_progress`]) is not deleted
+    ///   (steps took effect, and the record's creation time keys them
+    ///   downstream): it is failed as [`FailureKind::Retryable`], keeping the
+    ///   checkpoint, and a retry resumes from it.
     pub async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        if lease.has_progress() {
+            // Steps took effect: deleting the record would lose them (and
+            // its creation time, from which the downstream keys derive).
+            return self
+                .fail(lease, FailureKind::Retryable, Outcome::default())
+                .await;
+        }
         let store = &self.shared.store;
         for _ in 0..=self.policy.max_cas_retries {
             let current = lease.record();
@@ -145,12 +174,21 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// caller's database transaction; see [`Transition`].
     pub fn prepare_complete(&self, lease: &Lease, outcome: Outcome) -> Result<Transition, Error> {
         self.check_size(&outcome)?;
+        self.prepare(lease, |record, now| {
+            record.complete(lease.token(), outcome, now, &self.policy)
+        })
+    }
+
+    /// A holder's write for a store to apply inside the caller's
+    /// transaction: `step` builds the next record from the lease's current
+    /// one, at the engine's `now`, under a new revision.
+    pub(super) fn prepare(
+        &self,
+        lease: &Lease,
+        step: impl FnOnce(&Record, Timestamp) -> Result<Record, Fenced>,
+    ) -> Result<Transition, Error> {
         let current = lease.record();
-        let now = self.shared.clock.now();
-        let record = current
-            .record
-            .complete(lease.token(), outcome, now, &self.policy)
-            .map_err(Error::LeaseLost)?;
+        let record = step(&current.record, self.shared.clock.now()).map_err(Error::LeaseLost)?;
         Ok(Transition {
             key: lease.key().clone(),
             token: lease.token(),
@@ -170,19 +208,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
         outcome: Outcome,
     ) -> Result<Transition, Error> {
         self.check_size(&outcome)?;
-        let current = lease.record();
-        let now = self.shared.clock.now();
-        let record = current
-            .record
-            .fail(lease.token(), kind, outcome, now, &self.policy)
-            .map_err(Error::LeaseLost)?;
-        Ok(Transition {
-            key: lease.key().clone(),
-            token: lease.token(),
-            next: Versioned {
-                revision: self.shared.ids.revision(),
-                record,
-            },
+        let kind = resumable(lease, kind);
+        self.prepare(lease, |record, now| {
+            record.fail(lease.token(), kind, outcome, now, &self.policy)
         })
     }
 
@@ -199,11 +227,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// One conditional write by the holder: `step` builds the next record from
     /// the current one; `write` says whether it ends the claim (see
     /// [`HolderWrite`]). A lost lease is signalled on [`Lease::lost`].
-    async fn holder_write(
+    pub(super) async fn holder_write(
         &self,
         lease: &Lease,
         write: HolderWrite,
-        step: impl Fn(&Record, Timestamp) -> Result<Record, Fenced>,
+        step: impl FnMut(&Record, Timestamp) -> Result<Record, Fenced>,
     ) -> Result<(), Error> {
         let result = self.holder_write_inner(lease, write, step).await;
         match &result {
@@ -222,7 +250,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         &self,
         lease: &Lease,
         write: HolderWrite,
-        step: impl Fn(&Record, Timestamp) -> Result<Record, Fenced>,
+        mut step: impl FnMut(&Record, Timestamp) -> Result<Record, Fenced>,
     ) -> Result<(), Error> {
         let mut current = lease.record();
         for _ in 0..=self.policy.max_cas_retries {

@@ -9,6 +9,8 @@
 //! | `begin.rs` | [`Engine::begin`]: claim, replay or refuse ([`Begin`], [`Replay`]) |
 //! | `cache.rs` | the opt-in cache of finished records ([`Engine::with_finished_cache`], [`CacheStats`]) |
 //! | `holder.rs` | the holder's writes: complete, fail, extend, release, and the transactional `prepare_*` |
+//! | `checkpoint.rs` | recovery points: [`Engine::checkpoint`] and [`Engine::prepare_checkpoint`] |
+//! | `completer.rs` | the [`Completer`]: drives abandoned keys with a checkpoint to completion |
 //! | `settle.rs` | [`Engine::settle`] ([`Ending`]) and the guard that ends a dropped claim |
 //! | `heartbeat.rs` | [`Engine::keep_alive`] and [`Engine::run_with_heartbeat`] |
 //! | `execute.rs` | [`Engine::execute`] and [`Engine::try_execute`] ([`Executed`], [`OnError`]) |
@@ -23,6 +25,8 @@ use crate::{Clock, Policy, PolicyError};
 
 mod begin;
 mod cache;
+mod checkpoint;
+mod completer;
 mod consume;
 mod execute;
 mod heartbeat;
@@ -32,6 +36,7 @@ mod shutdown;
 
 pub use begin::{Begin, Replay, ReplayKind};
 pub use cache::{CACHE_ENTRY_OVERHEAD, CacheStats};
+pub use completer::{Completer, CompleterTotals, Pass};
 pub use consume::{DeadLetterReason, Delivery, Handled, MIN_RETRY, RetryReason};
 pub use execute::{Executed, OnError};
 pub use settle::Ending;

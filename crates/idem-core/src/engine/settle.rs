@@ -37,6 +37,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ///   lease's deadline; then the last error is returned and the key stays
     ///   in flight until its lease lapses (a retry then runs the work again:
     ///   the window "store unreachable after the work" in docs/reliability.md).
+    /// - `Unknown` and `Release` of a claim with progress
+    ///   ([`Lease::has_progress`]: a checkpoint, or a started phase) become
+    ///   `Fail(Retryable, empty)`, keeping the record and its checkpoint: the
+    ///   next holder resumes after the recorded steps (see
+    ///   [`Phases`](crate::Phases)).
     /// - Returns the ending actually written.
     pub async fn settle(&self, lease: &Lease, ending: Ending) -> Result<Ending, Error> {
         let until = lease.deadline().plus(self.policy.lease);
@@ -52,6 +57,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
         mut ending: Ending,
         until: Timestamp,
     ) -> Result<Ending, Error> {
+        if matches!(ending, Ending::Unknown | Ending::Release) && lease.has_progress() {
+            // Recorded steps took effect and each can be resumed: the next
+            // holder goes on from the checkpoint (see `Engine::fail`).
+            ending = Ending::Fail(FailureKind::Retryable, Outcome::default());
+        }
         let clock = &self.shared.clock;
         let first = (self.policy.lease / 50).max(Duration::from_millis(1));
         let most = (self.policy.lease / 3).max(first);

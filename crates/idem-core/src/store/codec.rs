@@ -2,8 +2,10 @@
 //! one-byte format tag.
 //!
 //! # Behavior
-//! - Every encoding starts with [`FORMAT_V1`]; a later format gets a new tag and
-//!   the decoder keeps reading the old ones.
+//! - Every encoding starts with a format tag: [`FORMAT_V1`] for values,
+//!   [`FORMAT_V2`] for records (which gained a [`Checkpoint`]); a later
+//!   format gets a new tag and the decoder keeps reading the old ones (a
+//!   record written as [`FORMAT_V1`] reads back without a checkpoint).
 //! - Decoding never panics: empty input, an unknown tag, malformed or truncated
 //!   bytes, trailing bytes, and lengths beyond [`DECODE_LIMIT`] are each a
 //!   [`CodecError`].
@@ -11,11 +13,19 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{Record, State};
+use serde::Deserialize;
 
-/// The tag of the current format: bincode 2, standard configuration
-/// (little-endian, variable-length integers).
+use crate::store::{Checkpoint, Record, State};
+use crate::{Fingerprint, Timestamp};
+
+/// The tag of the value format: bincode 2, standard configuration
+/// (little-endian, variable-length integers). Records written before
+/// checkpoints existed carry it too.
 pub const FORMAT_V1: u8 = 1;
+
+/// The tag of the current record format: [`FORMAT_V1`]'s encoding of a
+/// [`Record`] with its checkpoint.
+pub const FORMAT_V2: u8 = 2;
 
 /// The most bytes a decoder accepts for one value (guards allocations driven
 /// by a corrupt length prefix).
@@ -29,7 +39,9 @@ pub enum CodecError {
     #[error("stored value is empty")]
     Empty,
     /// The format tag is not one this version knows (written by a newer version?).
-    #[error("stored value has unknown format tag {0}; this version reads tag {FORMAT_V1}")]
+    #[error(
+        "stored value has unknown format tag {0}; this version writes tag {FORMAT_V1} for values and {FORMAT_V2} for records"
+    )]
     UnknownFormat(u8),
     /// The bytes after the tag are not a valid encoding.
     #[error("stored value is malformed")]
@@ -59,12 +71,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if tag != FORMAT_V1 {
         return Err(CodecError::UnknownFormat(tag));
     }
-    let (value, read) =
-        bincode::serde::decode_from_slice(body, config()).map_err(CodecError::Malformed)?;
-    if read != body.len() {
-        return Err(CodecError::TrailingBytes(body.len() - read));
-    }
-    Ok(value)
+    decode_body(body)
 }
 
 /// Encodes a record (for stores that keep it as one blob).
@@ -84,7 +91,7 @@ pub fn encode_record(record: &Record) -> Result<Vec<u8>, CodecError> {
 /// encoding after its original contents.
 pub fn encode_record_into(record: &Record, out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.reserve(encoded_record_len_hint(record));
-    out.push(FORMAT_V1);
+    out.push(FORMAT_V2);
     bincode::serde::encode_into_std_write(record, out, config()).map_err(CodecError::Encode)?;
     Ok(())
 }
@@ -101,14 +108,18 @@ pub const RECORD_OVERHEAD: usize = 128;
 
 /// The size of a record, as stores compare it with their
 /// [`max_record_bytes`](crate::store::Capabilities::max_record_bytes): the outcome's
-/// length plus [`RECORD_OVERHEAD`]. An upper bound of the length of
+/// length plus [`RECORD_OVERHEAD`], plus [`Checkpoint::size`] for a
+/// record with a checkpoint. An upper bound of the length of
 /// [`encode_record`]'s output.
 pub fn record_size(record: &Record) -> usize {
     let outcome = match &record.state {
         State::InFlight { .. } => 0,
         State::Completed { outcome, .. } | State::Failed { outcome, .. } => outcome.len(),
     };
-    RECORD_OVERHEAD.saturating_add(outcome)
+    let checkpoint = record.checkpoint.as_ref().map_or(0, Checkpoint::size);
+    RECORD_OVERHEAD
+        .saturating_add(outcome)
+        .saturating_add(checkpoint)
 }
 
 /// An upper bound of the length of [`encode_record`]'s output (the same as
@@ -117,9 +128,59 @@ pub fn encoded_record_len_hint(record: &Record) -> usize {
     record_size(record)
 }
 
-/// Decodes a record written by [`encode_record`].
+/// Decodes a record written by [`encode_record`], in the current format or
+/// in [`FORMAT_V1`] (read back without a checkpoint).
 pub fn decode_record(bytes: &[u8]) -> Result<Record, CodecError> {
+    match bytes.first() {
+        Some(&FORMAT_V1) => decode::<RecordV1>(bytes).map(RecordV1::into_record),
+        Some(&FORMAT_V2) => decode_body(&bytes[1..]),
+        Some(&tag) => Err(CodecError::UnknownFormat(tag)),
+        None => Err(CodecError::Empty),
+    }
+}
+
+/// Encodes a checkpoint (for stores with typed columns that keep it in a
+/// column of its own).
+pub fn encode_checkpoint(checkpoint: &Checkpoint) -> Result<Vec<u8>, CodecError> {
+    encode(checkpoint)
+}
+
+/// Decodes a checkpoint written by [`encode_checkpoint`].
+pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, CodecError> {
     decode(bytes)
+}
+
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    let (value, read) =
+        bincode::serde::decode_from_slice(body, config()).map_err(CodecError::Malformed)?;
+    if read != body.len() {
+        return Err(CodecError::TrailingBytes(body.len() - read));
+    }
+    Ok(value)
+}
+
+/// A record as [`FORMAT_V1`] wrote it (before checkpoints).
+#[derive(Deserialize)]
+struct RecordV1 {
+    fingerprint: Fingerprint,
+    state: State,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    expires_at: Timestamp,
+    attempts: u32,
+}
+
+impl RecordV1 {
+    fn into_record(self) -> Record {
+        Record::from_parts(
+            self.fingerprint,
+            self.state,
+            self.created_at,
+            self.updated_at,
+            self.expires_at,
+            self.attempts,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -148,7 +209,7 @@ mod tests {
     #[test]
     fn round_trips_and_tags() {
         let bytes = encode_record(&record()).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(bytes[0], FORMAT_V2);
         // The outcome is stored as raw bytes, not one varint per byte.
         assert!(bytes.len() < 1100, "{}", bytes.len());
         assert_eq!(decode_record(&bytes).unwrap(), record());
@@ -177,14 +238,53 @@ mod tests {
     }
 
     #[test]
+    fn records_of_the_first_format_read_back_without_a_checkpoint() {
+        let r = record();
+        // The first format: the same fields, without the checkpoint.
+        let legacy = encode(&(
+            r.fingerprint,
+            r.state.clone(),
+            r.created_at,
+            r.updated_at,
+            r.expires_at,
+            r.attempts,
+        ))
+        .unwrap();
+        assert_eq!(legacy[0], FORMAT_V1);
+        assert_eq!(decode_record(&legacy).unwrap(), r);
+    }
+
+    #[test]
+    fn checkpoints_round_trip_in_records_and_alone() {
+        let key = crate::RecordKey::new(
+            &crate::Scope::tenant("t").with_operation("orders.create"),
+            &crate::IdempotencyKey::parse("k-1").unwrap(),
+        );
+        let cp = Checkpoint::new(&key, 3, "charge", vec![7u8; 300]);
+        let claim = Record::new_claim(
+            Fingerprint::of(b"req"),
+            FencingToken::from_u128(7),
+            Timestamp::from_millis(5),
+            &Policy::default(),
+        )
+        .with_checkpoint(Some(cp.clone()));
+        let bytes = encode_record(&claim).unwrap();
+        assert!(bytes.len() <= record_size(&claim), "{}", bytes.len());
+        assert_eq!(decode_record(&bytes).unwrap(), claim);
+        let alone = encode_checkpoint(&cp).unwrap();
+        assert_eq!(decode_checkpoint(&alone).unwrap(), cp);
+        assert_eq!(cp.record_key(), key);
+    }
+
+    #[test]
     fn bad_bytes_are_errors() {
         let bytes = encode_record(&record()).unwrap();
         assert!(matches!(decode_record(&[]), Err(CodecError::Empty)));
         let mut newer = bytes.clone();
-        newer[0] = 2;
+        newer[0] = 3;
         assert!(matches!(
             decode_record(&newer),
-            Err(CodecError::UnknownFormat(2))
+            Err(CodecError::UnknownFormat(3))
         ));
         assert!(matches!(
             decode_record(&bytes[..bytes.len() / 2]),

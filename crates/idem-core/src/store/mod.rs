@@ -34,7 +34,7 @@ mod table_name;
 pub use crate::error::{BoxError, StoreError};
 pub use census::{Census, Coverage, EXPIRY_BUCKET_LABELS, EXPIRY_BUCKETS, expiry_bucket};
 pub use ids::IdGenerator;
-pub use record::{FencingToken, Record, Revision, State, Versioned};
+pub use record::{Checkpoint, FencingToken, Record, Revision, State, Versioned};
 pub use table_name::{TableNameError, check_table_name};
 
 use crate::{RecordKey, Timestamp};
@@ -43,6 +43,9 @@ use crate::{RecordKey, Timestamp};
 ///
 /// Formerly `Inserted`; the variants kept their names.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// The record is returned once per call and moved, never stored in bulk:
+// boxing it would add an allocation to every claim for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum InsertOutcome {
     /// The record was written: no live record was there.
     Inserted,
@@ -56,6 +59,8 @@ pub enum InsertOutcome {
 ///
 /// Formerly `Swapped`; the variants kept their names.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// As `InsertOutcome`.
+#[allow(clippy::large_enum_variant)]
 pub enum SwapOutcome {
     /// The record was replaced.
     Swapped,
@@ -91,6 +96,14 @@ pub struct Capabilities {
     /// the conformance suite); one that declares [`CensusSupport::None`]
     /// returns [`StoreError::Unsupported`] from it.
     pub census: CensusSupport,
+    /// Whether [`Store::abandoned`] finds records whose lease lapsed with a
+    /// checkpoint (what the [`Completer`](crate::Completer) needs).
+    ///
+    /// # Behavior
+    /// A store that declares it implements [`Store::abandoned`] (checked by
+    /// the conformance suite); one that does not returns
+    /// [`StoreError::Unsupported`] from it.
+    pub abandoned: bool,
 }
 
 /// How a store answers [`Store::census`].
@@ -115,7 +128,14 @@ impl Capabilities {
             native_expiry: false,
             max_record_bytes: None,
             census: CensusSupport::None,
+            abandoned: false,
         }
+    }
+    /// Declares [`Store::abandoned`].
+    #[must_use]
+    pub const fn with_abandoned(mut self, yes: bool) -> Self {
+        self.abandoned = yes;
+        self
     }
     /// Declares native expiry.
     #[must_use]
@@ -260,6 +280,34 @@ pub trait Store: Send + Sync + 'static {
         let _ = (now, sample);
         Err(StoreError::unsupported("store", "census"))
     }
+
+    /// Finds live records abandoned mid-way: in flight, with a lease that
+    /// lapsed at or before `now`, and with a checkpoint (optional; see
+    /// [`Capabilities::abandoned`]).
+    ///
+    /// # Behavior
+    /// - Returns at most `limit` such records with their revisions, those
+    ///   whose lease lapsed first first; never a record that is expired,
+    ///   finished, without a checkpoint, or whose lease is still live at
+    ///   `now`. Each record's key is its checkpoint's
+    ///   ([`Checkpoint::record_key`]).
+    /// - Counts only this store's own records (table, schema or prefix).
+    /// - Writes nothing, and is not linearizable with concurrent writes: a
+    ///   record returned may have been taken over since, which the caller's
+    ///   conditional claim finds out.
+    /// - The default returns [`StoreError::Unsupported`].
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        let _ = (now, limit);
+        Err(StoreError::unsupported("store", "abandoned"))
+    }
+}
+
+/// Whether `record` is what [`Store::abandoned`] looks for at `now`: live,
+/// in flight with a lapsed lease, and with a checkpoint.
+pub fn is_abandoned(record: &Record, now: Timestamp) -> bool {
+    !record.is_expired(now)
+        && record.checkpoint.is_some()
+        && matches!(record.state, State::InFlight { lease_deadline, .. } if lease_deadline <= now)
 }
 
 macro_rules! forward_store {
@@ -302,6 +350,9 @@ macro_rules! forward_store {
             }
             async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
                 (**self).census(now, sample).await
+            }
+            async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+                (**self).abandoned(now, limit).await
             }
         }
     )*};

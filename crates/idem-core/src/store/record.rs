@@ -5,7 +5,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FailureKind, Fingerprint, Outcome, Timestamp};
+use bytes::Bytes;
+
+use crate::{FailureKind, Fingerprint, IdempotencyKey, Outcome, RecordKey, Scope, Timestamp};
 
 /// Proof of holding a key's lease. Unique per claim: a takeover or a new
 /// claim after expiry always gets a new token, so a stale worker's token never
@@ -128,6 +130,73 @@ impl State {
     }
 }
 
+/// A holder's recorded progress: the recovery point a later holder of the
+/// same key resumes from (see [`Engine::checkpoint`](crate::Engine::checkpoint)
+/// and [`Phases`](crate::Phases)).
+///
+/// # Behavior
+/// - Written only by the holder of a live lease, with a fenced
+///   compare-and-swap ([`Record::checkpoint`]); `seq` strictly increases
+///   with every checkpoint of a record, so progress only moves forward.
+/// - Kept across a takeover of a lapsed lease and across a retryable
+///   failure, so the next holder receives it; dropped when the key
+///   completes or fails for good.
+/// - Carries the scope and client key of its record, so that a completer
+///   that finds an abandoned record can claim it again
+///   ([`Checkpoint::record_key`]).
+/// - Stores keep it as one opaque value
+///   ([`codec::encode_checkpoint`](crate::store::codec::encode_checkpoint))
+///   and return it byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Checkpoint {
+    /// 1 for a record's first checkpoint, +1 for each later one.
+    pub seq: u32,
+    /// The name of the step recorded last (for logs, metrics and operators).
+    pub step: String,
+    /// The holder's serialized progress, opaque to the core and to stores.
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    /// The scope of the record this checkpoint belongs to.
+    pub scope: Scope,
+    /// The client's key of the record this checkpoint belongs to.
+    pub key: IdempotencyKey,
+}
+
+impl Checkpoint {
+    /// A checkpoint of the record under `key`.
+    pub fn new(
+        key: &RecordKey,
+        seq: u32,
+        step: impl Into<String>,
+        state: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            seq,
+            step: step.into(),
+            state: Vec::from(state.into()),
+            scope: key.scope().clone(),
+            key: key.key().clone(),
+        }
+    }
+
+    /// The record key this checkpoint belongs to.
+    pub fn record_key(&self) -> RecordKey {
+        RecordKey::new(&self.scope, &self.key)
+    }
+
+    /// How many bytes it adds to a record's size
+    /// ([`codec::record_size`](crate::store::codec::record_size)): the
+    /// state, the step name, the scope's parts and the key, plus 64 for
+    /// lengths and the sequence number.
+    pub fn size(&self) -> usize {
+        let scope = self.scope.tenant_id().len()
+            + self.scope.principal().map_or(0, str::len)
+            + self.scope.operation().map_or(0, str::len);
+        64 + self.state.len() + self.step.len() + scope + self.key.as_str().len()
+    }
+}
+
 /// Everything stored for one key.
 ///
 /// # Behavior
@@ -155,6 +224,9 @@ pub struct Record {
     pub expires_at: Timestamp,
     /// How many claims were made (1 for the first; +1 per takeover or retry).
     pub attempts: u32,
+    /// The last recovery point recorded by a holder, if any (see
+    /// [`Checkpoint`]).
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Record {
@@ -180,7 +252,16 @@ impl Record {
             updated_at,
             expires_at,
             attempts,
+            checkpoint: None,
         }
+    }
+
+    /// This record with `checkpoint` (a store with typed columns reading
+    /// its checkpoint column back).
+    #[must_use]
+    pub fn with_checkpoint(mut self, checkpoint: Option<Checkpoint>) -> Self {
+        self.checkpoint = checkpoint;
+        self
     }
 
     /// Whether the record has expired at `now` (`expires_at <= now`): an

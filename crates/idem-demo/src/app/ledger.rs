@@ -26,7 +26,7 @@ pub struct Payment {
 }
 
 /// Test-only fault injection: the server aborts (as `kill -9` would) at a
-/// point of the charge, with a probability.
+/// point of a payment's charge or of an order's phases, with a probability.
 ///
 /// # Behavior
 /// - `in_charge`: inside the ledger transaction, after the payment row was
@@ -34,12 +34,23 @@ pub struct Payment {
 /// - `after_charge`: after the ledger commit, before the answer. With the
 ///   SQLite and PostgreSQL stores the idempotency record committed with the
 ///   charge; with Redis it is not completed yet (the at-least-once window).
+/// - `orders`: at each [`OrderCrashPoint`] an order passes (in a request or
+///   in the completer), the probability of aborting there.
+/// - `order_at`: abort every time an order reaches this point.
+///
+/// Each injected abort first writes one line to stderr: `idem-demo:
+/// injected crash …` for a payment, `idem-demo: injected order crash
+/// <point>` for an order.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CrashPlan {
     /// Probability of aborting inside the ledger transaction.
     pub in_charge: f64,
     /// Probability of aborting after the ledger commit, before the answer.
     pub after_charge: f64,
+    /// Probability of aborting at each crash point of an order.
+    pub orders: f64,
+    /// The order crash point where the server always aborts, if any.
+    pub order_at: Option<OrderCrashPoint>,
 }
 
 impl CrashPlan {
@@ -48,6 +59,61 @@ impl CrashPlan {
         if probability > 0.0 && fastrand::f64() < probability {
             eprintln!("idem-demo: injected crash {point}");
             std::process::abort();
+        }
+    }
+
+    /// Aborts the process if the plan says so at `point` of an order.
+    pub(crate) fn order_point(&self, point: OrderCrashPoint) {
+        let always = self.order_at == Some(point);
+        if always || (self.orders > 0.0 && fastrand::f64() < self.orders) {
+            eprintln!("idem-demo: injected order crash {}", point.name());
+            std::process::abort();
+        }
+    }
+}
+
+/// Where an order's flow can be aborted by a [`CrashPlan`] (test only), in
+/// the order an order passes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum OrderCrashPoint {
+    /// Inside the reservation's transaction, before its commit.
+    InReserve,
+    /// After the reservation committed: with SQLite and PostgreSQL its
+    /// checkpoint committed with it; with Redis and memory, before the
+    /// checkpoint is written.
+    AfterReserve,
+    /// After the card network answered the charge, before its checkpoint.
+    AfterCardNetwork,
+    /// After the charge's checkpoint.
+    AfterCharge,
+    /// Inside the receipt's transaction, before its commit.
+    InReceipt,
+    /// After the receipt committed (with SQLite and PostgreSQL in a request:
+    /// with the key's completion), before the answer.
+    AfterReceipt,
+}
+
+impl OrderCrashPoint {
+    /// Every point, in flow order.
+    pub const ALL: [Self; 6] = [
+        Self::InReserve,
+        Self::AfterReserve,
+        Self::AfterCardNetwork,
+        Self::AfterCharge,
+        Self::InReceipt,
+        Self::AfterReceipt,
+    ];
+
+    /// The point's name (as on the command line: `after-charge`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InReserve => "in-reserve",
+            Self::AfterReserve => "after-reserve",
+            Self::AfterCardNetwork => "after-card-network",
+            Self::AfterCharge => "after-charge",
+            Self::InReceipt => "in-receipt",
+            Self::AfterReceipt => "after-receipt",
         }
     }
 }
@@ -79,6 +145,12 @@ pub enum LedgerError {
     /// A stored row does not make a payment.
     #[error("ledger row: {0}")]
     Row(String),
+    /// Not enough stock of the sku for an order; nothing was reserved.
+    #[error("not enough stock of {sku}")]
+    OutOfStock {
+        /// The sku.
+        sku: String,
+    },
 }
 
 impl From<IdemError> for LedgerError {

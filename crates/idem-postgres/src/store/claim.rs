@@ -27,7 +27,7 @@ struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    /// `sql` with `$1..$15` bound: the digest, the scope, the key and the
+    /// `sql` with `$1..$16` bound: the digest, the scope, the key and the
     /// record columns.
     fn bind<'q>(&'q self, sql: &Arc<str>) -> Query<'q, Postgres, PgArguments> {
         let query = sqlx::query(AssertSqlSafe(sql.clone()))
@@ -48,8 +48,8 @@ impl PostgresStore {
         record: &Versioned,
         now: Timestamp,
     ) -> Result<InsertOutcome, StoreError> {
-        let cols = Columns::of(record);
-        self.check_size(&cols)?;
+        self.check_size(record)?;
+        let cols = Columns::of(record)?;
         let scope = key.scope();
         let claim = Claim {
             key,

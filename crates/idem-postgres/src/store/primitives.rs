@@ -19,6 +19,7 @@ impl Store for PostgresStore {
         Capabilities::new()
             .with_max_record_bytes(Some(self.inner.max_record_bytes))
             .with_census(CensusSupport::Exact)
+            .with_abandoned(true)
     }
 
     async fn insert_if_absent(
@@ -44,8 +45,8 @@ impl Store for PostgresStore {
         record: &Versioned,
         now: Timestamp,
     ) -> Result<SwapOutcome, StoreError> {
-        let cols = Columns::of(record);
-        self.check_size(&cols)?;
+        self.check_size(record)?;
+        let cols = Columns::of(record)?;
         let deadline = self.deadline();
         let mut conn = self.acquire(deadline).await?;
         for round in 1..=ROUNDS {
@@ -142,5 +143,51 @@ impl Store for PostgresStore {
         let result = self.limit(deadline, query.fetch_one(&mut *conn)).await;
         let row = self.settle(&mut conn, result)?;
         crate::census::from_row(&row, &self.inner.table)
+    }
+
+    /// One indexed statement, bounded by the store's timeout like every
+    /// call.
+    ///
+    /// # Behavior
+    /// - `SELECT … WHERE state = 'in_flight' AND checkpoint IS NOT NULL AND
+    ///   lease_deadline <= $now AND <live> ORDER BY lease_deadline LIMIT
+    ///   $limit`: a range scan of the partial index on `lease_deadline`,
+    ///   which holds only in-flight rows with a checkpoint, in its order
+    ///   (sorted only for a `now` of 2^63 ms or more). Read-only: no lock,
+    ///   one snapshot.
+    /// - Only this store's table (schema-qualified); expired records are
+    ///   skipped (those not purged yet are still read from the index, so
+    ///   keep purging).
+    /// - A row that does not decode is skipped and logged (`warn`), so one
+    ///   damaged record cannot stop the completer for every other key;
+    ///   [`get`](Store::get) still reports it as [`StoreError::Corrupt`].
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = ts(now);
+        let sql = if now >= 0 {
+            &self.inner.sql.abandoned_low
+        } else {
+            &self.inner.sql.abandoned_high
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let deadline = self.deadline();
+        let mut conn = self.acquire(deadline).await?;
+        let query = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(now)
+            .bind(limit);
+        let result = self.limit(deadline, query.fetch_all(&mut *conn)).await;
+        Ok(self
+            .settle(&mut conn, result)?
+            .iter()
+            .filter_map(|row| match self.decode(row, 0) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(error = %e, "idem-postgres: skipping an abandoned record that cannot be read");
+                    None
+                }
+            })
+            .collect())
     }
 }

@@ -18,6 +18,9 @@ use crate::error::{self, Class};
 use crate::scripts::{self, Reply};
 
 /// What the native `SET … NX GET PX` of `insert_if_absent` settled.
+// One value per call, returned once: boxing the record would allocate on
+// every claim to save a move.
+#[allow(clippy::large_enum_variant)]
 enum Native {
     /// The answer.
     Settled(InsertOutcome),
@@ -104,11 +107,12 @@ impl RedisStore {
 impl Store for RedisStore {
     /// Native expiry (`PX`); no size limit of its own (Redis refuses values
     /// beyond `proto-max-bulk-len`, 512 MB by default); a sampled census
-    /// (`SCAN`).
+    /// and the search for abandoned records (both `SCAN`).
     fn capabilities(&self) -> Capabilities {
         Capabilities::new()
             .with_native_expiry(true)
             .with_census(CensusSupport::Sampled)
+            .with_abandoned(true)
     }
 
     /// One native `SET key value NX GET PX ms`; the script only for what it
@@ -276,5 +280,50 @@ impl Store for RedisStore {
     ///   keys looked at (32 bytes each, to count none twice).
     async fn census(&self, now: Timestamp, sample: usize) -> Result<Census, StoreError> {
         self.scan_census(now, sample).await
+    }
+
+    /// A scan, as for the census: `SCAN` the store's keys on every master,
+    /// `MGET` their values, and keep the records
+    /// [`is_abandoned`](idem_core::store::is_abandoned) at `now`, the
+    /// `limit` whose lease lapsed first. Nothing is added to the write
+    /// path (no index to maintain).
+    ///
+    /// # Behavior
+    /// - `SCAN cursor MATCH <prefix><32 × ?> COUNT 1000` on the server, or
+    ///   on each master of a cluster in turn (a master the cluster client
+    ///   is not connected to is a transient error, never a silently partial
+    ///   answer), then one `MGET` per batch of up to 1,000 keys (split by
+    ///   slot on a cluster). Only keys of exactly this store's layout (its
+    ///   prefix and 32 bytes) are read: not another prefix's, not those of
+    ///   a store whose prefix extends it.
+    /// - Returns the records in flight whose lease lapsed at or before
+    ///   `now` and that carry a checkpoint, not expired at `now`, earliest
+    ///   lapse first (ties in the order of their Redis keys), at most
+    ///   `limit`; `limit = 0` returns nothing without a round trip.
+    /// - Values under the prefix that are not records are skipped and
+    ///   logged at `warn`, as the census does (which counts them as
+    ///   `unreadable`); a key of another Redis type is not looked at. So is
+    ///   an abandoned record whose checkpoint names another key than the
+    ///   one it is stored at (a value copied by hand): the caller would
+    ///   claim the other key.
+    /// - A key `SCAN` returns twice is looked at once; a record written
+    ///   meanwhile may or may not be found, and one found may have been
+    ///   taken over since (the caller's conditional claim tells).
+    /// - Cost: every call reads every record under the prefix, O(records
+    ///   under the prefix): one `MGET` per ~1,000 records, each value
+    ///   transferred and decoded in full (outcomes included), plus one
+    ///   `SCAN` per ~1,000 keys of the database (other applications' keys
+    ///   included: `MATCH` filters after the scan). Memory: 32 bytes per
+    ///   key looked at (to look at none twice) and the `limit` records kept.
+    ///   Measured (release build, server on loopback; the
+    ///   `abandoned_search_cost` test case prints it): 10,000 records under
+    ///   the prefix, 100 of them abandoned, 9,000 completed with 256-byte
+    ///   outcomes (3.2 MiB of values): 24 to 37 ms a call on a standalone
+    ///   Redis 7.0, 23 ms on Valkey 9.1, 130 ms on a 3-master Redis Cluster
+    ///   (`MGET` split by slot); with 4 KiB outcomes (36 MiB) 140 ms
+    ///   standalone. Meant for a background task every few seconds (the
+    ///   [`Completer`](idem_core::Completer)), not for a request path.
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        self.scan_abandoned(now, limit).await
     }
 }

@@ -16,6 +16,7 @@ impl Store for SqliteStore {
         Capabilities::new()
             .with_max_record_bytes(Some(self.inner.options.max_record_bytes))
             .with_census(CensusSupport::Exact)
+            .with_abandoned(true)
     }
 
     async fn insert_if_absent(
@@ -104,5 +105,28 @@ impl Store for SqliteStore {
             .run(move |conn| crate::census::count(conn, &sql, now))
             .await?;
         Ok(counted?)
+    }
+
+    /// One indexed query, in a read transaction of the writer thread (no
+    /// write lock).
+    ///
+    /// # Behavior
+    /// - `SELECT … WHERE state = 'in_flight' AND checkpoint IS NOT NULL AND
+    ///   lease_deadline <= now AND <live> ORDER BY lease_deadline LIMIT
+    ///   limit`: a range scan of the partial index `<table>_abandoned`,
+    ///   which holds only in-flight records with a checkpoint, in its order
+    ///   (sorted only for a `now` of 2^63 ms or more).
+    /// - Only this store's table; expired records are skipped (those not
+    ///   purged yet are still read from the index, so keep the purger
+    ///   running).
+    /// - A row that does not decode is skipped and logged (`warn`), so one
+    ///   damaged record cannot stop the completer for every other key;
+    ///   [`get`](Store::get) still reports it as [`StoreError::Corrupt`].
+    async fn abandoned(&self, now: Timestamp, limit: usize) -> Result<Vec<Versioned>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let request = |reply| Request::Abandoned { now, limit, reply };
+        Ok(self.inner.writer.call(request).await?)
     }
 }

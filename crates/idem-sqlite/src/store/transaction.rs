@@ -5,14 +5,15 @@
 use std::sync::OnceLock;
 
 use idem_core::machine::Fenced;
+use idem_core::store::{State, codec};
 use idem_core::{Error, Transition};
-use rusqlite::types::ToSql;
+use rusqlite::types::{ToSql, ValueRef};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::SqliteStore;
 use crate::SqliteError;
 use crate::builder::DEFAULT_MAX_RECORD_BYTES;
-use crate::row::{Columns, record_size, ts};
+use crate::row::{Columns, RECORD_COLUMN_COUNT, record_size, ts};
 use crate::schema::TableName;
 use crate::sql::Statements;
 use crate::writer;
@@ -27,7 +28,10 @@ impl SqliteStore {
     ///   together: inside `f`, write your rows and call
     ///   [`apply_in`](Self::apply_in) (or [`apply_transition`](crate::apply_transition))
     ///   with the [`Transition`] from
-    ///   [`Engine::prepare_complete`](idem_core::Engine::prepare_complete).
+    ///   [`Engine::prepare_complete`](idem_core::Engine::prepare_complete),
+    ///   or with a local phase's checkpoint from
+    ///   [`Phases::prepare_local`](idem_core::Phases::prepare_local) (see
+    ///   [`apply_in`](Self::apply_in) for an example).
     ///   If the lease was lost, `apply_in` fails with [`Error::LeaseLost`]
     ///   and returning that error rolls everything back.
     /// - If the transaction rolls back, the key stays claimed under the same
@@ -88,15 +92,25 @@ impl SqliteStore {
     }
 
     /// Applies `transition` (from
-    /// [`Engine::prepare_complete`](idem_core::Engine::prepare_complete) or
-    /// [`prepare_fail`](idem_core::Engine::prepare_fail)) on `conn`, normally
-    /// inside the caller's open transaction, in the store's table.
+    /// [`Engine::prepare_complete`](idem_core::Engine::prepare_complete),
+    /// [`prepare_fail`](idem_core::Engine::prepare_fail), or a checkpoint
+    /// from [`Engine::prepare_checkpoint`](idem_core::Engine::prepare_checkpoint)
+    /// / [`Phases::prepare_local`](idem_core::Phases::prepare_local)) on
+    /// `conn`, normally inside the caller's open transaction, in the store's
+    /// table.
     ///
     /// # Behavior
     /// - Replaces the record if the live record is in flight under the
     ///   transition's fencing token (the token, not the revision, so a
     ///   heartbeat meanwhile does not fail it): one `UPDATE`, which takes
     ///   effect only if the transaction commits.
+    /// - A checkpoint keeps the record in flight under the same lease, with
+    ///   the new checkpoint; it is applied only if it moves forward (its
+    ///   sequence number above the stored checkpoint's), else
+    ///   [`Error::LeaseLost`] with [`Fenced::Backwards`], changing nothing
+    ///   (one more `SELECT`, by primary key, before the `UPDATE`). After
+    ///   the commit, call [`Phases::applied`](idem_core::Phases::applied)
+    ///   (or [`Lease::mark_applied`](idem_core::Lease::mark_applied)).
     /// - Otherwise changes nothing and returns [`Error::LeaseLost`] (taken
     ///   over, already finished, or expired); a record above the size limit
     ///   is [`StoreError::Rejected`](idem_core::StoreError::Rejected); SQL errors are [`Error::Store`].
@@ -106,6 +120,53 @@ impl SqliteStore {
     ///   [`TransactionBehavior::Immediate`]: a deferred transaction that read
     ///   first cannot always upgrade to a write while the store writes, and
     ///   fails with `SQLITE_BUSY` instead of waiting.
+    ///
+    /// A local phase (its writes commit with its checkpoint, or neither
+    /// does); [`Phases`](idem_core::Phases) is `Clone`, so a copy moves into
+    /// the `'static` closure of [`transaction`](Self::transaction):
+    ///
+    /// ```
+    /// use idem_core::{Begin, Engine, Fingerprint, IdempotencyKey, Outcome, Scope, Transition};
+    /// use idem_sqlite::{SqliteError, SqliteStore};
+    ///
+    /// type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+    /// let store = SqliteStore::open_in_memory()?;
+    /// store
+    ///     .transaction(|tx| -> Result<(), SqliteError> {
+    ///         Ok(tx.execute_batch("CREATE TABLE reservations (order_key TEXT, sku TEXT)")?)
+    ///     })
+    ///     .await?;
+    /// let engine = Engine::new(store.clone());
+    /// let scope = Scope::tenant("acme").with_operation("orders.create");
+    /// let key = IdempotencyKey::parse("order-1")?;
+    /// if let Begin::Proceed(lease) = engine.begin(&scope, &key, Fingerprint::of(b"sku-1")).await? {
+    ///     let mut phases = engine.phases(&lease)?;
+    ///     // Local phase "reserve": skipped if a previous holder committed it.
+    ///     let reservation: i64 = match phases.result("reserve")? {
+    ///         Some(id) => id,
+    ///         None => {
+    ///             let (s, p, k) = (store.clone(), phases.clone(), key.to_string());
+    ///             let (id, done) = store
+    ///                 .transaction(move |tx| -> Result<(i64, Transition), BoxError> {
+    ///                     tx.execute("INSERT INTO reservations VALUES (?1, 'sku-1')", [&k])?;
+    ///                     let id = tx.last_insert_rowid();
+    ///                     let done = p.prepare_local("reserve", &id)?;
+    ///                     s.apply_in(tx, &done)?; // lease lost: the reservation rolls back
+    ///                     Ok((id, done))
+    ///                 })
+    ///                 .await?;
+    ///             phases.applied(&done)?; // committed: the phase counts as recorded
+    ///             id
+    ///         }
+    ///     };
+    ///     // … external phases (`phases.external`), then the final outcome:
+    ///     let outcome = Outcome::new(format!("reservation {reservation}").into_bytes());
+    ///     engine.complete(phases.lease(), outcome).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn apply_in(&self, conn: &Connection, transition: &Transition) -> Result<(), Error> {
         self.check_size(&transition.next)?;
         apply(conn, &self.inner.sql, transition)
@@ -135,12 +196,15 @@ pub fn apply_transition(conn: &Connection, transition: &Transition) -> Result<()
 }
 
 fn apply(conn: &Connection, sql: &Statements, transition: &Transition) -> Result<(), Error> {
-    let cols = Columns::of(&transition.next);
+    let cols = Columns::of(&transition.next)?;
     let now = ts(transition.next.record.updated_at);
     let digest = &transition.key.digest()[..];
     let token = transition.token.to_be_bytes();
     let token = &token[..];
-    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(13);
+    if let Some(backwards) = moves_back(conn, sql, transition, digest, token, now)? {
+        return Err(Error::LeaseLost(backwards));
+    }
+    let mut params: Vec<&dyn ToSql> = Vec::with_capacity(3 + RECORD_COLUMN_COUNT);
     params.extend_from_slice(&[&digest, &token]);
     params.extend_from_slice(&cols.params());
     params.push(&now);
@@ -164,4 +228,54 @@ fn apply(conn: &Connection, sql: &Statements, transition: &Transition) -> Result
             Ok(()) => Error::Contention,
         },
     })
+}
+
+/// For a checkpoint (a transition that stays in flight with a
+/// checkpoint): [`Fenced::Backwards`] if the holder's stored checkpoint is
+/// not older than it (a transition prepared from an outdated record, or
+/// applied twice), so that progress only moves forward. One indexed read,
+/// inside the caller's transaction (whose write lock, in an `IMMEDIATE`
+/// transaction, keeps it true until the update). `None` otherwise,
+/// including when the record is not the holder's (the update then finds
+/// nothing and says why).
+fn moves_back(
+    conn: &Connection,
+    sql: &Statements,
+    transition: &Transition,
+    digest: &[u8],
+    token: &[u8],
+    now: i64,
+) -> Result<Option<Fenced>, SqliteError> {
+    let offered = match (
+        &transition.next.record.state,
+        &transition.next.record.checkpoint,
+    ) {
+        (State::InFlight { .. }, Some(checkpoint)) => checkpoint.seq,
+        _ => return Ok(None),
+    };
+    let statement = &sql.holder_checkpoint;
+    let mut stmt = conn.prepare_cached(statement)?;
+    let mut rows = stmt.query(rusqlite::params![digest, token, now])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let stored = match row.get_ref(0)? {
+        ValueRef::Null => return Ok(None),
+        ValueRef::Blob(bytes) => {
+            codec::decode_checkpoint(bytes).map_err(|e| SqliteError::CorruptRow {
+                table: sql.table.clone(),
+                why: format!("column checkpoint does not decode: {e}"),
+            })?
+        }
+        _ => {
+            return Err(SqliteError::CorruptRow {
+                table: sql.table.clone(),
+                why: "column checkpoint holds no BLOB".to_string(),
+            });
+        }
+    };
+    Ok((stored.seq >= offered).then_some(Fenced::Backwards {
+        stored: stored.seq,
+        offered,
+    }))
 }

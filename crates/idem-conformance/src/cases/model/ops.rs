@@ -70,6 +70,18 @@ pub enum Op {
         /// Which lease.
         lease: LeaseIdx,
     },
+    /// `engine.checkpoint` by a lease holder (it records progress): step
+    /// `step-{state % 4}`, `state % 5` copies of the byte `state`.
+    Checkpoint {
+        /// Which lease.
+        lease: LeaseIdx,
+        /// The step's name and state.
+        state: u8,
+    },
+    /// `store.abandoned` at the current time: the keys whose lease lapsed
+    /// with a checkpoint (or `Unsupported`, for a store that does not
+    /// declare it).
+    Abandoned,
     /// Moves the clock.
     Advance {
         /// By how many milliseconds.
@@ -92,7 +104,9 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(lease, retryable, outcome)| Op::Fail { lease, retryable, outcome }),
         1 => lease.clone().prop_map(|lease| Op::FailUnknown { lease }),
         1 => lease.clone().prop_map(|lease| Op::Release { lease }),
-        1 => lease.prop_map(|lease| Op::Extend { lease }),
+        1 => lease.clone().prop_map(|lease| Op::Extend { lease }),
+        2 => (lease, any::<u8>()).prop_map(|(lease, state)| Op::Checkpoint { lease, state }),
+        1 => Just(Op::Abandoned),
         2 => prop_oneof![
             Just(1u32),
             Just(1_000),

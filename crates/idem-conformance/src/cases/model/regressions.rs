@@ -33,6 +33,7 @@ const F0: FpIdx = FpIdx(0);
 const F1: FpIdx = FpIdx(1);
 const L0: LeaseIdx = LeaseIdx(0);
 const L1: LeaseIdx = LeaseIdx(1);
+const L2: LeaseIdx = LeaseIdx(2);
 
 /// `Begin { key, scope, fp }`, shorter.
 const fn begin(key: KeyIdx, scope: ScopeIdx, fp: FpIdx) -> Op {
@@ -114,5 +115,43 @@ sequences! {
         begin(K0, S1, F0), Fail { lease: L0, retryable: true, outcome: 1 },
         Complete { lease: L1, outcome: 5 },
         begin(K0, S1, F0),
+    ];
+
+    /// A checkpoint survives a takeover: the new holder carries it (the
+    /// zombie's own checkpoint is fenced), goes on from its sequence
+    /// number, and a completion drops it; the search for abandoned keys
+    /// sees the key only while its lease is lapsed with the checkpoint.
+    rule_checkpoint_survives_a_takeover: [
+        begin(K0, S0, F0), Checkpoint { lease: L0, state: 1 },
+        Advance { millis: 9_000 }, Checkpoint { lease: L0, state: 2 },
+        Advance { millis: 9_999 }, Abandoned, Advance { millis: 1 }, Abandoned,
+        begin(K0, S0, F0), Abandoned,
+        Checkpoint { lease: L0, state: 3 }, Checkpoint { lease: L1, state: 4 },
+        Complete { lease: L1, outcome: 6 }, Abandoned,
+        Checkpoint { lease: L1, state: 5 },
+        begin(K0, S0, F0),
+    ];
+
+    /// With a checkpoint, an unknown outcome and a release are stored as
+    /// retryable failures keeping it, and the next request resumes (attempts
+    /// 2 and 3); the first holder's release repeats the ending it already
+    /// stored (`Ok`, nothing written); without a checkpoint a release
+    /// deletes the key.
+    rule_ambiguous_ending_with_a_checkpoint_is_resumed: [
+        begin(K1, S1, F1), Checkpoint { lease: L0, state: 7 },
+        FailUnknown { lease: L0 }, begin(K1, S1, F1),
+        Release { lease: L1 }, Release { lease: L0 },
+        begin(K1, S1, F1), Checkpoint { lease: L2, state: 8 },
+        Complete { lease: L2, outcome: 9 }, begin(K1, S1, F1),
+        begin(K0, S0, F0), Release { lease: LeaseIdx(3) }, begin(K0, S0, F0),
+    ];
+
+    /// A holder whose lease lapsed but was not taken over may still
+    /// checkpoint (a heartbeat too); a checkpoint's record expires with it.
+    rule_checkpoint_of_a_lapsed_lease_before_takeover: [
+        begin(K0, S1, F0), Advance { millis: 15_000 }, Abandoned,
+        Checkpoint { lease: L0, state: 0 }, Abandoned, begin(K0, S1, F0),
+        Advance { millis: 10_000 }, Abandoned, Advance { millis: 60_000 }, Abandoned,
+        Checkpoint { lease: L0, state: 1 }, begin(K0, S1, F0),
     ];
 }
