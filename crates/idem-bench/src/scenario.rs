@@ -84,7 +84,7 @@ fn begin_name(b: &Begin) -> &'static str {
         Begin::Proceed(_) => "Proceed",
         Begin::Replay(_) => "Replay",
         Begin::InProgress { .. } => "InProgress",
-        Begin::Mismatch => "Mismatch",
+        Begin::Mismatch(_) => "Mismatch",
     }
 }
 

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use http::HeaderValue;
 
 /// The longest key, in bytes (docs/http-contract.md: "1 to 255 characters").
-pub const MAX_KEY_LEN: usize = 255;
+pub const MAX_KEY_LEN: usize = idem_core::MAX_KEY_LEN;
 
 /// An idempotency key: 1 to [`MAX_KEY_LEN`] bytes of visible ASCII (`!` to
 /// `~`), case-sensitive — the rule the server applies (docs/http-contract.md,
@@ -104,69 +104,55 @@ impl Key {
     /// # Errors
     /// [`KeyError`] naming the rule the value breaks.
     pub fn from_header_value(value: &HeaderValue) -> Result<Self, KeyError> {
-        let raw = value.as_bytes();
-        let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
-        let start = raw.iter().position(|b| !is_ows(b)).unwrap_or(raw.len());
-        let end = raw
-            .iter()
-            .rposition(|b| !is_ows(b))
-            .map_or(start, |i| i + 1);
-        let value = raw.get(start..end).unwrap_or_default();
-        if value.first() != Some(&b'"') {
-            validate(value)?;
-            return Ok(Self(String::from_utf8_lossy(value).into_owned()));
-        }
-        let mut out = Vec::with_capacity(value.len());
-        let mut i = 1;
-        loop {
-            match value.get(i) {
-                None => return Err(KeyError::Unterminated),
-                Some(b'\\') => match value.get(i + 1) {
-                    Some(&escaped @ (b'"' | b'\\')) => {
-                        out.push(escaped);
-                        i += 2;
-                    }
-                    Some(_) => {
-                        return Err(KeyError::BadEscape {
-                            position: start + i,
-                        });
-                    }
-                    None => return Err(KeyError::Unterminated),
-                },
-                Some(b'"') => {
-                    if i + 1 < value.len() {
-                        return Err(KeyError::TrailingData {
-                            position: start + i + 1,
-                        });
-                    }
-                    validate(&out)?;
-                    return Ok(Self(String::from_utf8_lossy(&out).into_owned()));
-                }
-                Some(&byte) => {
-                    out.push(byte);
-                    i += 1;
-                }
-            }
-        }
+        let key = idem_http::parse_key_value(value.as_bytes())?;
+        Ok(Self(key.as_str().to_owned()))
     }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// The server's key rule ([`idem_core::IdempotencyKey`]), so that the
+/// client refuses exactly what the server would.
 fn validate(key: &[u8]) -> Result<(), KeyError> {
-    if key.is_empty() {
-        return Err(KeyError::Empty);
+    idem_core::IdempotencyKey::parse_bytes(key)
+        .map(|_| ())
+        .map_err(KeyError::from)
+}
+
+impl From<idem_core::KeyError> for KeyError {
+    fn from(e: idem_core::KeyError) -> Self {
+        match e {
+            idem_core::KeyError::TooLong { len } => Self::TooLong { len },
+            idem_core::KeyError::InvalidByte { position, byte } => {
+                Self::InvalidByte { position, byte }
+            }
+            // `Empty`, and any rule added later, reads as empty only if it
+            // is; otherwise it is reported by its own message.
+            idem_core::KeyError::Empty => Self::Empty,
+            other => Self::Rule(other.to_string()),
+        }
     }
-    if key.len() > MAX_KEY_LEN {
-        return Err(KeyError::TooLong { len: key.len() });
+}
+
+impl From<idem_http::KeyHeaderError> for KeyError {
+    fn from(e: idem_http::KeyHeaderError) -> Self {
+        use idem_http::{KeyHeaderError, QuotingError};
+        match e {
+            KeyHeaderError::Multiple { count } => Self::Multiple { count },
+            KeyHeaderError::Quoting(QuotingError::Unterminated) => Self::Unterminated,
+            KeyHeaderError::Quoting(QuotingError::BadEscape { position }) => {
+                Self::BadEscape { position }
+            }
+            KeyHeaderError::Quoting(QuotingError::TrailingData { position }) => {
+                Self::TrailingData { position }
+            }
+            KeyHeaderError::Quoting(QuotingError::InvalidByte { position, byte }) => {
+                Self::InvalidByte { position, byte }
+            }
+            KeyHeaderError::Key(e) => e.into(),
+            other => Self::Rule(other.to_string()),
+        }
     }
-    if let Some(position) = key.iter().position(|b| !(0x21..=0x7e).contains(b)) {
-        return Err(KeyError::InvalidByte {
-            position,
-            byte: key[position],
-        });
-    }
-    Ok(())
 }
 
 impl FromStr for Key {
@@ -248,6 +234,9 @@ pub enum KeyError {
         /// Byte offset of the first byte after the closing quote.
         position: usize,
     },
+    /// Another rule of the server's key grammar.
+    #[error("{0}")]
+    Rule(String),
     /// The request carries the key header more than once.
     #[error("the idempotency key header appears {count} times; send it exactly once")]
     Multiple {

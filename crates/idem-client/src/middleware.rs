@@ -468,7 +468,7 @@ async fn inspect(mut response: Response, max_body: u64) -> Result<Answer, reqwes
     let url = response.url().clone();
     let version = response.version();
     let body = response.bytes().await?;
-    let problem = Problem::of_response(status, &headers, &body);
+    let problem = crate::problem::of_response(status, &headers, &body);
     let response = rebuild(status, version, headers, extensions, url, body.clone());
     Ok(Answer {
         response,

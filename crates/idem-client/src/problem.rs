@@ -6,139 +6,35 @@ use http::{HeaderMap, StatusCode};
 
 /// The problem types an idempotency layer answers with by itself
 /// (`application/problem+json`, `type` = `https://idem.dev/problems/…`; the
-/// table in docs/http-contract.md, "What each answer means").
+/// table in docs/http-contract.md, "What each answer means"): the server's
+/// own [`idem_http::ProblemType`], so that client and server cannot
+/// disagree on a URI, a status, or whether to re-send
+/// ([`is_retryable`](idem_http::ProblemType::is_retryable)).
 ///
 /// # Behavior
 /// The middleware recognises a problem only when the response's content type
 /// is `application/problem+json`, its (buffered) body's `type` is one of these
-/// URIs, and its status is the problem's [`status`](Self::status): an API's
-/// own problem types are never mistaken for the layer's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Problem {
-    /// 400: the endpoint requires a key and none was sent.
-    MissingKey,
-    /// 400: the key is malformed or was sent twice.
-    InvalidKey,
-    /// 400: the server could not read the whole request body; nothing was
-    /// executed. Re-sent.
-    BodyUnreadable,
-    /// 409: a request with this key is still running. Re-sent after
-    /// `Retry-After`.
-    RequestInProgress,
-    /// 413: the body is above the layer's limit.
-    BodyTooLarge,
-    /// 422: the key was already used with a different request; nothing was
-    /// executed. Final, never re-sent.
-    KeyReused,
-    /// 500: the idempotency store failed; nothing was executed. Re-sent.
-    StoreFailed,
-    /// 500: the stored record of this key cannot be read. Final.
-    CorruptRecord,
-    /// 500 (replayed): the operation was executed but its answer was too
-    /// large to keep. Final.
-    ResponseNotStored,
-    /// 500: the request with this key ended without a known result and will
-    /// never run again with this key. Final: look the result up, and use a
-    /// new key for a new attempt.
-    OutcomeUnknown,
-    /// 503: the idempotency store is unreachable; nothing was executed.
-    /// Re-sent after `Retry-After`.
-    StoreUnavailable,
-    /// 503: the server instance is shutting down; nothing was executed.
-    /// Re-sent after `Retry-After`.
-    ShuttingDown,
-}
+/// URIs, and its status is the problem's
+/// [`status`](idem_http::ProblemType::status): an API's own problem types are
+/// never mistaken for the layer's.
+pub use idem_http::ProblemType as Problem;
 
-impl Problem {
-    /// Every problem type.
-    pub const ALL: [Self; 12] = [
-        Self::MissingKey,
-        Self::InvalidKey,
-        Self::BodyUnreadable,
-        Self::RequestInProgress,
-        Self::BodyTooLarge,
-        Self::KeyReused,
-        Self::StoreFailed,
-        Self::CorruptRecord,
-        Self::ResponseNotStored,
-        Self::OutcomeUnknown,
-        Self::StoreUnavailable,
-        Self::ShuttingDown,
-    ];
-
-    /// The `type` URI.
-    pub const fn uri(self) -> &'static str {
-        match self {
-            Self::MissingKey => "https://idem.dev/problems/missing-key",
-            Self::InvalidKey => "https://idem.dev/problems/invalid-key",
-            Self::BodyUnreadable => "https://idem.dev/problems/body-unreadable",
-            Self::RequestInProgress => "https://idem.dev/problems/request-in-progress",
-            Self::BodyTooLarge => "https://idem.dev/problems/body-too-large",
-            Self::KeyReused => "https://idem.dev/problems/key-reused",
-            Self::StoreFailed => "https://idem.dev/problems/store-failed",
-            Self::CorruptRecord => "https://idem.dev/problems/corrupt-record",
-            Self::ResponseNotStored => "https://idem.dev/problems/response-not-stored",
-            Self::OutcomeUnknown => "https://idem.dev/problems/outcome-unknown",
-            Self::StoreUnavailable => "https://idem.dev/problems/store-unavailable",
-            Self::ShuttingDown => "https://idem.dev/problems/shutting-down",
-        }
+/// The problem a response announces: its content type must be
+/// `application/problem+json`, its body a JSON object whose `type` is a
+/// known URI, and its status that problem's.
+pub(crate) fn of_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Problem> {
+    let content_type = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    if !media.eq_ignore_ascii_case("application/problem+json") {
+        return None;
     }
-
-    /// The status the layer sends it with.
-    pub const fn status(self) -> StatusCode {
-        match self {
-            Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
-            Self::RequestInProgress => StatusCode::CONFLICT,
-            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::StoreFailed
-            | Self::CorruptRecord
-            | Self::ResponseNotStored
-            | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::StoreUnavailable | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        }
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
     }
-
-    /// The problem type of `uri`, if it is one of the layer's.
-    pub fn from_uri(uri: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.uri() == uri)
-    }
-
-    /// Whether the contract says to re-send with the same key after this
-    /// answer (nothing was executed, or the first request is still running).
-    pub const fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            Self::BodyUnreadable
-                | Self::RequestInProgress
-                | Self::StoreFailed
-                | Self::StoreUnavailable
-                | Self::ShuttingDown
-        )
-    }
-
-    /// The problem a response announces: its content type must be
-    /// `application/problem+json`, its body a JSON object whose `type` is a
-    /// known URI, and its status that problem's.
-    pub(crate) fn of_response(
-        status: StatusCode,
-        headers: &HeaderMap,
-        body: &[u8],
-    ) -> Option<Self> {
-        let content_type = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
-        let media = content_type.split(';').next().unwrap_or_default().trim();
-        if !media.eq_ignore_ascii_case("application/problem+json") {
-            return None;
-        }
-        #[derive(serde::Deserialize)]
-        struct Typed<'a> {
-            #[serde(rename = "type", borrow)]
-            kind: std::borrow::Cow<'a, str>,
-        }
-        let typed: Typed<'_> = serde_json::from_slice(body).ok()?;
-        Self::from_uri(&typed.kind).filter(|p| p.status() == status)
-    }
+    let typed: Typed<'_> = serde_json::from_slice(body).ok()?;
+    Problem::from_uri(&typed.kind).filter(|p| p.status() == status)
 }
 
 /// What to do after one attempt's response.
@@ -220,12 +116,9 @@ mod tests {
         let json = problem_headers("application/problem+json");
         let reused = body(Problem::KeyReused.uri());
         let s422 = StatusCode::UNPROCESSABLE_ENTITY;
+        assert_eq!(of_response(s422, &json, &reused), Some(Problem::KeyReused));
         assert_eq!(
-            Problem::of_response(s422, &json, &reused),
-            Some(Problem::KeyReused)
-        );
-        assert_eq!(
-            Problem::of_response(
+            of_response(
                 s422,
                 &problem_headers("Application/Problem+JSON; charset=utf-8"),
                 &reused
@@ -233,17 +126,17 @@ mod tests {
             Some(Problem::KeyReused)
         );
         // Wrong status, wrong media type, an API's own type, not JSON.
-        assert_eq!(Problem::of_response(StatusCode::OK, &json, &reused), None);
+        assert_eq!(of_response(StatusCode::OK, &json, &reused), None);
         assert_eq!(
-            Problem::of_response(s422, &problem_headers("application/json"), &reused),
+            of_response(s422, &problem_headers("application/json"), &reused),
             None
         );
         assert_eq!(
-            Problem::of_response(s422, &json, &body("https://example.com/invalid-payment")),
+            of_response(s422, &json, &body("https://example.com/invalid-payment")),
             None
         );
-        assert_eq!(Problem::of_response(s422, &json, b"not json"), None);
-        assert_eq!(Problem::of_response(s422, &HeaderMap::new(), &reused), None);
+        assert_eq!(of_response(s422, &json, b"not json"), None);
+        assert_eq!(of_response(s422, &HeaderMap::new(), &reused), None);
     }
 
     #[test]

@@ -140,6 +140,7 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         case!(engine::replay_returns_byte_exact_outcome, Always),
         case!(engine::large_outcome_replays_byte_exact, Always),
         case!(engine::fingerprint_mismatch_in_every_state, Always),
+        case!(engine::mismatch_reports_the_first_use, Always),
         case!(engine::in_progress_reports_time_left, Always),
         case!(engine::takeover_fences_zombie, Always),
         case!(
@@ -214,6 +215,7 @@ pub fn all<F: StoreFactory>() -> Vec<Case<F>> {
         cached_case!(engine::replay_returns_byte_exact_outcome, Always),
         cached_case!(engine::large_outcome_replays_byte_exact, Always),
         cached_case!(engine::fingerprint_mismatch_in_every_state, Always),
+        cached_case!(engine::mismatch_reports_the_first_use, Always),
         cached_case!(engine::in_progress_reports_time_left, Always),
         cached_case!(engine::takeover_fences_zombie, Always),
         cached_case!(

@@ -45,8 +45,8 @@ mod time;
 
 pub use engine::{
     Begin, CACHE_ENTRY_OVERHEAD, CacheStats, Completer, CompleterTotals, DeadLetterReason,
-    DefaultClock, Delivery, Ending, Engine, Executed, Handled, MIN_RETRY, OnError, Pass, Replay,
-    ReplayKind, RetryReason, Shutdown,
+    DefaultClock, Delivery, Ending, Engine, Executed, Handled, MIN_RETRY, Mismatch, OnError, Pass,
+    Replay, ReplayKind, RetryReason, Shutdown,
 };
 pub use error::{BoxError, Error, StoreError};
 pub use fingerprint::{FINGERPRINT_CONTEXT, Fingerprint, FingerprintBuilder};

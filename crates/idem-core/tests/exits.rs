@@ -245,7 +245,7 @@ async fn zero_cas_retries_still_replays_and_reports_in_progress(cache: Cache) {
             .begin(&scope(), &key("k"), Fingerprint::of(b"other"))
             .await
             .unwrap(),
-        Begin::Mismatch
+        Begin::Mismatch(_)
     ));
     // execute() agrees.
     let runs = AtomicUsize::new(0);

@@ -229,7 +229,7 @@ async fn begin_keeps_finished_records_it_reads_from_the_store() {
     assert_eq!(store.calls(), before + 1, "the second replay is a hit");
     assert!(matches!(
         begin(&engine, "mismatch", "other").await,
-        Begin::Mismatch
+        Begin::Mismatch(_)
     ));
     assert_eq!(store.calls(), before + 2);
     replayed(begin(&engine, "mismatch", "a").await);
@@ -606,7 +606,7 @@ async fn begin_key_uses_the_cache_too() {
     ));
     assert!(matches!(
         engine.begin_key(rkey("k"), fp("b")).await.unwrap(),
-        Begin::Mismatch
+        Begin::Mismatch(_)
     ));
     assert_eq!(store.calls(), before);
 }

@@ -40,8 +40,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -53,11 +52,7 @@ use idem_testkit::{BackendKind, Isolated};
 use idem_tower::ProblemType;
 use libtest_mimic::Failed;
 use reqwest::StatusCode;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_idem-demo");
+use tokio::process::Child;
 
 /// The lease of the servers under test: short, so keys abandoned by a
 /// killed server are taken over quickly.
@@ -68,9 +63,6 @@ const CLIENTS: usize = 12;
 
 /// How long one logical payment may take to get its final answer.
 const PAYMENT_DEADLINE: Duration = Duration::from_secs(90);
-
-/// How long a server may take to start listening and answer `/health`.
-const START_DEADLINE: Duration = Duration::from_secs(60);
 
 fn main() -> std::process::ExitCode {
     // Never below 200 under CI.
@@ -633,69 +625,8 @@ impl Supervisor {
     /// Starts the server, waits for its `listening on` line and for
     /// `/health` to answer 200 (polling, with a deadline).
     async fn start(&self, http: &reqwest::Client) -> Result<(Child, String), Failed> {
-        let deadline = tokio::time::Instant::now() + START_DEADLINE;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("log: {e}"))?;
-        let mut child = Command::new(BIN)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("spawning {BIN}: {e}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            match tokio::time::timeout_at(deadline, lines.next_line()).await {
-                Ok(Ok(Some(line))) => {
-                    if let Some(url) = line.strip_prefix("listening on ") {
-                        break url.trim().to_string();
-                    }
-                }
-                Ok(Ok(None) | Err(_)) => {
-                    let status = child.wait().await;
-                    return Err(format!(
-                        "the server exited before listening ({status:?}); log:\n{}",
-                        tail(&self.log)
-                    )
-                    .into());
-                }
-                Err(_) => {
-                    return Err(
-                        format!("the server did not start; log:\n{}", tail(&self.log)).into(),
-                    );
-                }
-            }
-        };
-        // Keep reading stdout, so the server never writes to a closed pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        loop {
-            let health = http
-                .get(format!("{url}/health"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            if health.is_ok_and(|r| r.status() == StatusCode::OK) {
-                return Ok((child, url));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(
-                    format!("{url}/health never answered; log:\n{}", tail(&self.log)).into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        support::child::start(&self.args, &self.log, http).await
     }
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// One client: logical payments one after another, each retried with the

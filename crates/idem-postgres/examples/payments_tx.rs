@@ -63,7 +63,7 @@ impl Payments {
                 });
             }
             Begin::InProgress { .. } => return Ok(Response::Conflict),
-            Begin::Mismatch => return Ok(Response::Unprocessable),
+            Begin::Mismatch(_) => return Ok(Response::Unprocessable),
         };
         match self
             .charge(&lease, key, amount_cents, fail_after_insert)

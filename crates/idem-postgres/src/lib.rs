@@ -32,7 +32,7 @@
 //!     }
 //!     Begin::Replay(replay) => println!("replayed: {:?}", replay.outcome),
 //!     Begin::InProgress { retry_after } => println!("409, retry after {retry_after:?}"),
-//!     Begin::Mismatch => println!("422"),
+//!     Begin::Mismatch(_) => println!("422"),
 //! }
 //! # Ok(()) }
 //! ```

@@ -466,7 +466,7 @@ async fn race_two_pools_pay_once(factory: Arc<Factory>) {
                         assert_eq!(r.outcome.as_bytes(), b"paid storm");
                         "replay"
                     }
-                    Begin::Mismatch => panic!("same request, no mismatch"),
+                    Begin::Mismatch(_) => panic!("same request, no mismatch"),
                 }
             }
         })
@@ -1123,7 +1123,7 @@ async fn replay_path_writes_nothing_in(store: PostgresStore, suffix: &str) {
                 .begin(&scope(), &ikey(quiet), Fingerprint::of(b"other"))
                 .await
                 .unwrap(),
-            Begin::Mismatch
+            Begin::Mismatch(_)
         ));
     }
     assert_eq!(

@@ -232,3 +232,9 @@ where
     };
     Buffered::Complete { data, trailers }
 }
+
+/// A reply of the contract as the layer's response.
+pub(crate) fn reply<B: Body>(reply: idem_http::Reply) -> http::Response<ResponseBody<B>> {
+    let (response, trailers) = reply.into_response();
+    response.map(|data| ResponseBody::full_with_trailers(data, trailers))
+}

@@ -32,12 +32,14 @@
 //! `Body` and `http_body_util::Full<Bytes>` do; with bare hyper, map
 //! `Incoming` into `axum::body::Body::new(..)` first), because the buffered
 //! body is handed on as a new body of the same type. The response body is
-//! [`ResponseBody`] around the inner service's body.
+//! [`ResponseBody`] around the inner service's body. On a tonic server,
+//! use `tonic::GrpcLayer` (feature `tonic`; see [gRPC](#grpc-tonic)).
 //!
 //! # Behavior
 //!
-//! Requests whose method is not covered (default: `POST` and `PATCH`) pass
-//! through untouched. For covered methods:
+//! Requests whose method is not covered (default: `POST` and `PATCH`), or
+//! that the [`covers`](IdempotencyLayerBuilder::covers) predicate refuses
+//! when one is set, pass through untouched. For covered requests:
 //!
 //! | situation | answer | handler runs |
 //! |---|---|---|
@@ -49,7 +51,7 @@
 //! | new key | the handler's response, stored per policy | yes, once |
 //! | same key, same request, completed | the stored response + `Idempotent-Replayed: true` | no |
 //! | same key, same request, still in flight | 409 [`request-in-progress`](ProblemType::RequestInProgress) + `Retry-After` (or, with the engine's `InFlightPolicy::Wait`, the original's response once it finishes) | no |
-//! | same key, different request | 422 [`key-reused`](ProblemType::KeyReused) | no |
+//! | same key, different request | 422 [`key-reused`](ProblemType::KeyReused), saying when the key was first used and, once it finished, for which method and path (never the body) | no |
 //! | store unreachable | 503 [`store-unavailable`](ProblemType::StoreUnavailable) + `Retry-After` | **no** (fail closed) |
 //! | stored record unreadable | 500 [`corrupt-record`](ProblemType::CorruptRecord) | no |
 //! | the handler outlived its lease and a later request took the key over | 409 [`request-in-progress`](ProblemType::RequestInProgress) + `Retry-After`; this handler's response is not sent, the retry gets the key's one answer | it ran (so did the later request) |
@@ -132,6 +134,30 @@
 //!   the handler unprotected while the store is unreachable. Off by default;
 //!   unsafe for anything that must happen once.
 //!
+//! # Hooks
+//!
+//! On the builder (the shared [`idem_http::Builder`], the same in every
+//! integration): [`key_source`](IdempotencyLayerBuilder::key_source) takes
+//! the key from another header, the request head or the buffered body
+//! ([`KeySource::json_field`] for a webhook's event id);
+//! [`fingerprint`](IdempotencyLayerBuilder::fingerprint) chooses what makes
+//! two requests the same ([`Fingerprinter::canonical_json`]: key order and
+//! whitespace never cause a 422); [`on_replay`](IdempotencyLayerBuilder::on_replay)
+//! edits every replayed response.
+//!
+//! # gRPC (tonic)
+//!
+//! With [`grpc()`](IdempotencyLayerBuilder::grpc) the layer protects unary
+//! gRPC methods: the key is the `idempotency-key` metadata entry, the
+//! contract's answers are gRPC statuses, and the handler's gRPC status
+//! decides what is stored (the tables are in [`grpc`]). On a tonic server
+//! use `tonic::GrpcLayer` (feature `tonic`), which is this layer in the gRPC
+//! dialect for tonic's request bodies, straight on
+//! `Server::builder().layer(..)`; cover the unary methods only, with
+//! [`covers(grpc::unary_methods([..]))`](grpc::unary_methods). (Without the
+//! feature, the same layer works behind a `map_request` that turns
+//! `tonic::body::Body` into `axum::body::Body`.)
+//!
 //! # Completing inside the handler's transaction
 //!
 //! A handler under a fresh claim finds an [`IdempotencyClaim`] in the request
@@ -143,49 +169,34 @@
 //!
 //! # Observability
 //!
-//! - A `tracing` span `idem` per covered request, with `method`, `key` (the
-//!   first 16 hex digits of the scoped record key's blake3 digest: the
-//!   client's key itself is never logged), `attempt` and `outcome`.
-//! - `metrics` counter `idem_requests_total{outcome}` with `outcome` one of
-//!   `fresh`, `replayed`, `conflict` (409), `mismatch` (422), `invalid`
-//!   (400/413), `rejected` (scope), `store_error` (503/500), `passthrough`
-//!   (no key), `fail_open`, `unknown` (a replayed outcome-unknown),
-//!   `shutting_down`.
-//! - `idem_released_total{reason}` (`no_effect`, `status`, `error`, `panic`,
-//!   `body_error` for handlers that declared no effect; `cancelled` with
-//!   `release_on_cancel`), `idem_outcome_unknown_total{reason}` (`status`,
-//!   `error`, `panic`, `body_error`, `unstorable`, `complete` when storing
-//!   was refused), `idem_completion_failures_total{reason}`
-//!   (`store`, `lease_lost`), `idem_lease_lost_total`, and the
-//!   histogram `idem_handler_duration_seconds`.
+//! The `idem` tracing span per covered request and the metrics
+//! (`idem_requests_total{outcome}`, `idem_released_total{reason}`,
+//! `idem_outcome_unknown_total{reason}`, …) are those of every integration:
+//! see [`idem_http`]'s "Observability" for the names and labels.
 #![forbid(unsafe_code)]
 
-mod begin;
 mod body;
-mod claim;
 mod claimed;
-mod config;
-mod effect;
-mod fingerprint;
-mod header;
 mod layer;
-mod metrics;
-mod problem;
 mod scope;
 mod service;
-mod settle;
-mod stored;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 
 /// The engine this layer runs on.
 pub use idem_core;
+/// The framework-neutral contract this layer adapts.
+pub use idem_http;
+/// gRPC: the statuses, the stored codes, [`grpc::unary_methods`] and
+/// [`grpc::rejection`].
+pub use idem_http::grpc;
 
 pub use body::ResponseBody;
-pub use claim::IdempotencyClaim;
-pub use config::{DEFAULT_HEADER, DEFAULT_MAX_BODY_BYTES, MAX_RETRY_AFTER};
-pub use effect::NoEffect;
-pub use header::{KeyHeaderError, QuotingError, parse_key_header, parse_key_value};
-pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
-pub use problem::{PROBLEM_JSON, ProblemType};
-pub use scope::{Rejection, scope_from_extension, single_client_scope};
+pub use idem_http::{
+    ALWAYS_DROPPED, DEFAULT_DENIED, DEFAULT_HEADER, DEFAULT_MAX_BODY_BYTES, Fingerprinter,
+    IDEMPOTENT_REPLAYED, IdempotencyClaim, KeyHeaderError, KeySource, MAX_RETRY_AFTER, NoEffect,
+    PROBLEM_JSON, ProblemType, QuotingError, Rejection, parse_key_header, parse_key_value,
+};
+pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder, Tower};
+pub use scope::{scope_from_extension, single_client_scope};
 pub use service::{Idempotency, ResponseFuture};
-pub use stored::{ALWAYS_DROPPED, DEFAULT_DENIED, IDEMPOTENT_REPLAYED};

@@ -1,45 +1,8 @@
 //! Deriving the [`Scope`] of a request.
 
-use bytes::Bytes;
 use http::request::Parts;
-use http::{Response, StatusCode};
 use idem_core::Scope;
-
-use crate::problem;
-
-/// The answer to a request whose scope cannot be determined (for example an
-/// unauthenticated one). The layer returns it as is; nothing is claimed and
-/// the handler is not called.
-#[derive(Debug)]
-pub struct Rejection(Box<Response<Bytes>>);
-
-impl Rejection {
-    /// An RFC 9457 problem response with `type` `about:blank`, the status's
-    /// reason phrase as `title`, and `detail`.
-    pub fn new(status: StatusCode, detail: &str) -> Self {
-        let title = status.canonical_reason().unwrap_or("Error");
-        Self(Box::new(problem::with_status(
-            status,
-            problem::body("about:blank", title, status, detail),
-        )))
-    }
-
-    /// Any response.
-    pub fn from_response(response: Response<Bytes>) -> Self {
-        Self(Box::new(response))
-    }
-
-    /// The response.
-    pub fn into_response(self) -> Response<Bytes> {
-        *self.0
-    }
-}
-
-impl From<Response<Bytes>> for Rejection {
-    fn from(response: Response<Bytes>) -> Self {
-        Self::from_response(response)
-    }
-}
+use idem_http::Rejection;
 
 /// The scope of a request derived from an extension that an authentication
 /// layer (placed *outside* the idempotency layer) put in the request.
@@ -65,12 +28,11 @@ where
     F: Fn(&T) -> Scope + Clone + Send + Sync + 'static,
 {
     move |parts: &Parts| {
-        parts.extensions.get::<T>().map(&to_scope).ok_or_else(|| {
-            Rejection::new(
-                StatusCode::UNAUTHORIZED,
-                "the request is not authenticated, so its idempotency key has no scope",
-            )
-        })
+        parts
+            .extensions
+            .get::<T>()
+            .map(&to_scope)
+            .ok_or_else(Rejection::unauthenticated)
     }
 }
 

@@ -1,35 +1,30 @@
 //! The service: the call path of a covered request up to its claim.
 //!
-//! [`Idempotency`] parses the key, derives the scope, buffers the body,
-//! fingerprints the request and asks the engine to begin the key; it answers
-//! replays, conflicts and errors itself, and hands a fresh claim to the
-//! claimed path (`crate::claimed`).
+//! [`Idempotency`] hands a covered request to the contract
+//! ([`idem_http::Contract::admit`]: key, scope, body, fingerprint, `begin`),
+//! sends its answers, and hands a fresh claim to the claimed path
+//! (`crate::claimed`).
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, header};
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use idem_core::store::{BoxError, Store, StoreError};
-use idem_core::{Begin, Clock, DefaultClock, Error, RecordKey, ReplayKind};
+use idem_core::store::{BoxError, Store};
+use idem_core::{Clock, DefaultClock};
+use idem_http::{Admission, PassBody, ReadBody, ReadError};
 use tower::Service;
-use tracing::{Instrument as _, Span, field};
+use tracing::Instrument as _;
 
 use crate::body::ResponseBody;
 use crate::claimed;
-use crate::config::Config;
-use crate::fingerprint::fingerprint;
-use crate::header::parse_key_header;
-use crate::metrics::Outcome;
-use crate::problem::{ProblemType, answer, answer_retry};
-use crate::stored::{IDEMPOTENT_REPLAYED, StoredResponse};
+use crate::layer::Shared;
 
 /// The service made by [`IdempotencyLayer`](crate::IdempotencyLayer) around
 /// an inner service `T`.
@@ -37,17 +32,18 @@ use crate::stored::{IDEMPOTENT_REPLAYED, StoredResponse};
 /// # Behavior
 /// Readiness is the inner service's. Each call takes the readied inner
 /// service and leaves a clone in its place, since the call's future outlives
-/// `call`. Requests whose method the layer does not cover go to the inner
+/// `call`. Requests the layer does not cover (by method, or by its
+/// [`covers`](idem_http::Builder::covers) predicate) go to the inner
 /// service untouched; covered ones are handled as the [crate docs](crate)
 /// describe.
 pub struct Idempotency<T, S, C = DefaultClock> {
     inner: T,
-    config: Arc<Config<S, C>>,
+    shared: Arc<Shared<S, C>>,
 }
 
 impl<T, S, C> Idempotency<T, S, C> {
-    pub(crate) fn new(inner: T, config: Arc<Config<S, C>>) -> Self {
-        Self { inner, config }
+    pub(crate) fn new(inner: T, shared: Arc<Shared<S, C>>) -> Self {
+        Self { inner, shared }
     }
 }
 
@@ -55,7 +51,7 @@ impl<T: Clone, S, C> Clone for Idempotency<T, S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            config: self.config.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -129,18 +125,13 @@ where
         // The clone is not ready; the instance `poll_ready` readied is.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let config = self.config.clone();
-        if !config.methods.contains(req.method()) {
-            return Box::pin(pass(inner, req));
+        let shared = self.shared.clone();
+        let (parts, body) = req.into_parts();
+        if !shared.contract.covers_request(&parts) {
+            return Box::pin(pass(inner, Request::from_parts(parts, body)));
         }
-        let span = tracing::info_span!(
-            "idem",
-            method = %req.method(),
-            key = field::Empty,
-            attempt = field::Empty,
-            outcome = field::Empty,
-        );
-        Box::pin(handle(config, inner, req).instrument(span))
+        let span = shared.contract.span(&parts.method);
+        Box::pin(handle(shared, inner, parts, body).instrument(span))
     }
 }
 
@@ -156,11 +147,47 @@ where
     Ok(inner.call(req).await?.map(ResponseBody::inner))
 }
 
-/// Everything before the claim: key, scope, body, fingerprint, `begin`.
+/// The request body, as the contract reads it: up to the limit, whole.
+struct Incoming<B>(B);
+
+impl<B> ReadBody for Incoming<B>
+where
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    type Read = Pin<Box<dyn Future<Output = Result<Bytes, ReadError>> + Send>>;
+
+    fn read(self, limit: usize) -> Self::Read {
+        Box::pin(async move {
+            match Limited::new(self.0, limit).collect().await {
+                Ok(collected) => Ok(collected.to_bytes()),
+                Err(e) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
+                Err(e) => Err(ReadError::Unreadable(e)),
+            }
+        })
+    }
+}
+
+/// The path and query the client sent: axum's `OriginalUri` when a router
+/// put it in the extensions (a router nested with `nest`/`nest_service`
+/// sees a stripped path), else the request's own.
+fn target(parts: &Parts) -> &str {
+    #[cfg(feature = "axum")]
+    let uri = match parts.extensions.get() {
+        Some(axum::extract::OriginalUri(uri)) => uri,
+        None => &parts.uri,
+    };
+    #[cfg(not(feature = "axum"))]
+    let uri = &parts.uri;
+    uri.path_and_query()
+        .map_or_else(|| uri.path(), |pq| pq.as_str())
+}
+
+/// Admits the request through the contract, then runs it as it decided.
 async fn handle<T, S, C, ReqBody, ResBody>(
-    config: Arc<Config<S, C>>,
+    shared: Arc<Shared<S, C>>,
     inner: T,
-    req: Request<ReqBody>,
+    parts: Parts,
+    body: ReqBody,
 ) -> Result<Response<ResponseBody<ResBody>>, T::Error>
 where
     T: Inner<ReqBody, ResBody>,
@@ -169,189 +196,23 @@ where
     ReqBody: Body<Data: Send, Error: Into<BoxError>> + From<Bytes> + Send + 'static,
     ResBody: StoredBody,
 {
-    let (parts, body) = req.into_parts();
-    let key = match parse_key_header(&parts.headers, &config.header) {
-        Ok(Some(key)) => key,
-        Ok(None) if config.required => {
-            Outcome::Invalid.record();
-            let detail = format!(
-                "{} {} requires an {} header; generate a new UUID for each new operation",
-                parts.method,
-                parts.uri.path(),
-                config.header
-            );
-            return Ok(answer(ProblemType::MissingKey, &detail));
+    let contract = &shared.contract;
+    let admission = contract
+        .admit(
+            &parts,
+            target(&parts),
+            || (shared.scope)(&parts),
+            Incoming(body),
+        )
+        .await;
+    match admission {
+        Admission::Pass(PassBody::Unread(Incoming(body))) => {
+            pass(inner, Request::from_parts(parts, body)).await
         }
-        Ok(None) => {
-            Outcome::Passthrough.record();
-            return pass(inner, Request::from_parts(parts, body)).await;
-        }
-        Err(e) => {
-            Outcome::Invalid.record();
-            return Ok(answer(ProblemType::InvalidKey, &e.to_string()));
-        }
-    };
-    let scope = match (config.scope)(&parts) {
-        Ok(scope) => scope,
-        Err(rejection) => {
-            Outcome::Rejected.record();
-            return Ok(rejection.into_response().map(ResponseBody::full));
-        }
-    };
-    let record_key = RecordKey::new(&scope, &key);
-    // Never log the client's key: its scoped digest identifies it.
-    Span::current().record("key", record_key.hex().get(..16).unwrap_or_default());
-
-    let limit = config.max_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        Outcome::Invalid.record();
-        return Ok(body_too_large(limit));
-    }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            Outcome::Invalid.record();
-            return Ok(body_too_large(limit));
-        }
-        Err(e) => {
-            Outcome::Invalid.record();
-            tracing::debug!(error = %e, "idem: request body unreadable");
-            return Ok(answer(
-                ProblemType::BodyUnreadable,
-                "the request body could not be read",
-            ));
-        }
-    };
-    let fingerprint = fingerprint(&parts, &config.fingerprint_headers, &bytes);
-
-    match crate::begin::begin(&config.engine, record_key, fingerprint).await {
-        Ok(Begin::Proceed(lease)) => {
-            Outcome::Fresh.record();
-            Span::current().record("attempt", lease.attempt());
-            claimed::run(config, inner, parts, bytes, lease).await
-        }
-        Ok(Begin::Replay(replay)) if replay.kind == ReplayKind::Unknown => {
-            Outcome::Unknown.record();
-            Ok(answer(
-                ProblemType::OutcomeUnknown,
-                "the request with this idempotency key ended without a known result and may or may not have taken effect; it will not be executed again with this key: check the resource, then use a new key",
-            ))
-        }
-        Ok(Begin::Replay(replay)) => {
-            match StoredResponse::decode(&replay.outcome, &config.filter) {
-                Ok(decoded) => {
-                    Outcome::Replayed.record();
-                    let mut response = Response::new(ResponseBody::full_with_trailers(
-                        decoded.body,
-                        decoded.trailers,
-                    ));
-                    *response.status_mut() = decoded.status;
-                    *response.headers_mut() = decoded.headers;
-                    response
-                        .headers_mut()
-                        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-                    Ok(response)
-                }
-                Err(e) => {
-                    Outcome::StoreError.record();
-                    tracing::error!(error = %e, "idem: the stored response cannot be decoded");
-                    Ok(answer(
-                        ProblemType::CorruptRecord,
-                        "the stored result of this request cannot be read; it was not executed again",
-                    ))
-                }
-            }
-        }
-        Ok(Begin::InProgress { retry_after }) => {
-            Outcome::Conflict.record();
-            Ok(in_progress(retry_after.min(config.max_retry_after)))
-        }
-        Ok(Begin::Mismatch) => {
-            Outcome::Mismatch.record();
-            Ok(answer(
-                ProblemType::KeyReused,
-                "this idempotency key was already used with a different request (method, path, query or body); use a new key for a new operation",
-            ))
-        }
-        Err(e) => begin_failed(config, inner, parts, bytes, &e).await,
-    }
-}
-
-async fn begin_failed<T, S, C, ReqBody, ResBody>(
-    config: Arc<Config<S, C>>,
-    inner: T,
-    parts: Parts,
-    bytes: Bytes,
-    e: &Error,
-) -> Result<Response<ResponseBody<ResBody>>, T::Error>
-where
-    T: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: From<Bytes>,
-    ResBody: Body,
-{
-    match e {
-        Error::Contention => {
-            Outcome::Conflict.record();
-            Ok(in_progress(Duration::from_secs(1)))
-        }
-        // Never fail open here: the instance is stopping, not the store.
-        Error::ShuttingDown => {
-            Outcome::ShuttingDown.record();
-            Ok(answer_retry(
-                ProblemType::ShuttingDown,
-                "this instance is shutting down; the request was not executed, retry it with the same key",
-                config.store_retry_after,
-            ))
-        }
-        e if e.is_transient() && config.fail_open => {
-            Outcome::FailOpen.record();
-            tracing::warn!(error = %e, "idem: store unavailable; running the request UNPROTECTED (fail-open)");
+        Admission::Pass(PassBody::Read(bytes)) | Admission::FailOpen(bytes) => {
             pass(inner, Request::from_parts(parts, ReqBody::from(bytes))).await
         }
-        e if e.is_transient() => {
-            Outcome::StoreError.record();
-            tracing::warn!(error = %e, "idem: store unavailable; answering 503");
-            Ok(answer_retry(
-                ProblemType::StoreUnavailable,
-                "the idempotency store is unavailable; the request was not executed, retry it with the same key",
-                config.store_retry_after,
-            ))
-        }
-        Error::Store(StoreError::Corrupt { .. }) | Error::Codec(_) => {
-            Outcome::StoreError.record();
-            tracing::error!(error = %e, "idem: the stored record cannot be read");
-            Ok(answer(
-                ProblemType::CorruptRecord,
-                "the stored record of this key cannot be read; the request was not executed",
-            ))
-        }
-        e => {
-            Outcome::StoreError.record();
-            tracing::error!(error = %e, "idem: store failed");
-            Ok(answer(
-                ProblemType::StoreFailed,
-                "the idempotency store failed; the request was not executed",
-            ))
-        }
+        Admission::Answer(reply) => Ok(crate::body::reply(reply)),
+        Admission::Proceed(claimed, bytes) => claimed::run(claimed, inner, parts, bytes).await,
     }
-}
-
-fn body_too_large<B: Body>(limit: usize) -> Response<ResponseBody<B>> {
-    answer(
-        ProblemType::BodyTooLarge,
-        &format!("the request body exceeds {limit} bytes"),
-    )
-}
-
-fn in_progress<B: Body>(retry_after: Duration) -> Response<ResponseBody<B>> {
-    answer_retry(
-        ProblemType::RequestInProgress,
-        "a request with this idempotency key is still being processed; retry after the time in Retry-After to get its result",
-        retry_after,
-    )
 }

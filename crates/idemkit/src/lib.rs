@@ -3,7 +3,7 @@
 //! **One dependency for idempotency keys.** idemkit re-exports idem's
 //! application API (the [`Engine`], keys, scopes, fingerprints, policies, the
 //! [`store`] contract), and, behind cargo features, the backends, the HTTP
-//! layer and the client; and it opens any store from a URL with
+//! integrations (tower/axum/tonic, actix-web) and the client; and it opens any store from a URL with
 //! [`store_from_url`], the one parser of store URLs that the demo, the
 //! operator CLI and the tests share.
 //!
@@ -35,6 +35,8 @@
 //! | `postgres` | `idem-postgres`: `postgres://` URLs, completion inside your transaction | `postgres` |
 //! | `redis` | `idem-redis`: `redis://` and `redis+cluster://` URLs | `redis` |
 //! | `tower` | `idem-tower`: the `Idempotency-Key` layer for axum and tower | `tower` |
+//! | `tonic` | `idem-tower`'s `tonic::GrpcLayer` for tonic servers (implies `tower`) | `tower::tonic` |
+//! | `actix` | `idem-actix`: the `Idempotency-Key` middleware for actix-web | `actix` |
 //! | `client` | `idem-client`: the `reqwest` middleware that retries with one key | `client` |
 //!
 //! Everything at the root of `idem_core` is at the root here
@@ -124,6 +126,10 @@ pub use idem_redis as redis;
 #[cfg(feature = "tower")]
 #[doc(no_inline)]
 pub use idem_tower as tower;
+
+#[cfg(feature = "actix")]
+#[doc(no_inline)]
+pub use idem_actix as actix;
 
 #[cfg(feature = "client")]
 #[doc(no_inline)]

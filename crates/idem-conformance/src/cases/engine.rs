@@ -12,8 +12,8 @@ use std::time::Duration;
 use idem_core::machine::Fenced;
 use idem_core::store::{Store, Versioned};
 use idem_core::{
-    Begin, Clock, Engine, Error, Executed, FailureKind, Fingerprint, Lease, ManualClock, OnError,
-    Outcome, RecordKey, Replay, ReplayKind,
+    Begin, Clock, Engine, Error, Executed, FailureKind, Fingerprint, Lease, ManualClock, Mismatch,
+    OnError, Outcome, RecordKey, Replay, ReplayKind,
 };
 
 use super::{T0, engine, engine_on, ikey, must, noise, open, policy, reopen, same_bytes, scope};
@@ -185,7 +185,7 @@ pub async fn fingerprint_mismatch_in_every_state<F: StoreFactory>(factory: Arc<F
         let before = stored(&engine, name).await;
         assert!(before.is_some(), "`{name}` exists");
         match engine.begin(&scope(), &ikey(name), fp("b")).await {
-            Ok(Begin::Mismatch) => {}
+            Ok(Begin::Mismatch(_)) => {}
             other => {
                 panic!("a different request on a `{name}` key must get Mismatch, got {other:?}")
             }
@@ -203,6 +203,98 @@ pub async fn fingerprint_mismatch_in_every_state<F: StoreFactory>(factory: Arc<F
         matches!(e, Err(Error::FingerprintMismatch)),
         "execute with a different request must be FingerprintMismatch, got {e:?}"
     );
+}
+
+/// What `begin` with `fp` on `name` reports of the request the key is bound
+/// to; fails the case unless it is a mismatch.
+async fn mismatch<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    name: &str,
+    fp: Fingerprint,
+) -> Mismatch {
+    match engine.begin(&scope(), &ikey(name), fp).await {
+        Ok(Begin::Mismatch(bound)) => bound,
+        other => panic!("a different request on `{name}` must get Mismatch, got {other:?}"),
+    }
+}
+
+/// A mismatch says when the key was first claimed (the record's
+/// `created_at`, by the engine's clock) while it is in flight, after a
+/// takeover and once it finished, and how it finished once final (`None`
+/// in flight or after a retryable failure); a claim over the expired
+/// record is a new first use.
+pub async fn mismatch_reports_the_first_use<F: StoreFactory>(factory: Arc<F>) {
+    let (engine, clock) = engine(open(&*factory).await);
+    clock.advance(Duration::from_secs(1));
+    let first_use = clock.now();
+    let zombie = proceed(&engine, "first-use", fp("a")).await;
+    clock.advance(Duration::from_secs(2));
+    let bound = mismatch(&engine, "first-use", fp("b")).await;
+    assert_eq!(
+        (bound.first_used_at, bound.finished),
+        (first_use, None),
+        "in flight: the first claim's time, nothing finished"
+    );
+    let holder = take_over(&engine, "first-use", &zombie).await;
+    let bound = mismatch(&engine, "first-use", fp("b")).await;
+    assert_eq!(
+        (bound.first_used_at, bound.finished),
+        (first_use, None),
+        "a takeover keeps the first use"
+    );
+    complete(&engine, &holder, b"first body").await;
+    let done = Replay {
+        outcome: Outcome::new(&b"first body"[..]),
+        kind: ReplayKind::Completed,
+    };
+    for _ in 0..2 {
+        clock.advance(Duration::from_secs(1));
+        let bound = mismatch(&engine, "first-use", fp("b")).await;
+        assert_eq!(
+            (bound.first_used_at, bound.finished),
+            (first_use, Some(done.clone())),
+            "completed: the first use and the stored outcome"
+        );
+    }
+    let failed_at = clock.now();
+    let retryable = proceed(&engine, "retryable", fp("a")).await;
+    fail(&engine, &retryable, FailureKind::Retryable, b"503").await;
+    let permanent = proceed(&engine, "permanent", fp("a")).await;
+    fail(&engine, &permanent, FailureKind::Permanent, b"400").await;
+    clock.advance(Duration::from_secs(1));
+    let bound = mismatch(&engine, "retryable", fp("b")).await;
+    assert_eq!(
+        (bound.first_used_at, bound.finished),
+        (failed_at, None),
+        "a retryable failure is not finished: it may run again"
+    );
+    let bound = mismatch(&engine, "permanent", fp("b")).await;
+    assert_eq!(
+        (bound.first_used_at, bound.finished),
+        (
+            failed_at,
+            Some(Replay {
+                outcome: Outcome::new(&b"400"[..]),
+                kind: ReplayKind::Failed,
+            })
+        ),
+        "a permanent failure is final"
+    );
+    let expires_at = stored(&engine, "first-use")
+        .await
+        .expect("the completed record is stored")
+        .record
+        .expires_at;
+    clock.set(expires_at);
+    let again = clock.now();
+    let fresh = proceed(&engine, "first-use", fp("b")).await;
+    let bound = mismatch(&engine, "first-use", fp("a")).await;
+    assert_eq!(
+        (bound.first_used_at, bound.finished),
+        (again, None),
+        "a claim over the expired record is a new first use"
+    );
+    engine.release(&fresh).await.expect("release by the holder");
 }
 
 /// A duplicate of an in-flight request is told how long the holder's lease
@@ -333,7 +425,7 @@ pub async fn retryable_failure_lets_a_retry_proceed<F: StoreFactory>(factory: Ar
     assert_eq!(rec.record.state.name(), "failed_retryable");
     assert!(matches!(
         engine.begin(&scope(), &ikey("retryable"), fp("b")).await,
-        Ok(Begin::Mismatch)
+        Ok(Begin::Mismatch(_))
     ));
     let second = proceed(&engine, "retryable", fp("a")).await;
     assert_eq!(

@@ -40,7 +40,7 @@ use idem_core::machine::{Decision, decide};
 use idem_core::store::{Checkpoint, FencingToken, Record, State, Store, StoreError, is_abandoned};
 use idem_core::{
     Begin, Engine, Error, FailureKind, Fingerprint, IdempotencyKey, Lease, ManualClock, Outcome,
-    RecordKey, ReplayKind, Scope, Timestamp,
+    RecordKey, Replay, ReplayKind, Scope, Timestamp,
 };
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
@@ -197,26 +197,16 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                     }
                     (Decision::Replay, Begin::Replay(replay)) => {
                         let live = model.live(slot).expect("decide replays only a live record");
-                        let (kind, outcome) = match &live.state {
-                            State::Completed { outcome, .. } => (ReplayKind::Completed, outcome),
-                            State::Failed {
-                                kind: FailureKind::Permanent,
-                                outcome,
-                                ..
-                            } => (ReplayKind::Failed, outcome),
-                            State::Failed {
-                                kind: FailureKind::Unknown,
-                                outcome,
-                                ..
-                            } => (ReplayKind::Unknown, outcome),
-                            other => return Err(ctx(format!("model bug: replay of {other:?}"))),
+                        let Some(want) = model_replay(&live.state) else {
+                            return Err(ctx(format!("model bug: replay of {:?}", live.state)));
                         };
-                        if replay.kind != kind || &replay.outcome != outcome {
+                        if replay != want {
                             return Err(ctx(format!(
-                                "replay differs: engine {:?} {:?}, model {kind:?} {:?}",
+                                "replay differs: engine {:?} {:?}, model {:?} {:?}",
                                 replay.kind,
                                 replay.outcome.as_bytes(),
-                                outcome.as_bytes()
+                                want.kind,
+                                want.outcome.as_bytes()
                             )));
                         }
                     }
@@ -224,7 +214,20 @@ pub async fn check_sequence<S: Store>(stores: &[Arc<S>], ops: &[Op]) -> Result<(
                         Decision::InProgress { retry_after: want },
                         Begin::InProgress { retry_after: got },
                     ) if want == got => {}
-                    (Decision::Mismatch, Begin::Mismatch) => {}
+                    (Decision::Mismatch, Begin::Mismatch(bound)) => {
+                        let live = model.live(slot).expect("decide refuses only a live record");
+                        let finished = model_replay(&live.state);
+                        if bound.first_used_at != live.created_at || bound.finished != finished {
+                            return Err(ctx(format!(
+                                "the mismatch differs: engine first used at {:?}, finished {}; \
+                                 model first used at {:?}, finished {}",
+                                bound.first_used_at,
+                                describe_replay(bound.finished.as_ref()),
+                                live.created_at,
+                                describe_replay(finished.as_ref())
+                            )));
+                        }
+                    }
                     (want, got) => {
                         return Err(ctx(format!(
                             "the core model decides {want:?}, the engine returned {}",
@@ -467,6 +470,36 @@ fn describe(begin: &Begin) -> String {
         ),
         other => format!("{other:?}"),
     }
+}
+
+/// What the model replays of a record in `state`: `Some` for a final state.
+fn model_replay(state: &State) -> Option<Replay> {
+    let (kind, outcome) = match state {
+        State::Completed { outcome, .. } => (ReplayKind::Completed, outcome),
+        State::Failed {
+            kind: FailureKind::Permanent,
+            outcome,
+            ..
+        } => (ReplayKind::Failed, outcome),
+        State::Failed {
+            kind: FailureKind::Unknown,
+            outcome,
+            ..
+        } => (ReplayKind::Unknown, outcome),
+        _ => return None,
+    };
+    Some(Replay {
+        outcome: outcome.clone(),
+        kind,
+    })
+}
+
+/// A replay in a line, or `None`.
+fn describe_replay(replay: Option<&Replay>) -> String {
+    replay.map_or_else(
+        || "None".to_string(),
+        |r| format!("{:?} {:?}", r.kind, r.outcome.as_bytes()),
+    )
 }
 
 fn model_ms(clock: &ManualClock) -> u64 {

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use crate::engine::Engine;
+use crate::engine::cache::is_final;
 use crate::machine::{Decision, decide};
 use crate::store::{InsertOutcome, Record, State, Store, SwapOutcome, Versioned};
 use crate::{
     Clock, Error, FailureKind, Fingerprint, IdempotencyKey, InFlightPolicy, Lease, Outcome,
-    RecordKey, Scope,
+    RecordKey, Scope, Timestamp,
 };
 
 /// What [`Engine::begin`] found.
@@ -26,8 +27,75 @@ pub enum Begin {
         /// Time left on the holder's lease (for `Retry-After`).
         retry_after: Duration,
     },
-    /// The key is bound to a different request (HTTP 422).
-    Mismatch,
+    /// The key is bound to a different request (HTTP 422): what it is bound
+    /// to, for the refusal (see [`Mismatch`]).
+    Mismatch(Mismatch),
+}
+
+/// What a key reused with a different request is bound to (see [`Begin::Mismatch`]).
+///
+/// # Behavior
+/// - Filled from the record [`decide`] refused on, read from the store or
+///   from the cache of finished records
+///   ([`with_finished_cache`](Engine::with_finished_cache)): the same values
+///   either way.
+/// - [`first_used_at`](Self::first_used_at) is the record's `created_at`:
+///   the time of the claim that bound the key, by the engine's clock. A
+///   takeover or a retry after a retryable failure keeps it; a claim over an
+///   expired record starts a new one.
+/// - [`finished`](Self::finished) is what [`Begin::Replay`] would give the
+///   request the key is bound to: `Some` once the key is final (completed,
+///   failed permanently, or ended with its outcome unknown), `None` while it
+///   is in flight or after a retryable failure (it may still run again).
+/// - It is for the integration, not for the caller that was refused: an
+///   integration may read its own metadata from the stored bytes (e.g. the
+///   method and path it stored with the response) to say what the key was
+///   first used for, but must never answer with those bytes: they belong to
+///   another request.
+///
+/// ```
+/// # use idem_core::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+/// let engine = Engine::new(MemoryStore::new());
+/// let (scope, key) = (Scope::global(), IdempotencyKey::parse("order-17")?);
+/// let Begin::Proceed(lease) = engine.begin(&scope, &key, Fingerprint::of(b"a")).await? else {
+///     unreachable!("a fresh key is claimed");
+/// };
+/// let first_used_at = lease.record().record.created_at;
+/// match engine.begin(&scope, &key, Fingerprint::of(b"b")).await? {
+///     Begin::Mismatch(bound) => {
+///         assert_eq!(bound.first_used_at, first_used_at);
+///         assert_eq!(bound.finished, None); // still in flight
+///     }
+///     other => unreachable!("another request gets a mismatch, not {other:?}"),
+/// }
+/// # engine.release(&lease).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Mismatch {
+    /// When the key was first claimed (the record's `created_at`).
+    pub first_used_at: Timestamp,
+    /// The key's stored outcome if it has finished (how and the bytes), `None` while it is in flight
+    /// (or after a retryable failure: it may run again). An integration may read its own metadata
+    /// from it (e.g. the method and path it stored), never hand it to the mismatched caller.
+    pub finished: Option<Replay>,
+}
+
+impl Mismatch {
+    /// What a mismatch on `record` reports: its `created_at`, and its
+    /// outcome if it is final.
+    fn of(record: &Record) -> Self {
+        Self {
+            first_used_at: record.created_at,
+            finished: if is_final(record) {
+                replay_of(record.state.clone())
+            } else {
+                None
+            },
+        }
+    }
 }
 
 /// A stored outcome to answer a retry with.
@@ -62,7 +130,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// failure with a new fencing token (`Proceed` again), replays a finished
     /// key ([`Begin::Replay`]), reports a live claim ([`Begin::InProgress`],
     /// after waiting if the policy says [`InFlightPolicy::Wait`]) or a
-    /// different request ([`Begin::Mismatch`]). Of any number of concurrent
+    /// different request ([`Begin::Mismatch`], saying when the key was first
+    /// used and, once it is final, how it ended). Of any number of concurrent
     /// calls on one key, at most one gets `Proceed` per claim. After
     /// [`shutdown`](Self::shutdown) began: [`Error::ShuttingDown`], nothing
     /// read or written.
@@ -115,7 +184,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let record = cache.lookup(scope, key, now)?;
         match decide(Some(&record), fingerprint, now) {
             Decision::Replay => replay_of(record.state).map(Begin::Replay),
-            Decision::Mismatch => Some(Begin::Mismatch),
+            Decision::Mismatch => Some(Begin::Mismatch(Mismatch::of(&record))),
             // Not for a live final record; the store decides.
             Decision::Claim | Decision::Reclaim(_) | Decision::InProgress { .. } => None,
         }
@@ -190,11 +259,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
                         .map(Begin::Replay)
                         .ok_or(Error::Contention);
                 }
-                (Decision::Mismatch, current) => {
-                    if let Some(current) = current {
-                        self.fill_finished(&key, &current.record);
-                    }
-                    return Ok(Begin::Mismatch);
+                (Decision::Mismatch, Some(current)) => {
+                    self.fill_finished(&key, &current.record);
+                    return Ok(Begin::Mismatch(Mismatch::of(&current.record)));
                 }
                 (Decision::InProgress { retry_after }, _) => {
                     let Some((until, _)) = wait_until.filter(|(until, _)| now < *until) else {
@@ -211,9 +278,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     seen = store.get(&key, clock.now()).await?;
                     continue;
                 }
-                // Reclaim or Replay without a record cannot happen (decide on
-                // `None` is always `Claim`).
-                (Decision::Reclaim(_) | Decision::Replay, None) => {}
+                // Reclaim, Replay or Mismatch without a record cannot happen
+                // (decide on `None` is always `Claim`). Were it to, there is
+                // no record to report or act on: count a round and decide
+                // again on `None`, which inserts (and so reads what the store
+                // holds) or ends in `Contention`; never a guessed answer.
+                (Decision::Reclaim(_) | Decision::Replay | Decision::Mismatch, None) => {}
             }
             races += 1;
             if races > self.policy.max_cas_retries {

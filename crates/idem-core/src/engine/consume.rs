@@ -214,7 +214,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     after: Some(retry_after.max(MIN_RETRY)),
                 };
             }
-            Ok(Begin::Mismatch) => {
+            Ok(Begin::Mismatch(_)) => {
                 return Delivery::DeadLetter {
                     reason: DeadLetterReason::PayloadMismatch,
                 };

@@ -130,7 +130,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 replay.outcome.as_bytes(),
             )?)),
             Begin::InProgress { retry_after } => Err(Error::InProgress { retry_after }),
-            Begin::Mismatch => Err(Error::FingerprintMismatch),
+            Begin::Mismatch(_) => Err(Error::FingerprintMismatch),
         }
     }
 
@@ -194,7 +194,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             }) => Ok(Executed::Replayed(Err(codec::decode(outcome.as_bytes())?))),
             Begin::Replay(_) => Err(Error::OutcomeUnknown),
             Begin::InProgress { retry_after } => Err(Error::InProgress { retry_after }),
-            Begin::Mismatch => Err(Error::FingerprintMismatch),
+            Begin::Mismatch(_) => Err(Error::FingerprintMismatch),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! | file | holds |
 //! |---|---|
 //! | `mod.rs` | [`Engine`], its construction and settings |
-//! | `begin.rs` | [`Engine::begin`]: claim, replay or refuse ([`Begin`], [`Replay`]) |
+//! | `begin.rs` | [`Engine::begin`]: claim, replay or refuse ([`Begin`], [`Replay`], [`Mismatch`]) |
 //! | `cache.rs` | the opt-in cache of finished records ([`Engine::with_finished_cache`], [`CacheStats`]) |
 //! | `holder.rs` | the holder's writes: complete, fail, extend, release, and the transactional `prepare_*` |
 //! | `checkpoint.rs` | recovery points: [`Engine::checkpoint`] and [`Engine::prepare_checkpoint`] |
@@ -34,7 +34,7 @@ mod holder;
 mod settle;
 mod shutdown;
 
-pub use begin::{Begin, Replay, ReplayKind};
+pub use begin::{Begin, Mismatch, Replay, ReplayKind};
 pub use cache::{CACHE_ENTRY_OVERHEAD, CacheStats};
 pub use completer::{Completer, CompleterTotals, Pass};
 pub use consume::{DeadLetterReason, Delivery, Handled, MIN_RETRY, RetryReason};

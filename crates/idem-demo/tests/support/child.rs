@@ -49,7 +49,14 @@ pub(crate) async fn try_start(
         .append(true)
         .open(log)
         .map_err(|e| format!("log: {e}"))?;
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    // The child's temporary files (an in-process card network's log) go
+    // next to its log, in the test's own directory: a killed child cannot
+    // remove them itself.
+    if let Some(dir) = log.parent() {
+        command.env("TMPDIR", dir);
+    }
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

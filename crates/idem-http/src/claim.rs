@@ -12,7 +12,7 @@ use idem_core::{
 };
 
 use crate::effect::NoEffectFlag;
-use crate::stored::{HeaderFilter, StoredResponse};
+use crate::stored::{HeaderFilter, Origin, StoredResponse};
 
 /// What the claim needs from the engine, without its type parameters.
 pub(crate) trait Prepare: CheckpointWriter {
@@ -26,11 +26,13 @@ impl<S: Store, C: Clock> Prepare for Engine<S, C> {
 }
 
 /// The claim on the request's idempotency key, put in the request's
-/// extensions by the layer for the handler to use.
+/// extensions by the layer (or middleware) for the handler to use.
 ///
 /// With axum, take it as `Extension<IdempotencyClaim>` (or
 /// `Option<Extension<IdempotencyClaim>>` on routes that may be called without
-/// a key). It is present exactly when the handler runs under a fresh claim.
+/// a key); with actix-web as `web::ReqData<IdempotencyClaim>`; with tonic
+/// from `request.extensions()`. It is present exactly when the handler runs
+/// under a fresh claim.
 ///
 /// # Behavior
 /// The main use is **completing the key inside the handler's own database
@@ -56,12 +58,11 @@ impl<S: Store, C: Clock> Prepare for Engine<S, C> {
 /// one, or add those headers in the handler.
 ///
 /// ```no_run
-/// use axum::Extension;
-/// use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-/// use idem_tower::IdempotencyClaim;
+/// use http::{HeaderMap, HeaderValue, StatusCode, header};
+/// use idem_http::IdempotencyClaim;
 ///
 /// async fn create_payment(
-///     Extension(claim): Extension<IdempotencyClaim>,
+///     claim: IdempotencyClaim, // axum: Extension(claim): Extension<IdempotencyClaim>
 /// ) -> Result<(StatusCode, HeaderMap, Vec<u8>), StatusCode> {
 ///     // let mut tx = pool.begin().await?;   … business writes in `tx` …
 ///     let body = br#"{"id":"pay_1"}"#.to_vec();
@@ -82,6 +83,7 @@ pub struct IdempotencyClaim {
     engine: Arc<dyn Prepare>,
     filter: Arc<HeaderFilter>,
     no_effect: NoEffectFlag,
+    origin: Origin,
 }
 
 impl IdempotencyClaim {
@@ -90,12 +92,14 @@ impl IdempotencyClaim {
         engine: Arc<dyn Prepare>,
         filter: Arc<HeaderFilter>,
         no_effect: NoEffectFlag,
+        origin: Origin,
     ) -> Self {
         Self {
             lease,
             engine,
             filter,
             no_effect,
+            origin,
         }
     }
 
@@ -136,9 +140,21 @@ impl IdempotencyClaim {
         self.lease.key()
     }
 
-    /// Which attempt this is: 1 for the first, more after a crashed or
-    /// released attempt was taken over (check for partial effects of an
-    /// earlier attempt when it is above 1).
+    /// Which attempt this is: how many claims the key's record has had,
+    /// this one included.
+    ///
+    /// # Behavior
+    /// 1 for the first claim. One more for each claim made over the
+    /// existing record: the takeover of an attempt whose lease lapsed (its
+    /// process crashed, or lost the store for longer than the lease), and
+    /// the retry of an attempt that ended in a retryable failure (a
+    /// multi-step operation with a checkpoint, see [`phases`](Self::phases),
+    /// or a handler's own `Engine::prepare_fail` with a retryable kind).
+    /// A released key keeps no record ([`NoEffect`](crate::NoEffect),
+    /// [`declare_no_effect`](Self::declare_no_effect), `release_on_cancel`),
+    /// nor does an expired one, so their next request is attempt 1 again.
+    /// Above 1, an earlier attempt may have taken effect in part: check for
+    /// it (or resume after the recorded phases) before acting.
     pub fn attempt(&self) -> u32 {
         self.lease.attempt()
     }
@@ -184,6 +200,7 @@ impl IdempotencyClaim {
             Bytes::copy_from_slice(body),
             None,
             &self.filter,
+            Some(self.origin.clone()),
         );
         let outcome = stored.encode()?;
         self.engine.prepare_complete(&self.lease, outcome)

@@ -11,9 +11,10 @@ use idem_core::store::Store;
 use idem_core::{Clock, Ending, Engine, Error, Lease, Outcome};
 use tracing::{Instrument as _, Span};
 
+use crate::contract::Contract;
 use crate::metrics::{CompletionFailure, ReleaseReason, UnknownReason};
-use crate::problem::{self, ProblemType};
-use crate::stored::{HeaderFilter, StoredResponse};
+use crate::problem::{Problem, ProblemType};
+use crate::stored::{Origin, StoredResponse};
 
 /// How the layer ends a claim.
 pub(crate) enum Settle {
@@ -63,15 +64,22 @@ impl Settle {
     /// The completion storing a buffered response, or the
     /// [`not_stored`](Self::not_stored) marker if it cannot be encoded or
     /// exceeds `limit`.
-    pub(crate) fn store(
+    pub(crate) fn store<S, C>(
         parts: &response::Parts,
         data: &Bytes,
         trailers: Option<&HeaderMap>,
-        filter: &HeaderFilter,
         limit: usize,
+        origin: Option<Origin>,
+        contract: &Contract<S, C>,
     ) -> Self {
-        let stored =
-            StoredResponse::new(parts.status, &parts.headers, data.clone(), trailers, filter);
+        let stored = StoredResponse::new(
+            parts.status,
+            &parts.headers,
+            data.clone(),
+            trailers,
+            &contract.filter,
+            origin.clone(),
+        );
         match stored.encode() {
             Ok(outcome) if outcome.len() <= limit => Self::Complete(outcome),
             Ok(outcome) => {
@@ -80,11 +88,11 @@ impl Settle {
                     limit,
                     "idem: response too large to store; storing a response-not-stored marker"
                 );
-                Self::not_stored(filter, limit)
+                Self::not_stored(contract, limit, origin)
             }
             Err(e) => {
                 tracing::error!(error = %e, "idem: response cannot be encoded; storing a response-not-stored marker");
-                Self::not_stored(filter, limit)
+                Self::not_stored(contract, limit, origin)
             }
         }
     }
@@ -93,20 +101,24 @@ impl Settle {
     /// operation ran, so a retry must not run it again, but it cannot get the
     /// original response either. If even the marker does not fit, the key ends
     /// as outcome unknown (also never run again).
-    pub(crate) fn not_stored(filter: &HeaderFilter, limit: usize) -> Self {
-        let kind = ProblemType::ResponseNotStored;
-        let marker = problem::response(
-            kind,
-            &format!(
+    pub(crate) fn not_stored<S, C>(
+        contract: &Contract<S, C>,
+        limit: usize,
+        origin: Option<Origin>,
+    ) -> Self {
+        let marker = contract.render(&Problem::new(
+            ProblemType::ResponseNotStored,
+            format!(
                 "the operation was executed, but its response exceeded {limit} bytes and was not kept; it will not be executed again with this key"
             ),
-        );
+        ));
         let stored = StoredResponse::new(
-            marker.status(),
-            marker.headers(),
-            marker.body().clone(),
-            None,
-            filter,
+            marker.status,
+            &marker.headers,
+            marker.body,
+            marker.trailers.as_ref(),
+            &contract.filter,
+            origin,
         );
         match stored.encode() {
             Ok(outcome) if outcome.len() <= limit => Self::Complete(outcome),

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 ///   rate limit, a lock not acquired). The response is returned to this
 ///   client as is; nothing is stored.
 /// - Without it, a response the layer does not store (by default a 5xx, see
-///   [`store_response_if`](crate::IdempotencyLayerBuilder::store_response_if)),
+///   [`store_response_if`](crate::Builder::store_response_if)),
 ///   an error of the inner service, a panic, or a response body that fails
 ///   mid-stream is **ambiguous**: the work may have taken effect. The key is
 ///   then finished with an `outcome-unknown` answer
@@ -25,14 +25,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 ///   [`IdempotencyClaim::declare_no_effect`](crate::IdempotencyClaim::declare_no_effect).
 ///
 /// ```
-/// use axum::http::StatusCode;
-/// use axum::response::{IntoResponse, Response};
-/// use idem_tower::NoEffect;
+/// use http::{Response, StatusCode};
+/// use idem_http::NoEffect;
 ///
-/// fn processor_down() -> Response {
+/// fn processor_down() -> Response<&'static str> {
 ///     // Nothing was charged: let the client's retry run again.
-///     let mut response = (StatusCode::SERVICE_UNAVAILABLE, "processor down").into_response();
-///     response.extensions_mut().insert(NoEffect);
+///     let mut response = Response::new("processor down");
+///     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+///     response.extensions_mut().insert(NoEffect); // actix: HttpResponse::extensions_mut
 ///     response
 /// }
 /// # let _ = processor_down();

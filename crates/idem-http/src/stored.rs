@@ -92,10 +92,33 @@ struct StoredHeader {
     value: Vec<u8>,
 }
 
+/// The request a stored response answered: its method and path (never its
+/// query nor body), for the 422 that tells a client what its key was first
+/// used for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub(crate) method: String,
+    pub(crate) path: String,
+}
+
 /// A response as stored in an [`Outcome`]: status, kept headers, body and
-/// trailers, encoded with [`idem_core::store::codec`] (version-tagged).
+/// trailers, and the request's [`Origin`], encoded with
+/// [`idem_core::store::codec`] (version-tagged).
+///
+/// Records written before the origin was kept hold the same fields without
+/// it ([`StoredResponseV1`]); both decode.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub(crate) struct StoredResponse {
+    status: u16,
+    headers: Vec<StoredHeader>,
+    body: Bytes,
+    trailers: Vec<StoredHeader>,
+    origin: Option<Origin>,
+}
+
+/// The layout of [`StoredResponse`] before it kept the [`Origin`].
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct StoredResponseV1 {
     status: u16,
     headers: Vec<StoredHeader>,
     body: Bytes,
@@ -139,13 +162,38 @@ impl StoredResponse {
         body: Bytes,
         trailers: Option<&HeaderMap>,
         filter: &HeaderFilter,
+        origin: Option<Origin>,
     ) -> Self {
         Self {
             status: status.as_u16(),
             headers: store_headers(filter.keep(headers)),
             body,
             trailers: trailers.map_or_else(Vec::new, |t| store_headers(filter.keep(t))),
+            origin,
         }
+    }
+
+    /// The stored form, in the current layout or the one before it.
+    fn read(outcome: &Outcome) -> Result<Self, CodecError> {
+        match codec::decode::<Self>(outcome.as_bytes()) {
+            Ok(stored) => Ok(stored),
+            Err(current) => match codec::decode::<StoredResponseV1>(outcome.as_bytes()) {
+                Ok(old) => Ok(Self {
+                    status: old.status,
+                    headers: old.headers,
+                    body: old.body,
+                    trailers: old.trailers,
+                    origin: None,
+                }),
+                Err(_) => Err(current),
+            },
+        }
+    }
+
+    /// The origin recorded in `outcome`, if it is a stored response that
+    /// has one.
+    pub(crate) fn origin_of(outcome: &Outcome) -> Option<Origin> {
+        Self::read(outcome).ok().and_then(|stored| stored.origin)
     }
 
     pub(crate) fn encode(&self) -> Result<Outcome, CodecError> {
@@ -153,7 +201,7 @@ impl StoredResponse {
     }
 
     pub(crate) fn decode(outcome: &Outcome, filter: &HeaderFilter) -> Result<Decoded, DecodeError> {
-        let stored: Self = codec::decode(outcome.as_bytes())?;
+        let stored = Self::read(outcome)?;
         let status =
             StatusCode::from_u16(stored.status).map_err(|_| DecodeError::Status(stored.status))?;
         let to_map = |list: Vec<StoredHeader>| -> Result<HeaderMap, DecodeError> {
@@ -220,6 +268,10 @@ mod tests {
             Bytes::from_static(b"{}"),
             None,
             &filter(),
+            Some(Origin {
+                method: "POST".into(),
+                path: "/p".into(),
+            }),
         );
         let outcome = stored.encode().unwrap();
         let back = StoredResponse::decode(&outcome, &filter()).unwrap();
@@ -231,6 +283,22 @@ mod tests {
         assert_eq!(multi, ["1", "2"]);
         assert_eq!(back.headers["x-bin"].as_bytes(), &[0x80, b'a']);
         assert!(back.trailers.is_none());
+        assert_eq!(StoredResponse::origin_of(&outcome).unwrap().path, "/p");
+    }
+
+    #[test]
+    fn responses_stored_before_the_origin_still_decode() {
+        let old = StoredResponseV1 {
+            status: 201,
+            headers: vec![],
+            body: Bytes::from_static(b"ok"),
+            trailers: vec![],
+        };
+        let outcome = Outcome::new(codec::encode(&old).unwrap());
+        let back = StoredResponse::decode(&outcome, &filter()).unwrap();
+        assert_eq!(back.status, StatusCode::CREATED);
+        assert_eq!(back.body, Bytes::from_static(b"ok"));
+        assert!(StoredResponse::origin_of(&outcome).is_none());
     }
 
     #[test]
@@ -244,6 +312,7 @@ mod tests {
             headers: vec![],
             body: Bytes::new(),
             trailers: vec![],
+            origin: None,
         };
         assert!(matches!(
             StoredResponse::decode(&bad_status.encode().unwrap(), &f),
@@ -257,6 +326,7 @@ mod tests {
             }],
             body: Bytes::new(),
             trailers: vec![],
+            origin: None,
         };
         assert!(matches!(
             StoredResponse::decode(&bad_header.encode().unwrap(), &f),

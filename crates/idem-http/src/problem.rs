@@ -1,12 +1,12 @@
-//! RFC 9457 problem details for every answer the layer gives by itself.
+//! RFC 9457 problem details for every answer the contract gives by itself.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-use crate::body::ResponseBody;
+use crate::reply::Reply;
 
 /// The media type of problem details (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -88,6 +88,27 @@ impl ProblemType {
         }
     }
 
+    /// The problem type of `uri`, if it is one of these.
+    pub fn from_uri(uri: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.uri() == uri)
+    }
+
+    /// Whether the contract tells the client to re-send the request with
+    /// the same key after this answer: nothing was executed (store
+    /// unavailable or failed, shutting down, body unreadable), or the first
+    /// request is still running (in progress). Every other answer is final
+    /// for the key.
+    pub const fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::BodyUnreadable
+                | Self::RequestInProgress
+                | Self::StoreFailed
+                | Self::StoreUnavailable
+                | Self::ShuttingDown
+        )
+    }
+
     /// The HTTP status.
     pub const fn status(self) -> StatusCode {
         match self {
@@ -122,6 +143,91 @@ impl ProblemType {
     }
 }
 
+/// One answer of the contract's own: a [`ProblemType`], a detail for the
+/// client, an optional `Retry-After`, and extra members.
+///
+/// # Behavior
+/// Over HTTP it is an RFC 9457 `application/problem+json` body with `type`,
+/// `title`, `status`, `detail` and the extra members, plus `Retry-After` in
+/// whole seconds (rounded up, at least 1). Over gRPC the
+/// [`Dialect`](crate::Dialect) maps it to a status (see `crate::grpc`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    kind: ProblemType,
+    detail: String,
+    retry_after: Option<Duration>,
+    members: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Problem {
+    /// A problem of `kind` with `detail`.
+    pub fn new(kind: ProblemType, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+            members: serde_json::Map::new(),
+        }
+    }
+
+    /// With a `Retry-After`.
+    #[must_use]
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// With an extra member (an RFC 9457 extension member).
+    #[must_use]
+    pub fn member(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.members.insert(name.to_owned(), value.into());
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> ProblemType {
+        self.kind
+    }
+
+    /// The detail.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The `Retry-After`, if any.
+    pub fn retry_after_duration(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The extra members.
+    pub fn members(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.members
+    }
+
+    /// The problem as an HTTP problem+json reply.
+    pub fn to_http(&self) -> Reply {
+        let kind = self.kind;
+        let mut object = serde_json::Map::new();
+        object.insert("type".into(), kind.uri().into());
+        object.insert("title".into(), kind.title().into());
+        object.insert("status".into(), kind.status().as_u16().into());
+        object.insert("detail".into(), self.detail.clone().into());
+        for (name, value) in &self.members {
+            object.entry(name.clone()).or_insert_with(|| value.clone());
+        }
+        let body =
+            serde_json::to_vec(&object).map_or_else(|_| Bytes::from_static(b"{}"), Bytes::from);
+        let mut reply = with_status(kind.status(), body);
+        if let Some(after) = self.retry_after {
+            reply.headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(after)),
+            );
+        }
+        reply
+    }
+}
+
 #[derive(Serialize)]
 struct Body<'a> {
     #[serde(rename = "type")]
@@ -144,56 +250,17 @@ pub(crate) fn body(kind: &str, title: &str, status: StatusCode, detail: &str) ->
     serde_json::to_vec(&body).map_or_else(|_| Bytes::from_static(b"{}"), Bytes::from)
 }
 
-/// A problem-details response of `kind`.
-pub(crate) fn response(kind: ProblemType, detail: &str) -> Response<Bytes> {
-    with_status(
-        kind.status(),
-        body(kind.uri(), kind.title(), kind.status(), detail),
-    )
-}
-
-/// A problem response with `Retry-After`.
-pub(crate) fn response_retry(
-    kind: ProblemType,
-    detail: &str,
-    retry_after: Duration,
-) -> Response<Bytes> {
-    let mut response = response(kind, detail);
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(retry_after)),
-    );
-    response
-}
-
-/// [`response`] as the layer's answer.
-pub(crate) fn answer<B: http_body::Body>(
-    kind: ProblemType,
-    detail: &str,
-) -> Response<ResponseBody<B>> {
-    response(kind, detail).map(ResponseBody::full)
-}
-
-/// [`response_retry`] as the layer's answer.
-pub(crate) fn answer_retry<B: http_body::Body>(
-    kind: ProblemType,
-    detail: &str,
-    retry_after: Duration,
-) -> Response<ResponseBody<B>> {
-    response_retry(kind, detail, retry_after).map(ResponseBody::full)
-}
-
-pub(crate) fn with_status(status: StatusCode, body: Bytes) -> Response<Bytes> {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response
-        .headers_mut()
+/// A problem+json reply of `status` with `body`.
+pub(crate) fn with_status(status: StatusCode, body: Bytes) -> Reply {
+    let mut reply = Reply::new(status, body);
+    reply
+        .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-    response
+    reply
 }
 
 /// Whole seconds, rounded up, at least 1.
-pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+pub fn retry_after_secs(d: Duration) -> u64 {
     let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     secs.max(1)
 }
@@ -213,10 +280,14 @@ mod tests {
 
     #[test]
     fn bodies_are_problem_json() {
-        let r = response(ProblemType::KeyReused, "d\"etail");
-        assert_eq!(r.status(), 422);
-        assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
-        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        let r = Problem::new(ProblemType::KeyReused, "d\"etail")
+            .member("first_method", "POST")
+            .member("status", 1)
+            .to_http();
+        assert_eq!(r.status, 422);
+        assert_eq!(r.headers[header::CONTENT_TYPE], PROBLEM_JSON);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["first_method"], "POST");
         assert_eq!(v["type"], ProblemType::KeyReused.uri());
         assert_eq!(v["status"], 422);
         assert_eq!(v["detail"], "d\"etail");

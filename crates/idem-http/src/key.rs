@@ -1,4 +1,4 @@
-//! Parsing the `Idempotency-Key` header: a pure function of the header values.
+//! The `Idempotency-Key` header grammar: a pure function of the header values.
 
 use http::{HeaderMap, HeaderName};
 use idem_core::{IdempotencyKey, KeyError};
@@ -67,11 +67,11 @@ pub enum QuotingError {
 /// - Never panics, whatever the bytes.
 ///
 /// ```
-/// use idem_tower::parse_key_value;
+/// use idem_http::parse_key_value;
 /// assert_eq!(parse_key_value(br#""abc""#)?, parse_key_value(b"abc")?);
 /// assert!(parse_key_value(br#""abc"#).is_err()); // unterminated
 /// assert!(parse_key_value(b"").is_err());
-/// # Ok::<(), idem_tower::KeyHeaderError>(())
+/// # Ok::<(), idem_http::KeyHeaderError>(())
 /// ```
 pub fn parse_key_value(raw: &[u8]) -> Result<IdempotencyKey, KeyHeaderError> {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
