@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The generated blocks, by marker name.
-pub(crate) const SECTIONS: [&str; 11] = [
+pub(crate) const SECTIONS: [&str; 12] = [
     "header",
     "core",
     "fresh",
@@ -26,6 +26,7 @@ pub(crate) const SECTIONS: [&str; 11] = [
     "scaling",
     "purge",
     "memory",
+    "http",
     "targets",
 ];
 
@@ -179,6 +180,7 @@ fn render(report: &Json) -> BTreeMap<&'static str, String> {
     blocks.insert("scaling", scaling(&measured));
     blocks.insert("purge", purge(&measured));
     blocks.insert("memory", memory(&measured));
+    blocks.insert("http", http(report));
     blocks.insert("targets", targets(report));
     blocks
 }
@@ -292,22 +294,7 @@ fn compared(backends: &[&Json], what: &str) -> String {
     for b in backends {
         let name = b.str("name").unwrap_or("?");
         for row in b.get(what).map(Json::items).unwrap_or_default() {
-            let (idem, raw) = (row.get("idem"), row.get("raw"));
-            let stat = |s: Option<&Json>, key: &str| s.and_then(|s| s.num(key)).unwrap_or(0.0);
-            let _ = writeln!(
-                out,
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                row.num("concurrency").unwrap_or(0.0),
-                ratio(row),
-                group(stat(idem, "ops_per_sec")),
-                group(stat(raw, "ops_per_sec")),
-                micros(stat(idem, "p50_us")),
-                micros(stat(raw, "p50_us")),
-                micros(stat(idem, "p99_us")),
-                micros(stat(raw, "p99_us")),
-                cpu(idem),
-                cpu(raw),
-            );
+            let _ = writeln!(out, "| {name} | {} |", compared_cells(row));
             rows += 1;
         }
     }
@@ -539,6 +526,47 @@ fn memory(backends: &[&Json]) -> String {
         rows += 1;
     }
     if rows == 0 { NONE.into() } else { out }
+}
+
+/// The HTTP measurement: `idem-tower` on axum over each store, against the
+/// bare endpoint (`idem` is the layered server, `raw` the bare one).
+fn http(r: &Json) -> String {
+    let mut out = String::from(
+        "| store | workload | c | with ÷ without layer, median (min–max) | with op/s | without op/s | with p50 µs | without p50 µs | with p99 µs | without p99 µs | with cpu µs | without cpu µs |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    let mut rows = 0;
+    let stores = r.get("http").and_then(|h| h.get("stores"));
+    for store in stores.map(Json::items).unwrap_or_default() {
+        let name = store.str("name").unwrap_or("?");
+        for what in ["fresh", "replay"] {
+            for row in store.get(what).map(Json::items).unwrap_or_default() {
+                let _ = writeln!(out, "| {name} | {what} | {} |", compared_cells(row));
+                rows += 1;
+            }
+        }
+    }
+    if rows == 0 { NONE.into() } else { out }
+}
+
+/// The cells of one compared row (`idem` against `raw`), joined by ` | `:
+/// concurrency, ratio, op/s, p50, p99 and CPU, each for both sides.
+fn compared_cells(row: &Json) -> String {
+    let (idem, raw) = (row.get("idem"), row.get("raw"));
+    let stat = |s: Option<&Json>, key: &str| s.and_then(|s| s.num(key)).unwrap_or(0.0);
+    [
+        row.num("concurrency").unwrap_or(0.0).to_string(),
+        ratio(row),
+        group(stat(idem, "ops_per_sec")),
+        group(stat(raw, "ops_per_sec")),
+        micros(stat(idem, "p50_us")),
+        micros(stat(raw, "p50_us")),
+        micros(stat(idem, "p99_us")),
+        micros(stat(raw, "p99_us")),
+        cpu(idem),
+        cpu(raw),
+    ]
+    .join(" | ")
 }
 
 fn targets(r: &Json) -> String {
@@ -900,6 +928,20 @@ mod tests {
      "fresh": [], "replay": [], "hot_key": null, "architecture": [], "scaling": null,
      "purge": null, "memory": null, "notes": [], "errors": []}
   ],
+  "http": {"request_bytes": 57, "replay_keys": 1000, "notes": [], "errors": [],
+           "stores": [{"name": "memory", "fresh_handler_runs": 10, "replay_handler_runs": 0,
+                       "errors": [], "replay": [],
+                       "fresh": [{"concurrency": 8,
+                                  "idem": {"ops": 10, "errors": 0, "seconds": 1.0,
+                                           "ops_per_sec": 4210.4, "p50_us": 1790.2,
+                                           "p99_us": 4100.0, "mean_us": 1.0,
+                                           "client_cpu_us": 410.5},
+                                  "raw": {"ops": 10, "errors": 0, "seconds": 1.0,
+                                          "ops_per_sec": 5120.0, "p50_us": 1480.6,
+                                          "p99_us": 3900.0, "mean_us": 1.0,
+                                          "client_cpu_us": 350.2},
+                                  "ratio": 0.82, "ratio_min": 0.8, "ratio_max": 0.84,
+                                  "repeats": 2}]}]},
   "targets": [{"name": "sqlite fresh c=32 idem/raw", "target": ">= 0.90", "value": 0.99,
                "min": 0.95, "max": 1.02, "met": true}]
 }"#;
@@ -961,6 +1003,10 @@ mod tests {
         );
         assert!(
             out.contains("| sqlite fresh c=32 idem/raw | ≥ 0.90 | 0.99 (0.95–1.02) | met |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| memory | fresh | 8 | 0.82 (0.80–0.84) | 4,210 | 5,120 | 1,790 | 1,481 | 4,100 | 3,900 | 410.5 | 350.2 |"),
             "{out}"
         );
         // Nothing measured: said so, not an empty table.

@@ -9,7 +9,9 @@
 //! The library is the harness: [`harness::run_concurrent`] runs N tokio tasks
 //! for a fixed duration or operation count with a latency histogram; [`run`]
 //! runs every workload for the backends of a [`Config`] and returns a
-//! [`Report`] (JSON-serializable, with a printable table).
+//! [`Report`] (JSON-serializable, with a printable table). The HTTP
+//! measurement ([`http_bench`]) puts the same stores behind `idem-tower` on
+//! an axum server and compares it with the bare endpoint.
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() {
@@ -26,6 +28,7 @@ mod backends;
 pub mod core_bench;
 mod cpu;
 pub mod harness;
+pub mod http_bench;
 pub mod report;
 mod scenario;
 
@@ -391,18 +394,32 @@ pub struct Config {
     pub backends: Vec<Target>,
     /// Whether to run the core micro-benchmark.
     pub core: bool,
+    /// Whether to run the HTTP measurement ([`http_bench`]) over the
+    /// backends of [`http_bench::HTTP_TARGETS`] that `backends` names.
+    pub http: bool,
 }
 
 impl Config {
-    /// Every default target ([`Target::defaults`]) and the core benchmark
-    /// in `mode`.
+    /// Every default target ([`Target::defaults`]), the core benchmark and
+    /// the HTTP measurement in `mode`.
     pub fn new(mode: Mode) -> Self {
         Self {
             mode,
             plan: Plan::of(mode),
             backends: Target::defaults(mode),
             core: true,
+            http: true,
         }
+    }
+
+    /// The targets the HTTP measurement puts under the layer: those of
+    /// [`http_bench::HTTP_TARGETS`] that [`backends`](Self::backends)
+    /// names, in that order (none without [`http`](Self::http)).
+    pub fn http_targets(&self) -> Vec<Target> {
+        http_bench::HTTP_TARGETS
+            .into_iter()
+            .filter(|t| self.http && self.backends.contains(t))
+            .collect()
     }
 
     /// The same configuration measuring only `backends`.
@@ -456,15 +473,24 @@ impl Config {
         self.core = core;
         self
     }
+
+    /// The same configuration with or without the HTTP measurement.
+    #[must_use]
+    pub fn with_http(mut self, http: bool) -> Self {
+        self.http = http;
+        self
+    }
 }
 
 /// Runs the configured benchmarks and returns the report.
 ///
 /// # Behavior
 /// Backends run one after the other (never concurrently, so they do not
-/// compete for the cores). A backend that cannot be reached is reported with
-/// status `skipped` and its reason; a measurement that fails is listed in its
-/// backend's `errors` and the others still run. Nothing here fails the run:
+/// compete for the cores), then the HTTP measurement over those of them it
+/// covers ([`Config::http_targets`]; with none, `http` stays `None`). A
+/// backend that cannot be reached is reported with status `skipped` and its
+/// reason; a measurement that fails is listed in its backend's (or HTTP
+/// store's) `errors` and the others still run. Nothing here fails the run:
 /// a benchmark is not a test.
 pub async fn run(config: &Config) -> Report {
     let started = Instant::now();
@@ -518,6 +544,16 @@ pub async fn run(config: &Config) -> Report {
             t.elapsed().as_secs_f64()
         );
         report.backends.push(r);
+    }
+    let http_targets = config.http_targets();
+    if !http_targets.is_empty() {
+        eprintln!("idem-bench: http ...");
+        let t = Instant::now();
+        report.http = Some(http_bench::run(plan, &http_targets).await);
+        eprintln!(
+            "idem-bench: http done in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
     report.total_seconds = started.elapsed().as_secs_f64();
     report.check_targets();
@@ -575,6 +611,29 @@ mod tests {
             Target::Cached(Cacheable::Sqlite).kind(),
             BackendKind::Sqlite
         );
+    }
+
+    #[test]
+    fn http_runs_over_the_named_memory_and_sqlite_targets() {
+        let all = super::Config::new(Mode::Quick);
+        assert_eq!(
+            all.http_targets(),
+            [
+                Target::Backend(BackendKind::Memory),
+                Target::Backend(BackendKind::Sqlite)
+            ]
+        );
+        let sqlite = all.clone().with_backends(vec![
+            Target::Backend(BackendKind::Sqlite),
+            Target::Cached(Cacheable::Sqlite),
+        ]);
+        assert_eq!(
+            sqlite.http_targets(),
+            [Target::Backend(BackendKind::Sqlite)]
+        );
+        let redis = all.clone().with_backends(vec![BackendKind::Redis.into()]);
+        assert!(redis.http_targets().is_empty());
+        assert!(all.with_http(false).http_targets().is_empty());
     }
 
     #[test]

@@ -45,6 +45,10 @@ struct Args {
     /// Skip the pure core micro-benchmark.
     #[arg(long)]
     no_core: bool,
+    /// Skip the HTTP measurement (idem-tower on axum against the bare
+    /// endpoint, over the memory and sqlite stores when --backends names them).
+    #[arg(long)]
+    no_http: bool,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
@@ -78,7 +82,9 @@ fn main() -> ExitCode {
     } else {
         Mode::Full
     };
-    let mut config = Config::new(mode).with_core(!args.no_core);
+    let mut config = Config::new(mode)
+        .with_core(!args.no_core)
+        .with_http(!args.no_http);
     if !args.backends.is_empty() {
         config = config.with_backends(args.backends.clone());
     }

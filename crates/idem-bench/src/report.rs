@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core_bench::CoreReport;
 use crate::harness::{Stats, min_max};
+use crate::http_bench::HttpReport;
 
 /// The version of the JSON layout this crate writes: 2 since ratios are the
 /// median of repeated pairs, with their range (`ratio_min`, `ratio_max`,
@@ -31,6 +32,10 @@ pub struct Report {
     pub core: Option<CoreReport>,
     /// One entry per backend asked for, measured or skipped.
     pub backends: Vec<BackendReport>,
+    /// The HTTP measurement (`idem-tower` on axum against the bare
+    /// endpoint), if it ran.
+    #[serde(default)]
+    pub http: Option<HttpReport>,
     /// The targets, checked against this run.
     pub targets: Vec<TargetCheck>,
 }
@@ -395,6 +400,37 @@ fn latency_cell(median: f64, min: f64, max: f64) -> String {
 }
 
 /// "client+server" CPU µs per operation, or "-".
+/// One row of a compared table: concurrency, op/s, ratio, p50, p99 and CPU
+/// of both sides, under a blank label `widths.0` wide and CPU cells
+/// `widths.1` wide; errors, if any, named with `sides`.
+fn compared_line(
+    out: &mut String,
+    r: &Compared,
+    (label, cpu_width): (usize, usize),
+    (idem, raw): (&str, &str),
+) {
+    let errors = if r.idem.errors + r.raw.errors > 0 {
+        format!("  ERRORS {idem} {} {raw} {}", r.idem.errors, r.raw.errors)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "  {:<label$} {:>4} {:>10.0} {:>10.0} {:>18} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>cpu_width$} {:>cpu_width$}{errors}",
+        "",
+        r.concurrency,
+        r.idem.ops_per_sec,
+        r.raw.ops_per_sec,
+        ratio_cell(r),
+        r.idem.p50_us,
+        r.raw.p50_us,
+        r.idem.p99_us,
+        r.raw.p99_us,
+        cpu(&r.idem),
+        cpu(&r.raw),
+    );
+}
+
 fn cpu(s: &Stats) -> String {
     match (s.client_cpu_us, s.server_cpu_us) {
         (Some(c), Some(v)) => format!("{c:.1}+{v:.1}"),
@@ -528,26 +564,7 @@ impl Report {
                     "raw cpu c+s"
                 );
                 for r in rows {
-                    let _ = writeln!(
-                        out,
-                        "  {:<24} {:>4} {:>10.0} {:>10.0} {:>18} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>13} {:>13}{}",
-                        "",
-                        r.concurrency,
-                        r.idem.ops_per_sec,
-                        r.raw.ops_per_sec,
-                        ratio_cell(r),
-                        r.idem.p50_us,
-                        r.raw.p50_us,
-                        r.idem.p99_us,
-                        r.raw.p99_us,
-                        cpu(&r.idem),
-                        cpu(&r.raw),
-                        if r.idem.errors + r.raw.errors > 0 {
-                            format!("  ERRORS idem {} raw {}", r.idem.errors, r.raw.errors)
-                        } else {
-                            String::new()
-                        }
-                    );
+                    compared_line(&mut out, r, (24, 13), ("idem", "raw"));
                 }
             }
             for (what, rows) in [("fresh", &b.fresh), ("replay", &b.replay)] {
@@ -669,6 +686,9 @@ impl Report {
                 let _ = writeln!(out, "  ERROR: {e}");
             }
         }
+        if let Some(http) = &self.http {
+            http_table(&mut out, http);
+        }
         if !self.targets.is_empty() {
             let _ = writeln!(out, "\ntargets");
             for t in &self.targets {
@@ -687,5 +707,57 @@ impl Report {
             }
         }
         out
+    }
+}
+
+/// The HTTP measurement's part of the table: per store, workload and
+/// concurrency, the layered server against the bare endpoint.
+fn http_table(out: &mut String, http: &HttpReport) {
+    let _ = writeln!(
+        out,
+        "\n== http: idem-tower on axum vs the bare endpoint (loopback, keep-alive client, {} B request; ratio = with ÷ without) ==",
+        http.request_bytes
+    );
+    for store in &http.stores {
+        for (what, rows) in [
+            ("fresh (new key)", &store.fresh),
+            ("replay (stored answer)", &store.replay),
+        ] {
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "  {:<30} {:>4} {:>10} {:>10} {:>18} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                format!("{} {what}", store.name),
+                "c",
+                "with op/s",
+                "w/o op/s",
+                "ratio (min–max)",
+                "with p50",
+                "w/o p50",
+                "with p99",
+                "w/o p99",
+                "with cpu",
+                "w/o cpu"
+            );
+            for r in rows {
+                compared_line(out, r, (30, 8), ("with", "without"));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  {}: handler runs behind the layer: {} during fresh (one per request), {} during replay",
+            store.name, store.fresh_handler_runs, store.replay_handler_runs
+        );
+        for e in &store.errors {
+            let _ = writeln!(out, "  ERROR ({}): {e}", store.name);
+        }
+    }
+    for n in &http.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    for e in &http.errors {
+        let _ = writeln!(out, "  ERROR: {e}");
     }
 }

@@ -231,7 +231,7 @@ impl Work {
 /// the same pair, measured back to back), with their minimum and maximum;
 /// each side's figures are the medians of its repetitions. With one side
 /// only ([`Sides`]), the other's figures and the ratios are zero.
-async fn compare(
+pub(crate) async fn compare(
     plan: &Plan,
     concurrency: usize,
     budget: crate::Budget,
@@ -430,7 +430,7 @@ async fn hot_key_pair(w: &Arc<Work>, plan: &Plan) -> Result<HotKeyPair, BenchErr
 /// The engine over `instance`'s store, with a finished-record cache of
 /// `cache_bytes` if given.
 #[allow(clippy::expect_used)] // A constant policy: a record TTL of hours over the default lease.
-fn engine_over(instance: &dyn Instance, cache_bytes: Option<usize>) -> Arc<BenchEngine> {
+pub(crate) fn engine_over(instance: &dyn Instance, cache_bytes: Option<usize>) -> Arc<BenchEngine> {
     let engine = Engine::new(instance.store())
         .with_policy(Policy::default().with_ttl(RECORD_TTL))
         .expect("RECORD_TTL is longer than the default lease");
@@ -441,12 +441,16 @@ fn engine_over(instance: &dyn Instance, cache_bytes: Option<usize>) -> Arc<Bench
 }
 
 fn progress(backend: &dyn Backend, what: &str) {
+    progress_of(backend.name(), what);
+}
+
+/// A progress line on stderr for `name`, with the seconds since the first one.
+pub(crate) fn progress_of(name: &str, what: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let start = START.get_or_init(Instant::now);
     eprintln!(
-        "idem-bench: [{:6.1} s] {}: {what}",
+        "idem-bench: [{:6.1} s] {name}: {what}",
         start.elapsed().as_secs_f64(),
-        backend.name()
     );
 }
 
@@ -802,7 +806,7 @@ async fn purge_on(plan: &Plan, inst: &dyn Instance) -> Result<Purge, BenchError>
 
 /// Runs `f` `n` times from 16 tasks (no time limit); fails with the first
 /// error if any call failed.
-async fn run_all(n: u64, ids: &Arc<AtomicU64>, f: &OpFn) -> Result<(), BenchError> {
+pub(crate) async fn run_all(n: u64, ids: &Arc<AtomicU64>, f: &OpFn) -> Result<(), BenchError> {
     let budget = crate::Budget::time(Duration::from_secs(3600)).with_max_ops(n);
     let stats = run_concurrent(16, budget, ids, f).await?;
     if stats.errors > 0 {

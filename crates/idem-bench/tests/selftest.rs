@@ -6,6 +6,7 @@
 
 use std::process::Command;
 
+use idem_bench::http_bench::HttpReport;
 use idem_bench::report::{BackendReport, Compared, HotKey, Report, Status};
 
 /// How many pairs the self-test measures per figure (`--repeat`), so that
@@ -135,6 +136,38 @@ fn check_backend(b: &BackendReport) {
     assert!(purge.rows_per_sec > 0.0, "{name}: {purge:?}");
 }
 
+/// The HTTP figures: the layer over each store against the bare endpoint,
+/// every request answered as expected, the handler run once per fresh
+/// request and never for a replay.
+fn check_http(http: &HttpReport) {
+    assert!(http.errors.is_empty(), "http: {:?}", http.errors);
+    assert!(http.request_bytes > 0);
+    let names: Vec<&str> = http.stores.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["memory", "sqlite"]);
+    for store in &http.stores {
+        let name = format!("http {}", store.name);
+        assert!(store.errors.is_empty(), "{name}: {:?}", store.errors);
+        assert_eq!(store.fresh.len(), 2, "{name}: fresh at concurrency 1 and 4");
+        assert_eq!(
+            store.replay.len(),
+            2,
+            "{name}: replay at concurrency 1 and 4"
+        );
+        for row in &store.fresh {
+            check_row(&name, "fresh", row);
+        }
+        for row in &store.replay {
+            check_row(&name, "replay", row);
+        }
+        let fresh_requests: u64 = store.fresh.iter().map(|r| r.idem.ops).sum();
+        assert_eq!(store.fresh_handler_runs, fresh_requests, "{name}");
+        assert_eq!(
+            store.replay_handler_runs, 0,
+            "{name}: a replay ran the handler"
+        );
+    }
+}
+
 #[test]
 fn tiny_run_of_memory_and_sqlite_has_every_figure() {
     let (report, table) = run_tiny("memory,sqlite");
@@ -179,6 +212,9 @@ fn tiny_run_of_memory_and_sqlite_has_every_figure() {
     assert!(core.total_ns > 0.0);
     assert!(!report.targets.is_empty());
     assert!(table.contains("targets"), "{table}");
+
+    check_http(report.http.as_ref().expect("http figures"));
+    assert!(table.contains("== http: idem-tower on axum"), "{table}");
 }
 
 #[test]
@@ -230,6 +266,10 @@ fn unreachable_servers_are_reported_as_skipped() {
         assert!(b.fresh.is_empty() && b.replay.is_empty(), "{}", b.name);
     }
     assert!(report.core.is_none());
+    assert!(
+        report.http.is_none(),
+        "no store of the HTTP measurement named"
+    );
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("skipped (unreachable)"), "{table}");
 }

@@ -425,11 +425,17 @@ async fn chaos(proxy: Arc<FaultProxy>, stop: Arc<AtomicBool>) {
     proxy.heal();
 }
 
-async fn storm(backend: &str, store: Arc<dyn Store>) {
-    let ledger = Ledger::default();
-    let server = serve(store, ledger.clone()).await;
-    let proxy = Arc::new(FaultProxy::start(server.addr).await.unwrap());
-    let log: AttemptLog = Arc::default();
+/// The storm's attempt timeout: short, so that the `hold` mode's first
+/// attempt times out and the storm keeps moving.
+const STORM_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(400);
+/// The calm phase's attempt timeout: an answer always comes (no fault), so
+/// no attempt may time out there, however loaded the machine: the phase
+/// asserts that a reused key takes exactly one attempt.
+const CALM_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client through the idempotency middleware to `url`, with
+/// `attempt_timeout`, recording every attempt into `log`.
+fn caller(url: String, log: &AttemptLog, ledger: &Ledger, attempt_timeout: Duration) -> Caller {
     let sink = log.clone();
     let middleware = IdempotencyMiddleware::builder()
         .policy(
@@ -437,7 +443,7 @@ async fn storm(backend: &str, store: Arc<dyn Store>) {
                 .max_attempts(10_000)
                 .backoff(Duration::from_millis(1), Duration::from_millis(20))
                 .budget(Duration::from_secs(60))
-                .attempt_timeout(Duration::from_millis(400))
+                .attempt_timeout(attempt_timeout)
                 // idem-tower's 409 says "Retry-After: 1" (whole seconds);
                 // the held requests finish within milliseconds.
                 .retry_after_cap(Duration::from_millis(20)),
@@ -451,14 +457,23 @@ async fn storm(backend: &str, store: Arc<dyn Store>) {
             });
         })
         .build();
-    let caller = Caller {
+    Caller {
         client: ClientBuilder::new(reqwest::Client::new())
             .with(middleware)
             .build(),
-        url: format!("http://{}/effects", proxy.addr()),
+        url,
         log: log.clone(),
         ledger: ledger.clone(),
-    };
+    }
+}
+
+async fn storm(backend: &str, store: Arc<dyn Store>) {
+    let ledger = Ledger::default();
+    let server = serve(store, ledger.clone()).await;
+    let proxy = Arc::new(FaultProxy::start(server.addr).await.unwrap());
+    let log: AttemptLog = Arc::default();
+    let url = format!("http://{}/effects", proxy.addr());
+    let caller = caller(url.clone(), &log, &ledger, STORM_ATTEMPT_TIMEOUT);
 
     // The storm.
     let stop = Arc::new(AtomicBool::new(false));
@@ -495,7 +510,9 @@ async fn storm(backend: &str, store: Arc<dyn Store>) {
     stop.store(true, Ordering::SeqCst);
     chaos.await.unwrap();
 
-    // Calm: key reuse takes exactly one attempt.
+    // Calm: key reuse takes exactly one attempt. A client of its own, with
+    // a timeout no answer of a healed proxy misses.
+    let caller = self::caller(url, &log, &ledger, CALM_ATTEMPT_TIMEOUT);
     let mut calm = Vec::new();
     for j in 0..CALM_REUSES {
         let key = Key::new(format!("calm-{j}")).unwrap();

@@ -223,22 +223,43 @@ async fn transient_failure_charges_on_the_retry_only() {
     assert_eq!(demo.list("acme").await, vec![paid]);
 }
 
+/// The slow charge's card network delay: long enough that the retry below
+/// meets it in flight on a loaded machine (its client gave up at
+/// [`SLOW_CLIENT_TIMEOUT`], leaving it 3 s more), well under
+/// [`idem_demo::app::MAX_DELAY`].
+const SLOW_CHARGE_MS: u64 = 5_000;
+/// The first client's timeout: long enough for its request to reach the
+/// server and claim the key (server and client share this test's one
+/// thread), much shorter than the charge.
+const SLOW_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[tokio::test]
 async fn a_slow_charge_survives_its_client_and_answers_409_then_the_replay() {
     let demo = Demo::start().await;
     let body =
-        json!({"amount": 10, "currency": "EUR", "customer": "c9", "delay_ms": 400}).to_string();
+        json!({"amount": 10, "currency": "EUR", "customer": "c9", "delay_ms": SLOW_CHARGE_MS})
+            .to_string();
+    let started = std::time::Instant::now();
     let timed_out = demo
         .post(Some("acme"), Some("s-1"), &body)
-        .timeout(std::time::Duration::from_millis(50))
+        .timeout(SLOW_CLIENT_TIMEOUT)
         .send()
         .await;
     assert!(timed_out.unwrap_err().is_timeout());
     // The charge goes on server-side: the retry hears 409 until it is done.
+    // Only 409 is right here (nothing to poll for): a 201 would be the retry
+    // charging again (the first request lost) or a charge done sooner than
+    // its delay allows.
     let retry = demo.pay("acme", "s-1", &body).await;
+    assert_eq!(
+        retry.status(),
+        StatusCode::CONFLICT,
+        "the retry, {:?} after the first request",
+        started.elapsed()
+    );
     assert!(retry.headers().contains_key("retry-after"));
     problem(retry, StatusCode::CONFLICT).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let paid = loop {
         let response = demo.pay("acme", "s-1", &body).await;
         if response.status() == StatusCode::CREATED {
@@ -248,5 +269,10 @@ async fn a_slow_charge_survives_its_client_and_answers_409_then_the_replay() {
         assert!(std::time::Instant::now() < deadline, "never completed");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(SLOW_CHARGE_MS),
+        "replayed before the charge's delay was over: {:?}",
+        started.elapsed()
+    );
     assert_eq!(demo.list("acme").await, vec![paid]);
 }

@@ -453,8 +453,12 @@ async fn completer(kind: BackendKind) -> Result<(), Failed> {
         "serve",
         "--addr",
         "127.0.0.1:0",
+        // Short, so the orders of the killed servers are taken over soon;
+        // long enough that the live completer server's own heartbeats (every
+        // third of it) never let its requests' keys lapse on a loaded
+        // machine.
         "--lease-ms",
-        "500",
+        "2000",
         "--card-network",
     ]
     .map(String::from)

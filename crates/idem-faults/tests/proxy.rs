@@ -35,10 +35,20 @@ async fn echo() -> (std::net::SocketAddr, Arc<AtomicU64>) {
     (addr, received)
 }
 
-async fn roundtrip(sock: &mut TcpStream, msg: &[u8]) -> Option<Vec<u8>> {
+/// How long a roundtrip that must come back may take: far more than a
+/// loaded machine needs, so only a broken proxy misses it.
+const ECHOED: Duration = Duration::from_secs(5);
+/// How long a roundtrip that must *not* come back is watched (no event
+/// announces that nothing came): a slow machine cannot fail this look, and
+/// a reply the proxy leaked would come within it on loopback.
+const SILENT: Duration = Duration::from_millis(200);
+
+/// Sends `msg` and reads as many bytes back within `within`; `None` if they
+/// do not all come.
+async fn roundtrip(sock: &mut TcpStream, msg: &[u8], within: Duration) -> Option<Vec<u8>> {
     sock.write_all(msg).await.ok()?;
     let mut buf = vec![0u8; msg.len()];
-    match tokio::time::timeout(Duration::from_millis(200), sock.read_exact(&mut buf)).await {
+    match tokio::time::timeout(within, sock.read_exact(&mut buf)).await {
         Ok(Ok(_)) => Some(buf),
         _ => None,
     }
@@ -61,27 +71,27 @@ async fn forwards_loses_replies_and_cuts() {
     let proxy = FaultProxy::start(upstream).await.unwrap();
     let mut sock = TcpStream::connect(proxy.addr()).await.unwrap();
     assert_eq!(
-        roundtrip(&mut sock, b"ping").await.as_deref(),
+        roundtrip(&mut sock, b"ping", ECHOED).await.as_deref(),
         Some(&b"ping"[..])
     );
 
     // The request reaches the server; the reply is lost.
     proxy.set(Fault::DropReplies);
-    assert_eq!(roundtrip(&mut sock, b"lost").await, None);
+    assert_eq!(roundtrip(&mut sock, b"lost", SILENT).await, None);
     wait_for(|| received.load(Ordering::SeqCst) == 8).await;
     assert!(proxy.swallowed_bytes() >= 4);
 
     // Black hole: nothing reaches the server.
     proxy.set(Fault::BlackHole);
     let mut other = TcpStream::connect(proxy.addr()).await.unwrap();
-    assert_eq!(roundtrip(&mut other, b"void").await, None);
+    assert_eq!(roundtrip(&mut other, b"void", SILENT).await, None);
     assert_eq!(received.load(Ordering::SeqCst), 8);
 
     // Healed: a fresh connection works again; cut_all closes every connection.
     proxy.heal();
     let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
     assert_eq!(
-        roundtrip(&mut fresh, b"back").await.as_deref(),
+        roundtrip(&mut fresh, b"back", ECHOED).await.as_deref(),
         Some(&b"back"[..])
     );
     wait_for(|| proxy.open_connections() == 3).await;

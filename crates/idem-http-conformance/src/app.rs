@@ -7,7 +7,7 @@
 //! | `/no-effect` | no | 503 with [`NoEffect`](idem_http::NoEffect) (`Answer::no_effect`) |
 //! | `/declare-then-fail` | no | 500 after `claim.declare_no_effect()` |
 //! | `/panic` | yes | panics ([`Handled::Panic`]) |
-//! | `/slow` | yes, on entry | 201 `{"effect":n}` once [`App::open_gate`]; a call dropped before that is counted by [`App::cancelled`] |
+//! | `/slow` | yes, on entry | 201 `{"effect":n}` once [`App::open_gate`] (a call with `x-gate: g` also once `App::open("g")`, [`App::open`]); a call dropped before that is counted by [`App::cancelled`] |
 //! | `/big` | yes | 201 with a body of `x-size` bytes (default 64 KiB) |
 //! | `/reject` | yes | 400 `{"error":"no"}` (a final answer, stored) |
 //! | `/claim` | yes | 201 `{"claim":bool,"attempt":n,"key":..,"tenant":..}`: whether the handler got the claim, and what it says (`null`s without one) |
@@ -23,7 +23,7 @@
 //! that a replayed `date` is seen). Every call of the handler is counted
 //! per path ([`App::runs`]), effect or not.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -39,14 +39,29 @@ use crate::fixture::{Answer, Call, Handled, TestStore};
 /// that a replay that carried it would be seen.
 pub const APP_DATE: &str = "Thu, 01 Jan 1970 00:00:00 GMT";
 
-/// The application: effect counters, and a gate for `/slow`.
+/// Which gates of `/slow` are open.
+#[derive(Debug, Default)]
+struct Gates {
+    /// Every call may finish ([`App::open_gate`]).
+    all: bool,
+    /// Calls with `x-gate: name` may finish, for these names ([`App::open`]).
+    named: HashSet<String>,
+}
+
+impl Gates {
+    fn lets_through(&self, name: Option<&str>) -> bool {
+        self.all || name.is_some_and(|name| self.named.contains(name))
+    }
+}
+
+/// The application: effect counters, and the gates of `/slow`.
 #[derive(Clone)]
 pub struct App {
     effects: Arc<Mutex<HashMap<String, usize>>>,
     runs: Arc<Mutex<HashMap<String, usize>>>,
     entered: watch::Sender<usize>,
     cancelled: Arc<std::sync::atomic::AtomicUsize>,
-    gate: watch::Sender<bool>,
+    gates: watch::Sender<Gates>,
     store: Option<TestStore>,
     applied: Arc<Mutex<Vec<Revision>>>,
 }
@@ -58,7 +73,7 @@ impl Default for App {
             runs: Arc::default(),
             entered: watch::Sender::new(0),
             cancelled: Arc::default(),
-            gate: watch::Sender::new(false),
+            gates: watch::Sender::new(Gates::default()),
             store: None,
             applied: Arc::default(),
         }
@@ -138,7 +153,20 @@ impl App {
 
     /// Lets every `/slow` call (now and later) finish.
     pub fn open_gate(&self) {
-        self.gate.send_replace(true);
+        self.gates.send_modify(|gates| gates.all = true);
+    }
+
+    /// Lets the `/slow` calls sent with `x-gate: <gate>` (now and later)
+    /// finish; the others keep waiting for [`open_gate`](Self::open_gate).
+    ///
+    /// # Behavior
+    /// The gate header is not part of the default fingerprint: two calls
+    /// that differ only in it are the same request for the middleware, so
+    /// a case can let the run of one finish before another's.
+    pub fn open(&self, gate: &str) {
+        self.gates.send_modify(|gates| {
+            gates.named.insert(gate.to_owned());
+        });
     }
 
     /// The revisions `/tx` applied, in order.
@@ -191,8 +219,9 @@ impl App {
                 let n = self.count(path);
                 self.entered.send_modify(|entries| *entries += 1);
                 let mut dropped = CountIfDropped(Some(self.cancelled.clone()));
-                let mut gate = self.gate.subscribe();
-                let _ = gate.wait_for(|open| *open).await;
+                let name = call.headers.get("x-gate").and_then(|v| v.to_str().ok());
+                let mut gates = self.gates.subscribe();
+                let _ = gates.wait_for(|gates| gates.lets_through(name)).await;
                 dropped.0 = None;
                 (
                     n,

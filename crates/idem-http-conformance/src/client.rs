@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Method;
 use idem_conformance::faulty::{Fault, FaultKind, Op};
-use idem_core::{Engine, Policy};
+use idem_core::store::{Store as _, Versioned};
+use idem_core::{Clock as _, Engine, IdempotencyKey, Policy, RecordKey, Scope, SystemClock};
 use idem_http::{PROBLEM_JSON, ProblemType};
 use libtest_mimic::Failed;
 
-use crate::fixture::{Adapter, App, Options, Server, Setup, TestStore};
+use crate::fixture::{Adapter, App, Options, Server, Setup, TestClock, TestStore};
 
 /// Fails the case with a message (and where) unless the condition holds.
 macro_rules! ensure {
@@ -126,14 +127,16 @@ impl Ctx {
         Self::start_with(adapter, options, Policy::default()).await
     }
 
-    /// Serves `options` over an engine with `policy`.
+    /// Serves `options` over an engine with `policy`, on a [`TestClock`]
+    /// started at the system time (a realistic `first_used_at`).
     pub(crate) async fn start_with(
         adapter: &dyn Adapter,
         options: Options,
         policy: Policy,
     ) -> Result<Self, Failed> {
         let store = TestStore::new(idem_core::MemoryStore::new()).with_name("conformance");
-        let engine = Engine::new(store.clone())
+        let clock = TestClock::new(SystemClock.now());
+        let engine = Engine::with_clock(store.clone(), clock)
             .with_policy(policy)
             .map_err(|e| Failed::from(format!("the case's policy is invalid: {e}")))?;
         let setup = Setup {
@@ -162,6 +165,33 @@ impl Ctx {
     /// The engine's store.
     pub(crate) fn store(&self) -> &TestStore {
         self.setup.engine.store()
+    }
+
+    /// The engine's clock: time passes only when the case advances it.
+    pub(crate) fn clock(&self) -> &TestClock {
+        self.setup.engine.clock()
+    }
+
+    /// Waits until something sleeps on the engine's clock (a heartbeat, a
+    /// waiting duplicate, a background retry), so that advancing it wakes
+    /// that sleep instead of running ahead of it; fails naming `what` after
+    /// [`WAIT`].
+    pub(crate) async fn sleeping(&self, what: &str) -> Result<(), Failed> {
+        until(what, WAIT, || async {
+            Ok((self.clock().pending_sleepers() > 0).then_some(()))
+        })
+        .await
+    }
+
+    /// The record of `key` (tenant [`TENANT`]) as the store holds it now,
+    /// if any.
+    pub(crate) async fn record(&self, key: &str) -> Result<Option<Versioned>, Failed> {
+        let now = self.clock().now();
+        self.store()
+            .inner()
+            .get(&record_key(key)?, now)
+            .await
+            .map_err(|e| Failed::from(format!("reading the record of {key:?}: {e}")))
     }
 
     /// Makes every call of the store fail as unavailable, until
@@ -212,6 +242,12 @@ impl Ctx {
     ) -> Result<Reply, Failed> {
         send(self.post(path, key, body)).await
     }
+}
+
+/// The store key of `key` for tenant [`TENANT`].
+pub(crate) fn record_key(key: &str) -> Result<RecordKey, Failed> {
+    let key = IdempotencyKey::parse(key).map_err(|e| Failed::from(e.to_string()))?;
+    Ok(RecordKey::new(&Scope::tenant(TENANT), &key))
 }
 
 /// Sends `request` and reads the whole response.

@@ -14,12 +14,25 @@ use std::sync::Arc;
 use bytes::Bytes;
 pub use futures_util::future::BoxFuture;
 use http::{HeaderMap, Method, StatusCode};
-use idem_core::{DefaultClock, Engine, Scope};
+use idem_core::{Engine, Scope};
 use idem_http::{Builder, IdempotencyClaim, Integration, Rejection};
 
 /// The store every fixture runs on: a memory store behind
 /// idem-conformance's fault switches (store outages).
 pub type TestStore = idem_conformance::faulty::FaultyStore<idem_core::MemoryStore>;
+
+/// The clock every fixture's engine runs on: a manual clock
+/// ([`ManualClock`](idem_core::ManualClock); clones share it), started at
+/// the system time when the case begins and moved only by the case.
+///
+/// # Behavior
+/// Lease deadlines, heartbeats (a beat every third of the lease, sleeping
+/// on this clock), a waiting duplicate's polls, the background retries of a
+/// completion, and `first_used_at` all read it: a case makes time pass with
+/// [`ManualClock::advance`](idem_core::ManualClock::advance), never by
+/// sleeping. An adapter only passes it on (it is the `C` of
+/// [`Setup::engine`] and of the builder [`Setup::configure`] takes).
+pub type TestClock = idem_core::ManualClock;
 
 /// A request as the handler received it.
 #[derive(Debug)]
@@ -63,14 +76,15 @@ pub struct Answer {
 ///
 /// # Behavior
 /// Made by the suite for each case: a fresh engine over a fresh
-/// [`TestStore`] (with the case's [`Policy`](idem_core::Policy)), a fresh
-/// [`App`], and the case's [`Options`]. The adapter builds its middleware
+/// [`TestStore`] (with the case's [`Policy`](idem_core::Policy)) on a fresh
+/// [`TestClock`] (`engine.clock()`), a fresh [`App`], and the case's
+/// [`Options`]. The adapter builds its middleware
 /// over `engine` with [`configure`](Self::configure) and
 /// [`scope_of`](Self::scope_of), and nothing else.
 #[derive(Clone, Debug)]
 pub struct Setup {
-    /// The engine, over [`TestStore`].
-    pub engine: Arc<Engine<TestStore, DefaultClock>>,
+    /// The engine, over [`TestStore`], on the case's [`TestClock`].
+    pub engine: Arc<Engine<TestStore, TestClock>>,
     /// The application behind the middleware.
     pub app: App,
     /// The options of this case.
@@ -82,10 +96,10 @@ impl Setup {
     /// builder is an [`idem_http::Builder`]).
     pub fn configure<I>(
         &self,
-        builder: Builder<TestStore, DefaultClock, I>,
-    ) -> Builder<TestStore, DefaultClock, I>
+        builder: Builder<TestStore, TestClock, I>,
+    ) -> Builder<TestStore, TestClock, I>
     where
-        I: Integration<TestStore, DefaultClock>,
+        I: Integration<TestStore, TestClock>,
     {
         self.options.apply(builder)
     }
@@ -156,6 +170,10 @@ pub trait Adapter: Send + Sync + 'static {
     ///   [`Answer`] (repeated fields kept, in order; the `date` kept) and
     ///   the body, with [`idem_http::NoEffect`] in the response's extensions
     ///   when `no_effect`. [`Handled::Panic`]: panic in the handler.
+    /// - Claimed handlers run under [`idem_http::Claimed::run`] (or another
+    ///   heartbeat over `setup.engine`): time is the engine's
+    ///   [`TestClock`], which the lease cases move while a handler runs;
+    ///   an adapter uses no timer of its own for the heartbeat.
     /// - The server runs until [`Server::guard`] is dropped; the suite drops
     ///   it when the case ends, on the case's runtime.
     /// - The returned future may run on any Tokio runtime of the suite; an

@@ -57,9 +57,11 @@
 //!
 //! # Behavior
 //! - Each case gets a fresh engine over a fresh [`TestStore`] (a memory
-//!   store behind fault switches, for store outages), a fresh [`App`], and
-//!   its own [`Options`]; it starts its own server, and stops it (drops the
-//!   guard) when it ends.
+//!   store behind fault switches, for store outages) on a fresh
+//!   [`TestClock`] (a manual clock started at the system time, which only
+//!   the case moves: leases, heartbeats and waits never depend on how fast
+//!   the machine is), a fresh [`App`], and its own [`Options`]; it starts
+//!   its own server, and stops it (drops the guard) when it ends.
 //! - Each case runs on a multi-thread Tokio runtime of its own (2 workers)
 //!   and fails if it has not finished within [`CASE_TIMEOUT`]: a hang fails
 //!   instead of blocking CI.
@@ -83,7 +85,7 @@ pub use libtest_mimic::{Arguments, Failed, Trial};
 pub use app::APP_DATE;
 pub use fixture::{
     Adapter, Answer, App, BoxFuture, Call, Handled, Options, PLANNED_PANIC, Server, Setup,
-    TestStore,
+    TestClock, TestStore,
 };
 
 /// How long a case may run before it fails as a hang.

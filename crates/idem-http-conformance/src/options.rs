@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
-use idem_core::DefaultClock;
 use idem_http::{Builder, Fingerprinter, Integration, KeySource};
 
-use crate::fixture::TestStore;
+use crate::fixture::{TestClock, TestStore};
 
 /// A case's options; the defaults are the adapter's defaults.
 #[derive(Clone, Debug, Default)]
@@ -35,10 +34,10 @@ impl Options {
     /// Applies the options to `builder`.
     pub fn apply<I>(
         &self,
-        mut builder: Builder<TestStore, DefaultClock, I>,
-    ) -> Builder<TestStore, DefaultClock, I>
+        mut builder: Builder<TestStore, TestClock, I>,
+    ) -> Builder<TestStore, TestClock, I>
     where
-        I: Integration<TestStore, DefaultClock>,
+        I: Integration<TestStore, TestClock>,
     {
         builder = builder
             .required(self.required)

@@ -14,9 +14,8 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, HttpServer, web};
 use futures_util::future::BoxFuture;
 use idem_actix::{Idempotency, IdempotencyClaim, NoEffect};
-use idem_core::DefaultClock;
 use idem_http_conformance::{
-    Adapter, Answer, App, Call, Handled, PLANNED_PANIC, Server, Setup, TestStore,
+    Adapter, Answer, App, Call, Handled, PLANNED_PANIC, Server, Setup, TestClock, TestStore,
 };
 use tokio::sync::oneshot;
 
@@ -54,7 +53,7 @@ async fn start(setup: Setup) -> Server {
 /// Runs the server on this thread, in an actix `System` of its own, until
 /// it is stopped; sends its address and handle once it listens.
 fn serve(
-    idem: Idempotency<TestStore, DefaultClock>,
+    idem: Idempotency<TestStore, TestClock>,
     app: App,
     started: oneshot::Sender<(SocketAddr, ServerHandle)>,
 ) -> std::io::Result<()> {

@@ -7,10 +7,18 @@
 #[path = "tower.rs"]
 mod tower;
 
+use std::sync::Arc;
+
+use axum::body::Body;
 use axum::extract::Request;
-use axum::middleware::map_request;
+use axum::middleware::{Next, from_fn, map_request};
+use axum::response::Response;
+use bytes::Bytes;
 use http::request::Parts;
-use idem_http_conformance::{Adapter, BoxFuture, Server, Setup, case};
+use idem_http::{
+    Admission, Builder, Contract, Exit, Finished, Integration, PassBody, ReadBody, ReadError, Reply,
+};
+use idem_http_conformance::{Adapter, BoxFuture, Server, Setup, TestClock, TestStore, case};
 use idem_tower::{IdempotencyClaim, IdempotencyLayer};
 
 /// Runs the case `name` against `adapter` and returns its failure message.
@@ -180,4 +188,172 @@ fn a_hang_fails_the_case_instead_of_blocking() {
         .unwrap_err();
     let why = failed.message().unwrap_or_default();
     assert!(why.contains("did not finish"), "{why}");
+}
+
+/// An adapter written by hand over `idem_http`'s contract (an axum
+/// middleware function), as the crate docs of `idem_http` describe one,
+/// with only what the lease cases need (no panics, `NoEffect`, streaming
+/// nor running to completion when the client goes away), and one rule that
+/// can be left out at a time.
+#[derive(Clone, Copy)]
+struct HandMade {
+    name: &'static str,
+    /// Runs the handler under `Claimed::run`, with the heartbeat beside
+    /// it; else awaits it bare.
+    heartbeat: bool,
+    /// Sends the reply of `Finished::Superseded` (409) instead of the
+    /// handler's response; else sends the handler's response anyway.
+    fenced: bool,
+}
+
+/// Both rules kept: passes the lease cases.
+const HAND_MADE: HandMade = HandMade {
+    name: "hand-made",
+    heartbeat: true,
+    fenced: true,
+};
+
+/// Runs the handler without the heartbeat (the claim without
+/// `Claimed::run`).
+const NO_HEARTBEAT: HandMade = HandMade {
+    name: "no-heartbeat",
+    heartbeat: false,
+    ..HAND_MADE
+};
+
+/// Sends a superseded handler's own response.
+const UNFENCED: HandMade = HandMade {
+    name: "unfenced",
+    fenced: false,
+    ..HAND_MADE
+};
+
+/// The contract alone, for a middleware written by hand.
+struct ContractOnly;
+
+impl Integration<TestStore, TestClock> for ContractOnly {
+    type Scope = ();
+    type Built = Contract<TestStore, TestClock>;
+    fn build(contract: Contract<TestStore, TestClock>, (): ()) -> Self::Built {
+        contract
+    }
+}
+
+/// An axum request body, read whole up to the contract's limit.
+struct Whole(Body);
+
+impl ReadBody for Whole {
+    type Read = BoxFuture<'static, Result<Bytes, ReadError>>;
+    fn read(self, limit: usize) -> Self::Read {
+        Box::pin(async move {
+            axum::body::to_bytes(self.0, limit)
+                .await
+                .map_err(|_| ReadError::TooLarge)
+        })
+    }
+}
+
+fn send(reply: Reply) -> Response {
+    reply.into_response().0.map(Body::from)
+}
+
+impl Adapter for HandMade {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn serve(&self, setup: Setup) -> BoxFuture<'static, Server> {
+        let this = *self;
+        Box::pin(async move {
+            let builder = Builder::<_, _, ContractOnly>::new(setup.engine.clone(), ());
+            let contract = Arc::new(setup.configure(builder).build());
+            let app = setup.app.clone();
+            let middleware = from_fn(move |request: Request, next: Next| {
+                let (contract, setup) = (contract.clone(), setup.clone());
+                async move { this.handle(&contract, &setup, request, next).await }
+            });
+            tower::serve(tower::app_router(app).layer(middleware)).await
+        })
+    }
+}
+
+impl HandMade {
+    async fn handle(
+        self,
+        contract: &Arc<Contract<TestStore, TestClock>>,
+        setup: &Setup,
+        request: Request,
+        next: Next,
+    ) -> Response {
+        let (mut parts, body) = request.into_parts();
+        if !contract.covers_request(&parts) {
+            return next.run(Request::from_parts(parts, body)).await;
+        }
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let scope = || setup.scope_of(&parts.headers);
+        let (claimed, bytes) = match contract.admit(&parts, &target, scope, Whole(body)).await {
+            Admission::Answer(answer) => return send(answer),
+            Admission::Pass(PassBody::Unread(Whole(body))) => {
+                return next.run(Request::from_parts(parts, body)).await;
+            }
+            Admission::Pass(PassBody::Read(bytes)) | Admission::FailOpen(bytes) => {
+                return next
+                    .run(Request::from_parts(parts, Body::from(bytes)))
+                    .await;
+            }
+            Admission::Proceed(claimed, bytes) => (claimed, bytes),
+        };
+        parts.extensions.insert(claimed.claim());
+        let handler = next.run(Request::from_parts(parts, Body::from(bytes)));
+        let response = if self.heartbeat {
+            claimed.run(handler).await
+        } else {
+            handler.await
+        };
+        let (head, body) = response.into_parts();
+        let data = axum::body::to_bytes(body, claimed.outcome_limit())
+            .await
+            .expect("the app's bodies are small and whole");
+        let exit = Exit::Response {
+            parts: &head,
+            body: &data,
+            trailers: None,
+        };
+        match claimed.finish(exit).await {
+            Finished::Superseded(answer) if self.fenced => send(answer),
+            _ => Response::from_parts(head, Body::from(data)),
+        }
+    }
+}
+
+#[test]
+fn a_hand_made_adapter_that_keeps_both_rules_passes_the_lease_cases() {
+    for name in [
+        "heartbeat_keeps_the_key_held",
+        "lease_taken_over_keeps_one_answer",
+        "fresh_then_replay",
+    ] {
+        let case = case(name).unwrap();
+        if let Err(failed) = case.run(&HAND_MADE) {
+            panic!(
+                "hand-made::{name}: {}",
+                failed.message().unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[test]
+fn an_adapter_without_the_heartbeat_fails_the_heartbeat_case() {
+    let why = fails("heartbeat_keeps_the_key_held", &NO_HEARTBEAT);
+    assert!(why.contains("heartbeat 1"), "{why}");
+}
+
+#[test]
+fn an_adapter_that_sends_a_superseded_response_fails_the_takeover_case() {
+    let why = fails("lease_taken_over_keeps_one_answer", &UNFENCED);
+    assert!(why.contains("must answer 409"), "{why}");
 }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_core::{
-    Begin, DeadLetterReason, Delivery, Engine, Fingerprint, Handled, IdempotencyKey, MIN_RETRY,
-    MemoryStore, Outcome, Policy, RetryReason, Scope,
+    Begin, Clock, DeadLetterReason, Delivery, Engine, Fingerprint, Handled, IdempotencyKey,
+    MIN_RETRY, ManualClock, MemoryStore, Outcome, Policy, RetryReason, Scope, SystemClock,
 };
 use idem_lapin::{Action, Config, Consumer, Event, Redelivery, Settled};
 use idem_testkit::runner::{Runner, Trial};
@@ -216,15 +216,16 @@ impl Bench {
 
     /// Starts `consumer` (observed into `self.seen`) on a channel of its own;
     /// returns the signal that stops it and its task.
-    async fn start<H, Fut>(
+    async fn start<C, H, Fut>(
         &self,
-        consumer: Consumer<MemoryStore>,
+        consumer: Consumer<MemoryStore, C>,
         handler: H,
     ) -> (
         oneshot::Sender<()>,
         tokio::task::JoinHandle<Result<(), idem_lapin::Error>>,
     )
     where
+        C: Clock,
         H: Fn(idem_core::Lease, idem_lapin::Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Handled> + Send + 'static,
     {
@@ -443,10 +444,22 @@ enum Other {
     Dies,
 }
 
+/// The lease of the other consumer in [`in_flight`], on a [`ManualClock`]:
+/// also the delay its first retry asks for (a delay tier of its own).
+const IN_FLIGHT_LEASE: Duration = Duration::from_secs(2);
+
 /// Another consumer holds the key (claimed through the same store, lease
-/// 1 s). Our consumer hands the delivery back, and each redelivery comes no
-/// sooner than the delay asked: two deliveries (three if one lands on the
-/// lease's last millisecond), never a loop.
+/// [`IN_FLIGHT_LEASE`]). Our consumer hands the delivery back, and each
+/// redelivery comes no sooner than the delay asked: two deliveries, never a
+/// loop.
+///
+/// The engine's time is a [`ManualClock`], so the other consumer's lease
+/// lapses exactly when the test says (right after the first delivery was
+/// handed back, for [`Other::Dies`]) and never on its own: on real time, a
+/// slow channel, publish confirm or delivery on a loaded machine let the
+/// lease lapse before the first delivery, which then ran at once. The
+/// broker's delays are real time. A third delivery only if the test itself
+/// completes the key (or moves the clock) later than the first delay.
 async fn in_flight(redelivery: Redelivery, other: Other) {
     let name = match (&redelivery, other) {
         (Redelivery::HoldAndRequeue, _) => "in-flight-hold",
@@ -454,7 +467,10 @@ async fn in_flight(redelivery: Redelivery, other: Other) {
         _ => "in-flight-delay-dies",
     };
     with_bench(name, move |bench| async move {
-        let engine = engine(Duration::from_secs(1));
+        let clock = ManualClock::new(SystemClock.now());
+        let engine = Engine::with_clock(MemoryStore::new(), clock.clone())
+            .with_policy(Policy::default().with_lease(IN_FLIGHT_LEASE))
+            .unwrap();
         let body = b"{\"n\":3}";
         let key = IdempotencyKey::parse("busy-1").unwrap();
         let Begin::Proceed(lease) = engine
@@ -480,11 +496,13 @@ async fn in_flight(redelivery: Redelivery, other: Other) {
             ),
             "{first:?}"
         );
-        if other == Other::Completes {
-            engine
+        match other {
+            Other::Completes => engine
                 .complete(&lease, Outcome::new(&b"theirs"[..]))
                 .await
-                .unwrap();
+                .unwrap(),
+            // The other consumer is gone: its lease lapses now.
+            Other::Dies => clock.advance(IN_FLIGHT_LEASE),
         }
         let settled = wait::until("the delivery acknowledged", DEADLINE, || {
             let settled = bench.settled();

@@ -34,15 +34,30 @@ pub async fn proxy() -> FaultProxy {
         .expect("start the fault proxy")
 }
 
+/// How long [`store_via`] keeps trying to connect through the proxy.
+const CONNECT_WITHIN: Duration = Duration::from_secs(20);
+
 /// A store under `prefix` whose connection goes through `proxy`, with
 /// connection and response timeouts of `timeout` and one reconnect attempt.
+///
+/// # Behavior
+/// `timeout` is short (the fault tests want calls under a fault to fail
+/// fast), so on a loaded machine the first connection (and the loading of
+/// the scripts) may miss it: a transient failure is retried for
+/// for 20 seconds before the test fails.
 pub async fn store_via(proxy: &FaultProxy, prefix: &str, timeout: Duration) -> RedisStore {
-    RedisStore::builder()
+    let url = format!("redis://{}", proxy.addr());
+    let builder = RedisStore::builder()
         .with_prefix(prefix)
         .with_connection_timeout(timeout)
         .with_response_timeout(timeout)
-        .with_reconnect_attempts(1)
-        .connect(&format!("redis://{}", proxy.addr()))
-        .await
-        .unwrap_or_else(|e| panic!("connect through the proxy: {}", idem_testkit::chain(&e)))
+        .with_reconnect_attempts(1);
+    idem_testkit::wait::until_ok(
+        "connect through the proxy",
+        CONNECT_WITHIN,
+        idem_redis::RedisError::is_transient,
+        || builder.connect(&url),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect through the proxy: {}", idem_testkit::chain(&e)))
 }

@@ -55,8 +55,17 @@ const TIMEOUT: Duration = Duration::from_millis(250);
 const DELAY: Duration = Duration::from_millis(1200);
 /// The lease of the engine-level tests (on a `ManualClock`).
 const LEASE: Duration = Duration::from_secs(10);
-/// The lease of the HTTP-level tests (real time).
+/// The lease of the HTTP-level fault tests (real time): the orphaned claim
+/// of an ambiguous fault must lapse within the test.
 const HTTP_LEASE: Duration = Duration::from_secs(1);
+/// The lease of `http::completion_lost` (real time). That case never needs
+/// a lease to lapse: its promise is that the completion, retried in the
+/// background after the outage, lands *within* the lease. A short lease only
+/// races the black-holed completion (one store timeout; on Redis up to two
+/// or three) and the store's reconnection against the clock, and a loaded
+/// machine loses that race: a retry takes the key over and the operation
+/// runs twice for a reason that has nothing to do with the layer.
+const COMPLETION_LEASE: Duration = Duration::from_secs(10);
 /// How long a recovery may take before the test fails.
 const RECOVERY: Duration = Duration::from_secs(20);
 
@@ -381,12 +390,12 @@ async fn engine_case(backend: BackendKind, fault: Fault) {
 
 const BODY: &str = r#"{"amount":1000,"currency":"EUR"}"#;
 
-/// The HTTP service over `net`'s faulty store (lease [`HTTP_LEASE`]),
-/// warmed up: a full request on a throwaway key prepares the claim and
-/// completion statements on the proxied connection (retried while the store
-/// recovers). Returns the executions so far too.
-async fn serve(net: &Net) -> (Service, http::Server, u64) {
-    let policy = Policy::default().with_lease(HTTP_LEASE);
+/// The HTTP service over `net`'s faulty store (lease `lease`), warmed up: a
+/// full request on a throwaway key prepares the claim and completion
+/// statements on the proxied connection (retried while the store recovers).
+/// Returns the executions so far too.
+async fn serve(net: &Net, lease: Duration) -> (Service, http::Server, u64) {
+    let policy = Policy::default().with_lease(lease);
     let service = Service::new();
     let engine = Arc::new(engine(net.faulty.clone(), SystemClock, policy));
     let server = http::start(engine, &service).await;
@@ -435,7 +444,7 @@ async fn retry_until_final(server: &http::Server, key: &str, conflict_ok: bool) 
 /// running the handler; the retries end in exactly one execution.
 async fn http_case(backend: BackendKind, fault: Fault) {
     let net = net(backend).await;
-    let (service, server, before) = serve(&net).await;
+    let (service, server, before) = serve(&net, HTTP_LEASE).await;
 
     let reply = net
         .under(fault, server.charge("acme", "order-1", BODY))
@@ -497,20 +506,43 @@ async fn http_case(backend: BackendKind, fault: Fault) {
 }
 
 /// HTTP level: the store goes silent after the handler ran, while its
-/// response is stored, and comes back within the lease. The response still
-/// reaches the client; the layer keeps retrying the completion in the
-/// background, so once the store is back the retry gets the replay: one
-/// execution. (An outage longer than the lease is window W1 of
-/// docs/reliability.md: `exits::completion_fails_past_lease`.)
+/// response is stored, and comes back within the lease
+/// ([`COMPLETION_LEASE`]). The response still reaches the client; the layer
+/// keeps retrying the completion in the background, so once the store is
+/// back the retry gets the replay: one execution. (An outage longer than the
+/// lease is window W1 of docs/reliability.md:
+/// `exits::completion_fails_past_lease`.)
 async fn completion_lost(backend: BackendKind) {
     let net = net(backend).await;
-    let (service, server, before) = serve(&net).await;
+    let (service, server, before) = serve(&net, COMPLETION_LEASE).await;
 
-    let req = server
-        .charge_request("acme", Some("order-2"), BODY)
-        .header("x-stall", "1");
-    let first = tokio::spawn(async move { Reply::of(req.send().await.unwrap()).await });
-    service.wait_stalled(1).await;
+    // The stalled request, sent until it reaches the handler: on a loaded
+    // machine its claim may miss the store's short timeout (503, the handler
+    // not run). Each attempt has a key of its own: a claim that landed
+    // although its reply came late would answer a retry with 409 for a whole
+    // lease.
+    let deadline = Instant::now() + RECOVERY;
+    let mut attempt = 0;
+    let (key, first) = loop {
+        attempt += 1;
+        let key = format!("order-2-{attempt}");
+        let req = server
+            .charge_request("acme", Some(&key), BODY)
+            .header("x-stall", "1");
+        let mut first = tokio::spawn(async move { Reply::of(req.send().await.unwrap()).await });
+        tokio::select! {
+            () = service.wait_stalled(1) => break (key, first),
+            reply = &mut first => {
+                let reply = reply.unwrap();
+                reply.assert_problem(ProblemType::StoreUnavailable);
+                assert_eq!(service.executions(), before, "a 503 runs nothing");
+                assert!(
+                    Instant::now() < deadline,
+                    "the stalled request never reached the handler in {RECOVERY:?}: {reply}"
+                );
+            }
+        }
+    };
     // No connection returning to the pool now: sqlx pings a returned
     // connection without a time limit, and a ping swallowed by the black
     // hole would hold the pool's only connection for good (see
@@ -526,8 +558,8 @@ async fn completion_lost(backend: BackendKind) {
     );
     assert_eq!(first.execution(), Some(before + 1));
 
-    let rk = http::record_key("acme", "order-2");
-    let (second, conflicts) = retry_until_final(&server, "order-2", true).await;
+    let rk = http::record_key("acme", &key);
+    let (second, conflicts) = retry_until_final(&server, &key, true).await;
     assert!(
         second.replayed() && second.execution() == Some(before + 1),
         "the retry must get the first response once the store is back ({conflicts} × 409 before): {second}"

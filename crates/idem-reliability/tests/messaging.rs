@@ -85,10 +85,26 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(150);
 const SHUFFLE_WINDOW: usize = 200;
 
 /// How long before its consumer's death a settlement may have been lost
-/// with the connection (see [`analyse`]). 50 ms was too tight on a loaded
-/// two-core machine: a clean-clone CI run saw an acknowledgement logged
-/// 53 ms before the SIGKILL come back as a redelivery.
-const EXPOSURE: Duration = Duration::from_millis(100);
+/// with the connection (see [`analyse`]).
+///
+/// A settlement is logged only once its future resolved (the observer runs
+/// after `basic.ack` / the JetStream acknowledgement returned), but for
+/// RabbitMQ that means the frame left the process, not that the broker read
+/// it: AMQP does not confirm acknowledgements, and a SIGKILL resets the
+/// connection with the frame possibly still unread in the broker's socket
+/// buffer. How long the broker may take to read it is a matter of
+/// scheduling, so any figure is a heuristic: 50 ms was too tight on a loaded
+/// two-core machine (a clean-clone CI run saw an acknowledgement logged
+/// 53 ms before the SIGKILL come back as a redelivery), and 100 ms leaves
+/// only twice that. 500 ms is beyond any stall seen. It only decides which
+/// redeliveries a kill explains (each exposure: two more at most, so a hot
+/// loop still fails) and which copies the early-redelivery check skips; the
+/// effect counts (exactly once, or each duplicate explained by a delivery
+/// cut by a kill) do not depend on it. Since a kill comes at most
+/// [`KILL_DELAY_MS`] after `consuming`, every settlement of a consumer
+/// killed in the kill phase is now exposed; the early-redelivery check
+/// rests on the copies those consumers never touched.
+const EXPOSURE: Duration = Duration::from_millis(500);
 
 /// How long a consumer may take to start; how long the drain may take.
 const START_DEADLINE: Duration = Duration::from_secs(30);

@@ -601,7 +601,11 @@ async fn a_passed_deadline_does_not_stop_the_handler() {
     let entered = h.app.entered.notified();
     let mut client = h.client().await;
     let mut late = request(Some("k-deadline"), "t1", 100);
-    late.set_timeout(Duration::from_millis(500));
+    // Long enough for the request to reach the handler first on a loaded
+    // machine (a deadline that passes before the key is claimed tests
+    // nothing of the handler); the handler then waits on the gate, so the
+    // deadline passes while it runs.
+    late.set_timeout(Duration::from_secs(2));
     let call = tokio::spawn(async move { client.charge(late).await });
     tokio::time::timeout(WITHIN, entered).await.unwrap();
     // The handler waits on the gate: the deadline passes.

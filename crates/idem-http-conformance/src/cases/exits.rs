@@ -7,12 +7,12 @@ use std::time::Duration;
 use http::Method;
 use idem_conformance::faulty::{Fault, FaultKind, Op};
 use idem_core::store::{Revision, State, Store as _, SwapOutcome, Versioned};
-use idem_core::{Clock as _, IdempotencyKey, Outcome, Policy, RecordKey, Scope};
+use idem_core::{Clock as _, Outcome, Policy};
 use idem_http::ProblemType;
 use libtest_mimic::Failed;
 use tokio::time::timeout;
 
-use crate::client::{Ctx, TENANT, WAIT, ensure, ensure_eq, send, until};
+use crate::client::{Ctx, TENANT, WAIT, ensure, ensure_eq, record_key, send, until};
 use crate::fixture::{Adapter, Options};
 
 /// A 5xx the handler did not declare effect-free is ambiguous: the first
@@ -188,7 +188,9 @@ pub async fn store_outage_fails_closed(adapter: &dyn Adapter) -> Result<(), Fail
 /// compare-and-swap unavailable; the engine's lease is 10 s): the client
 /// still gets the handler's 201 (the work happened); a retry meanwhile gets
 /// 409 and does not run it again; once the store is back the response is
-/// stored in the background and the retry gets it replayed.
+/// stored in the background and the retry gets it replayed. (The background
+/// retry backs off on the engine's clock: the case moves it 100 ms per
+/// retry that still gets 409, well inside the lease.)
 pub async fn completion_store_failure_still_answers(adapter: &dyn Adapter) -> Result<(), Failed> {
     let policy = Policy::default().with_lease(Duration::from_secs(10));
     let ctx = Ctx::start_with(adapter, Options::default(), policy).await?;
@@ -209,7 +211,11 @@ pub async fn completion_store_failure_still_answers(adapter: &dyn Adapter) -> Re
         WAIT,
         || async {
             let reply = ctx.send_post("/late", Some("l"), "{}").await?;
-            Ok((reply.status != 409).then_some(reply))
+            if reply.status == 409 {
+                ctx.clock().advance(Duration::from_millis(100));
+                return Ok(None);
+            }
+            Ok(Some(reply))
         },
     )
     .await?;
@@ -261,12 +267,6 @@ pub async fn corrupt_record_is_500(adapter: &dyn Adapter) -> Result<(), Failed> 
         .problem(ProblemType::CorruptRecord)?;
     ensure_eq!(ctx.app().runs("/corrupt"), 1, "handler runs");
     Ok(())
-}
-
-/// The store key of `key` for the suite's tenant.
-fn record_key(key: &str) -> Result<RecordKey, Failed> {
-    let key = IdempotencyKey::parse(key).map_err(|e| Failed::from(e.to_string()))?;
-    Ok(RecordKey::new(&Scope::tenant(TENANT), &key))
 }
 
 /// A graceful shutdown of the engine while a handler runs: new keyed

@@ -14,7 +14,7 @@ use crate::fixture::{Adapter, Options};
 /// Checks a 409 `request-in-progress` with a `Retry-After` of 1 or 2
 /// seconds (the suite sets `max_retry_after` to 2 s).
 #[track_caller]
-fn in_progress(reply: &Reply) -> Result<(), Failed> {
+pub(crate) fn in_progress(reply: &Reply) -> Result<(), Failed> {
     reply.problem(ProblemType::RequestInProgress)?;
     let after = reply.retry_after()?;
     ensure!((1..=2).contains(&after), "Retry-After {after} of a 409");
@@ -87,9 +87,10 @@ pub async fn concurrent_duplicates(adapter: &dyn Adapter) -> Result<(), Failed> 
 }
 
 /// With the engine's `InFlightPolicy::Wait`, a duplicate sent while the
-/// original runs is not answered 409: it waits (watched for 200 ms), and
-/// once the original finishes it gets the original's answer replayed. One
-/// effect.
+/// original runs is not answered 409: it waits (watched for 200 ms while
+/// the engine's clock moves 10 ms per poll, so that it polls the key again
+/// and again), and once the original finishes it gets the original's answer
+/// replayed. One effect.
 pub async fn duplicate_waits_for_the_original(adapter: &dyn Adapter) -> Result<(), Failed> {
     let policy = idem_core::Policy::default().with_in_flight(idem_core::InFlightPolicy::Wait {
         max: std::time::Duration::from_secs(20),
@@ -102,20 +103,28 @@ pub async fn duplicate_waits_for_the_original(adapter: &dyn Adapter) -> Result<(
         .await
         .map_err(|_| Failed::from("the first request never entered the handler"))?;
     let duplicate = tokio::spawn(send(ctx.post("/slow", Some("w"), "{}")));
+    let tick = std::time::Duration::from_millis(10);
     holds_for(
         "the duplicate waits for the original",
         std::time::Duration::from_millis(200),
-        || !duplicate.is_finished(),
+        || {
+            ctx.clock().advance(tick);
+            !duplicate.is_finished()
+        },
     )
     .await?;
     ctx.app().open_gate();
     let join = |e: tokio::task::JoinError| Failed::from(format!("a client task failed: {e}"));
     let first = first.await.map_err(join)??;
     ensure_eq!(first.fresh(201)?, 1, "the original's answer");
-    let duplicate = timeout(WAIT, duplicate)
-        .await
-        .map_err(|_| Failed::from("the duplicate did not end after the original"))?
-        .map_err(join)??;
+    // The duplicate sleeps on the engine's clock between two looks at the
+    // key: move it until the duplicate has seen the stored answer.
+    until("the duplicate to end after the original", WAIT, || async {
+        ctx.clock().advance(tick);
+        Ok(duplicate.is_finished().then_some(()))
+    })
+    .await?;
+    let duplicate = duplicate.await.map_err(join)??;
     duplicate.replay_of(&first)?;
     ensure_eq!(ctx.app().runs("/slow"), 1, "handler runs");
     Ok(())

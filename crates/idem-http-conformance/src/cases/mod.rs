@@ -7,6 +7,7 @@
 //! | [`keys`] | the header grammar, pass-through, scope, body limit |
 //! | [`flight`] | concurrent duplicates, reuse with another request, disconnects |
 //! | [`exits`] | every way a claimed request ends, store outage, shutdown, the claim |
+//! | [`lease`] | the heartbeat keeps a running handler's key; a handler whose lease was taken over leaves no answer |
 //! | [`hooks`] | key from the body, canonical fingerprints, replay hook, fingerprinted headers |
 //!
 //! Every case counts the application's effects ([`App::effects`](crate::App::effects)):
@@ -17,11 +18,13 @@ pub mod exits;
 pub mod flight;
 pub mod hooks;
 pub mod keys;
+pub mod lease;
 
 pub use exits::*;
 pub use flight::*;
 pub use hooks::*;
 pub use keys::*;
+pub use lease::*;
 
 use crate::Case;
 
@@ -64,6 +67,8 @@ table![
     exits::shutdown_refuses_new_and_finishes_running,
     exits::claim_in_handler,
     exits::complete_in_handler_transaction,
+    lease::heartbeat_keeps_the_key_held,
+    lease::lease_taken_over_keeps_one_answer,
     hooks::key_from_json_field,
     hooks::canonical_json_fingerprint,
     hooks::canonical_json_without_field,
